@@ -1,0 +1,5 @@
+//! The ha-lb agent as a library: the CLI in `main.rs` is a thin edge over it,
+//! and integration tests drive the same code.
+
+pub mod dataplane;
+pub mod ebpf_object;

@@ -1,0 +1,483 @@
+//! The lab: a LAN of hosts built out of network namespaces, for integration
+//! tests, the demo and the benchmarks.
+//!
+//! Layout of one lab (slot `N`, claimed for the life of the [`Lab`]):
+//!
+//! ```text
+//!   namespace hlN-sw (the switch)          namespace hlN-<host> (one per host)
+//!   +---------------------------+          +-----------------------------+
+//!   | br0 -- p0 ================|== veth ==|  eth0 10.201.N.1/24          |
+//!   |     \- p1 ================|== veth ==|  eth0 10.201.N.2/24  (next) |
+//!   +---------------------------+          +-----------------------------+
+//! ```
+//!
+//! The bridge lives in a namespace of its own, so a lab touches nothing in
+//! the root namespace and no packet can leave it: there is no route out of
+//! any lab namespace. Every host's interface is called `eth0`, as on the LB
+//! hosts the agent is written for.
+//!
+//! Slots are claimed with `flock` on `/run/ha-lab/slot-N.lock`; the kernel
+//! drops the lock when a process dies, however it dies, so a later lab that
+//! finds a free lock with namespaces still named `hlN-*` knows they are stale
+//! and removes them. Each slot has its own names and its own /24, so labs in
+//! parallel test threads or processes never meet.
+
+pub mod process;
+
+use std::{
+    fs::{File, OpenOptions},
+    net::Ipv4Addr,
+    os::fd::AsFd,
+    path::{Path, PathBuf},
+    process::{Command, Output, Stdio},
+    time::{Duration, Instant},
+};
+
+use nix::{
+    fcntl::{Flock, FlockArg},
+    sched::{CloneFlags, setns},
+};
+
+pub use process::LabProcess;
+
+/// Where slot locks live: tmpfs, so a reboot clears them with the namespaces.
+const LOCK_DIR: &str = "/run/ha-lab";
+/// Slots 1..=MAX_SLOT; slot N owns 10.201.N.0/24.
+const MAX_SLOT: u32 = 250;
+const NS_PREFIX: &str = "hl";
+/// Host addresses start at .1; addresses from .200 up are left free for VIPs.
+const FIRST_VIP_OCTET: u8 = 200;
+/// The interface name of every lab host.
+pub const HOST_IFACE: &str = "eth0";
+
+#[derive(Debug, thiserror::Error)]
+pub enum LabError {
+    #[error(
+        "the lab needs root (network namespaces, veth, XDP); run as root or through `cargo xtask test`"
+    )]
+    NotRoot,
+    #[error("all {MAX_SLOT} lab slots under {LOCK_DIR} are taken")]
+    NoFreeSlot,
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("`{command}` failed ({status}): {stderr}")]
+    Command {
+        command: String,
+        status: String,
+        stderr: String,
+    },
+    #[error("no host named {0} in this lab")]
+    UnknownHost(String),
+    #[error("timed out after {0:?} waiting for {1}")]
+    Timeout(Duration, String),
+}
+
+pub type Result<T, E = LabError> = std::result::Result<T, E>;
+
+fn io_error(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> LabError {
+    let context = context.into();
+    move |source| LabError::Io { context, source }
+}
+
+/// One host of the lab: its namespace, address and MAC on the lab LAN.
+#[derive(Clone, Debug)]
+pub struct Host {
+    pub name: String,
+    pub netns: String,
+    pub addr: Ipv4Addr,
+    pub mac: [u8; 6],
+    /// The bridge port in the switch namespace that this host's veth plugs into.
+    switch_port: String,
+}
+
+impl Host {
+    pub fn mac_string(&self) -> String {
+        self.mac
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<Vec<_>>()
+            .join(":")
+    }
+}
+
+/// A lab; everything it made is removed when it is dropped, also on panic.
+pub struct Lab {
+    slot: u32,
+    switch_ns: String,
+    hosts: Vec<Host>,
+    log_dir: PathBuf,
+    _slot_lock: Flock<File>,
+}
+
+impl Lab {
+    /// Builds a LAN with one host per name, in order: the first gets .1, etc.
+    pub fn new(host_names: &[&str]) -> Result<Lab> {
+        if !nix::unistd::geteuid().is_root() {
+            return Err(LabError::NotRoot);
+        }
+        std::fs::create_dir_all(LOCK_DIR).map_err(io_error(format!("creating {LOCK_DIR}")))?;
+        sweep_stale_labs()?;
+        let (slot, lock) = claim_slot()?;
+        // A crashed run may have left namespaces in the slot we just claimed.
+        remove_namespaces(&namespaces_of_slot(slot)?);
+
+        let log_dir = std::env::temp_dir().join(format!("ha-lab-{slot}"));
+        let _ = std::fs::remove_dir_all(&log_dir);
+        std::fs::create_dir_all(&log_dir)
+            .map_err(io_error(format!("creating {}", log_dir.display())))?;
+
+        let switch_ns = format!("{NS_PREFIX}{slot}-sw");
+        let hosts = host_names
+            .iter()
+            .enumerate()
+            .map(|(i, name)| {
+                let index = u8::try_from(i + 1).expect("a lab has fewer than 200 hosts");
+                assert!(index < FIRST_VIP_OCTET, "a lab has fewer than 200 hosts");
+                Host {
+                    name: name.to_string(),
+                    netns: format!("{NS_PREFIX}{slot}-{name}"),
+                    addr: Ipv4Addr::new(10, 201, slot as u8, index),
+                    mac: [0x02, 0x00, 0x0a, 0xc9, slot as u8, index],
+                    switch_port: format!("p{index}"),
+                }
+            })
+            .collect();
+        // From here on, Drop cleans up whatever part of the build succeeded.
+        let lab = Lab {
+            slot,
+            switch_ns,
+            hosts,
+            log_dir,
+            _slot_lock: lock,
+        };
+        lab.build()?;
+        Ok(lab)
+    }
+
+    fn build(&self) -> Result<()> {
+        let sw = &self.switch_ns;
+        run(Command::new("ip").args(["netns", "add", sw]))?;
+        ip(sw, &["link", "set", "lo", "up"])?;
+        ip(sw, &["link", "add", "br0", "type", "bridge"])?;
+        ip(sw, &["link", "set", "br0", "up"])?;
+        for host in &self.hosts {
+            run(Command::new("ip").args(["netns", "add", &host.netns]))?;
+            ip(&host.netns, &["link", "set", "lo", "up"])?;
+            let mac = host.mac_string();
+            ip(
+                sw,
+                &[
+                    "link",
+                    "add",
+                    &host.switch_port,
+                    "type",
+                    "veth",
+                    "peer",
+                    "name",
+                    HOST_IFACE,
+                    "address",
+                    &mac,
+                    "netns",
+                    &host.netns,
+                ],
+            )?;
+            ip(sw, &["link", "set", &host.switch_port, "master", "br0"])?;
+            ip(sw, &["link", "set", &host.switch_port, "up"])?;
+            let cidr = format!("{}/24", host.addr);
+            ip(&host.netns, &["addr", "add", &cidr, "dev", HOST_IFACE])?;
+            ip(&host.netns, &["link", "set", HOST_IFACE, "up"])?;
+            // XDP_TX/XDP_REDIRECT into a veth only work when the receiving end
+            // runs NAPI; GRO on switches NAPI on without an XDP program there.
+            // Real NICs need nothing of the kind.
+            ethtool_gro_on(sw, &host.switch_port)?;
+            ethtool_gro_on(&host.netns, HOST_IFACE)?;
+        }
+        Ok(())
+    }
+
+    pub fn slot(&self) -> u32 {
+        self.slot
+    }
+
+    pub fn hosts(&self) -> &[Host] {
+        &self.hosts
+    }
+
+    pub fn host(&self, name: &str) -> &Host {
+        self.try_host(name).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    pub fn try_host(&self, name: &str) -> Result<&Host> {
+        self.hosts
+            .iter()
+            .find(|h| h.name == name)
+            .ok_or_else(|| LabError::UnknownHost(name.to_string()))
+    }
+
+    /// An address on the lab LAN that no host uses, for VIPs: `vip(0)` is .200.
+    pub fn vip(&self, index: u8) -> Ipv4Addr {
+        assert!(index <= 54, "VIP index {index} out of range 0..=54");
+        Ipv4Addr::new(10, 201, self.slot as u8, FIRST_VIP_OCTET + index)
+    }
+
+    pub fn prefix_len(&self) -> u8 {
+        24
+    }
+
+    /// Where spawned processes' output is written; kept until the lab drops.
+    pub fn log_dir(&self) -> &Path {
+        &self.log_dir
+    }
+
+    /// A command that will run inside `host`'s namespace.
+    pub fn command(&self, host: &str, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut command = Command::new("ip");
+        command
+            .args(["netns", "exec", &self.host(host).netns])
+            .arg(program);
+        command
+    }
+
+    /// Runs a command in `host` to completion; a non-zero exit is an error.
+    pub fn exec(&self, host: &str, argv: &[&str]) -> Result<Output> {
+        let (program, args) = argv.split_first().expect("argv has a program");
+        run(self.command(host, program).args(args))
+    }
+
+    /// Starts a long-running process in `host`; output goes to a log file in
+    /// [`Lab::log_dir`]. The process is stopped when the handle drops, and in
+    /// any case when the lab drops.
+    pub fn spawn(&self, host: &str, argv: &[&str]) -> Result<LabProcess> {
+        let (program, args) = argv.split_first().expect("argv has a program");
+        let mut command = self.command(host, program);
+        command.args(args);
+        let label = format!(
+            "{host}-{}",
+            Path::new(program)
+                .file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+        );
+        LabProcess::spawn(command, &self.log_dir, &label)
+    }
+
+    /// Brings the host's own interface down (its veth's carrier drops too).
+    pub fn set_link(&self, host: &str, up: bool) -> Result<()> {
+        ip(
+            &self.host(host).netns,
+            &["link", "set", HOST_IFACE, if up { "up" } else { "down" }],
+        )?;
+        Ok(())
+    }
+
+    /// Unplugs (or replugs) the host's cable at the switch: the host's
+    /// interface stays configured, but nothing reaches it or leaves it.
+    pub fn set_switch_port(&self, host: &str, up: bool) -> Result<()> {
+        let port = self.host(host).switch_port.clone();
+        ip(
+            &self.switch_ns,
+            &["link", "set", &port, if up { "up" } else { "down" }],
+        )?;
+        Ok(())
+    }
+
+    /// Runs `f` on a thread that has entered `host`'s network namespace, so
+    /// sockets it opens live there. Returns what `f` returns.
+    pub fn in_host<R: Send>(&self, host: &str, f: impl FnOnce() -> R + Send) -> Result<R> {
+        let path = format!("/run/netns/{}", self.host(host).netns);
+        let netns = File::open(&path).map_err(io_error(format!("opening {path}")))?;
+        std::thread::scope(|scope| {
+            scope
+                .spawn(move || {
+                    setns(netns.as_fd(), CloneFlags::CLONE_NEWNET)
+                        .map_err(|e| io_error(format!("entering {path}"))(e.into()))?;
+                    Ok(f())
+                })
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+        })
+    }
+
+    /// Polls `condition` every 20 ms until it holds or `timeout` passes.
+    pub fn wait_until(
+        &self,
+        timeout: Duration,
+        what: &str,
+        mut condition: impl FnMut() -> bool,
+    ) -> Result<Duration> {
+        let start = Instant::now();
+        loop {
+            if condition() {
+                return Ok(start.elapsed());
+            }
+            if start.elapsed() > timeout {
+                return Err(LabError::Timeout(timeout, what.to_string()));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn namespaces(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.hosts.iter().map(|h| h.netns.clone()).collect();
+        names.push(self.switch_ns.clone());
+        names
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "lab {}: test failed; logs of its processes follow",
+                self.slot
+            );
+            process::dump_logs(&self.log_dir);
+        }
+        remove_namespaces(&self.namespaces());
+        let _ = std::fs::remove_dir_all(&self.log_dir);
+        // The slot lock is released when `_slot_lock` drops, after the namespaces are gone.
+    }
+}
+
+fn claim_slot() -> Result<(u32, Flock<File>)> {
+    // Start at a pid-derived slot so parallel processes rarely contend.
+    let start = std::process::id() % MAX_SLOT;
+    for step in 0..MAX_SLOT {
+        let slot = (start + step) % MAX_SLOT + 1;
+        if let Some(lock) = try_lock_slot(slot)? {
+            return Ok((slot, lock));
+        }
+    }
+    Err(LabError::NoFreeSlot)
+}
+
+fn try_lock_slot(slot: u32) -> Result<Option<Flock<File>>> {
+    let path = format!("{LOCK_DIR}/slot-{slot}.lock");
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(io_error(format!("opening {path}")))?;
+    match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+        Ok(lock) => Ok(Some(lock)),
+        Err((_, nix::errno::Errno::EWOULDBLOCK)) => Ok(None),
+        Err((_, errno)) => Err(io_error(format!("locking {path}"))(errno.into())),
+    }
+}
+
+fn lab_namespaces() -> Result<Vec<(u32, String)>> {
+    let entries = match std::fs::read_dir("/run/netns") {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(io_error("listing /run/netns")(e)),
+    };
+    Ok(entries
+        .filter_map(|entry| entry.ok()?.file_name().into_string().ok())
+        .filter_map(|name| {
+            let rest = name.strip_prefix(NS_PREFIX)?;
+            let (slot, _) = rest.split_once('-')?;
+            Some((slot.parse().ok()?, name))
+        })
+        .collect())
+}
+
+fn namespaces_of_slot(slot: u32) -> Result<Vec<String>> {
+    Ok(lab_namespaces()?
+        .into_iter()
+        .filter(|(s, _)| *s == slot)
+        .map(|(_, name)| name)
+        .collect())
+}
+
+/// Removes the namespaces of every slot whose lock nobody holds: leftovers of
+/// a run that was killed before its labs could drop.
+pub fn sweep_stale_labs() -> Result<()> {
+    let mut slots: Vec<u32> = lab_namespaces()?
+        .into_iter()
+        .map(|(slot, _)| slot)
+        .collect();
+    slots.sort_unstable();
+    slots.dedup();
+    for slot in slots {
+        if let Some(_lock) = try_lock_slot(slot)? {
+            let stale = namespaces_of_slot(slot)?;
+            eprintln!(
+                "ha-lab: removing stale namespaces of slot {slot}: {}",
+                stale.join(" ")
+            );
+            remove_namespaces(&stale);
+        }
+    }
+    Ok(())
+}
+
+/// Kills every process still inside the namespaces (a namespace with a
+/// process in it outlives `ip netns del`), then deletes them. Best effort:
+/// it runs from Drop and must not panic.
+fn remove_namespaces(names: &[String]) {
+    for name in names {
+        if let Ok(output) = Command::new("ip").args(["netns", "pids", name]).output() {
+            for pid in String::from_utf8_lossy(&output.stdout).split_whitespace() {
+                if let Ok(pid) = pid.parse::<i32>() {
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                }
+            }
+        }
+    }
+    for name in names {
+        let _ = Command::new("ip")
+            .args(["netns", "del", name])
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+fn ip(netns: &str, args: &[&str]) -> Result<Output> {
+    run(Command::new("ip").arg("-n").arg(netns).args(args))
+}
+
+fn ethtool_gro_on(netns: &str, iface: &str) -> Result<Output> {
+    run(Command::new("ip").args(["netns", "exec", netns, "ethtool", "-K", iface, "gro", "on"]))
+}
+
+/// Runs a command to completion; a non-zero exit becomes an error carrying stderr.
+pub fn run(command: &mut Command) -> Result<Output> {
+    let rendered = format!("{command:?}").replace('"', "");
+    let output = command
+        .stdin(Stdio::null())
+        .output()
+        .map_err(io_error(format!("running {rendered}")))?;
+    if !output.status.success() {
+        return Err(LabError::Command {
+            command: rendered,
+            status: output.status.to_string(),
+            stderr: String::from_utf8_lossy(&output.stderr).trim().to_string(),
+        });
+    }
+    Ok(output)
+}
+
+/// Where the workspace's binaries are: `HA_BIN_DIR` if set (xtask sets it),
+/// else the profile directory the running test or binary was built into.
+pub fn bin_path(name: &str) -> PathBuf {
+    if let Some(dir) = std::env::var_os("HA_BIN_DIR") {
+        return PathBuf::from(dir).join(name);
+    }
+    let exe = std::env::current_exe().expect("current executable path");
+    let mut dir = exe
+        .parent()
+        .expect("executable has a directory")
+        .to_path_buf();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    dir.join(name)
+}

@@ -1,0 +1,188 @@
+//! `cargo xtask`: the project's own build, set-up, test and demo commands.
+//!
+//! Every command runs `setup` first, so a fresh machine needs nothing but
+//! `cargo xtask test` or `cargo xtask demo`.
+
+mod setup;
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask", about = "ha-lb development tasks")]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what this machine lacks: nightly rust-src, bpf-linker, Debian packages. Idempotent.
+    Setup,
+    /// Build the XDP program for bpfel-unknown-none with the nightly toolchain.
+    BuildEbpf {
+        #[arg(long)]
+        release: bool,
+    },
+    /// Run every test: format and lint checks, unit tests, BPF_PROG_TEST_RUN and lab tests (root).
+    Test {
+        /// Extra arguments for `cargo test` (a test name filter, `--nocapture`, ...).
+        #[arg(last = true)]
+        cargo_test_args: Vec<String>,
+    },
+    /// Build a network-namespace lab and show the load balancer working in it (root).
+    Demo {
+        /// Arguments for the demo program (for example `--duration 30s`).
+        #[arg(last = true)]
+        demo_args: Vec<String>,
+    },
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let root = workspace_root();
+    match cli.command {
+        Task::Setup => setup::run(&root),
+        Task::BuildEbpf { release } => {
+            setup::run(&root)?;
+            build_ebpf(&root, release)
+        }
+        Task::Test { cargo_test_args } => {
+            require_root("cargo xtask test")?;
+            setup::run(&root)?;
+            build_ebpf(&root, true)?;
+            test(&root, &cargo_test_args)
+        }
+        Task::Demo { demo_args } => {
+            require_root("cargo xtask demo")?;
+            setup::run(&root)?;
+            build_ebpf(&root, true)?;
+            demo(&root, &demo_args)
+        }
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace root")
+        .to_path_buf()
+}
+
+fn require_root(what: &str) -> Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!(
+            "{what} needs root (network namespaces, veth, XDP): run it as root, e.g. `sudo -E cargo xtask ...`"
+        );
+    }
+    Ok(())
+}
+
+/// Runs a command, echoing it first; a non-zero exit is an error naming it.
+pub(crate) fn run(command: &mut Command) -> Result<()> {
+    let rendered = format!("{command:?}").replace('"', "");
+    eprintln!("xtask: running {rendered}");
+    let status = command
+        .status()
+        .with_context(|| format!("starting {rendered}"))?;
+    if !status.success() {
+        bail!("{rendered} failed: {status}");
+    }
+    Ok(())
+}
+
+/// A `cargo` command run in the (stable) workspace root.
+fn cargo(root: &Path) -> Command {
+    let mut command = Command::new("cargo");
+    command.current_dir(root);
+    command
+}
+
+/// `cargo +nightly <subcommand>` for the XDP crate: bpfel-unknown-none,
+/// core built from source, artifacts under target/ebpf.
+fn ebpf_cargo(root: &Path, subcommand: &str, release: bool) -> Command {
+    let mut command = Command::new("cargo");
+    command
+        .current_dir(root.join("ha-ebpf"))
+        // `cargo xtask` runs under the stable toolchain; these would pin the child to it.
+        .env_remove("RUSTUP_TOOLCHAIN")
+        .env_remove("RUSTC")
+        .env_remove("RUSTC_WRAPPER")
+        .env_remove("CARGO_TARGET_DIR")
+        .args([
+            "+nightly",
+            subcommand,
+            "--target",
+            "bpfel-unknown-none",
+            "-Z",
+            "build-std=core",
+        ])
+        .arg("--target-dir")
+        .arg(root.join("target/ebpf"));
+    if release {
+        command.arg("--release");
+    }
+    command
+}
+
+fn build_ebpf(root: &Path, release: bool) -> Result<()> {
+    run(&mut ebpf_cargo(root, "build", release)).context("building the XDP program (ha-ebpf)")?;
+    let profile = if release { "release" } else { "debug" };
+    eprintln!(
+        "xtask: XDP object at {}",
+        root.join("target/ebpf/bpfel-unknown-none")
+            .join(profile)
+            .join("ha-ebpf")
+            .display()
+    );
+    Ok(())
+}
+
+fn test(root: &Path, cargo_test_args: &[String]) -> Result<()> {
+    run(cargo(root).args(["fmt", "--all", "--check"]))
+        .context("formatting check (run `cargo fmt --all`)")?;
+    run(cargo(root)
+        .args(["fmt", "--check", "--manifest-path"])
+        .arg(root.join("ha-ebpf/Cargo.toml")))
+    .context("formatting check of ha-ebpf (run `cargo fmt --manifest-path ha-ebpf/Cargo.toml`)")?;
+    run(cargo(root).args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))
+    .context("clippy")?;
+    run(ebpf_cargo(root, "clippy", true).args(["--", "-D", "warnings"]))
+        .context("clippy of ha-ebpf")?;
+    // Lab tests start the workspace's binaries (ha-user, standin-apiserver).
+    run(cargo(root).args(["build", "--workspace", "--bins"]))?;
+    run(cargo(root)
+        .env("HA_BIN_DIR", root.join("target/debug"))
+        .args(["test", "--workspace", "--no-fail-fast"])
+        .args(cargo_test_args))
+    .context("tests")
+}
+
+fn demo(root: &Path, demo_args: &[String]) -> Result<()> {
+    run(cargo(root).args([
+        "build",
+        "--release",
+        "-p",
+        "ha-user",
+        "-p",
+        "ha-tests",
+        "--bins",
+    ]))?;
+    run(Command::new(root.join("target/release/ha-demo"))
+        .env("HA_BIN_DIR", root.join("target/release"))
+        .args(demo_args))
+    .context("demo")
+}
