@@ -1,93 +1,204 @@
-//! Bounds-checked header parsing. Every packet access goes through [`ptr_at`],
-//! which is the one place that proves to the verifier that a read stays
-//! inside the frame.
+//! Bounds-checked header parsing. Every packet access goes through
+//! [`ptr_at`], the one place that proves to the verifier that an access
+//! stays inside the frame.
 
 use aya_ebpf::programs::XdpContext;
-use ha_common::ProtoIndex;
+use ha_common::{PROTO_TCP, PROTO_UDP};
 
 pub const ETH_HDR_LEN: usize = 14;
-pub const VLAN_HDR_LEN: usize = 4;
-pub const ETH_P_IPV4: u16 = 0x0800;
-pub const ETH_P_8021Q: u16 = 0x8100;
-pub const ETH_P_8021AD: u16 = 0x88a8;
-pub const IPV4_MIN_HDR_LEN: usize = 20;
-
+const VLAN_HDR_LEN: usize = 4;
+const ETH_P_IPV4: u16 = 0x0800;
+const ETH_P_8021Q: u16 = 0x8100;
+const ETH_P_8021AD: u16 = 0x88a8;
+const IPV4_HDR_LEN: usize = 20;
+const TCP_HDR_LEN: usize = 20;
+const UDP_HDR_LEN: usize = 8;
 pub const IPPROTO_ICMP: u8 = 1;
-pub const IPPROTO_TCP: u8 = 6;
-pub const IPPROTO_UDP: u8 = 17;
 
-/// The frame is shorter than the headers it announces.
-pub struct Malformed;
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
 
-pub enum L3 {
-    Ipv4 { protocol: u8 },
-    Other,
-}
+// Offsets inside the IPv4 header.
+pub const IP_TOT_LEN: usize = 2;
+const IP_FRAG: usize = 6;
+const IP_PROTO: usize = 9;
+pub const IP_CHECK: usize = 10;
+pub const IP_SRC: usize = 12;
+pub const IP_DST: usize = 16;
+// Offsets inside the TCP/UDP header.
+pub const L4_SPORT: usize = 0;
+pub const L4_DPORT: usize = 2;
+const TCP_FLAGS: usize = 13;
+pub const TCP_CHECK: usize = 16;
+pub const UDP_CHECK: usize = 6;
 
-pub struct Frame {
-    pub l3: L3,
-}
-
-/// A pointer to a `T` at `offset` bytes into the frame, or `None` if it would
-/// run past the end.
+/// A pointer to a `T` at `offset` bytes into the frame, or `None` if it
+/// would run past the end.
+///
+/// `data` and `data_end` are loaded volatile on purpose: otherwise LLVM
+/// proves a later check redundant from an earlier one and drops it, while
+/// the verifier, which tracks bounds per pointer register, can no longer
+/// follow once an offset was spilled and reloaded. One check per access, on
+/// the pointer that is used, is what the verifier can always see.
 #[inline(always)]
-pub fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*const T> {
-    let start = ctx.data();
-    let end = ctx.data_end();
+pub fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {
+    // SAFETY: ctx.ctx is the kernel's xdp_md for this run.
+    let (start, end) = unsafe {
+        (
+            core::ptr::read_volatile(&(*ctx.ctx).data) as usize,
+            core::ptr::read_volatile(&(*ctx.ctx).data_end) as usize,
+        )
+    };
     if start + offset + core::mem::size_of::<T>() > end {
         return None;
     }
-    Some((start + offset) as *const T)
+    Some((start + offset) as *mut T)
+}
+
+/// Reads a `T` (a plain integer or byte array) at `offset`.
+#[inline(always)]
+pub fn read<T: Copy>(ctx: &XdpContext, offset: usize) -> Option<T> {
+    // SAFETY: ptr_at checked that the bytes are inside the frame; unaligned
+    // because packet fields are not aligned to their size.
+    ptr_at::<T>(ctx, offset).map(|p| unsafe { p.read_unaligned() })
+}
+
+/// Writes a `T` at `offset`.
+#[inline(always)]
+pub fn write<T: Copy>(ctx: &XdpContext, offset: usize, value: T) -> Option<()> {
+    // SAFETY: as in `read`.
+    ptr_at::<T>(ctx, offset).map(|p| unsafe { p.write_unaligned(value) })
+}
+
+pub enum Fragment {
+    /// Not a fragment.
+    No,
+    /// The first fragment: has the L4 header, more follow. (Later fragments
+    /// have no L4 header and are told apart as [`Parsed::LaterFragment`].)
+    First,
+}
+
+/// What the pipeline needs from an IPv4 packet. Addresses and ports are in
+/// wire order, as stored in the maps.
+pub struct Packet {
+    /// Offset of the IPv4 header (after Ethernet and any VLAN tag).
+    pub l3: usize,
+    /// Offset of the TCP/UDP header.
+    pub l4: usize,
+    pub vlan_tagged: bool,
+    pub protocol: u8,
+    pub src_addr: u32,
+    pub dst_addr: u32,
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub tcp_flags: u8,
+    pub has_ip_options: bool,
+    pub fragment: Fragment,
+    /// IPv4 total length, host order (for the FIB lookup's MTU check).
+    pub ip_total_len: u16,
+}
+
+pub enum Parsed {
+    NotIpv4,
+    /// Shorter than its headers claim, or an impossible IPv4 header.
+    Malformed,
+    /// IPv4, but not TCP or UDP: only the protocol matters.
+    OtherIpv4(u8),
+    /// A non-first fragment: no ports.
+    LaterFragment,
+    Ipv4(Packet),
 }
 
 #[inline(always)]
-fn read_be16(ctx: &XdpContext, offset: usize) -> Result<u16, Malformed> {
-    let p = ptr_at::<[u8; 2]>(ctx, offset).ok_or(Malformed)?;
-    // SAFETY: ptr_at checked the two bytes are inside the frame.
-    Ok(u16::from_be_bytes(unsafe { *p }))
-}
-
-#[inline(always)]
-fn read_u8(ctx: &XdpContext, offset: usize) -> Result<u8, Malformed> {
-    let p = ptr_at::<u8>(ctx, offset).ok_or(Malformed)?;
-    // SAFETY: ptr_at checked the byte is inside the frame.
-    Ok(unsafe { *p })
-}
-
-/// Ethernet, at most one 802.1Q/802.1ad tag, then the IPv4 header if any.
-#[inline(always)]
-pub fn parse_frame(ctx: &XdpContext) -> Result<Frame, Malformed> {
-    let mut ether_type = read_be16(ctx, 12)?;
-    let mut offset = ETH_HDR_LEN;
+pub fn parse(ctx: &XdpContext) -> Parsed {
+    let Some(mut ether_type) = read::<[u8; 2]>(ctx, 12).map(u16::from_be_bytes) else {
+        return Parsed::Malformed;
+    };
+    let mut l3 = ETH_HDR_LEN;
+    let mut vlan_tagged = false;
     if ether_type == ETH_P_8021Q || ether_type == ETH_P_8021AD {
-        ether_type = read_be16(ctx, offset + 2)?;
-        offset += VLAN_HDR_LEN;
+        let Some(inner) = read::<[u8; 2]>(ctx, l3 + 2).map(u16::from_be_bytes) else {
+            return Parsed::Malformed;
+        };
+        ether_type = inner;
+        l3 += VLAN_HDR_LEN;
+        vlan_tagged = true;
     }
     if ether_type != ETH_P_IPV4 {
-        return Ok(Frame { l3: L3::Other });
+        return Parsed::NotIpv4;
     }
-    let version_ihl = read_u8(ctx, offset)?;
-    let header_len = ((version_ihl & 0x0f) as usize) * 4;
-    if version_ihl >> 4 != 4 || header_len < IPV4_MIN_HDR_LEN {
-        return Err(Malformed);
+    let Some(header) = read::<[u8; IPV4_HDR_LEN]>(ctx, l3) else {
+        return Parsed::Malformed;
+    };
+    let version = header[0] >> 4;
+    let header_len = ((header[0] & 0x0f) as usize) * 4;
+    let ip_total_len = u16::from_be_bytes([header[IP_TOT_LEN], header[IP_TOT_LEN + 1]]);
+    if version != 4
+        || header_len < IPV4_HDR_LEN
+        || (ip_total_len as usize) < header_len
+        || ctx.data() + l3 + ip_total_len as usize > ctx.data_end()
+    {
+        return Parsed::Malformed;
     }
-    // The whole announced header must be present.
-    ptr_at::<[u8; IPV4_MIN_HDR_LEN]>(ctx, offset).ok_or(Malformed)?;
-    if ctx.data() + offset + header_len > ctx.data_end() {
-        return Err(Malformed);
+    let frag = u16::from_be_bytes([header[IP_FRAG], header[IP_FRAG + 1]]);
+    let fragment = if frag & 0x1fff != 0 {
+        return Parsed::LaterFragment;
+    } else if frag & 0x2000 != 0 {
+        Fragment::First
+    } else {
+        Fragment::No
+    };
+    let protocol = header[IP_PROTO];
+    let l4_min = match protocol {
+        PROTO_TCP => TCP_HDR_LEN,
+        PROTO_UDP => UDP_HDR_LEN,
+        other => return Parsed::OtherIpv4(other),
+    };
+    let l4 = l3 + header_len;
+    // The whole fixed L4 header must be inside both the frame and the IP packet.
+    if header_len + l4_min > ip_total_len as usize {
+        return Parsed::Malformed;
     }
-    let protocol = read_u8(ctx, offset + 9)?;
-    Ok(Frame {
-        l3: L3::Ipv4 { protocol },
+    let Some(ports) = read::<[u16; 2]>(ctx, l4) else {
+        return Parsed::Malformed;
+    };
+    let tcp_flags = if protocol == PROTO_TCP {
+        match read::<u8>(ctx, l4 + TCP_FLAGS) {
+            Some(flags) => flags,
+            None => return Parsed::Malformed,
+        }
+    } else {
+        if read::<[u8; UDP_HDR_LEN]>(ctx, l4).is_none() {
+            return Parsed::Malformed;
+        }
+        0
+    };
+    if protocol == PROTO_TCP && read::<[u8; TCP_HDR_LEN]>(ctx, l4).is_none() {
+        return Parsed::Malformed;
+    }
+    Parsed::Ipv4(Packet {
+        l3,
+        l4,
+        vlan_tagged,
+        protocol,
+        src_addr: u32::from_ne_bytes([
+            header[IP_SRC],
+            header[IP_SRC + 1],
+            header[IP_SRC + 2],
+            header[IP_SRC + 3],
+        ]),
+        dst_addr: u32::from_ne_bytes([
+            header[IP_DST],
+            header[IP_DST + 1],
+            header[IP_DST + 2],
+            header[IP_DST + 3],
+        ]),
+        src_port: ports[0],
+        dst_port: ports[1],
+        tcp_flags,
+        has_ip_options: header_len != IPV4_HDR_LEN,
+        fragment,
+        ip_total_len,
     })
-}
-
-#[inline(always)]
-pub fn classify_ipv4_protocol(protocol: u8) -> ProtoIndex {
-    match protocol {
-        IPPROTO_TCP => ProtoIndex::Tcp,
-        IPPROTO_UDP => ProtoIndex::Udp,
-        IPPROTO_ICMP => ProtoIndex::Icmp,
-        _ => ProtoIndex::OtherIpv4,
-    }
 }

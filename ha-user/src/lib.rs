@@ -1,5 +1,11 @@
 //! The ha-lb agent as a library: the CLI in `main.rs` is a thin edge over it,
 //! and integration tests drive the same code.
 
+pub mod agent;
+pub mod config;
 pub mod dataplane;
 pub mod ebpf_object;
+pub mod garp;
+pub mod maglev;
+pub mod netlink;
+pub mod system;

@@ -1,13 +1,14 @@
-//! `ha-user`: the ha-lb agent and its command line.
+//! `ha-user`: the ha-lb agent and its command line. A thin edge over the library.
 
-use std::time::Duration;
+use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use ha_common::{ProtoCounter, ProtoIndex};
-use ha_user::dataplane::{AttachMode, DataPlane};
-use tokio::signal::unix::{SignalKind, signal};
-use tracing::info;
+use ha_user::{
+    agent::{self, AttachOptions},
+    config::DEFAULT_CONFIG_PATH,
+    dataplane::AttachMode,
+};
 
 #[derive(Parser)]
 #[command(
@@ -22,21 +23,36 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Load the XDP program, attach it to an interface and run until SIGTERM or SIGINT.
+    /// Load the XDP program on an interface, serve the configured VIPs, run until SIGTERM/SIGINT.
     Attach {
         /// Interface that receives the VIP's traffic.
         #[arg(long)]
         iface: String,
-        /// XDP attach mode; `auto` tries native first and falls back to generic.
+        #[arg(long, default_value = DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+        /// `auto` tries native (driver) mode first and falls back to generic.
         #[arg(long, value_enum, default_value = "auto")]
         xdp_mode: AttachMode,
-        /// Print the data plane's per-protocol counters this often (0s: never).
+        /// Print per-VIP, per-backend and per-verdict counters this often (0s: never).
         #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
         stats_interval: Duration,
+        /// Do not pin the connection tables (a restart then starts with empty ones).
+        #[arg(long)]
+        no_pin: bool,
+        /// Gratuitous ARPs sent after adding a VIP address.
+        #[arg(long, default_value_t = 3)]
+        garp_count: u32,
+        #[arg(long, default_value = "200ms", value_parser = humantime::parse_duration)]
+        garp_interval: Duration,
+    },
+    /// Validate a config file and print it normalized (defaults filled in).
+    CheckConfig {
+        #[arg(long, default_value = DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
     },
 }
 
-fn main() -> Result<()> {
+fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
@@ -44,78 +60,43 @@ fn main() -> Result<()> {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let cli = Cli::parse();
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ha-user: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Attach {
             iface,
+            config,
             xdp_mode,
             stats_interval,
-        } => runtime.block_on(attach(&iface, xdp_mode, stats_interval)),
-    }
-}
-
-async fn attach(iface: &str, xdp_mode: AttachMode, stats_interval: Duration) -> Result<()> {
-    let mut dataplane = DataPlane::load().context("loading the XDP program")?;
-    let mode = dataplane
-        .attach(iface, xdp_mode)
-        .with_context(|| format!("attaching to interface {iface}"))?;
-    info!(%iface, mode = mode.label(), "XDP program attached; running until SIGTERM or SIGINT");
-
-    let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    let mut ticker = (!stats_interval.is_zero()).then(|| tokio::time::interval(stats_interval));
-
-    loop {
-        tokio::select! {
-            _ = sigterm.recv() => { info!("SIGTERM: detaching"); break; }
-            _ = sigint.recv() => { info!("SIGINT: detaching"); break; }
-            _ = async { ticker.as_mut().expect("guarded").tick().await }, if ticker.is_some() => {
-                let totals = dataplane.proto_counters().context("reading counters")?;
-                println!("{}", format_counters(&totals));
-            }
+            no_pin,
+            garp_count,
+            garp_interval,
+        } => {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?;
+            runtime.block_on(agent::run(AttachOptions {
+                iface,
+                config_path: config,
+                xdp_mode,
+                stats_interval,
+                pin: !no_pin,
+                garp_count,
+                garp_interval,
+            }))
         }
-    }
-    dataplane
-        .detach()
-        .with_context(|| format!("detaching XDP from {iface}"))?;
-    info!(%iface, "detached; exiting");
-    Ok(())
-}
-
-/// One line of per-protocol totals, stable enough for the demo to show and
-/// for tests to parse: `counters tcp=<pkts>/<bytes>B udp=... `.
-fn format_counters(totals: &[ProtoCounter]) -> String {
-    let mut line = String::from("counters");
-    for index in ProtoIndex::ALL {
-        let counter = totals[index as usize];
-        line.push_str(&format!(
-            " {}={}/{}B",
-            index.label(),
-            counter.packets,
-            counter.bytes
-        ));
-    }
-    line
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn counters_line_lists_every_protocol_in_index_order() {
-        let mut totals = [ProtoCounter::default(); ProtoIndex::COUNT as usize];
-        totals[ProtoIndex::Tcp as usize] = ProtoCounter {
-            packets: 3,
-            bytes: 180,
-        };
-        assert_eq!(
-            format_counters(&totals),
-            "counters non-ipv4=0/0B tcp=3/180B udp=0/0B icmp=0/0B other-ipv4=0/0B malformed=0/0B"
-        );
+        Command::CheckConfig { config } => {
+            print!("{}", agent::check_config(&config)?);
+            Ok(())
+        }
     }
 }

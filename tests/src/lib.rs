@@ -11,6 +11,10 @@
 //!   +---------------------------+          +-----------------------------+
 //! ```
 //!
+//! Every switch port runs a pass-everything XDP program, and every host has
+//! checksum offload off, so XDP_TX behaves as on a real NIC (see
+//! `attach_switch_xdp` and `build`).
+//!
 //! The bridge lives in a namespace of its own, so a lab touches nothing in
 //! the root namespace and no packet can leave it: there is no route out of
 //! any lab namespace. Every host's interface is called `eth0`, as on the LB
@@ -110,6 +114,8 @@ pub struct Lab {
     switch_ns: String,
     hosts: Vec<Host>,
     log_dir: PathBuf,
+    /// The pass-everything program on every switch port (see `attach_switch_xdp`).
+    switch_xdp: Option<aya::Ebpf>,
     _slot_lock: Flock<File>,
 }
 
@@ -147,14 +153,16 @@ impl Lab {
             })
             .collect();
         // From here on, Drop cleans up whatever part of the build succeeded.
-        let lab = Lab {
+        let mut lab = Lab {
             slot,
             switch_ns,
             hosts,
             log_dir,
+            switch_xdp: None,
             _slot_lock: lock,
         };
         lab.build()?;
+        lab.switch_xdp = Some(lab.attach_switch_xdp()?);
         Ok(lab)
     }
 
@@ -185,18 +193,59 @@ impl Lab {
                     &host.netns,
                 ],
             )?;
+            // veth offloads checksums to a "device" that never computes them:
+            // frames would carry only the pseudo-header sum. Real NICs put full
+            // checksums on the wire, so the lab does too (the data path updates
+            // checksums incrementally and needs them complete).
+            ethtool(&host.netns, HOST_IFACE, &["-K", "tx", "off"])?;
+            ethtool(sw, &host.switch_port, &["-K", "tx", "off"])?;
             ip(sw, &["link", "set", &host.switch_port, "master", "br0"])?;
             ip(sw, &["link", "set", &host.switch_port, "up"])?;
             let cidr = format!("{}/24", host.addr);
             ip(&host.netns, &["addr", "add", &cidr, "dev", HOST_IFACE])?;
             ip(&host.netns, &["link", "set", HOST_IFACE, "up"])?;
-            // XDP_TX/XDP_REDIRECT into a veth only work when the receiving end
-            // runs NAPI; GRO on switches NAPI on without an XDP program there.
-            // Real NICs need nothing of the kind.
-            ethtool_gro_on(sw, &host.switch_port)?;
-            ethtool_gro_on(&host.netns, HOST_IFACE)?;
         }
         Ok(())
+    }
+
+    /// veth hands an XDP_TX'ed frame to its peer at once only if the peer
+    /// runs an XDP program (otherwise the frame waits in the peer's queue
+    /// until other traffic wakes it). The switch ports are those peers, so
+    /// each gets a program that passes everything, as a NIC would deliver
+    /// to the wire. Real NICs need nothing of the kind.
+    fn attach_switch_xdp(&self) -> Result<aya::Ebpf> {
+        use aya::programs::{Xdp, XdpMode};
+        let mut ebpf = aya::EbpfLoader::new()
+            .load(ha_user::ebpf_object::EBPF_OBJECT)
+            .map_err(|e| io_error("loading the XDP object")(std::io::Error::other(e)))?;
+        let program: &mut Xdp = ebpf
+            .program_mut(ha_common::XDP_PASS_PROGRAM_NAME)
+            .and_then(|p| p.try_into().ok())
+            .ok_or_else(|| io_error("the XDP object")(std::io::Error::other("no pass program")))?;
+        program
+            .load()
+            .map_err(|e| io_error("loading the pass program")(std::io::Error::other(e)))?;
+        let path = format!("/run/netns/{}", self.switch_ns);
+        let netns = File::open(&path).map_err(io_error(format!("opening {path}")))?;
+        let ports: Vec<String> = self.hosts.iter().map(|h| h.switch_port.clone()).collect();
+        std::thread::scope(|scope| {
+            scope
+                .spawn(|| -> Result<()> {
+                    setns(netns.as_fd(), CloneFlags::CLONE_NEWNET)
+                        .map_err(|e| io_error(format!("entering {path}"))(e.into()))?;
+                    for port in &ports {
+                        program.attach(port, XdpMode::Driver).map_err(|e| {
+                            io_error(format!("attaching XDP to switch port {port}"))(
+                                std::io::Error::other(e),
+                            )
+                        })?;
+                    }
+                    Ok(())
+                })
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+        })?;
+        Ok(ebpf)
     }
 
     pub fn slot(&self) -> u32 {
@@ -337,6 +386,7 @@ impl Drop for Lab {
             );
             process::dump_logs(&self.log_dir);
         }
+        self.switch_xdp = None;
         remove_namespaces(&self.namespaces());
         let _ = std::fs::remove_dir_all(&self.log_dir);
         // The slot lock is released when `_slot_lock` drops, after the namespaces are gone.
@@ -444,8 +494,11 @@ fn ip(netns: &str, args: &[&str]) -> Result<Output> {
     run(Command::new("ip").arg("-n").arg(netns).args(args))
 }
 
-fn ethtool_gro_on(netns: &str, iface: &str) -> Result<Output> {
-    run(Command::new("ip").args(["netns", "exec", netns, "ethtool", "-K", iface, "gro", "on"]))
+fn ethtool(netns: &str, iface: &str, args: &[&str]) -> Result<Output> {
+    let (flag, rest) = args.split_first().expect("an ethtool flag");
+    run(Command::new("ip")
+        .args(["netns", "exec", netns, "ethtool", flag, iface])
+        .args(rest))
 }
 
 /// Runs a command to completion; a non-zero exit becomes an error carrying stderr.

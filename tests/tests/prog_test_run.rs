@@ -1,108 +1,820 @@
-//! BPF_PROG_TEST_RUN of the XDP program: crafted frames in, verdict, output
-//! bytes and counters checked. Needs root (loading BPF programs).
+//! BPF_PROG_TEST_RUN fixture table, in the style of Katran's tester: each case
+//! is a name, an input frame built here, the expected verdict and the
+//! expected output frame. Expected frames are built with etherparse, which
+//! computes every checksum itself: an independent implementation, not the
+//! code under test.
+//!
+//! The program runs inside a lab host's namespace with `ingress_ifindex` set
+//! to its eth0, so `bpf_fib_lookup` answers from a real routing table and
+//! real (permanent) neighbour entries.
+
+use std::net::Ipv4Addr;
 
 use aya::programs::{TestRun, TestRunOptions};
-use etherparse::{PacketBuilder, VlanId};
-use ha_common::{ProtoCounter, ProtoIndex};
-use ha_user::dataplane::DataPlane;
+use etherparse::{PacketBuilder, SlicedPacket, TransportSlice, VlanId};
+use ha_common::{
+    Event, FlowKey, NatKey, PROTO_TCP, PROTO_UDP, Settings, Verdict, addr_to_wire, hash,
+    port_to_wire,
+};
+use ha_lab::Lab;
+use ha_user::dataplane::{DataPlane, DesiredBackend, DesiredVip, LoadOptions};
 
+const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
-const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
-const LB_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
-const CLIENT: [u8; 4] = [10, 0, 0, 1];
-const LB: [u8; 4] = [10, 0, 0, 2];
+const XDP_TX: u32 = 3;
+const TABLE_SIZE: u32 = 1009;
+const NAT_MIN: u16 = 20000;
+const NAT_MAX: u16 = 20999;
+const CLIENT_PORT: u16 = 40001;
 
-fn tcp_syn() -> Vec<u8> {
-    let builder = PacketBuilder::ethernet2(CLIENT_MAC, LB_MAC)
-        .ipv4(CLIENT, LB, 64)
-        .tcp(40000, 6443, 1, 64240)
-        .syn();
-    let mut frame = Vec::with_capacity(builder.size(0));
-    builder.write(&mut frame, &[]).unwrap();
-    frame
+#[derive(Clone, Copy)]
+enum L4 {
+    Tcp {
+        syn: bool,
+        ack: bool,
+        fin: bool,
+        rst: bool,
+    },
+    Udp {
+        zero_checksum: bool,
+    },
 }
 
-fn vlan_udp(payload: &[u8]) -> Vec<u8> {
-    let builder = PacketBuilder::ethernet2(CLIENT_MAC, LB_MAC)
-        .single_vlan(VlanId::try_new(205).unwrap())
-        .ipv4(CLIENT, LB, 64)
-        .udp(5000, 53);
-    let mut frame = Vec::with_capacity(builder.size(payload.len()));
-    builder.write(&mut frame, payload).unwrap();
-    frame
+const SYN: L4 = L4::Tcp {
+    syn: true,
+    ack: false,
+    fin: false,
+    rst: false,
+};
+const ACK: L4 = L4::Tcp {
+    syn: false,
+    ack: true,
+    fin: false,
+    rst: false,
+};
+const SYN_ACK: L4 = L4::Tcp {
+    syn: true,
+    ack: true,
+    fin: false,
+    rst: false,
+};
+const RST: L4 = L4::Tcp {
+    syn: false,
+    ack: false,
+    fin: false,
+    rst: true,
+};
+const UDP: L4 = L4::Udp {
+    zero_checksum: false,
+};
+const UDP_NO_CHECKSUM: L4 = L4::Udp {
+    zero_checksum: true,
+};
+
+struct Frame {
+    src_mac: [u8; 6],
+    dst_mac: [u8; 6],
+    vlan: Option<u16>,
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    sport: u16,
+    dport: u16,
+    l4: L4,
+    payload: &'static [u8],
 }
 
-fn arp_request() -> Vec<u8> {
-    let mut frame = Vec::new();
-    frame.extend_from_slice(&[0xff; 6]);
-    frame.extend_from_slice(&CLIENT_MAC);
-    frame.extend_from_slice(&[0x08, 0x06]); // ARP
-    frame.extend_from_slice(&[0, 1, 8, 0, 6, 4, 0, 1]);
-    frame.extend_from_slice(&CLIENT_MAC);
-    frame.extend_from_slice(&CLIENT);
-    frame.extend_from_slice(&[0; 6]);
-    frame.extend_from_slice(&LB);
-    frame
+impl Frame {
+    fn build(&self) -> Vec<u8> {
+        let eth = PacketBuilder::ethernet2(self.src_mac, self.dst_mac);
+        let mut out = Vec::new();
+        macro_rules! finish {
+            ($ip:expr) => {{
+                let ip = $ip;
+                match self.l4 {
+                    L4::Tcp { syn, ack, fin, rst } => {
+                        let mut tcp = ip.tcp(self.sport, self.dport, 1000, 64240);
+                        if syn {
+                            tcp = tcp.syn();
+                        }
+                        if ack {
+                            tcp = tcp.ack(5000);
+                        }
+                        if fin {
+                            tcp = tcp.fin();
+                        }
+                        if rst {
+                            tcp = tcp.rst();
+                        }
+                        tcp.write(&mut out, self.payload).unwrap();
+                    }
+                    L4::Udp { .. } => ip
+                        .udp(self.sport, self.dport)
+                        .write(&mut out, self.payload)
+                        .unwrap(),
+                }
+            }};
+        }
+        match self.vlan {
+            Some(id) => finish!(eth.single_vlan(VlanId::try_new(id).unwrap()).ipv4(
+                self.src.octets(),
+                self.dst.octets(),
+                64
+            )),
+            None => finish!(eth.ipv4(self.src.octets(), self.dst.octets(), 64)),
+        }
+        if let L4::Udp {
+            zero_checksum: true,
+        } = self.l4
+        {
+            let l4 = 14 + self.vlan.map_or(0, |_| 4) + 20;
+            out[l4 + 6] = 0;
+            out[l4 + 7] = 0;
+        }
+        out
+    }
 }
 
-/// Runs one frame through the program; returns the verdict and the output frame.
-fn run_once(dataplane: &DataPlane, frame: &[u8]) -> (u32, Vec<u8>) {
-    let mut out = vec![0u8; frame.len() + 256];
-    let mut options = TestRunOptions::new();
-    options.data_in = Some(frame);
-    options.data_out = Some(&mut out);
-    let result = dataplane
-        .program()
-        .test_run(options)
-        .expect("BPF_PROG_TEST_RUN");
-    out.truncate(result.data_size_out as usize);
-    (result.return_value, out)
+struct World {
+    lab: Lab,
+    dataplane: DataPlane,
+    ifindex: u32,
+    lb: Ipv4Addr,
+    lb_mac: [u8; 6],
+    client: Ipv4Addr,
+    client_mac: [u8; 6],
+    tcp_vip: Ipv4Addr,
+    udp_vip: Ipv4Addr,
+    unresolved_vip: Ipv4Addr,
+    unrouted_vip: Ipv4Addr,
+    local_vip: Ipv4Addr,
+    disabled_vip: Ipv4Addr,
 }
 
-fn counter(dataplane: &DataPlane, index: ProtoIndex) -> ProtoCounter {
-    dataplane.proto_counters().expect("reading counters")[index as usize]
+const APIS: [&str; 3] = ["api1", "api2", "api3"];
+
+fn backends(lab: &Lab, port: u16) -> Vec<DesiredBackend> {
+    APIS.iter()
+        .map(|name| DesiredBackend {
+            address: lab.host(name).addr,
+            port,
+            weight: 1,
+            local: false,
+        })
+        .collect()
 }
 
-#[test]
-fn each_frame_class_is_passed_unchanged_and_counted_once() {
-    let dataplane = DataPlane::load().expect("loading the XDP program");
-    let cases: Vec<(&str, Vec<u8>, ProtoIndex)> = vec![
-        ("TCP SYN", tcp_syn(), ProtoIndex::Tcp),
-        ("802.1Q-tagged UDP", vlan_udp(b"hello"), ProtoIndex::Udp),
-        ("ARP request", arp_request(), ProtoIndex::NonIpv4),
-        // Cut inside the IPv4 header: the EtherType says IPv4, the bytes are not there.
-        (
-            "IPv4 truncated to 20 bytes",
-            tcp_syn()[..20].to_vec(),
-            ProtoIndex::Malformed,
+fn vip(
+    name: &str,
+    address: Ipv4Addr,
+    port: u16,
+    protocol: u8,
+    backends: Vec<DesiredBackend>,
+) -> DesiredVip {
+    DesiredVip {
+        name: name.into(),
+        address,
+        port,
+        protocol,
+        enabled: true,
+        backends,
+    }
+}
+
+fn world() -> World {
+    let lab = Lab::new(&["client", "lb", "api1", "api2", "api3"]).expect("lab");
+    // bpf_fib_lookup needs forwarding on the ingress interface (the agent turns it on).
+    lab.exec(
+        "lb",
+        &[
+            "sh",
+            "-c",
+            "echo 1 > /proc/sys/net/ipv4/conf/eth0/forwarding",
+        ],
+    )
+    .unwrap();
+    // Permanent neighbours, so the FIB answers without ARP.
+    for host in ["client", "api1", "api2", "api3"] {
+        let h = lab.host(host);
+        lab.exec(
+            "lb",
+            &[
+                "ip",
+                "neigh",
+                "replace",
+                &h.addr.to_string(),
+                "lladdr",
+                &h.mac_string(),
+                "dev",
+                "eth0",
+                "nud",
+                "permanent",
+            ],
+        )
+        .unwrap();
+    }
+    let mut dataplane = DataPlane::load(&LoadOptions {
+        maglev_table_size: TABLE_SIZE,
+        max_vips: 8,
+        max_flows: 4096,
+        pin_dir: None,
+    })
+    .expect("loading the XDP program");
+    let lb = lab.host("lb").addr;
+    let settings = Settings {
+        lb_addr: addr_to_wire(lb.octets()),
+        nat_port_min: NAT_MIN,
+        nat_port_max: NAT_MAX,
+        tcp_idle_timeout_ns: 3_600_000_000_000,
+        udp_idle_timeout_ns: 60_000_000_000,
+        fin_linger_ns: 5_000_000_000,
+        flags: 0,
+        _pad: 0,
+    };
+    let prefix = lab.vip(0).octets();
+    let addr = |last: u8| Ipv4Addr::new(prefix[0], prefix[1], prefix[2], last);
+    let (tcp_vip, udp_vip, unresolved_vip, unrouted_vip, local_vip, disabled_vip) = (
+        lab.vip(0),
+        lab.vip(1),
+        lab.vip(2),
+        lab.vip(3),
+        lab.vip(4),
+        lab.vip(5),
+    );
+    let one = |address: Ipv4Addr, local: bool| {
+        vec![DesiredBackend {
+            address,
+            port: 6443,
+            weight: 1,
+            local,
+        }]
+    };
+    let mut disabled = vip(
+        "disabled",
+        disabled_vip,
+        6443,
+        PROTO_TCP,
+        backends(&lab, 6443),
+    );
+    disabled.enabled = false;
+    let vips = vec![
+        vip("apiserver", tcp_vip, 6443, PROTO_TCP, backends(&lab, 6443)),
+        vip("dns", udp_vip, 53, PROTO_UDP, backends(&lab, 5353)),
+        // .150 is on the LAN but nobody answers ARP for it.
+        vip(
+            "unresolved",
+            unresolved_vip,
+            6443,
+            PROTO_TCP,
+            one(addr(150), false),
         ),
+        vip(
+            "unrouted",
+            unrouted_vip,
+            6443,
+            PROTO_TCP,
+            one(Ipv4Addr::new(192, 0, 2, 1), false),
+        ),
+        vip("local", local_vip, 6443, PROTO_TCP, one(lb, true)),
+        disabled,
     ];
-    for (name, frame, class) in cases {
-        let before = counter(&dataplane, class);
-        let (verdict, out) = run_once(&dataplane, &frame);
-        assert_eq!(verdict, XDP_PASS, "{name}: verdict");
-        assert_eq!(out, frame, "{name}: a passed frame leaves unchanged");
-        let after = counter(&dataplane, class);
-        assert_eq!(after.packets, before.packets + 1, "{name}: packet counter");
+    dataplane.apply(&settings, &vips).expect("writing the maps");
+    let ifindex = lab
+        .in_host("lb", || nix::net::if_::if_nametoindex("eth0").unwrap())
+        .unwrap();
+    World {
+        lb,
+        lb_mac: lab.host("lb").mac,
+        client: lab.host("client").addr,
+        client_mac: lab.host("client").mac,
+        lab,
+        dataplane,
+        ifindex,
+        tcp_vip,
+        udp_vip,
+        unresolved_vip,
+        unrouted_vip,
+        local_vip,
+        disabled_vip,
+    }
+}
+
+impl World {
+    /// Runs one frame through the program on the lb host's eth0.
+    fn run(&self, frame: &[u8]) -> (u32, Vec<u8>) {
+        // struct xdp_md { data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex }
+        let mut ctx = [0u8; 24];
+        ctx[4..8].copy_from_slice(&(frame.len() as u32).to_ne_bytes());
+        ctx[12..16].copy_from_slice(&self.ifindex.to_ne_bytes());
+        self.lab
+            .in_host("lb", || {
+                let mut out = vec![0u8; frame.len() + 256];
+                let mut options = TestRunOptions::new();
+                options.data_in = Some(frame);
+                options.data_out = Some(&mut out);
+                options.ctx_in = Some(&ctx);
+                let result = self
+                    .dataplane
+                    .program()
+                    .test_run(options)
+                    .expect("BPF_PROG_TEST_RUN");
+                out.truncate(result.data_size_out as usize);
+                (result.return_value, out)
+            })
+            .unwrap()
+    }
+
+    fn client_frame(&self, vip: Ipv4Addr, dport: u16, l4: L4) -> Frame {
+        Frame {
+            src_mac: self.client_mac,
+            dst_mac: self.lb_mac,
+            vlan: None,
+            src: self.client,
+            dst: vip,
+            sport: CLIENT_PORT,
+            dport,
+            l4,
+            payload: b"",
+        }
+    }
+
+    fn flow(&self, vip: Ipv4Addr, dport: u16, protocol: u8) -> FlowKey {
+        FlowKey {
+            src_addr: addr_to_wire(self.client.octets()),
+            dst_addr: addr_to_wire(vip.octets()),
+            src_port: port_to_wire(CLIENT_PORT),
+            dst_port: port_to_wire(dport),
+            protocol,
+            _pad: [0; 3],
+        }
+    }
+
+    /// The backend the Maglev table gives this flow, computed from the
+    /// agent's copy of the table and the shared hash.
+    fn expected_backend(&self, vip: Ipv4Addr, dport: u16, protocol: u8) -> (&'static str, u32) {
+        let table = self.dataplane.active_table(vip, dport, protocol).unwrap();
+        let hash = hash::flow_hash(&self.flow(vip, dport, protocol));
+        let id = table[(hash % TABLE_SIZE) as usize];
+        let name = APIS
+            .iter()
+            .find(|n| {
+                self.dataplane.backend_id_of(
+                    self.lab.host(n).addr,
+                    if protocol == PROTO_UDP { 5353 } else { 6443 },
+                ) == Some(id)
+            })
+            .expect("the table names a configured backend");
+        (name, hash)
+    }
+
+    fn delta(&self, verdict: Verdict, before: &[(Verdict, ha_common::Counter)]) -> u64 {
+        self.dataplane.verdict(verdict).unwrap().packets - before[verdict as usize].1.packets
+    }
+}
+
+/// Checks the output's checksums with etherparse's own calculation.
+fn assert_checksums_valid(name: &str, frame: &[u8]) {
+    let packet = SlicedPacket::from_ethernet(frame)
+        .unwrap_or_else(|e| panic!("{name}: output does not parse: {e}"));
+    let Some(etherparse::NetSlice::Ipv4(ip)) = &packet.net else {
+        panic!("{name}: no IPv4")
+    };
+    let header = ip.header().to_header();
+    assert_eq!(
+        header.header_checksum,
+        header.calc_header_checksum(),
+        "{name}: IPv4 checksum"
+    );
+    match &packet.transport {
+        Some(TransportSlice::Tcp(tcp)) => {
+            let expected = tcp
+                .to_header()
+                .calc_checksum_ipv4(&header, tcp.payload())
+                .unwrap();
+            assert_eq!(tcp.checksum(), expected, "{name}: TCP checksum");
+        }
+        Some(TransportSlice::Udp(udp)) if udp.checksum() != 0 => {
+            let expected = udp
+                .to_header()
+                .calc_checksum_ipv4(&header, udp.payload())
+                .unwrap();
+            assert_eq!(udp.checksum(), expected, "{name}: UDP checksum");
+        }
+        _ => {}
+    }
+}
+
+struct Case {
+    name: &'static str,
+    input: Vec<u8>,
+    verdict: u32,
+    output: Vec<u8>,
+    counted_as: Verdict,
+}
+
+fn run_cases(world: &World, cases: Vec<Case>) {
+    for case in cases {
+        let before = world.dataplane.verdicts().unwrap();
+        let (verdict, out) = world.run(&case.input);
+        assert_eq!(verdict, case.verdict, "{}: verdict", case.name);
+        if case.verdict == XDP_TX {
+            assert_checksums_valid(case.name, &out);
+        }
+        // A dropped frame goes nowhere; its bytes are not compared.
+        if case.verdict != XDP_DROP {
+            assert_eq!(out, case.output, "{}: output bytes", case.name);
+        }
         assert_eq!(
-            after.bytes,
-            before.bytes + frame.len() as u64,
-            "{name}: byte counter"
+            world.delta(case.counted_as, &before),
+            1,
+            "{}: counted as {}",
+            case.name,
+            case.counted_as.label()
         );
     }
-    // Nothing was counted twice or in the wrong slot: the totals add up to the four frames.
-    let totals = dataplane.proto_counters().unwrap();
-    let packets: u64 = totals.iter().map(|c| c.packets).sum();
-    assert_eq!(packets, 4, "{totals:?}");
 }
 
 #[test]
-fn ipv4_header_length_below_twenty_bytes_is_malformed() {
-    let dataplane = DataPlane::load().expect("loading the XDP program");
-    let mut frame = tcp_syn();
-    frame[14] = 0x44; // version 4, IHL 4 words = 16 bytes: impossible
-    let (verdict, _) = run_once(&dataplane, &frame);
-    assert_eq!(verdict, XDP_PASS);
-    assert_eq!(counter(&dataplane, ProtoIndex::Malformed).packets, 1);
-    assert_eq!(counter(&dataplane, ProtoIndex::Tcp).packets, 0);
+fn tcp_flow_through_the_vip_syn_established_reply_and_reset() {
+    let w = world();
+    let (backend, hash) = w.expected_backend(w.tcp_vip, 6443, PROTO_TCP);
+    let backend_host = w.lab.host(backend);
+    let nat_port = hash::nat_port_candidate(hash, 0, NAT_MIN, NAT_MAX);
+    let to_backend = |l4: L4, payload: &'static [u8]| Frame {
+        src_mac: w.lb_mac,
+        dst_mac: backend_host.mac,
+        vlan: None,
+        src: w.lb,
+        dst: backend_host.addr,
+        sport: nat_port,
+        dport: 6443,
+        l4,
+        payload,
+    };
+    let reply = |l4: L4, payload: &'static [u8]| Frame {
+        src_mac: backend_host.mac,
+        dst_mac: w.lb_mac,
+        vlan: None,
+        src: backend_host.addr,
+        dst: w.lb,
+        sport: 6443,
+        dport: nat_port,
+        l4,
+        payload,
+    };
+    let to_client = |l4: L4, payload: &'static [u8]| Frame {
+        src_mac: w.lb_mac,
+        dst_mac: w.client_mac,
+        vlan: None,
+        src: w.tcp_vip,
+        dst: w.client,
+        sport: 6443,
+        dport: CLIENT_PORT,
+        l4,
+        payload,
+    };
+    let mut established = w.client_frame(w.tcp_vip, 6443, ACK);
+    established.payload = b"GET /readyz HTTP/1.1\r\n\r\n";
+    run_cases(
+        &w,
+        vec![
+            Case {
+                name: "SYN to VIP: Maglev backend, NAT to LB address and port",
+                input: w.client_frame(w.tcp_vip, 6443, SYN).build(),
+                verdict: XDP_TX,
+                output: to_backend(SYN, b"").build(),
+                counted_as: Verdict::ForwardTx,
+            },
+            Case {
+                name: "established packet with payload: same backend and port",
+                input: established.build(),
+                verdict: XDP_TX,
+                output: to_backend(ACK, b"GET /readyz HTTP/1.1\r\n\r\n").build(),
+                counted_as: Verdict::ForwardTx,
+            },
+            Case {
+                name: "reply from backend: back to VIP -> client",
+                input: reply(SYN_ACK, b"").build(),
+                verdict: XDP_TX,
+                output: to_client(SYN_ACK, b"").build(),
+                counted_as: Verdict::ReplyTx,
+            },
+        ],
+    );
+    assert_eq!(
+        w.dataplane.event(Event::NewFlow).unwrap(),
+        1,
+        "one flow, one entry"
+    );
+    assert_eq!(w.dataplane.flows().unwrap().len(), 1);
+
+    // RST ends the flow: both table entries go, and the NAT port is free again.
+    run_cases(
+        &w,
+        vec![Case {
+            name: "RST from client: forwarded, then the flow is forgotten",
+            input: w.client_frame(w.tcp_vip, 6443, RST).build(),
+            verdict: XDP_TX,
+            output: to_backend(RST, b"").build(),
+            counted_as: Verdict::ForwardTx,
+        }],
+    );
+    assert!(w.dataplane.flows().unwrap().is_empty());
+    assert!(w.dataplane.reverse_entries().unwrap().is_empty());
+    assert_eq!(w.dataplane.event(Event::FlowReset).unwrap(), 1);
+    // A reply after the reset is no longer ours.
+    let late = reply(ACK, b"").build();
+    run_cases(
+        &w,
+        vec![Case {
+            name: "reply after RST: passed untouched",
+            output: late.clone(),
+            input: late,
+            verdict: XDP_PASS,
+            counted_as: Verdict::PassTcp,
+        }],
+    );
+    // The same 5-tuple gets the same (freed) NAT port again.
+    run_cases(
+        &w,
+        vec![Case {
+            name: "NAT port reuse: a new SYN after RST gets the freed port",
+            input: w.client_frame(w.tcp_vip, 6443, SYN).build(),
+            verdict: XDP_TX,
+            output: to_backend(SYN, b"").build(),
+            counted_as: Verdict::ForwardTx,
+        }],
+    );
+}
+
+#[test]
+fn nat_port_collision_takes_the_next_candidate_never_a_shared_port() {
+    let mut w = world();
+    let (backend, hash) = w.expected_backend(w.tcp_vip, 6443, PROTO_TCP);
+    let backend_host = w.lab.host(backend).clone();
+    let first = hash::nat_port_candidate(hash, 0, NAT_MIN, NAT_MAX);
+    let second = hash::nat_port_candidate(hash, 1, NAT_MIN, NAT_MAX);
+    // Another flow already holds the first candidate towards that backend.
+    let other = FlowKey {
+        src_port: port_to_wire(50000),
+        ..w.flow(w.tcp_vip, 6443, PROTO_TCP)
+    };
+    let taken = NatKey {
+        backend_addr: addr_to_wire(backend_host.addr.octets()),
+        lb_addr: addr_to_wire(w.lb.octets()),
+        backend_port: port_to_wire(6443),
+        nat_port: port_to_wire(first),
+        protocol: PROTO_TCP,
+        _pad: [0; 3],
+    };
+    w.dataplane.insert_reverse_entry(&taken, &other).unwrap();
+    let expected = Frame {
+        src_mac: w.lb_mac,
+        dst_mac: backend_host.mac,
+        vlan: None,
+        src: w.lb,
+        dst: backend_host.addr,
+        sport: second,
+        dport: 6443,
+        l4: SYN,
+        payload: b"",
+    };
+    run_cases(
+        &w,
+        vec![Case {
+            name: "SYN whose first NAT port is taken",
+            input: w.client_frame(w.tcp_vip, 6443, SYN).build(),
+            verdict: XDP_TX,
+            output: expected.build(),
+            counted_as: Verdict::ForwardTx,
+        }],
+    );
+    assert_eq!(w.dataplane.event(Event::NatPortCollision).unwrap(), 1);
+    // The other flow's entry is untouched.
+    let entries = w.dataplane.reverse_entries().unwrap();
+    assert!(entries.contains(&(taken, other)), "{entries:?}");
+}
+
+#[test]
+fn vlan_tagged_and_udp_frames_are_rewritten_with_correct_checksums() {
+    let w = world();
+    let (backend, hash) = w.expected_backend(w.tcp_vip, 6443, PROTO_TCP);
+    let b = w.lab.host(backend);
+    let mut tagged = w.client_frame(w.tcp_vip, 6443, SYN);
+    tagged.vlan = Some(205);
+    let tagged_out = Frame {
+        src_mac: w.lb_mac,
+        dst_mac: b.mac,
+        vlan: Some(205),
+        src: w.lb,
+        dst: b.addr,
+        sport: hash::nat_port_candidate(hash, 0, NAT_MIN, NAT_MAX),
+        dport: 6443,
+        l4: SYN,
+        payload: b"",
+    };
+    let (udp_backend, udp_hash) = w.expected_backend(w.udp_vip, 53, PROTO_UDP);
+    let ub = w.lab.host(udp_backend);
+    let udp_out = |l4: L4| Frame {
+        src_mac: w.lb_mac,
+        dst_mac: ub.mac,
+        vlan: None,
+        src: w.lb,
+        dst: ub.addr,
+        sport: hash::nat_port_candidate(udp_hash, 0, NAT_MIN, NAT_MAX),
+        dport: 5353,
+        l4,
+        payload: b"\x12\x34 query",
+    };
+    let mut udp_in = w.client_frame(w.udp_vip, 53, UDP);
+    udp_in.payload = b"\x12\x34 query";
+    let mut udp_zero_in = w.client_frame(w.udp_vip, 53, UDP_NO_CHECKSUM);
+    udp_zero_in.payload = b"\x12\x34 query";
+    run_cases(
+        &w,
+        vec![
+            Case {
+                name: "802.1Q-tagged SYN to VIP: rewritten, tag kept, sent back out",
+                input: tagged.build(),
+                verdict: XDP_TX,
+                output: tagged_out.build(),
+                counted_as: Verdict::ForwardTx,
+            },
+            Case {
+                name: "UDP with checksum to VIP",
+                input: udp_in.build(),
+                verdict: XDP_TX,
+                output: udp_out(UDP).build(),
+                counted_as: Verdict::ForwardTx,
+            },
+            Case {
+                name: "UDP without checksum to VIP: the checksum stays zero",
+                input: udp_zero_in.build(),
+                verdict: XDP_TX,
+                output: udp_out(UDP_NO_CHECKSUM).build(),
+                counted_as: Verdict::ForwardTx,
+            },
+        ],
+    );
+}
+
+#[test]
+fn frames_that_are_not_ours_or_cannot_be_handled_pass_or_drop_untouched() {
+    let w = world();
+    let syn = w.client_frame(w.tcp_vip, 6443, SYN).build();
+    let to_lb_ssh = Frame {
+        dst: w.lb,
+        dport: 22,
+        ..w.client_frame(w.lb, 22, SYN)
+    }
+    .build();
+
+    let mut cases = vec![
+        Case {
+            name: "TCP to the LB's own port 22",
+            input: to_lb_ssh.clone(),
+            verdict: XDP_PASS,
+            output: to_lb_ssh,
+            counted_as: Verdict::PassTcp,
+        },
+        Case {
+            name: "TCP to the VIP on another port",
+            input: w.client_frame(w.tcp_vip, 22, SYN).build(),
+            verdict: XDP_PASS,
+            output: w.client_frame(w.tcp_vip, 22, SYN).build(),
+            counted_as: Verdict::PassTcp,
+        },
+        Case {
+            name: "VIP that this host does not own (disabled)",
+            input: w.client_frame(w.disabled_vip, 6443, SYN).build(),
+            verdict: XDP_PASS,
+            output: w.client_frame(w.disabled_vip, 6443, SYN).build(),
+            counted_as: Verdict::PassVipDisabled,
+        },
+        Case {
+            name: "VIP whose backend is this host: passed up for local delivery",
+            input: w.client_frame(w.local_vip, 6443, SYN).build(),
+            verdict: XDP_PASS,
+            output: w.client_frame(w.local_vip, 6443, SYN).build(),
+            counted_as: Verdict::PassLocalBackend,
+        },
+        Case {
+            name: "backend's neighbour unresolved: dropped, counted",
+            input: w.client_frame(w.unresolved_vip, 6443, SYN).build(),
+            verdict: XDP_DROP,
+            output: Vec::new(),
+            counted_as: Verdict::DropNoNeighbour,
+        },
+        Case {
+            name: "no route to the backend: dropped, counted",
+            input: w.client_frame(w.unrouted_vip, 6443, SYN).build(),
+            verdict: XDP_DROP,
+            output: Vec::new(),
+            counted_as: Verdict::DropFibFailure,
+        },
+    ];
+    // Truncated at and around every header boundary: Ethernet (14), IPv4 (34), TCP (54).
+    // (BPF_PROG_TEST_RUN refuses frames under 14 bytes, as no driver delivers them.)
+    for cut in [14usize, 15, 20, 33, 34, 35, 37, 38, 40, 47, 53] {
+        let frame = syn[..cut].to_vec();
+        cases.push(Case {
+            name: Box::leak(format!("SYN to VIP truncated to {cut} bytes").into_boxed_str()),
+            input: frame.clone(),
+            verdict: XDP_PASS,
+            output: frame,
+            counted_as: Verdict::PassMalformed,
+        });
+    }
+    // IP options: IHL 6 with one 4-byte row of NOPs.
+    let mut with_options = syn[..34].to_vec();
+    with_options.extend_from_slice(&[1, 1, 1, 1]);
+    with_options.extend_from_slice(&syn[34..]);
+    with_options[14] = 0x46;
+    let total = u16::from_be_bytes([with_options[16], with_options[17]]) + 4;
+    with_options[16..18].copy_from_slice(&total.to_be_bytes());
+    cases.push(Case {
+        name: "IPv4 options to a VIP: dropped",
+        input: with_options,
+        verdict: XDP_DROP,
+        output: Vec::new(),
+        counted_as: Verdict::DropVipIpOptions,
+    });
+    let mut first_fragment = syn.clone();
+    first_fragment[20] = 0x20; // MF
+    cases.push(Case {
+        name: "first fragment to a VIP: dropped",
+        input: first_fragment,
+        verdict: XDP_DROP,
+        output: Vec::new(),
+        counted_as: Verdict::DropVipFragment,
+    });
+    let mut later_fragment = syn.clone();
+    later_fragment[21] = 0x10; // offset 16 x 8 bytes
+    cases.push(Case {
+        name: "later fragment: passed (no ports)",
+        output: later_fragment.clone(),
+        input: later_fragment,
+        verdict: XDP_PASS,
+        counted_as: Verdict::PassFragment,
+    });
+    let mut bad_ihl = syn.clone();
+    bad_ihl[14] = 0x44;
+    cases.push(Case {
+        name: "IPv4 header length 16: malformed, passed",
+        output: bad_ihl.clone(),
+        input: bad_ihl,
+        verdict: XDP_PASS,
+        counted_as: Verdict::PassMalformed,
+    });
+    let mut arp = vec![0xff; 6];
+    arp.extend_from_slice(&w.client_mac);
+    arp.extend_from_slice(&[0x08, 0x06, 0, 1, 8, 0, 6, 4, 0, 1]);
+    arp.extend_from_slice(&w.client_mac);
+    arp.extend_from_slice(&w.client.octets());
+    arp.extend_from_slice(&[0; 6]);
+    arp.extend_from_slice(&w.tcp_vip.octets());
+    cases.push(Case {
+        name: "ARP for the VIP: passed",
+        output: arp.clone(),
+        input: arp,
+        verdict: XDP_PASS,
+        counted_as: Verdict::PassNonIpv4,
+    });
+
+    run_cases(&w, cases);
+    assert!(
+        w.dataplane
+            .flows()
+            .unwrap()
+            .iter()
+            .all(|(k, _)| k.dst_addr == addr_to_wire(w.local_vip.octets())
+                || k.dst_addr == addr_to_wire(w.unresolved_vip.octets())
+                || k.dst_addr == addr_to_wire(w.unrouted_vip.octets()))
+    );
+}
+
+#[test]
+fn traffic_counters_follow_vip_and_backend() {
+    let w = world();
+    let (backend, _) = w.expected_backend(w.tcp_vip, 6443, PROTO_TCP);
+    let syn = w.client_frame(w.tcp_vip, 6443, SYN).build();
+    let ack = w.client_frame(w.tcp_vip, 6443, ACK).build();
+    assert_eq!(w.run(&syn).0, XDP_TX);
+    assert_eq!(w.run(&ack).0, XDP_TX);
+    let traffic = w.dataplane.traffic().unwrap();
+    let (_, vip) = traffic
+        .vips
+        .iter()
+        .find(|(name, _)| name == "apiserver")
+        .unwrap();
+    assert_eq!(
+        (vip.packets, vip.bytes, vip.new_flows),
+        (2, (syn.len() + ack.len()) as u64, 1)
+    );
+    let backend_addr = w.lab.host(backend).addr;
+    let (_, b) = traffic
+        .backends
+        .iter()
+        .find(|(key, _)| *key == (backend_addr, 6443))
+        .unwrap();
+    assert_eq!((b.packets, b.new_flows), (2, 1));
 }

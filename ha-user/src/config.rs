@@ -1,0 +1,610 @@
+//! The agent's configuration file: parsing, defaults and validation.
+//!
+//! A config is accepted whole or not at all: [`Config::from_yaml`] returns
+//! every problem it finds, each naming the key it is about, and the caller
+//! keeps running whatever it had before.
+
+use std::{
+    collections::{HashMap, HashSet},
+    fmt,
+    net::Ipv4Addr,
+    path::Path,
+    time::Duration,
+};
+
+use serde::{Deserialize, Serialize};
+
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/ha-lb/config.yaml";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading {path}: {source}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: String, message: String },
+    #[error("{path} is not valid:\n{}", .problems.iter().map(|p| format!("  - {p}")).collect::<Vec<_>>().join("\n"))]
+    Invalid { path: String, problems: Vec<String> },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub vips: Vec<VipConfig>,
+    #[serde(default)]
+    pub data_plane: DataPlaneConfig,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    pub fn number(self) -> u8 {
+        match self {
+            Protocol::Tcp => ha_common::PROTO_TCP,
+            Protocol::Udp => ha_common::PROTO_UDP,
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        })
+    }
+}
+
+/// Only full NAT for now; the key exists so DSR can be added without a format change.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    #[default]
+    Nat,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VipConfig {
+    pub name: String,
+    pub address: Ipv4Addr,
+    pub port: u16,
+    #[serde(default = "default_protocol")]
+    pub protocol: Protocol,
+    #[serde(default)]
+    pub mode: Mode,
+    pub backends: Vec<BackendConfig>,
+}
+
+fn default_protocol() -> Protocol {
+    Protocol::Tcp
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendConfig {
+    pub address: Ipv4Addr,
+    /// Defaults to the VIP's port (filled in by validation).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+}
+
+fn default_weight() -> u32 {
+    1
+}
+
+impl BackendConfig {
+    /// The port after defaults were applied.
+    pub fn port(&self) -> u16 {
+        self.port.unwrap_or(0)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataPlaneConfig {
+    /// Maglev table size M: prime, at least 100 x the backends of any VIP.
+    pub maglev_table_size: u32,
+    /// How many VIPs the data plane reserves Maglev tables for.
+    pub max_vips: u32,
+    pub conntrack: ConntrackConfig,
+    pub nat: NatConfig,
+    /// Log new flows from the XDP program (aya-log); slow, for debugging.
+    pub debug: bool,
+}
+
+impl Default for DataPlaneConfig {
+    fn default() -> Self {
+        Self {
+            maglev_table_size: 65537,
+            max_vips: 8,
+            conntrack: ConntrackConfig::default(),
+            nat: NatConfig::default(),
+            debug: false,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConntrackConfig {
+    /// Entries in the connection table (and in the reverse NAT table).
+    pub max_flows: u32,
+    #[serde(with = "humantime_serde")]
+    pub tcp_idle_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub udp_idle_timeout: Duration,
+    /// How long an entry stays after both sides sent FIN, for the last ACKs.
+    #[serde(with = "humantime_serde")]
+    pub fin_linger: Duration,
+}
+
+impl Default for ConntrackConfig {
+    fn default() -> Self {
+        Self {
+            max_flows: 262_144,
+            tcp_idle_timeout: Duration::from_secs(3600),
+            udp_idle_timeout: Duration::from_secs(60),
+            fin_linger: Duration::from_secs(5),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NatConfig {
+    /// Source address of NATed packets; `None`: the interface's primary IPv4 address.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source_address: Option<Ipv4Addr>,
+    /// Source ports of NATed packets, `MIN-MAX`. Must not overlap the host's
+    /// `net.ipv4.ip_local_port_range`, or replies to the host's own
+    /// connections could be mistaken for NAT replies.
+    pub port_range: PortRange,
+}
+
+impl Default for NatConfig {
+    fn default() -> Self {
+        Self {
+            source_address: None,
+            port_range: PortRange {
+                min: 10000,
+                max: 32767,
+            },
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PortRange {
+    pub min: u16,
+    pub max: u16,
+}
+
+impl PortRange {
+    pub fn overlaps(&self, other: &PortRange) -> bool {
+        self.min <= other.max && other.min <= self.max
+    }
+}
+
+impl fmt::Display for PortRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}-{}", self.min, self.max)
+    }
+}
+
+impl std::str::FromStr for PortRange {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (min, max) = s
+            .split_once('-')
+            .ok_or_else(|| format!("port range {s:?} is not MIN-MAX"))?;
+        let parse = |p: &str| {
+            p.trim()
+                .parse::<u16>()
+                .map_err(|e| format!("port range {s:?}: {e}"))
+        };
+        Ok(PortRange {
+            min: parse(min)?,
+            max: parse(max)?,
+        })
+    }
+}
+
+impl Serialize for PortRange {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for PortRange {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// Weights above this are refused: they would only slow the table build.
+pub const MAX_WEIGHT: u32 = 1000;
+const MAX_TABLE_SIZE: u32 = 1_000_003;
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::from_yaml(&text, &path.display().to_string())
+    }
+
+    /// Parses and validates; `origin` names the source in error messages.
+    pub fn from_yaml(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        let mut config: Config = serde_yaml_ng::from_str(text).map_err(|e| ConfigError::Parse {
+            path: origin.to_string(),
+            message: e.to_string(),
+        })?;
+        config.apply_defaults();
+        let problems = config.problems();
+        if problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigError::Invalid {
+                path: origin.to_string(),
+                problems,
+            })
+        }
+    }
+
+    fn apply_defaults(&mut self) {
+        for vip in &mut self.vips {
+            for backend in &mut vip.backends {
+                backend.port.get_or_insert(vip.port);
+            }
+        }
+    }
+
+    /// Every reason this config cannot be used, each naming its key.
+    pub fn problems(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        let dp = &self.data_plane;
+        let m = dp.maglev_table_size;
+        if !is_prime(m) || !(101..=MAX_TABLE_SIZE).contains(&m) {
+            problems.push(format!(
+                "data_plane.maglev_table_size: {m} must be a prime between 101 and {MAX_TABLE_SIZE} (default 65537)"
+            ));
+        }
+        if dp.max_vips == 0 || dp.max_vips > ha_common::MAX_VIPS {
+            problems.push(format!(
+                "data_plane.max_vips: {} must be 1..={}",
+                dp.max_vips,
+                ha_common::MAX_VIPS
+            ));
+        }
+        if dp.conntrack.max_flows < 1024 {
+            problems.push(format!(
+                "data_plane.conntrack.max_flows: {} is below the minimum of 1024",
+                dp.conntrack.max_flows
+            ));
+        }
+        for (key, value) in [
+            ("tcp_idle_timeout", dp.conntrack.tcp_idle_timeout),
+            ("udp_idle_timeout", dp.conntrack.udp_idle_timeout),
+        ] {
+            if value < Duration::from_secs(1) {
+                problems.push(format!(
+                    "data_plane.conntrack.{key}: {} is below 1s",
+                    humantime::format_duration(value)
+                ));
+            }
+        }
+        let range = dp.nat.port_range;
+        if range.min > range.max || range.min < 1024 {
+            problems.push(format!(
+                "data_plane.nat.port_range: {range} must be MIN-MAX with 1024 <= MIN <= MAX"
+            ));
+        }
+        if let Some(source) = dp.nat.source_address
+            && !is_unicast(source)
+        {
+            problems.push(format!(
+                "data_plane.nat.source_address: {source} is not a unicast address"
+            ));
+        }
+
+        if self.vips.is_empty() {
+            problems.push("vips: at least one VIP is required".to_string());
+        }
+        if self.vips.len() > dp.max_vips as usize {
+            problems.push(format!(
+                "vips: {} VIPs configured but data_plane.max_vips is {}",
+                self.vips.len(),
+                dp.max_vips
+            ));
+        }
+        let mut names = HashSet::new();
+        let mut listeners = HashMap::new();
+        let mut all_backends = HashSet::new();
+        for (i, vip) in self.vips.iter().enumerate() {
+            let at = format!("vips[{i}] ({})", vip.name);
+            if vip.name.is_empty()
+                || !vip
+                    .name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            {
+                problems.push(format!(
+                    "{at}.name: {:?} must be non-empty letters, digits, '-' or '_'",
+                    vip.name
+                ));
+            }
+            if !names.insert(vip.name.as_str()) {
+                problems.push(format!("{at}.name: {:?} is used by another VIP", vip.name));
+            }
+            if !is_unicast(vip.address) {
+                problems.push(format!(
+                    "{at}.address: {} is not a unicast address",
+                    vip.address
+                ));
+            }
+            if vip.port == 0 {
+                problems.push(format!("{at}.port: must be 1-65535"));
+            }
+            if let Some(other) = listeners.insert((vip.address, vip.port, vip.protocol), &vip.name)
+            {
+                problems.push(format!(
+                    "{at}: {}:{}/{} is also VIP {other}",
+                    vip.address, vip.port, vip.protocol
+                ));
+            }
+            if vip.backends.is_empty() {
+                problems.push(format!("{at}.backends: at least one backend is required"));
+            }
+            if m as u64 <= 100 * vip.backends.len() as u64 {
+                problems.push(format!(
+                    "{at}.backends: {} backends need data_plane.maglev_table_size >= 100 x {} (it is {m})",
+                    vip.backends.len(),
+                    vip.backends.len()
+                ));
+            }
+            let mut seen = HashSet::new();
+            for (j, backend) in vip.backends.iter().enumerate() {
+                let bat = format!("{at}.backends[{j}]");
+                if !is_unicast(backend.address) {
+                    problems.push(format!(
+                        "{bat}.address: {} is not a unicast address",
+                        backend.address
+                    ));
+                }
+                if backend.port() == 0 {
+                    problems.push(format!("{bat}.port: must be 1-65535"));
+                }
+                if backend.weight > MAX_WEIGHT {
+                    problems.push(format!(
+                        "{bat}.weight: {} is above {MAX_WEIGHT}",
+                        backend.weight
+                    ));
+                }
+                if backend.address == vip.address {
+                    problems.push(format!(
+                        "{bat}.address: {} is the VIP itself",
+                        backend.address
+                    ));
+                }
+                if !seen.insert((backend.address, backend.port())) {
+                    problems.push(format!(
+                        "{bat}: {}:{} is listed twice",
+                        backend.address,
+                        backend.port()
+                    ));
+                }
+                all_backends.insert((backend.address, backend.port()));
+            }
+            if !vip.backends.is_empty() && vip.backends.iter().all(|b| b.weight == 0) {
+                problems.push(format!(
+                    "{at}.backends: every weight is 0; at least one must be above 0"
+                ));
+            }
+        }
+        if all_backends.len() > ha_common::MAX_BACKENDS as usize {
+            problems.push(format!(
+                "vips: {} distinct backends, at most {}",
+                all_backends.len(),
+                ha_common::MAX_BACKENDS
+            ));
+        }
+        problems
+    }
+
+    /// The normalized config as YAML (what `check-config` prints).
+    pub fn to_yaml(&self) -> String {
+        serde_yaml_ng::to_string(self).expect("a Config always serializes")
+    }
+
+    /// Why `next` cannot replace `self` without restarting the agent (the
+    /// data plane's map sizes are fixed when it loads).
+    pub fn restart_needed_for(&self, next: &Config) -> Vec<String> {
+        let (a, b) = (&self.data_plane, &next.data_plane);
+        let mut reasons = Vec::new();
+        if a.maglev_table_size != b.maglev_table_size {
+            reasons.push("data_plane.maglev_table_size changed".to_string());
+        }
+        if a.max_vips != b.max_vips {
+            reasons.push("data_plane.max_vips changed".to_string());
+        }
+        if a.conntrack.max_flows != b.conntrack.max_flows {
+            reasons.push("data_plane.conntrack.max_flows changed".to_string());
+        }
+        reasons
+    }
+}
+
+fn is_unicast(addr: Ipv4Addr) -> bool {
+    !(addr.is_unspecified() || addr.is_multicast() || addr.is_broadcast() || addr.is_loopback())
+}
+
+pub fn is_prime(n: u32) -> bool {
+    if n < 2 {
+        return false;
+    }
+    let mut d = 2u32;
+    while (d as u64) * (d as u64) <= n as u64 {
+        if n.is_multiple_of(d) {
+            return false;
+        }
+        d += 1;
+    }
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ISSUE_EXAMPLE: &str = r#"
+vips:
+  - name: apiserver
+    address: 192.168.205.254
+    port: 6443
+    protocol: tcp            # tcp | udp
+    mode: nat                # full NAT (default)
+    backends:
+      - address: 192.168.205.11
+        port: 6443           # default: the VIP's port
+        weight: 1            # default 1
+      - address: 192.168.205.12
+      - address: 192.168.205.13
+"#;
+
+    #[test]
+    fn the_documented_example_parses_with_defaults_filled_in() {
+        let config = Config::from_yaml(ISSUE_EXAMPLE, "example").unwrap();
+        let vip = &config.vips[0];
+        assert_eq!(vip.address, Ipv4Addr::new(192, 168, 205, 254));
+        assert_eq!(vip.backends.len(), 3);
+        assert!(
+            vip.backends
+                .iter()
+                .all(|b| b.port == Some(6443) && b.weight == 1)
+        );
+        assert_eq!(config.data_plane, DataPlaneConfig::default());
+    }
+
+    #[test]
+    fn normalized_output_parses_back_to_the_same_config() {
+        let config = Config::from_yaml(ISSUE_EXAMPLE, "example").unwrap();
+        let again = Config::from_yaml(&config.to_yaml(), "normalized").unwrap();
+        assert_eq!(config, again);
+        assert!(config.to_yaml().contains("maglev_table_size: 65537"));
+    }
+
+    fn problems_of(yaml: &str) -> Vec<String> {
+        match Config::from_yaml(yaml, "test") {
+            Err(ConfigError::Invalid { problems, .. }) => problems,
+            other => panic!("expected Invalid, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_its_key() {
+        let problems = problems_of(
+            r#"
+vips:
+  - name: api
+    address: 224.0.0.1
+    port: 0
+    backends: []
+  - name: api
+    address: 10.0.0.1
+    port: 6443
+    backends:
+      - address: 10.0.0.2
+        weight: 5000
+      - address: 10.0.0.2
+data_plane:
+  maglev_table_size: 65536
+  nat:
+    port_range: 40000-30000
+"#,
+        );
+        let text = problems.join("\n");
+        for needle in [
+            "vips[0] (api).address: 224.0.0.1 is not a unicast address",
+            "vips[0] (api).port: must be 1-65535",
+            "vips[0] (api).backends: at least one backend is required",
+            "vips[1] (api).name: \"api\" is used by another VIP",
+            "vips[1] (api).backends[0].weight: 5000 is above 1000",
+            "vips[1] (api).backends[1]: 10.0.0.2:6443 is listed twice",
+            "data_plane.maglev_table_size: 65536 must be a prime",
+            "data_plane.nat.port_range: 40000-30000",
+        ] {
+            assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
+        }
+    }
+
+    #[test]
+    fn table_size_below_100_per_backend_is_refused() {
+        let problems = problems_of(
+            r#"
+vips:
+  - name: api
+    address: 10.0.0.1
+    port: 6443
+    backends: [{address: 10.0.0.2}, {address: 10.0.0.3}]
+data_plane: {maglev_table_size: 199}
+"#,
+        );
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.contains(">= 100 x 2 (it is 199)")),
+            "{problems:?}"
+        );
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_types_are_parse_errors_naming_the_key() {
+        let err = Config::from_yaml("vips: []\nfrobnicate: 1\n", "f.yaml")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("f.yaml") && err.contains("frobnicate"),
+            "{err}"
+        );
+        let err = Config::from_yaml(
+            "vips:\n  - {name: a, address: 10.0.0.1, port: 6443, protocol: sctp, backends: []}\n",
+            "f.yaml",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("sctp"), "{err}");
+    }
+
+    #[test]
+    fn restart_is_needed_only_for_map_sizes() {
+        let a = Config::from_yaml(ISSUE_EXAMPLE, "a").unwrap();
+        let mut b = a.clone();
+        b.vips[0].backends.pop();
+        b.data_plane.conntrack.tcp_idle_timeout = Duration::from_secs(60);
+        assert!(a.restart_needed_for(&b).is_empty());
+        b.data_plane.maglev_table_size = 131071;
+        assert_eq!(
+            a.restart_needed_for(&b),
+            vec!["data_plane.maglev_table_size changed"]
+        );
+    }
+
+    #[test]
+    fn primes() {
+        assert!(is_prime(65537) && is_prime(101) && is_prime(131071));
+        assert!(!is_prime(65536) && !is_prime(1) && !is_prime(100));
+    }
+}

@@ -1,0 +1,157 @@
+//! Host settings the agent reads or changes: sysctls and the bpffs pin directory.
+
+use std::{
+    os::unix::fs::MetadataExt,
+    path::{Path, PathBuf},
+};
+
+use tracing::{info, warn};
+
+use crate::config::PortRange;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SystemError {
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: unexpected content {content:?}")]
+    Format { path: String, content: String },
+    #[error(
+        "data_plane.nat.port_range {nat} overlaps net.ipv4.ip_local_port_range {local}: replies to this \
+         host's own connections could be taken for NAT replies; choose a NAT range outside it"
+    )]
+    PortRangeOverlap { nat: PortRange, local: PortRange },
+    #[error("mounting bpffs on {path}: {source}")]
+    Mount {
+        path: String,
+        #[source]
+        source: nix::Error,
+    },
+}
+
+type Result<T> = std::result::Result<T, SystemError>;
+
+fn read(path: &str) -> Result<String> {
+    std::fs::read_to_string(path).map_err(|source| SystemError::Io {
+        path: path.to_string(),
+        source,
+    })
+}
+
+fn write(path: &str, value: &str) -> Result<()> {
+    std::fs::write(path, value).map_err(|source| SystemError::Io {
+        path: path.to_string(),
+        source,
+    })
+}
+
+/// The host's ephemeral port range for its own outgoing connections.
+pub fn local_port_range() -> Result<PortRange> {
+    let path = "/proc/sys/net/ipv4/ip_local_port_range";
+    let content = read(path)?;
+    let mut parts = content.split_whitespace().map(str::parse::<u16>);
+    match (parts.next(), parts.next()) {
+        (Some(Ok(min)), Some(Ok(max))) => Ok(PortRange { min, max }),
+        _ => Err(SystemError::Format {
+            path: path.to_string(),
+            content,
+        }),
+    }
+}
+
+/// Refuses a NAT port range that overlaps the host's ephemeral ports.
+pub fn check_nat_port_range(nat: PortRange) -> Result<()> {
+    let local = local_port_range()?;
+    if nat.overlaps(&local) {
+        return Err(SystemError::PortRangeOverlap { nat, local });
+    }
+    Ok(())
+}
+
+/// IPv4 forwarding on one interface, switched on for as long as this guard
+/// lives: `bpf_fib_lookup` answers only for interfaces that forward. The
+/// previous value comes back on drop.
+pub struct ForwardingGuard {
+    path: String,
+    previous: String,
+}
+
+impl ForwardingGuard {
+    pub fn enable(iface: &str) -> Result<Self> {
+        let path = format!("/proc/sys/net/ipv4/conf/{iface}/forwarding");
+        let previous = read(&path)?.trim().to_string();
+        if previous != "1" {
+            write(&path, "1")?;
+            info!(%iface, "enabled IPv4 forwarding on the interface (needed by bpf_fib_lookup); restored on exit");
+        }
+        Ok(Self { path, previous })
+    }
+}
+
+impl Drop for ForwardingGuard {
+    fn drop(&mut self) {
+        if self.previous != "1"
+            && let Err(e) = write(&self.path, &self.previous)
+        {
+            warn!("restoring {}: {e}", self.path);
+        }
+    }
+}
+
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+const BPFFS_ROOT: &str = "/sys/fs/bpf";
+
+/// Where this agent pins its tables: `/sys/fs/bpf/ha-lb/<iface>` in the
+/// host's own network namespace, `/sys/fs/bpf/ha-lb/netns-<inode>/<iface>`
+/// in any other, so agents in several namespaces with the same interface
+/// name never share a pin. Mounts bpffs on /sys/fs/bpf if nothing is
+/// mounted there (as under `ip netns exec`, which gives a fresh /sys).
+pub fn pin_dir(iface: &str) -> Result<PathBuf> {
+    ensure_bpffs(Path::new(BPFFS_ROOT))?;
+    let own = netns_inode("/proc/self/ns/net")?;
+    let init = netns_inode("/proc/1/ns/net").ok();
+    let base = Path::new(BPFFS_ROOT).join("ha-lb");
+    Ok(if init == Some(own) {
+        base.join(iface)
+    } else {
+        base.join(format!("netns-{own}")).join(iface)
+    })
+}
+
+fn netns_inode(path: &str) -> Result<u64> {
+    std::fs::metadata(path)
+        .map(|m| m.ino())
+        .map_err(|source| SystemError::Io {
+            path: path.to_string(),
+            source,
+        })
+}
+
+fn ensure_bpffs(path: &Path) -> Result<()> {
+    let is_bpffs = nix::sys::statfs::statfs(path)
+        .map(|s| s.filesystem_type().0 == BPF_FS_MAGIC)
+        .unwrap_or(false);
+    if is_bpffs {
+        return Ok(());
+    }
+    std::fs::create_dir_all(path).map_err(|source| SystemError::Io {
+        path: path.display().to_string(),
+        source,
+    })?;
+    nix::mount::mount(
+        Some("bpffs"),
+        path,
+        Some("bpf"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .map_err(|source| SystemError::Mount {
+        path: path.display().to_string(),
+        source,
+    })?;
+    info!(path = %path.display(), "mounted bpffs");
+    Ok(())
+}

@@ -1,0 +1,118 @@
+//! Helpers shared by the lab test suites: stand-in apiservers, agent configs, clients.
+
+#![allow(dead_code)]
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    net::{Ipv4Addr, SocketAddr, TcpStream},
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use ha_lab::{HOST_IFACE, Lab, LabProcess, bin_path};
+
+pub fn start_apiservers(lab: &Lab, names: &[&str]) -> Vec<LabProcess> {
+    names
+        .iter()
+        .map(|name| {
+            let listen = format!("{}:6443", lab.host(name).addr);
+            let mut process = lab
+                .spawn(
+                    name,
+                    &[
+                        bin_path("standin-apiserver").to_str().unwrap(),
+                        "--name",
+                        name,
+                        "--listen",
+                        &listen,
+                    ],
+                )
+                .unwrap();
+            process
+                .wait_for_log("listening", Duration::from_secs(10))
+                .unwrap();
+            process
+        })
+        .collect()
+}
+
+/// A config with one TCP VIP on 6443 in front of `backends`.
+pub fn vip_config(lab: &Lab, backends: &[&str]) -> String {
+    let mut yaml = format!(
+        "vips:\n  - name: apiserver\n    address: {}\n    port: 6443\n    backends:\n",
+        lab.vip(0)
+    );
+    for name in backends {
+        yaml.push_str(&format!("      - address: {}\n", lab.host(name).addr));
+    }
+    yaml
+}
+
+pub fn write_config(lab: &Lab, name: &str, yaml: &str) -> PathBuf {
+    let path = lab.log_dir().join(name);
+    std::fs::write(&path, yaml).unwrap();
+    path
+}
+
+pub fn start_agent(lab: &Lab, host: &str, config: &Path, extra: &[&str]) -> LabProcess {
+    let ha_user = bin_path("ha-user");
+    let mut argv = vec![
+        ha_user.to_str().unwrap(),
+        "attach",
+        "--iface",
+        HOST_IFACE,
+        "--config",
+        config.to_str().unwrap(),
+    ];
+    argv.extend_from_slice(extra);
+    let mut agent = lab.spawn(host, &argv).unwrap();
+    agent
+        .wait_for_log("serving", Duration::from_secs(15))
+        .unwrap();
+    agent
+}
+
+/// One line-protocol exchange through a fresh connection: `(server name, client address it saw)`.
+pub fn whoami(to: Ipv4Addr, port: u16) -> std::io::Result<(String, String)> {
+    let stream = TcpStream::connect_timeout(&SocketAddr::from((to, port)), Duration::from_secs(2))?;
+    stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+    let mut writer = stream.try_clone()?;
+    writer.write_all(b"whoami\n")?;
+    let mut line = String::new();
+    BufReader::new(stream).read_line(&mut line)?;
+    let mut parts = line.split_whitespace();
+    match (parts.next(), parts.next()) {
+        (Some(name), Some(client)) => Ok((name.to_string(), client.to_string())),
+        _ => Err(std::io::Error::other(format!("unexpected reply {line:?}"))),
+    }
+}
+
+/// The `ip` state an agent must leave as it found it: addresses, XDP
+/// attachment, managed neighbours, the forwarding sysctl.
+pub fn host_state(lab: &Lab, host: &str) -> String {
+    let addresses = lab
+        .exec(host, &["ip", "-o", "addr", "show"])
+        .unwrap()
+        .stdout;
+    let link = lab
+        .exec(host, &["ip", "-d", "link", "show", HOST_IFACE])
+        .unwrap()
+        .stdout;
+    let neigh = lab.exec(host, &["ip", "neigh", "show"]).unwrap().stdout;
+    let managed: Vec<String> = String::from_utf8_lossy(&neigh)
+        .lines()
+        .filter(|l| l.contains("managed"))
+        .map(str::to_string)
+        .collect();
+    let forwarding = lab
+        .exec(host, &["cat", "/proc/sys/net/ipv4/conf/eth0/forwarding"])
+        .unwrap()
+        .stdout;
+    let xdp = String::from_utf8_lossy(&link).contains("prog/xdp");
+    format!(
+        "addresses:\n{}\nxdp attached: {xdp}\nmanaged neighbours:\n{}\nforwarding: {}",
+        String::from_utf8_lossy(&addresses),
+        managed.join("\n"),
+        String::from_utf8_lossy(&forwarding)
+    )
+}

@@ -1,0 +1,310 @@
+//! The load balancer end to end in the lab: a client, an LB running the real
+//! agent (`ha-user attach`), and stand-in apiservers, with real TCP through
+//! the VIP.
+
+mod common;
+
+use std::{
+    collections::HashMap,
+    io::{BufRead, BufReader, Write},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream},
+    time::Duration,
+};
+
+use common::{host_state, start_agent, start_apiservers, vip_config, whoami, write_config};
+use ha_lab::{HOST_IFACE, Lab, bin_path};
+use nix::sys::signal::Signal;
+
+const HOSTS: [&str; 6] = ["client", "lb", "api1", "api2", "api3", "api4"];
+
+#[test]
+fn a_thousand_connections_spread_by_weight_and_backends_see_the_lb_address() {
+    let lab = Lab::new(&HOSTS[..5]).unwrap();
+    let _apis = start_apiservers(&lab, &["api1", "api2", "api3"]);
+    let yaml = vip_config(&lab, &["api1", "api2", "api3"]).replace(
+        &format!("      - address: {}\n", lab.host("api3").addr),
+        &format!(
+            "      - address: {}\n        weight: 2\n",
+            lab.host("api3").addr
+        ),
+    );
+    let config = write_config(&lab, "config.yaml", &yaml);
+    let _agent = start_agent(&lab, "lb", &config, &[]);
+    let vip = lab.vip(0);
+    let lb = lab.host("lb").addr.to_string();
+
+    const CONNECTIONS: usize = 1000;
+    let served: Vec<(String, String)> = lab
+        .in_host("client", || {
+            (0..CONNECTIONS)
+                .map(|i| whoami(vip, 6443).unwrap_or_else(|e| panic!("connection {i}: {e}")))
+                .collect()
+        })
+        .unwrap();
+    let mut per_backend: HashMap<&str, usize> = HashMap::new();
+    for (name, client) in &served {
+        *per_backend.entry(name.as_str()).or_default() += 1;
+        let seen = client.rsplit_once(':').unwrap().0;
+        assert_eq!(
+            seen, lb,
+            "full NAT: the backend sees the LB's address, not the client's"
+        );
+    }
+    for (name, weight) in [("api1", 1.0), ("api2", 1.0), ("api3", 2.0)] {
+        let expected = CONNECTIONS as f64 * weight / 4.0;
+        let got = *per_backend.get(name).unwrap_or(&0) as f64;
+        assert!(
+            (got - expected).abs() <= 0.15 * expected,
+            "{name}: {got} connections, expected {expected} +-15% ({per_backend:?})"
+        );
+    }
+}
+
+/// Connects from a fixed source port and closes with RST (SO_LINGER 0), so
+/// the same 5-tuple can be used again at once (no TIME_WAIT).
+fn whoami_from_port(vip: Ipv4Addr, source_port: u16) -> String {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket.set_reuse_address(true).unwrap();
+    socket
+        .bind(&SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, source_port)).into())
+        .unwrap();
+    socket
+        .connect_timeout(
+            &SocketAddr::from((vip, 6443)).into(),
+            Duration::from_secs(2),
+        )
+        .unwrap();
+    socket.set_linger(Some(Duration::ZERO)).unwrap();
+    let stream: TcpStream = socket.into();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .unwrap();
+    (&stream).write_all(b"whoami\n").unwrap();
+    let mut line = String::new();
+    BufReader::new(&stream).read_line(&mut line).unwrap();
+    line.split_whitespace().next().unwrap().to_string()
+}
+
+#[test]
+fn a_fixed_five_tuple_always_reaches_the_same_backend() {
+    let lab = Lab::new(&HOSTS[..5]).unwrap();
+    let _apis = start_apiservers(&lab, &["api1", "api2", "api3"]);
+    let config = write_config(
+        &lab,
+        "config.yaml",
+        &vip_config(&lab, &["api1", "api2", "api3"]),
+    );
+    let _agent = start_agent(&lab, "lb", &config, &[]);
+    let vip = lab.vip(0);
+    let backends_by_port: Vec<Vec<String>> = lab
+        .in_host("client", || {
+            (0..12u16)
+                .map(|p| (0..5).map(|_| whoami_from_port(vip, 41000 + p)).collect())
+                .collect()
+        })
+        .unwrap();
+    for (p, backends) in backends_by_port.iter().enumerate() {
+        assert!(
+            backends.iter().all(|b| b == &backends[0]),
+            "source port {}: {backends:?}",
+            41000 + p
+        );
+    }
+    let distinct: std::collections::HashSet<&String> =
+        backends_by_port.iter().map(|b| &b[0]).collect();
+    assert!(
+        distinct.len() > 1,
+        "12 source ports all hashed to one backend: {distinct:?}"
+    );
+}
+
+#[test]
+fn a_long_lived_connection_keeps_its_backend_while_a_fourth_backend_is_added() {
+    let lab = Lab::new(&HOSTS).unwrap();
+    let _apis = start_apiservers(&lab, &["api1", "api2", "api3", "api4"]);
+    let config = write_config(
+        &lab,
+        "config.yaml",
+        &vip_config(&lab, &["api1", "api2", "api3"]),
+    );
+    let mut agent = start_agent(&lab, "lb", &config, &[]);
+    let vip = lab.vip(0);
+
+    let after_reload = lab
+        .in_host("client", || {
+            let stream = TcpStream::connect((vip, 6443)).unwrap();
+            stream
+                .set_read_timeout(Some(Duration::from_secs(2)))
+                .unwrap();
+            let mut writer = stream.try_clone().unwrap();
+            let mut reader = BufReader::new(stream);
+            let mut exchange = |text: &str| {
+                writer.write_all(format!("{text}\n").as_bytes()).unwrap();
+                let mut line = String::new();
+                reader.read_line(&mut line).unwrap();
+                line
+            };
+            let first = exchange("whoami");
+            for i in 0..20 {
+                assert_eq!(exchange(&format!("before {i}")), format!("before {i}\n"));
+            }
+            std::fs::write(&config, vip_config(&lab, &["api1", "api2", "api3", "api4"])).unwrap();
+            agent.signal(Signal::SIGHUP).unwrap();
+            agent
+                .wait_for_log("reload applied", Duration::from_secs(10))
+                .unwrap();
+            for i in 0..200 {
+                assert_eq!(
+                    exchange(&format!("after {i}")),
+                    format!("after {i}\n"),
+                    "the connection broke after the reload"
+                );
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            assert_eq!(
+                exchange("whoami"),
+                first,
+                "the connection moved to another backend"
+            );
+            (0..100)
+                .map(|_| whoami(vip, 6443).unwrap().0)
+                .collect::<Vec<_>>()
+        })
+        .unwrap();
+    let to_api4 = after_reload.iter().filter(|n| *n == "api4").count();
+    assert!(
+        (10..=45).contains(&to_api4),
+        "new connections reaching api4 after the reload: {to_api4}/100"
+    );
+    assert!(
+        agent.log().contains("Maglev table swapped in"),
+        "{}",
+        agent.log()
+    );
+}
+
+#[test]
+fn stopping_the_agent_leaves_the_host_as_it_was() {
+    let lab = Lab::new(&HOSTS[..5]).unwrap();
+    let _apis = start_apiservers(&lab, &["api1", "api2", "api3"]);
+    let config = write_config(
+        &lab,
+        "config.yaml",
+        &vip_config(&lab, &["api1", "api2", "api3"]),
+    );
+    let before = host_state(&lab, "lb");
+    let mut agent = start_agent(&lab, "lb", &config, &[]);
+    let during = host_state(&lab, "lb");
+    assert!(
+        during.contains(&format!("{}/32", lab.vip(0))),
+        "VIP added:\n{during}"
+    );
+    assert!(during.contains("xdp attached: true"), "{during}");
+    assert!(
+        during.contains("managed"),
+        "backends' neighbours managed:\n{during}"
+    );
+    assert!(during.ends_with("forwarding: 1\n"), "{during}");
+    lab.in_host("client", || whoami(lab.vip(0), 6443))
+        .unwrap()
+        .expect("served through the VIP");
+
+    agent.signal(Signal::SIGTERM).unwrap();
+    let status = agent
+        .wait_timeout(Duration::from_secs(10))
+        .unwrap()
+        .expect("the agent exits on SIGTERM");
+    assert!(status.success(), "{status}\n{}", agent.log());
+    assert_eq!(
+        host_state(&lab, "lb"),
+        before,
+        "the agent left changes behind"
+    );
+}
+
+#[test]
+fn an_invalid_config_is_refused_before_the_host_is_touched() {
+    let lab = Lab::new(&["lb", "api1"]).unwrap();
+    let config = write_config(
+        &lab,
+        "bad.yaml",
+        &format!(
+            "vips:\n  - name: api\n    address: {}\n    port: 6443\n    backends: []\n",
+            lab.vip(0)
+        ),
+    );
+    let before = host_state(&lab, "lb");
+    let output = lab
+        .command("lb", bin_path("ha-user"))
+        .args([
+            "attach",
+            "--iface",
+            HOST_IFACE,
+            "--config",
+            config.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("bad.yaml") && stderr.contains("at least one backend"),
+        "{stderr}"
+    );
+    assert_eq!(host_state(&lab, "lb"), before);
+
+    let check = lab
+        .command("lb", bin_path("ha-user"))
+        .args(["check-config", "--config", config.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!check.status.success());
+    assert!(String::from_utf8_lossy(&check.stderr).contains("at least one backend"));
+}
+
+#[test]
+fn an_unknown_interface_is_named_in_the_error() {
+    let lab = Lab::new(&["lb", "api1"]).unwrap();
+    let config = write_config(&lab, "config.yaml", &vip_config(&lab, &["api1"]));
+    let output = lab
+        .command("lb", bin_path("ha-user"))
+        .args([
+            "attach",
+            "--iface",
+            "nosuch0",
+            "--config",
+            config.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("nosuch0"),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+#[test]
+fn a_malformed_config_on_reload_changes_nothing() {
+    let lab = Lab::new(&HOSTS[..4]).unwrap();
+    let _apis = start_apiservers(&lab, &["api1", "api2"]);
+    let config = write_config(&lab, "config.yaml", &vip_config(&lab, &["api1", "api2"]));
+    let mut agent = start_agent(&lab, "lb", &config, &[]);
+    std::fs::write(&config, "vips: [ {name: broken").unwrap();
+    agent.signal(Signal::SIGHUP).unwrap();
+    agent
+        .wait_for_log("reload rejected", Duration::from_secs(10))
+        .unwrap();
+    let served: Vec<String> = lab
+        .in_host("client", || {
+            (0..20)
+                .map(|_| whoami(lab.vip(0), 6443).unwrap().0)
+                .collect()
+        })
+        .unwrap();
+    assert!(
+        served.iter().all(|n| n == "api1" || n == "api2"),
+        "{served:?}"
+    );
+}
