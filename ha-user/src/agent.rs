@@ -34,11 +34,18 @@ pub struct AttachOptions {
     pub xdp_mode: AttachMode,
     /// Print counters this often (zero: never).
     pub stats_interval: Duration,
-    /// Pin the connection tables in bpffs so a restart adopts them.
-    pub pin: bool,
+    /// Where to pin the connection tables so a restart adopts them:
+    /// `Auto` picks the per-namespace default under /sys/fs/bpf.
+    pub pin: PinLocation,
     /// Gratuitous ARPs sent after taking a VIP, and their spacing.
     pub garp_count: u32,
     pub garp_interval: Duration,
+}
+
+pub enum PinLocation {
+    Auto,
+    Dir(PathBuf),
+    Off,
 }
 
 /// How often ended flows are swept from the connection table.
@@ -72,16 +79,16 @@ pub async fn run(options: AttachOptions) -> Result<()> {
         None => netlink.primary_address(&iface, ifindex).await?,
     };
     let forwarding = system::ForwardingGuard::enable(&iface)?;
-    let pin_dir = if options.pin {
-        match system::pin_dir(&iface) {
+    let pin_dir = match &options.pin {
+        PinLocation::Off => None,
+        PinLocation::Dir(dir) => Some(dir.clone()),
+        PinLocation::Auto => match system::pin_dir(&iface) {
             Ok(dir) => Some(dir),
             Err(e) => {
                 warn!(error = %e, "cannot pin the connection tables; a restart will start with empty ones");
                 None
             }
-        }
-    } else {
-        None
+        },
     };
     let dp = &config.data_plane;
     let mut dataplane = DataPlane::load(&LoadOptions {

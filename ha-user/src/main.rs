@@ -5,7 +5,7 @@ use std::{path::PathBuf, process::ExitCode, time::Duration};
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use ha_user::{
-    agent::{self, AttachOptions},
+    agent::{self, AttachOptions, PinLocation},
     config::DEFAULT_CONFIG_PATH,
     dataplane::AttachMode,
 };
@@ -36,6 +36,10 @@ enum Command {
         /// Print per-VIP, per-backend and per-verdict counters this often (0s: never).
         #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
         stats_interval: Duration,
+        /// Pin the connection tables here (a directory on a bpffs) instead of
+        /// /sys/fs/bpf/ha-lb/[netns-<inode>/]<iface>.
+        #[arg(long, conflicts_with = "no_pin")]
+        pin_dir: Option<PathBuf>,
         /// Do not pin the connection tables (a restart then starts with empty ones).
         #[arg(long)]
         no_pin: bool,
@@ -76,10 +80,16 @@ fn run(cli: Cli) -> Result<()> {
             config,
             xdp_mode,
             stats_interval,
+            pin_dir,
             no_pin,
             garp_count,
             garp_interval,
         } => {
+            let pin = match (pin_dir, no_pin) {
+                (_, true) => PinLocation::Off,
+                (Some(dir), false) => PinLocation::Dir(dir),
+                (None, false) => PinLocation::Auto,
+            };
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
@@ -89,7 +99,7 @@ fn run(cli: Cli) -> Result<()> {
                 config_path: config,
                 xdp_mode,
                 stats_interval,
-                pin: !no_pin,
+                pin,
                 garp_count,
                 garp_interval,
             }))

@@ -128,8 +128,9 @@ impl Lab {
         std::fs::create_dir_all(LOCK_DIR).map_err(io_error(format!("creating {LOCK_DIR}")))?;
         sweep_stale_labs()?;
         let (slot, lock) = claim_slot()?;
-        // A crashed run may have left namespaces in the slot we just claimed.
+        // A crashed run may have left namespaces or a bpffs in the slot we just claimed.
         remove_namespaces(&namespaces_of_slot(slot)?);
+        unmount_bpffs(slot);
 
         let log_dir = std::env::temp_dir().join(format!("ha-lab-{slot}"));
         let _ = std::fs::remove_dir_all(&log_dir);
@@ -277,6 +278,19 @@ impl Lab {
         24
     }
 
+    /// A bpffs mounted for this lab, outside every host's private /sys (which
+    /// `ip netns exec` replaces): pins there outlive the process that made
+    /// them, as they do on a real host. Unmounted when the lab drops.
+    pub fn bpffs(&self) -> Result<PathBuf> {
+        let dir = bpffs_mount_point(self.slot);
+        if !is_mount_point(&dir) {
+            std::fs::create_dir_all(&dir)
+                .map_err(io_error(format!("creating {}", dir.display())))?;
+            run(Command::new("mount").args(["-t", "bpf", "bpffs"]).arg(&dir))?;
+        }
+        Ok(dir)
+    }
+
     /// Where spawned processes' output is written; kept until the lab drops.
     pub fn log_dir(&self) -> &Path {
         &self.log_dir
@@ -388,6 +402,7 @@ impl Drop for Lab {
         }
         self.switch_xdp = None;
         remove_namespaces(&self.namespaces());
+        unmount_bpffs(self.slot);
         let _ = std::fs::remove_dir_all(&self.log_dir);
         // The slot lock is released when `_slot_lock` drops, after the namespaces are gone.
     }
@@ -488,6 +503,27 @@ fn remove_namespaces(names: &[String]) {
             .stderr(Stdio::null())
             .status();
     }
+}
+
+fn bpffs_mount_point(slot: u32) -> PathBuf {
+    PathBuf::from(format!("{LOCK_DIR}/bpffs-{slot}"))
+}
+
+fn is_mount_point(dir: &Path) -> bool {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .map(|info| {
+            info.lines()
+                .any(|line| line.split(' ').nth(4) == dir.to_str())
+        })
+        .unwrap_or(false)
+}
+
+fn unmount_bpffs(slot: u32) {
+    let dir = bpffs_mount_point(slot);
+    if is_mount_point(&dir) {
+        let _ = Command::new("umount").arg("-l").arg(&dir).status();
+    }
+    let _ = std::fs::remove_dir(&dir);
 }
 
 fn ip(netns: &str, args: &[&str]) -> Result<Output> {

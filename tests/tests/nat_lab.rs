@@ -308,3 +308,50 @@ fn a_malformed_config_on_reload_changes_nothing() {
         "{served:?}"
     );
 }
+
+#[test]
+fn an_established_connection_survives_an_agent_restart_through_the_pinned_tables() {
+    let lab = Lab::new(&HOSTS[..5]).unwrap();
+    let _apis = start_apiservers(&lab, &["api1", "api2", "api3"]);
+    let config = write_config(
+        &lab,
+        "config.yaml",
+        &vip_config(&lab, &["api1", "api2", "api3"]),
+    );
+    let pins = lab.bpffs().unwrap().join("lb");
+    let pin_arg = ["--pin-dir", pins.to_str().unwrap()];
+    let mut agent = start_agent(&lab, "lb", &config, &pin_arg);
+    let vip = lab.vip(0);
+    lab.in_host("client", || {
+        let stream = TcpStream::connect((vip, 6443)).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let mut writer = stream.try_clone().unwrap();
+        let mut reader = BufReader::new(stream);
+        let mut exchange = |text: &str| {
+            writer.write_all(format!("{text}\n").as_bytes()).unwrap();
+            let mut line = String::new();
+            reader.read_line(&mut line).unwrap();
+            line
+        };
+        let first = exchange("whoami");
+        agent.stop(Duration::from_secs(10)).unwrap();
+        let mut restarted = start_agent(&lab, "lb", &config, &pin_arg);
+        assert!(
+            restarted.log().contains("adopting pinned map"),
+            "{}",
+            restarted.log()
+        );
+        for i in 0..20 {
+            assert_eq!(
+                exchange(&format!("after restart {i}")),
+                format!("after restart {i}\n")
+            );
+        }
+        // Same backend, and the same NAT source port: the backend's socket is the same one.
+        assert_eq!(exchange("whoami"), first);
+        restarted.stop(Duration::from_secs(10)).unwrap();
+    })
+    .unwrap();
+}

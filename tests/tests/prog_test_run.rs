@@ -818,3 +818,131 @@ fn traffic_counters_follow_vip_and_backend() {
         .unwrap();
     assert_eq!((b.packets, b.new_flows), (2, 1));
 }
+
+const FIN: L4 = L4::Tcp {
+    syn: false,
+    ack: true,
+    fin: true,
+    rst: false,
+};
+
+#[test]
+fn a_flow_ends_fin_linger_after_both_fins_and_the_next_syn_starts_a_new_one() {
+    let mut w = world();
+    let mut settings = w.dataplane.settings();
+    settings.fin_linger_ns = 0;
+    let vips = vec![vip(
+        "apiserver",
+        w.tcp_vip,
+        6443,
+        PROTO_TCP,
+        backends(&w.lab, 6443),
+    )];
+    w.dataplane.apply(&settings, &vips).unwrap();
+    let (backend, hash) = w.expected_backend(w.tcp_vip, 6443, PROTO_TCP);
+    let b = w.lab.host(backend).clone();
+    let nat_port = hash::nat_port_candidate(hash, 0, NAT_MIN, NAT_MAX);
+    assert_eq!(
+        w.run(&w.client_frame(w.tcp_vip, 6443, SYN).build()).0,
+        XDP_TX
+    );
+    assert_eq!(
+        w.run(&w.client_frame(w.tcp_vip, 6443, FIN).build()).0,
+        XDP_TX
+    );
+    // One FIN: the flow lives on.
+    let flows = w.dataplane.flows().unwrap();
+    assert_eq!(flows.len(), 1);
+    assert_eq!(flows[0].1.flags, ha_common::FLOW_FIN_CLIENT);
+    let backend_fin = Frame {
+        src_mac: b.mac,
+        dst_mac: w.lb_mac,
+        vlan: None,
+        src: b.addr,
+        dst: w.lb,
+        sport: 6443,
+        dport: nat_port,
+        l4: FIN,
+        payload: b"",
+    };
+    assert_eq!(w.run(&backend_fin.build()).0, XDP_TX);
+    let flows = w.dataplane.flows().unwrap();
+    assert_eq!(
+        flows[0].1.flags,
+        ha_common::FLOW_FIN_CLIENT | ha_common::FLOW_FIN_BACKEND
+    );
+    // With a zero linger, the entry has ended once the clock moves on: the
+    // next packet of that 5-tuple is a new flow.
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    assert_eq!(
+        w.run(&w.client_frame(w.tcp_vip, 6443, SYN).build()).0,
+        XDP_TX
+    );
+    assert_eq!(w.dataplane.event(Event::ExpiredFlowReplaced).unwrap(), 1);
+    assert_eq!(w.dataplane.event(Event::NewFlow).unwrap(), 2);
+    assert_eq!(w.dataplane.flows().unwrap()[0].1.flags, 0, "a fresh entry");
+}
+
+#[test]
+fn the_agent_sweep_removes_ended_flows_and_their_reverse_entries() {
+    let mut w = world();
+    for port in 0..5u16 {
+        let mut syn = w.client_frame(w.tcp_vip, 6443, SYN);
+        syn.sport = 42000 + port;
+        assert_eq!(w.run(&syn.build()).0, XDP_TX);
+    }
+    assert_eq!(w.dataplane.flows().unwrap().len(), 5);
+    assert_eq!(w.dataplane.reverse_entries().unwrap().len(), 5);
+    let now = ha_user::dataplane::monotonic_coarse_ns();
+    let report = w.dataplane.sweep_flows(now).unwrap();
+    assert_eq!(
+        (report.live, report.expired),
+        (5, 0),
+        "nothing has ended yet"
+    );
+    // An hour and a bit later (the TCP idle timeout is 1h), all have ended.
+    let report = w.dataplane.sweep_flows(now + 3_700_000_000_000).unwrap();
+    assert_eq!((report.live, report.expired), (0, 5));
+    assert!(w.dataplane.flows().unwrap().is_empty());
+    assert!(
+        w.dataplane.reverse_entries().unwrap().is_empty(),
+        "NAT ports freed"
+    );
+}
+
+#[test]
+fn nat_port_exhaustion_is_counted_and_dropped_never_shared() {
+    let mut w = world();
+    let mut settings = w.dataplane.settings();
+    settings.nat_port_min = 30000;
+    settings.nat_port_max = 30000;
+    // One backend, one NAT port: the second concurrent flow cannot get a port.
+    let one = vec![DesiredBackend {
+        address: w.lab.host("api1").addr,
+        port: 6443,
+        weight: 1,
+        local: false,
+    }];
+    w.dataplane
+        .apply(
+            &settings,
+            &[vip("apiserver", w.tcp_vip, 6443, PROTO_TCP, one)],
+        )
+        .unwrap();
+    let first = w.client_frame(w.tcp_vip, 6443, SYN).build();
+    let mut second = w.client_frame(w.tcp_vip, 6443, SYN);
+    second.sport = CLIENT_PORT + 1;
+    let before = w.dataplane.verdicts().unwrap();
+    assert_eq!(w.run(&first).0, XDP_TX);
+    assert_eq!(w.run(&second.build()).0, XDP_DROP);
+    assert_eq!(w.delta(Verdict::DropNatExhausted, &before), 1);
+    assert_eq!(
+        w.dataplane.event(Event::NatPortCollision).unwrap(),
+        ha_common::NAT_PORT_ATTEMPTS as u64
+    );
+    assert_eq!(
+        w.dataplane.reverse_entries().unwrap().len(),
+        1,
+        "the port stays with the first flow"
+    );
+}
