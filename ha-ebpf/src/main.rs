@@ -176,7 +176,7 @@ fn to_vip(
                 let _ = CONNTRACK.insert(key, flow, 0);
                 count_event(Event::NewFlow);
                 if settings.flags & SETTINGS_FLAG_DEBUG != 0 {
-                    aya_log_ebpf::debug!(
+                    aya_log_ebpf::info!(
                         ctx,
                         "new flow to backend {} nat port {}",
                         backend_id,

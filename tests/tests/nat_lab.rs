@@ -355,3 +355,103 @@ fn an_established_connection_survives_an_agent_restart_through_the_pinned_tables
     })
     .unwrap();
 }
+
+/// Receives ARP frames on the host's eth0 for `window` (an AF_PACKET socket
+/// in that host's namespace: real frames off the wire).
+fn capture_arp(window: Duration) -> Vec<Vec<u8>> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    const ETH_P_ARP: u16 = 0x0806;
+    // SAFETY: plain socket(2); the fd is owned at once.
+    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, (ETH_P_ARP.to_be()) as i32) };
+    assert!(
+        fd >= 0,
+        "AF_PACKET socket: {}",
+        std::io::Error::last_os_error()
+    );
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let timeout = libc::timeval {
+        tv_sec: 0,
+        tv_usec: 100_000,
+    };
+    // SAFETY: valid pointer and length for SO_RCVTIMEO.
+    unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            &timeout as *const _ as *const libc::c_void,
+            std::mem::size_of::<libc::timeval>() as u32,
+        )
+    };
+    let start = std::time::Instant::now();
+    let mut frames = Vec::new();
+    let mut buf = [0u8; 1514];
+    while start.elapsed() < window {
+        // SAFETY: buf is valid for its length.
+        let n = unsafe {
+            libc::recv(
+                fd.as_raw_fd(),
+                buf.as_mut_ptr() as *mut libc::c_void,
+                buf.len(),
+                0,
+            )
+        };
+        if n > 0 {
+            frames.push(buf[..n as usize].to_vec());
+        }
+    }
+    frames
+}
+
+#[test]
+fn taking_the_vip_sends_gratuitous_arp_on_the_wire() {
+    let lab = Lab::new(&HOSTS[..3]).unwrap();
+    let _apis = start_apiservers(&lab, &["api1"]);
+    let config = write_config(&lab, "config.yaml", &vip_config(&lab, &["api1"]));
+    let frames = std::thread::scope(|scope| {
+        let capture = scope.spawn(|| {
+            lab.in_host("client", || capture_arp(Duration::from_secs(3)))
+                .unwrap()
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        let _agent = start_agent(
+            &lab,
+            "lb",
+            &config,
+            &["--garp-count", "3", "--garp-interval", "100ms"],
+        );
+        capture.join().unwrap()
+    });
+    let expected = ha_user::garp::announcement(lab.host("lb").mac, lab.vip(0)).to_vec();
+    let announcements = frames
+        .iter()
+        .filter(|f| f.len() >= 42 && f[..42] == expected[..])
+        .count();
+    assert_eq!(
+        announcements,
+        3,
+        "gratuitous ARPs for the VIP seen by the client: {announcements} of {} ARP frames",
+        frames.len()
+    );
+}
+
+#[test]
+fn the_debug_switch_logs_new_flows_from_the_xdp_program() {
+    let lab = Lab::new(&HOSTS[..3]).unwrap();
+    let _apis = start_apiservers(&lab, &["api1"]);
+    let yaml = format!(
+        "{}data_plane:\n  debug: true\n",
+        vip_config(&lab, &["api1"])
+    );
+    let config = write_config(&lab, "config.yaml", &yaml);
+    let agent = start_agent(&lab, "lb", &config, &[]);
+    lab.in_host("client", || whoami(lab.vip(0), 6443))
+        .unwrap()
+        .unwrap();
+    lab.wait_until(
+        Duration::from_secs(5),
+        "the XDP program's debug log line",
+        || agent.log().contains("new flow to backend"),
+    )
+    .unwrap();
+}
