@@ -100,6 +100,9 @@ const _: () = assert!(core::mem::size_of::<VipInfo>() == 16);
 
 /// The backend runs on this LB host: pass its packets up instead of NATing them.
 pub const BACKEND_FLAG_LOCAL: u8 = 1;
+/// The backend does not answer (refused, unreachable): its established flows
+/// are broken anyway, so each moves to a live backend on its next packet.
+pub const BACKEND_FLAG_DOWN: u8 = 2;
 
 /// Value of the backend table (indexed by backend id).
 #[repr(C)]
@@ -326,6 +329,8 @@ indexed_enum! {
         FlowReset = 4 => "flow_reset",
         /// A reply whose connection-table entry was gone (reverse entry removed).
         ReplyOrphaned = 5 => "reply_orphaned",
+        /// An established flow left a backend that is down for a live one.
+        MovedFromDownBackend = 6 => "moved_from_down_backend",
     }
 }
 

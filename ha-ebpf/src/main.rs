@@ -16,9 +16,9 @@ mod select;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use ha_common::{
-    BACKEND_FLAG_LOCAL, BackendInfo, Event, FLOW_LOCAL, Flow, FlowKey, NAT_PORT_ATTEMPTS, NatKey,
-    PROTO_TCP, PROTO_UDP, SETTINGS_FLAG_DEBUG, Settings, VIP_FLAG_ENABLED, Verdict, VipInfo,
-    hash::nat_port_candidate, port_to_wire,
+    BACKEND_FLAG_DOWN, BACKEND_FLAG_LOCAL, BackendInfo, Event, FLOW_LOCAL, Flow, FlowKey,
+    NAT_PORT_ATTEMPTS, NatKey, PROTO_TCP, PROTO_UDP, SETTINGS_FLAG_DEBUG, Settings,
+    VIP_FLAG_ENABLED, Verdict, VipInfo, hash::nat_port_candidate, port_to_wire,
 };
 
 use crate::{
@@ -116,76 +116,77 @@ fn to_vip(
         _pad: [0; 3],
     };
     let now = conntrack::now_ns();
-    let (backend_id, backend, nat_port, new_flow, lifecycle) =
-        match conntrack::lookup(&key, settings, now) {
-            Some(flow_ptr) => {
-                let lifecycle =
-                    conntrack::track(flow_ptr, packet.protocol, packet.tcp_flags, true, now);
-                // SAFETY: map value pointer, valid for this run.
-                let flow = unsafe { *flow_ptr };
-                let Some(backend) = BACKENDS.get(flow.backend_id) else {
-                    return (xdp_action::XDP_DROP, Verdict::DropStaleBackend);
-                };
-                if flow.flags & FLOW_LOCAL != 0 {
-                    count_traffic(&VIP_STATS, vip.slot, frame_len, false);
-                    count_traffic(&BACKEND_STATS, flow.backend_id, frame_len, false);
-                    if let Lifecycle::Reset = lifecycle {
-                        conntrack::forget(&key, None);
-                    }
-                    return pass(Verdict::PassLocalBackend);
+    let existing = conntrack::lookup(&key, settings, now)
+        .and_then(|flow| leave_down_backend(&key, flow, settings));
+    let (backend_id, backend, nat_port, new_flow, lifecycle) = match existing {
+        Some(flow_ptr) => {
+            let lifecycle =
+                conntrack::track(flow_ptr, packet.protocol, packet.tcp_flags, true, now);
+            // SAFETY: map value pointer, valid for this run.
+            let flow = unsafe { *flow_ptr };
+            let Some(backend) = BACKENDS.get(flow.backend_id) else {
+                return (xdp_action::XDP_DROP, Verdict::DropStaleBackend);
+            };
+            if flow.flags & FLOW_LOCAL != 0 {
+                count_traffic(&VIP_STATS, vip.slot, frame_len, false);
+                count_traffic(&BACKEND_STATS, flow.backend_id, frame_len, false);
+                if let Lifecycle::Reset = lifecycle {
+                    conntrack::forget(&key, None);
                 }
-                if backend.addr == 0 {
-                    return (xdp_action::XDP_DROP, Verdict::DropStaleBackend);
-                }
-                (flow.backend_id, *backend, flow.nat_port, false, lifecycle)
+                return pass(Verdict::PassLocalBackend);
             }
-            None => {
-                if packet.protocol == PROTO_TCP && packet.tcp_flags & TCP_SYN == 0 {
-                    count_event(Event::MidstreamPickup);
-                }
-                let Some((backend_id, backend, hash)) = select::select(vip, &key) else {
-                    return (xdp_action::XDP_DROP, Verdict::DropNoBackend);
-                };
-                if backend.flags & BACKEND_FLAG_LOCAL != 0 {
-                    let flow = Flow {
-                        backend_id,
-                        nat_port: 0,
-                        flags: FLOW_LOCAL,
-                        _pad: 0,
-                        last_seen_ns: now,
-                        closing_since_ns: 0,
-                    };
-                    let _ = CONNTRACK.insert(key, flow, 0);
-                    count_event(Event::NewFlow);
-                    count_traffic(&VIP_STATS, vip.slot, frame_len, true);
-                    count_traffic(&BACKEND_STATS, backend_id, frame_len, true);
-                    return pass(Verdict::PassLocalBackend);
-                }
-                let Some(nat_port) = allocate_nat_port(&key, hash, &backend, settings) else {
-                    return (xdp_action::XDP_DROP, Verdict::DropNatExhausted);
-                };
-                let (flags, lifecycle) = conntrack::first_packet(packet.protocol, packet.tcp_flags);
+            if backend.addr == 0 {
+                return (xdp_action::XDP_DROP, Verdict::DropStaleBackend);
+            }
+            (flow.backend_id, *backend, flow.nat_port, false, lifecycle)
+        }
+        None => {
+            if packet.protocol == PROTO_TCP && packet.tcp_flags & TCP_SYN == 0 {
+                count_event(Event::MidstreamPickup);
+            }
+            let Some((backend_id, backend, hash)) = select::select(vip, &key) else {
+                return (xdp_action::XDP_DROP, Verdict::DropNoBackend);
+            };
+            if backend.flags & BACKEND_FLAG_LOCAL != 0 {
                 let flow = Flow {
                     backend_id,
-                    nat_port,
-                    flags,
+                    nat_port: 0,
+                    flags: FLOW_LOCAL,
                     _pad: 0,
                     last_seen_ns: now,
                     closing_since_ns: 0,
                 };
                 let _ = CONNTRACK.insert(key, flow, 0);
                 count_event(Event::NewFlow);
-                if settings.flags & SETTINGS_FLAG_DEBUG != 0 {
-                    aya_log_ebpf::info!(
-                        ctx,
-                        "new flow to backend {} nat port {}",
-                        backend_id,
-                        u16::from_be(nat_port)
-                    );
-                }
-                (backend_id, backend, nat_port, true, lifecycle)
+                count_traffic(&VIP_STATS, vip.slot, frame_len, true);
+                count_traffic(&BACKEND_STATS, backend_id, frame_len, true);
+                return pass(Verdict::PassLocalBackend);
             }
-        };
+            let Some(nat_port) = allocate_nat_port(&key, hash, &backend, settings) else {
+                return (xdp_action::XDP_DROP, Verdict::DropNatExhausted);
+            };
+            let (flags, lifecycle) = conntrack::first_packet(packet.protocol, packet.tcp_flags);
+            let flow = Flow {
+                backend_id,
+                nat_port,
+                flags,
+                _pad: 0,
+                last_seen_ns: now,
+                closing_since_ns: 0,
+            };
+            let _ = CONNTRACK.insert(key, flow, 0);
+            count_event(Event::NewFlow);
+            if settings.flags & SETTINGS_FLAG_DEBUG != 0 {
+                aya_log_ebpf::info!(
+                    ctx,
+                    "new flow to backend {} nat port {}",
+                    backend_id,
+                    u16::from_be(nat_port)
+                );
+            }
+            (backend_id, backend, nat_port, true, lifecycle)
+        }
+    };
     count_traffic(&VIP_STATS, vip.slot, frame_len, new_flow);
     count_traffic(&BACKEND_STATS, backend_id, frame_len, new_flow);
 
@@ -219,6 +220,29 @@ fn to_vip(
         conntrack::forget(&key, Some(&nat_key));
     }
     result
+}
+
+/// An established flow whose backend is down is forgotten here, so its
+/// packet takes a live backend as a new flow would.
+#[inline(always)]
+fn leave_down_backend(key: &FlowKey, flow: *mut Flow, settings: &Settings) -> Option<*mut Flow> {
+    // SAFETY: map value pointer, valid for this run.
+    let entry = unsafe { *flow };
+    let backend = BACKENDS.get(entry.backend_id)?;
+    if backend.flags & BACKEND_FLAG_DOWN == 0 {
+        return Some(flow);
+    }
+    let nat_key = NatKey {
+        backend_addr: backend.addr,
+        lb_addr: settings.lb_addr,
+        backend_port: backend.port,
+        nat_port: entry.nat_port,
+        protocol: key.protocol,
+        _pad: [0; 3],
+    };
+    conntrack::forget(key, Some(&nat_key));
+    count_event(Event::MovedFromDownBackend);
+    None
 }
 
 /// Claims a NAT port for a new flow by inserting its reverse entry with

@@ -1,30 +1,48 @@
-//! `ha-user attach`: the agent's main loop.
+//! `ha-user attach`: the agent.
 //!
-//! Start-up validates everything before touching the host; then it loads
-//! and attaches the program, writes the maps, takes the VIP addresses
-//! (static ownership: no `vrrp` section yet) and announces them. SIGHUP
-//! re-reads the config (validate, then apply the difference); SIGTERM or
-//! SIGINT removes what the agent added and exits.
+//! A few tokio tasks joined by channels, with one owner per piece of state:
+//!
+//! ```text
+//!  probe task (one per VIP backend) ──HealthReport──┐
+//!  admin socket (status/drain/undrain/reload) ──────┼──> reconciler ──> data plane maps
+//!  signals (SIGHUP reload, SIGTERM/SIGINT stop) ────┘    (this loop)     VIP addresses, neighbours
+//! ```
+//!
+//! The reconciler owns the config, every backend's health, the operator's
+//! drains and the data plane; on any change it recomputes the desired state
+//! and lets [`DataPlane::apply`] swap in the tables that changed.
+//!
+//! Start-up validates everything before touching the host. SIGTERM or SIGINT
+//! removes what the agent added and exits.
 
 use std::{
-    collections::{BTreeSet, HashSet},
-    net::Ipv4Addr,
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
+    net::{Ipv4Addr, SocketAddr},
     path::PathBuf,
-    time::Duration,
+    sync::Arc,
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result};
 use ha_common::{SETTINGS_FLAG_DEBUG, Settings, addr_to_wire};
-use tokio::signal::unix::{SignalKind, signal};
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    sync::mpsc,
+    task::JoinHandle,
+};
 use tracing::{error, info, warn};
 
 use crate::{
-    config::Config,
+    admin::{self, Request, Response},
+    config::{CheckConfig, Config},
     dataplane::{
         AttachMode, DataPlane, DesiredBackend, DesiredVip, LoadOptions, monotonic_coarse_ns,
     },
     garp,
+    health::{Checker, Health, Timing},
     netlink::Netlink,
+    probe::{Outcome, Prober},
+    status::{BackendStatus, LastCheck, StatusReport, Traffic, VipStatus},
     system,
 };
 
@@ -34,8 +52,7 @@ pub struct AttachOptions {
     pub xdp_mode: AttachMode,
     /// Print counters this often (zero: never).
     pub stats_interval: Duration,
-    /// Where to pin the connection tables so a restart adopts them:
-    /// `Auto` picks the per-namespace default under /sys/fs/bpf.
+    /// Where to pin the connection tables so a restart adopts them.
     pub pin: PinLocation,
     /// Gratuitous ARPs sent after taking a VIP, and their spacing.
     pub garp_count: u32,
@@ -43,6 +60,7 @@ pub struct AttachOptions {
 }
 
 pub enum PinLocation {
+    /// The per-namespace default under /sys/fs/bpf (see `system::pin_dir`).
     Auto,
     Dir(PathBuf),
     Off,
@@ -51,19 +69,74 @@ pub enum PinLocation {
 /// How often ended flows are swept from the connection table.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(10);
 
-/// Everything the agent has changed on the host, so it can undo exactly that.
+/// One backend of one VIP: what a probe task checks and the reconciler tracks.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+struct BackendKey {
+    vip: String,
+    address: Ipv4Addr,
+    port: u16,
+}
+
+impl std::fmt::Display for BackendKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}:{}", self.vip, self.address, self.port)
+    }
+}
+
+/// A probe task's result, tagged with the task's generation so that a report
+/// from a task replaced by a reload is ignored.
+struct HealthReport {
+    key: BackendKey,
+    generation: u64,
+    outcome: Outcome,
+    health: Health,
+}
+
+struct ProbeTask {
+    check: CheckConfig,
+    generation: u64,
+    handle: JoinHandle<()>,
+}
+
+impl Drop for ProbeTask {
+    fn drop(&mut self) {
+        self.handle.abort();
+    }
+}
+
+struct BackendHealth {
+    health: Health,
+    since: Instant,
+    last: Option<(Outcome, Instant)>,
+    checks: u64,
+}
+
+/// Everything the agent owns, and everything it changed on the host, so it
+/// can undo exactly that.
 struct Agent {
     options: AttachOptions,
     netlink: Netlink,
     ifindex: u32,
     mac: [u8; 6],
     lb_addr: Ipv4Addr,
+    xdp_mode: &'static str,
+    started: Instant,
     dataplane: DataPlane,
     config: Config,
+    health: BTreeMap<BackendKey, BackendHealth>,
+    /// Backends an operator drained (`ha-user drain`): maintenance.
+    maintenance: BTreeSet<BackendKey>,
+    probes: HashMap<BackendKey, ProbeTask>,
+    next_generation: u64,
+    health_tx: mpsc::Sender<HealthReport>,
+    /// VIPs currently failing open.
+    failing_open: BTreeSet<String>,
     /// VIP addresses this agent added (not ones that were already there).
     added_addresses: BTreeSet<Ipv4Addr>,
     /// Managed neighbour entries this agent added.
     added_neighbours: BTreeSet<Ipv4Addr>,
+    /// Backend addresses that are this host's own (found at each config apply).
+    local_backends: HashSet<Ipv4Addr>,
     _forwarding: system::ForwardingGuard,
 }
 
@@ -71,6 +144,7 @@ pub async fn run(options: AttachOptions) -> Result<()> {
     let config = Config::load(&options.config_path)?;
     let iface = options.iface.clone();
     system::check_nat_port_range(config.data_plane.nat.port_range)?;
+    let probers = build_probers(&config)?;
     let netlink = Netlink::connect()?;
     let ifindex = netlink.interface_index(&iface).await?;
     let mac = netlink.interface_mac(ifindex).await?;
@@ -78,6 +152,8 @@ pub async fn run(options: AttachOptions) -> Result<()> {
         Some(address) => address,
         None => netlink.primary_address(&iface, ifindex).await?,
     };
+    let (admin_tx, mut admin_rx) = mpsc::channel::<admin::Command>(16);
+    admin::serve(&iface, admin_tx)?;
     let forwarding = system::ForwardingGuard::enable(&iface)?;
     let pin_dir = match &options.pin {
         PinLocation::Off => None,
@@ -98,7 +174,7 @@ pub async fn run(options: AttachOptions) -> Result<()> {
         pin_dir,
     })
     .context("loading the XDP program")?;
-    let logger = if dp.debug {
+    let mut logger = if dp.debug {
         dataplane.take_logger()
     } else {
         None
@@ -109,35 +185,63 @@ pub async fn run(options: AttachOptions) -> Result<()> {
     info!(%iface, mode = mode.label(), %lb_addr, "XDP program attached");
     dataplane.set_tx_ports(&netlink.interface_indexes().await?)?;
 
+    let (health_tx, mut health_rx) = mpsc::channel::<HealthReport>(256);
     let mut agent = Agent {
         options,
         netlink,
         ifindex,
         mac,
         lb_addr,
+        xdp_mode: mode.label(),
+        started: Instant::now(),
         dataplane,
         config: config.clone(),
+        health: BTreeMap::new(),
+        maintenance: BTreeSet::new(),
+        probes: HashMap::new(),
+        next_generation: 0,
+        health_tx,
+        failing_open: BTreeSet::new(),
         added_addresses: BTreeSet::new(),
         added_neighbours: BTreeSet::new(),
+        local_backends: HashSet::new(),
         _forwarding: forwarding,
     };
-    let result = agent.serve(config, logger).await;
+    let result = async {
+        agent.apply_config(&config, probers).await?;
+        info!(
+            vips = config.vips.len(),
+            "serving; SIGHUP reloads the config, SIGTERM stops"
+        );
+        agent
+            .serve(&mut health_rx, &mut admin_rx, &mut logger)
+            .await
+    }
+    .await;
     agent.shut_down().await;
     result
+}
+
+/// Probers for every VIP, built before anything changes (a bad CA file fails here).
+fn build_probers(config: &Config) -> Result<HashMap<String, Arc<Prober>>> {
+    config
+        .vips
+        .iter()
+        .map(|vip| {
+            let prober =
+                Prober::new(&vip.check).with_context(|| format!("vips {}: check", vip.name))?;
+            Ok((vip.name.clone(), Arc::new(prober)))
+        })
+        .collect()
 }
 
 impl Agent {
     async fn serve(
         &mut self,
-        config: Config,
-        mut logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
+        health_rx: &mut mpsc::Receiver<HealthReport>,
+        admin_rx: &mut mpsc::Receiver<admin::Command>,
+        logger: &mut Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
     ) -> Result<()> {
-        self.apply(&config).await?;
-        info!(
-            vips = config.vips.len(),
-            "serving; SIGHUP reloads the config, SIGTERM stops"
-        );
-
         let mut sigterm =
             signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
         let mut sigint =
@@ -155,7 +259,16 @@ impl Agent {
             tokio::select! {
                 _ = sigterm.recv() => { info!("SIGTERM: stopping"); return Ok(()); }
                 _ = sigint.recv() => { info!("SIGINT: stopping"); return Ok(()); }
-                _ = sighup.recv() => self.reload().await,
+                _ = sighup.recv() => {
+                    if let Err(e) = self.reload().await {
+                        error!("{e}");
+                    }
+                }
+                Some(report) = health_rx.recv() => self.on_health(report),
+                Some((request, reply)) = admin_rx.recv() => {
+                    let response = self.on_request(request).await;
+                    let _ = reply.send(response);
+                }
                 _ = sweep.tick() => {
                     match self.dataplane.sweep_flows(monotonic_coarse_ns()) {
                         Ok(report) if report.expired > 0 => info!(live = report.live, expired = report.expired, "swept ended flows"),
@@ -171,84 +284,182 @@ impl Agent {
         }
     }
 
-    /// Re-reads the config; a config that does not validate, or that would
-    /// need a restart, is refused and the running one stays.
-    async fn reload(&mut self) {
-        let path = self.options.config_path.clone();
-        let next = match Config::load(&path) {
-            Ok(next) => next,
-            Err(e) => {
-                error!("reload rejected, the running config stays: {e}");
-                return;
-            }
-        };
-        let restart = self.config.restart_needed_for(&next);
-        if !restart.is_empty() {
-            error!(
-                "reload rejected, the running config stays: {} (needs an agent restart)",
-                restart.join(", ")
-            );
-            return;
-        }
-        if let Err(e) = system::check_nat_port_range(next.data_plane.nat.port_range) {
-            error!("reload rejected, the running config stays: {e}");
-            return;
-        }
-        match self.apply(&next).await {
-            Ok(()) => info!(path = %path.display(), "reload applied"),
-            Err(e) => error!("reload failed part-way: {e:#}"),
+    async fn on_request(&mut self, request: Request) -> Response {
+        match request {
+            Request::Status => Response {
+                ok: true,
+                message: None,
+                status: Some(self.status()),
+            },
+            Request::Reload => match self.reload().await {
+                Ok(message) => Response::ok(message),
+                Err(message) => Response::error(message),
+            },
+            Request::Drain { vip, backend } => self.set_maintenance(&vip, &backend, true),
+            Request::Undrain { vip, backend } => self.set_maintenance(&vip, &backend, false),
         }
     }
 
-    /// Makes the data plane, the VIP addresses and the neighbour entries match `config`.
-    async fn apply(&mut self, config: &Config) -> Result<()> {
-        let vip_addresses: BTreeSet<Ipv4Addr> = config.vips.iter().map(|v| v.address).collect();
-        let local: HashSet<Ipv4Addr> = self
-            .netlink
-            .local_addresses()
-            .await?
-            .into_iter()
-            .filter(|a| !vip_addresses.contains(a))
-            .collect();
-        let dp = &config.data_plane;
-        let settings = Settings {
-            lb_addr: addr_to_wire(self.lb_addr.octets()),
-            nat_port_min: dp.nat.port_range.min,
-            nat_port_max: dp.nat.port_range.max,
-            tcp_idle_timeout_ns: dp.conntrack.tcp_idle_timeout.as_nanos() as u64,
-            udp_idle_timeout_ns: dp.conntrack.udp_idle_timeout.as_nanos() as u64,
-            fin_linger_ns: dp.conntrack.fin_linger.as_nanos() as u64,
-            flags: if dp.debug { SETTINGS_FLAG_DEBUG } else { 0 },
-            _pad: 0,
-        };
-        let vips: Vec<DesiredVip> = config
+    /// Finds `backend` (`ADDRESS` or `ADDRESS:PORT`) among the backends of VIP `vip`.
+    fn find_backend(&self, vip: &str, backend: &str) -> Result<BackendKey, String> {
+        let config = self
+            .config
             .vips
             .iter()
-            .map(|vip| DesiredVip {
-                name: vip.name.clone(),
-                address: vip.address,
-                port: vip.port,
-                protocol: vip.protocol.number(),
-                enabled: true,
-                backends: vip
-                    .backends
-                    .iter()
-                    .map(|b| DesiredBackend {
-                        address: b.address,
-                        port: b.port(),
-                        weight: b.weight,
-                        local: local.contains(&b.address),
-                    })
-                    .collect(),
+            .find(|v| v.name == vip)
+            .ok_or_else(|| {
+                let names: Vec<&str> = self.config.vips.iter().map(|v| v.name.as_str()).collect();
+                format!("no VIP named {vip:?} (VIPs: {})", names.join(", "))
+            })?;
+        let (address, port) = match backend.rsplit_once(':') {
+            Some((address, port)) => (
+                address,
+                Some(
+                    port.parse::<u16>()
+                        .map_err(|e| format!("port in {backend:?}: {e}"))?,
+                ),
+            ),
+            None => (backend, None),
+        };
+        let address: Ipv4Addr = address
+            .parse()
+            .map_err(|e| format!("address in {backend:?}: {e}"))?;
+        config
+            .backends
+            .iter()
+            .find(|b| b.address == address && port.is_none_or(|p| p == b.port()))
+            .map(|b| BackendKey {
+                vip: vip.to_string(),
+                address,
+                port: b.port(),
             })
-            .collect();
+            .ok_or_else(|| format!("VIP {vip} has no backend {backend}"))
+    }
+
+    fn set_maintenance(&mut self, vip: &str, backend: &str, on: bool) -> Response {
+        let key = match self.find_backend(vip, backend) {
+            Ok(key) => key,
+            Err(message) => return Response::error(message),
+        };
+        let changed = if on {
+            self.maintenance.insert(key.clone())
+        } else {
+            self.maintenance.remove(&key)
+        };
+        if !changed {
+            return Response::ok(format!(
+                "{key} was already {}",
+                if on {
+                    "in maintenance"
+                } else {
+                    "out of maintenance"
+                }
+            ));
+        }
+        info!(backend = %key, maintenance = on, "operator {}", if on { "drained the backend" } else { "undrained the backend" });
+        match self.apply_data_plane() {
+            Ok(()) => Response::ok(format!(
+                "{key} {}",
+                if on {
+                    "in maintenance: no new flows, established flows stay"
+                } else {
+                    "back to its health state"
+                }
+            )),
+            Err(e) => Response::error(format!("{e:#}")),
+        }
+    }
+
+    fn on_health(&mut self, report: HealthReport) {
+        let current = self.probes.get(&report.key).map(|task| task.generation);
+        if current != Some(report.generation) {
+            return; // from a task a reload replaced
+        }
+        let now = Instant::now();
+        let entry = self
+            .health
+            .entry(report.key.clone())
+            .or_insert(BackendHealth {
+                health: Health::Up,
+                since: now,
+                last: None,
+                checks: 0,
+            });
+        entry.checks += 1;
+        let previous = entry.health;
+        entry.last = Some((report.outcome.clone(), now));
+        if report.health == previous {
+            return;
+        }
+        let in_previous = now.duration_since(entry.since);
+        entry.health = report.health;
+        entry.since = now;
+        let outcome = &report.outcome;
+        let message = format!("backend {} -> {}", previous.label(), report.health.label());
+        match report.health {
+            Health::Up => info!(
+                backend = %report.key, from = previous.label(), to = "up", reason = %outcome.detail,
+                latency_ms = outcome.latency.as_secs_f64() * 1000.0, after = ?in_previous, "{message}"
+            ),
+            Health::Draining | Health::Down => warn!(
+                backend = %report.key, from = previous.label(), to = report.health.label(), reason = %outcome.detail,
+                latency_ms = outcome.latency.as_secs_f64() * 1000.0, after = ?in_previous, "{message}"
+            ),
+        }
+        if let Err(e) = self.apply_data_plane() {
+            error!("applying a health change to the data plane: {e:#}");
+        }
+    }
+
+    /// Re-reads the config; one that does not validate, or that would need a
+    /// restart, is refused and the running one stays.
+    async fn reload(&mut self) -> Result<String, String> {
+        let path = self.options.config_path.clone();
+        let refuse = |why: String| {
+            let message = format!("reload rejected, the running config stays: {why}");
+            error!("{message}");
+            message
+        };
+        let next = Config::load(&path).map_err(|e| refuse(e.to_string()))?;
+        let restart = self.config.restart_needed_for(&next);
+        if !restart.is_empty() {
+            return Err(refuse(format!(
+                "{} (needs an agent restart)",
+                restart.join(", ")
+            )));
+        }
+        system::check_nat_port_range(next.data_plane.nat.port_range)
+            .map_err(|e| refuse(e.to_string()))?;
+        let probers = build_probers(&next).map_err(|e| refuse(format!("{e:#}")))?;
+        self.apply_config(&next, probers).await.map_err(|e| {
+            let message = format!("reload failed part-way: {e:#}");
+            error!("{message}");
+            message
+        })?;
+        info!(path = %path.display(), "reload applied");
+        Ok(format!("reload applied from {}", path.display()))
+    }
+
+    /// Makes probes, neighbour entries, the data plane and the VIP addresses match `config`.
+    async fn apply_config(
+        &mut self,
+        config: &Config,
+        probers: HashMap<String, Arc<Prober>>,
+    ) -> Result<()> {
+        self.config = config.clone();
+        self.sync_probes(&probers);
+        let wanted: BTreeSet<BackendKey> = self.backend_keys().into_iter().collect();
+        self.health.retain(|key, _| wanted.contains(key));
+        self.maintenance.retain(|key| wanted.contains(key));
 
         // Neighbours first, so the first packets to a new backend find its MAC.
-        let wanted_neighbours: BTreeSet<Ipv4Addr> = vips
+        let local = self.local_addresses().await?;
+        let wanted_neighbours: BTreeSet<Ipv4Addr> = config
+            .vips
             .iter()
             .flat_map(|v| &v.backends)
-            .filter(|b| !b.local)
             .map(|b| b.address)
+            .filter(|a| !local.contains(a))
             .collect();
         for address in wanted_neighbours.difference(&self.added_neighbours.clone()) {
             match self
@@ -264,9 +475,7 @@ impl Agent {
                 }
             }
         }
-        self.dataplane
-            .apply(&settings, &vips)
-            .context("writing the data plane's maps")?;
+        self.apply_data_plane_with(&local)?;
         for address in self.added_neighbours.clone().difference(&wanted_neighbours) {
             if self
                 .netlink
@@ -277,7 +486,169 @@ impl Agent {
                 self.added_neighbours.remove(address);
             }
         }
+        self.sync_vip_addresses().await
+    }
 
+    fn backend_keys(&self) -> Vec<BackendKey> {
+        self.config
+            .vips
+            .iter()
+            .flat_map(|vip| {
+                vip.backends.iter().map(|b| BackendKey {
+                    vip: vip.name.clone(),
+                    address: b.address,
+                    port: b.port(),
+                })
+            })
+            .collect()
+    }
+
+    /// Starts probe tasks for new backends, restarts those whose check
+    /// changed, stops those that are gone; unchanged ones keep running with
+    /// their state.
+    fn sync_probes(&mut self, probers: &HashMap<String, Arc<Prober>>) {
+        let checks: HashMap<&str, &CheckConfig> = self
+            .config
+            .vips
+            .iter()
+            .map(|v| (v.name.as_str(), &v.check))
+            .collect();
+        let keys = self.backend_keys();
+        let wanted: HashSet<&BackendKey> = keys.iter().collect();
+        self.probes.retain(|key, task| {
+            wanted.contains(key) && checks.get(key.vip.as_str()) == Some(&&task.check)
+        });
+        for key in &keys {
+            if self.probes.contains_key(key) {
+                continue;
+            }
+            let check = checks[key.vip.as_str()].clone();
+            let prober = probers[&key.vip].clone();
+            self.next_generation += 1;
+            let generation = self.next_generation;
+            let timing = Timing {
+                interval: check.interval,
+                fast_interval: check.fast_interval,
+                down_interval: check.down_interval(),
+                rise: check.rise,
+                fall: check.fall,
+            };
+            let handle = tokio::spawn(probe_loop(
+                key.clone(),
+                generation,
+                prober,
+                timing,
+                self.health_tx.clone(),
+            ));
+            self.health.remove(key);
+            self.probes.insert(
+                key.clone(),
+                ProbeTask {
+                    check,
+                    generation,
+                    handle,
+                },
+            );
+        }
+    }
+
+    async fn local_addresses(&self) -> Result<HashSet<Ipv4Addr>> {
+        let vip_addresses: HashSet<Ipv4Addr> = self.config.vips.iter().map(|v| v.address).collect();
+        Ok(self
+            .netlink
+            .local_addresses()
+            .await?
+            .into_iter()
+            .filter(|a| !vip_addresses.contains(a))
+            .collect())
+    }
+
+    /// For health and drain changes: the host's own addresses are those found
+    /// at the last config apply.
+    fn apply_data_plane(&mut self) -> Result<()> {
+        let local = self.local_backends.clone();
+        self.apply_data_plane_with(&local)
+    }
+
+    /// Computes the desired tables from config, health and drains, and writes them.
+    fn apply_data_plane_with(&mut self, local: &HashSet<Ipv4Addr>) -> Result<()> {
+        self.local_backends = local.clone();
+        let dp = &self.config.data_plane;
+        let settings = Settings {
+            lb_addr: addr_to_wire(self.lb_addr.octets()),
+            nat_port_min: dp.nat.port_range.min,
+            nat_port_max: dp.nat.port_range.max,
+            tcp_idle_timeout_ns: dp.conntrack.tcp_idle_timeout.as_nanos() as u64,
+            udp_idle_timeout_ns: dp.conntrack.udp_idle_timeout.as_nanos() as u64,
+            fin_linger_ns: dp.conntrack.fin_linger.as_nanos() as u64,
+            flags: if dp.debug { SETTINGS_FLAG_DEBUG } else { 0 },
+            _pad: 0,
+        };
+        let mut vips = Vec::new();
+        let mut failing_open = BTreeSet::new();
+        for vip in &self.config.vips {
+            let state = |address: Ipv4Addr, port: u16| {
+                let key = BackendKey {
+                    vip: vip.name.clone(),
+                    address,
+                    port,
+                };
+                let health = self.health.get(&key).map_or(Health::Up, |h| h.health);
+                (health, self.maintenance.contains(&key))
+            };
+            let eligible = vip.backends.iter().filter(|b| {
+                let (health, maintenance) = state(b.address, b.port());
+                health == Health::Up && !maintenance && b.weight > 0
+            });
+            let fail_open = eligible.count() == 0;
+            if fail_open {
+                failing_open.insert(vip.name.clone());
+            }
+            let all_in_maintenance = vip.backends.iter().all(|b| state(b.address, b.port()).1);
+            let backends = vip
+                .backends
+                .iter()
+                .map(|b| {
+                    let (health, maintenance) = state(b.address, b.port());
+                    let serving = if fail_open {
+                        // Fail open: every backend an operator did not take out.
+                        !maintenance || all_in_maintenance
+                    } else {
+                        health == Health::Up && !maintenance
+                    };
+                    DesiredBackend {
+                        address: b.address,
+                        port: b.port(),
+                        weight: if serving { b.weight } else { 0 },
+                        local: local.contains(&b.address),
+                        down: !fail_open && health == Health::Down,
+                    }
+                })
+                .collect();
+            vips.push(DesiredVip {
+                name: vip.name.clone(),
+                address: vip.address,
+                port: vip.port,
+                protocol: vip.protocol.number(),
+                enabled: true,
+                backends,
+            });
+        }
+        for name in failing_open.difference(&self.failing_open) {
+            error!(vip = %name, "every backend of the VIP is down or draining: FAILING OPEN, traffic goes to all of them");
+        }
+        for name in self.failing_open.difference(&failing_open) {
+            info!(vip = %name, "a backend is up again: no longer failing open");
+        }
+        self.failing_open = failing_open;
+        self.dataplane
+            .apply(&settings, &vips)
+            .context("writing the data plane's maps")
+    }
+
+    async fn sync_vip_addresses(&mut self) -> Result<()> {
+        let vip_addresses: BTreeSet<Ipv4Addr> =
+            self.config.vips.iter().map(|v| v.address).collect();
         for address in &vip_addresses {
             if self.netlink.has_address(self.ifindex, *address).await? {
                 continue;
@@ -303,8 +674,122 @@ impl Agent {
             self.added_addresses.remove(address);
             info!(vip = %address, "VIP address removed");
         }
-        self.config = config.clone();
         Ok(())
+    }
+
+    fn status(&self) -> StatusReport {
+        let now = Instant::now();
+        let traffic = self.dataplane.traffic().unwrap_or_default();
+        let backend_traffic: HashMap<(Ipv4Addr, u16), Traffic> = traffic
+            .backends
+            .iter()
+            .map(|(key, c)| {
+                (
+                    *key,
+                    Traffic {
+                        packets: c.packets,
+                        bytes: c.bytes,
+                        flows: c.new_flows,
+                    },
+                )
+            })
+            .collect();
+        let vip_traffic: HashMap<&str, Traffic> = traffic
+            .vips
+            .iter()
+            .map(|(name, c)| {
+                (
+                    name.as_str(),
+                    Traffic {
+                        packets: c.packets,
+                        bytes: c.bytes,
+                        flows: c.new_flows,
+                    },
+                )
+            })
+            .collect();
+        let vips = self
+            .config
+            .vips
+            .iter()
+            .map(|vip| VipStatus {
+                name: vip.name.clone(),
+                address: vip.address.to_string(),
+                port: vip.port,
+                protocol: vip.protocol.to_string(),
+                mode: "nat".to_string(),
+                owner: "static".to_string(),
+                fail_open: self.failing_open.contains(&vip.name),
+                traffic: vip_traffic
+                    .get(vip.name.as_str())
+                    .copied()
+                    .unwrap_or_default(),
+                backends: vip
+                    .backends
+                    .iter()
+                    .map(|b| {
+                        let key = BackendKey {
+                            vip: vip.name.clone(),
+                            address: b.address,
+                            port: b.port(),
+                        };
+                        let health = self.health.get(&key);
+                        let state = if self.maintenance.contains(&key) {
+                            "maintenance"
+                        } else {
+                            health.map_or(Health::Up, |h| h.health).label()
+                        };
+                        BackendStatus {
+                            address: b.address.to_string(),
+                            port: b.port(),
+                            weight: b.weight,
+                            state: state.to_string(),
+                            in_state_seconds: health
+                                .map_or(now.duration_since(self.started), |h| {
+                                    now.duration_since(h.since)
+                                })
+                                .as_secs_f64(),
+                            checks: health.map_or(0, |h| h.checks),
+                            last_check: health.and_then(|h| h.last.as_ref()).map(
+                                |(outcome, at)| {
+                                    LastCheck::from_outcome(
+                                        outcome,
+                                        now.duration_since(*at).as_secs_f64(),
+                                    )
+                                },
+                            ),
+                            traffic: backend_traffic
+                                .get(&(b.address, b.port()))
+                                .copied()
+                                .unwrap_or_default(),
+                        }
+                    })
+                    .collect(),
+            })
+            .collect();
+        StatusReport {
+            interface: self.options.iface.clone(),
+            xdp_mode: self.xdp_mode.to_string(),
+            lb_address: self.lb_addr.to_string(),
+            uptime_seconds: now.duration_since(self.started).as_secs_f64(),
+            vips,
+            verdicts: self
+                .dataplane
+                .verdicts()
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|(_, c)| c.packets > 0)
+                .map(|(v, c)| (v.label().to_string(), c.packets))
+                .collect(),
+            events: self
+                .dataplane
+                .events()
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|(_, n)| *n > 0)
+                .map(|(e, n)| (e.label().to_string(), n))
+                .collect(),
+        }
     }
 
     fn print_stats(&self) {
@@ -336,6 +821,7 @@ impl Agent {
     /// Undoes what the agent added: VIP addresses, neighbour entries, the
     /// XDP attachment; the forwarding sysctl is restored when the guard drops.
     async fn shut_down(&mut self) {
+        self.probes.clear();
         for address in std::mem::take(&mut self.added_addresses) {
             match self.netlink.remove_vip(self.ifindex, address).await {
                 Ok(()) => info!(vip = %address, "VIP address removed"),
@@ -352,7 +838,36 @@ impl Agent {
     }
 }
 
+/// Checks one backend forever (until aborted), reporting every result.
+/// Each backend has its own task: a hung backend delays only itself.
+async fn probe_loop(
+    key: BackendKey,
+    generation: u64,
+    prober: Arc<Prober>,
+    timing: Timing,
+    reports: mpsc::Sender<HealthReport>,
+) {
+    let target = SocketAddr::from((key.address, key.port));
+    let mut checker = Checker::new(timing);
+    loop {
+        let outcome = prober.check(target).await;
+        checker.record(outcome.result);
+        let report = HealthReport {
+            key: key.clone(),
+            generation,
+            outcome,
+            health: checker.health(),
+        };
+        if reports.send(report).await.is_err() {
+            return;
+        }
+        tokio::time::sleep(checker.next_interval()).await;
+    }
+}
+
 /// `ha-user check-config`: the normalized config, or every problem with it.
 pub fn check_config(path: &std::path::Path) -> Result<String> {
-    Ok(Config::load(path)?.to_yaml())
+    let config = Config::load(path)?;
+    build_probers(&config)?;
+    Ok(config.to_yaml())
 }

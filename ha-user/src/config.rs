@@ -8,7 +8,7 @@ use std::{
     collections::{HashMap, HashSet},
     fmt,
     net::Ipv4Addr,
-    path::Path,
+    path::{Path, PathBuf},
     time::Duration,
 };
 
@@ -81,7 +81,129 @@ pub struct VipConfig {
     pub protocol: Protocol,
     #[serde(default)]
     pub mode: Mode,
+    /// Health check of every backend of this VIP.
+    #[serde(default)]
+    pub check: CheckConfig,
     pub backends: Vec<BackendConfig>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CheckKind {
+    /// A TCP connect.
+    Tcp,
+    /// HTTP GET, expecting a status (and optionally a body substring).
+    Http,
+    /// HTTP GET over TLS (rustls).
+    Https,
+}
+
+/// TLS server certificate verification for `https` checks.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Verify {
+    /// Accept any certificate (kube-apiservers often have IP-less certs).
+    #[default]
+    None,
+    /// Verify against the CA certificates in this PEM file.
+    CaFile(PathBuf),
+}
+
+impl Serialize for Verify {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Verify::None => serializer.serialize_str("none"),
+            Verify::CaFile(path) => serializer.serialize_str(&path.display().to_string()),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Verify {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        Ok(if text == "none" {
+            Verify::None
+        } else {
+            Verify::CaFile(PathBuf::from(text))
+        })
+    }
+}
+
+/// A backend health check, with haproxy's timing semantics (`inter`,
+/// `fastinter`, `downinter`, `timeout check`, `rise`, `fall`).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CheckConfig {
+    /// `tcp`, `http` or `https`; default `https` for a VIP on port 6443, `tcp` otherwise.
+    #[serde(rename = "type", skip_serializing_if = "Option::is_none")]
+    pub kind: Option<CheckKind>,
+    /// Port to check; default the backend's port.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    pub path: String,
+    pub expect_status: u16,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expect_body: Option<String>,
+    pub verify: Verify,
+    /// TLS server name (SNI, and the name verified); default the backend's IP address.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sni: Option<String>,
+    /// Client certificate and key (PEM) for backends that require one, like etcd.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_cert: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_key: Option<PathBuf>,
+    /// Between checks while the state is settled (haproxy `inter`).
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+    /// Between checks while a change is pending (haproxy `fastinter`).
+    #[serde(with = "humantime_serde")]
+    pub fast_interval: Duration,
+    /// Between checks while the backend is down (haproxy `downinter`); default `interval`.
+    #[serde(
+        with = "humantime_serde::option",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub down_interval: Option<Duration>,
+    /// One check's deadline, connect to last byte (haproxy `timeout check`).
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Consecutive successes to become up.
+    pub rise: u32,
+    /// Consecutive failures to leave up.
+    pub fall: u32,
+}
+
+impl Default for CheckConfig {
+    fn default() -> Self {
+        Self {
+            kind: None,
+            port: None,
+            path: "/readyz".to_string(),
+            expect_status: 200,
+            expect_body: None,
+            verify: Verify::None,
+            sni: None,
+            client_cert: None,
+            client_key: None,
+            interval: Duration::from_secs(1),
+            fast_interval: Duration::from_millis(200),
+            down_interval: None,
+            timeout: Duration::from_secs(1),
+            rise: 2,
+            fall: 3,
+        }
+    }
+}
+
+impl CheckConfig {
+    /// The kind after defaults were applied.
+    pub fn kind(&self) -> CheckKind {
+        self.kind.unwrap_or(CheckKind::Tcp)
+    }
+
+    pub fn down_interval(&self) -> Duration {
+        self.down_interval.unwrap_or(self.interval)
+    }
 }
 
 fn default_protocol() -> Protocol {
@@ -266,6 +388,13 @@ impl Config {
 
     fn apply_defaults(&mut self) {
         for vip in &mut self.vips {
+            // /readyz fails as soon as a kube-apiserver starts graceful shutdown
+            // while /livez and /healthz stay ok: it is what an LB must probe.
+            vip.check.kind.get_or_insert(if vip.port == 6443 {
+                CheckKind::Https
+            } else {
+                CheckKind::Tcp
+            });
             for backend in &mut vip.backends {
                 backend.port.get_or_insert(vip.port);
             }
@@ -408,6 +537,7 @@ impl Config {
                 }
                 all_backends.insert((backend.address, backend.port()));
             }
+            problems.extend(check_problems(&at, &vip.check));
             if !vip.backends.is_empty() && vip.backends.iter().all(|b| b.weight == 0) {
                 problems.push(format!(
                     "{at}.backends: every weight is 0; at least one must be above 0"
@@ -445,6 +575,71 @@ impl Config {
         }
         reasons
     }
+}
+
+fn check_problems(at: &str, check: &CheckConfig) -> Vec<String> {
+    let mut problems = Vec::new();
+    let at = format!("{at}.check");
+    if check.rise == 0 || check.fall == 0 {
+        problems.push(format!("{at}: rise and fall must be at least 1"));
+    }
+    let minimum = Duration::from_millis(10);
+    for (key, value) in [
+        ("interval", check.interval),
+        ("fast_interval", check.fast_interval),
+        ("down_interval", check.down_interval()),
+        ("timeout", check.timeout),
+    ] {
+        if value < minimum {
+            problems.push(format!(
+                "{at}.{key}: {} is below 10ms",
+                humantime::format_duration(value)
+            ));
+        }
+    }
+    if check.port == Some(0) {
+        problems.push(format!("{at}.port: must be 1-65535"));
+    }
+    if check.kind() != CheckKind::Tcp {
+        if !check.path.starts_with('/') {
+            problems.push(format!("{at}.path: {:?} must start with /", check.path));
+        }
+        if !(100..=599).contains(&check.expect_status) {
+            problems.push(format!(
+                "{at}.expect_status: {} is not an HTTP status",
+                check.expect_status
+            ));
+        }
+    }
+    if check.client_cert.is_some() != check.client_key.is_some() {
+        problems.push(format!("{at}: client_cert and client_key go together"));
+    }
+    let files = [
+        (
+            "verify",
+            match &check.verify {
+                Verify::CaFile(path) => Some(path),
+                Verify::None => None,
+            },
+        ),
+        ("client_cert", check.client_cert.as_ref()),
+        ("client_key", check.client_key.as_ref()),
+    ];
+    for (key, path) in files {
+        if let Some(path) = path
+            && let Err(e) = std::fs::metadata(path)
+        {
+            problems.push(format!("{at}.{key}: {}: {e}", path.display()));
+        }
+    }
+    if check.kind() != CheckKind::Https
+        && (check.client_cert.is_some() || check.sni.is_some() || check.verify != Verify::None)
+    {
+        problems.push(format!(
+            "{at}: verify, sni and client_cert apply to type https only"
+        ));
+    }
+    problems
 }
 
 fn is_unicast(addr: Ipv4Addr) -> bool {
@@ -600,6 +795,94 @@ data_plane: {maglev_table_size: 199}
             a.restart_needed_for(&b),
             vec!["data_plane.maglev_table_size changed"]
         );
+    }
+
+    #[test]
+    fn checks_default_to_https_readyz_on_6443_and_tcp_elsewhere() {
+        let config = Config::from_yaml(
+            "vips:\n  - {name: api, address: 10.0.0.1, port: 6443, backends: [{address: 10.0.0.2}]}\n  - {name: etcd, address: 10.0.0.1, port: 2379, backends: [{address: 10.0.0.2}]}\n",
+            "t",
+        )
+        .unwrap();
+        let api = &config.vips[0].check;
+        assert_eq!(
+            (api.kind(), api.path.as_str(), api.expect_status),
+            (CheckKind::Https, "/readyz", 200)
+        );
+        assert_eq!(
+            (
+                api.interval,
+                api.fast_interval,
+                api.down_interval(),
+                api.timeout
+            ),
+            (
+                Duration::from_secs(1),
+                Duration::from_millis(200),
+                Duration::from_secs(1),
+                Duration::from_secs(1)
+            )
+        );
+        assert_eq!((api.rise, api.fall), (2, 3));
+        assert_eq!(config.vips[1].check.kind(), CheckKind::Tcp);
+        // The normalized form names the resolved type.
+        assert!(
+            config.to_yaml().contains("type: https"),
+            "{}",
+            config.to_yaml()
+        );
+    }
+
+    #[test]
+    fn the_documented_check_block_parses() {
+        let config = Config::from_yaml(
+            r#"
+vips:
+  - name: apiserver
+    address: 192.168.205.254
+    port: 6443
+    check:
+      type: https            # tcp | http | https
+      path: /readyz
+      expect_status: 200
+      expect_body: ok        # optional
+      verify: none           # none | ca file path
+      interval: 1s
+      fast_interval: 200ms
+      timeout: 1s
+      rise: 2
+      fall: 3
+    backends: [{address: 192.168.205.11}]
+"#,
+            "t",
+        )
+        .unwrap();
+        assert_eq!(config.vips[0].check.expect_body.as_deref(), Some("ok"));
+    }
+
+    #[test]
+    fn bad_checks_are_reported() {
+        let problems = problems_of(
+            r#"
+vips:
+  - name: api
+    address: 10.0.0.1
+    port: 6443
+    check: {type: http, path: readyz, rise: 0, interval: 1ms, client_cert: /nonexistent.pem}
+    backends: [{address: 10.0.0.2}]
+"#,
+        );
+        let text = problems.join("\n");
+        for needle in [
+            "check: rise and fall must be at least 1",
+            "check.interval: 1ms is below 10ms",
+            "check.path: \"readyz\" must start with /",
+            "check: client_cert and client_key go together",
+            "check.client_cert: /nonexistent.pem",
+            "check: verify, sni and client_cert apply to type https only",
+        ] {
+            assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
+        }
     }
 
     #[test]

@@ -19,11 +19,11 @@ use aya::{
     programs::{ProgramError, Xdp, XdpMode, xdp::XdpLinkId},
 };
 use ha_common::{
-    BACKEND_FLAG_LOCAL, BACKEND_STATS_MAP, BACKENDS_MAP, BackendInfo, CONNTRACK_MAP, Counter,
-    EVENTS_MAP, Event, FLOW_LOCAL, Flow, FlowKey, MAGLEV_MAP, NatKey, REVERSE_NAT_MAP,
-    SETTINGS_MAP, Settings, TX_PORTS_MAP, TrafficCounter, VERDICTS_MAP, VIP_FLAG_ENABLED,
-    VIP_STATS_MAP, VIPS_MAP, Verdict, VipInfo, VipKey, XDP_PROGRAM_NAME, addr_from_wire,
-    addr_to_wire, port_to_wire,
+    BACKEND_FLAG_DOWN, BACKEND_FLAG_LOCAL, BACKEND_STATS_MAP, BACKENDS_MAP, BackendInfo,
+    CONNTRACK_MAP, Counter, EVENTS_MAP, Event, FLOW_LOCAL, Flow, FlowKey, MAGLEV_MAP, NatKey,
+    REVERSE_NAT_MAP, SETTINGS_MAP, Settings, TX_PORTS_MAP, TrafficCounter, VERDICTS_MAP,
+    VIP_FLAG_ENABLED, VIP_STATS_MAP, VIPS_MAP, Verdict, VipInfo, VipKey, XDP_PROGRAM_NAME,
+    addr_from_wire, addr_to_wire, port_to_wire,
 };
 use tracing::{debug, info, warn};
 
@@ -136,6 +136,8 @@ pub struct DesiredBackend {
     pub weight: u32,
     /// The backend is an address of this host: deliver locally, no NAT.
     pub local: bool,
+    /// The backend does not answer: move its established flows (draining is weight 0 alone).
+    pub down: bool,
 }
 
 impl DesiredVip {
@@ -399,20 +401,32 @@ impl DataPlane {
         }
         self.settings = *settings;
 
-        // Backends first, so a table never names an id without a record.
-        let mut in_use = HashSet::new();
+        // Backends first, so a table never names an id without a record. A
+        // backend in several VIPs has one record: it is local if it is in any,
+        // and down (its flows moved) only if every VIP that uses it says so.
+        let mut records: BTreeMap<u32, BackendInfo> = BTreeMap::new();
         for vip in vips {
             for backend in &vip.backends {
                 let id = self.backend_id(backend.address, backend.port)?;
-                in_use.insert(id);
-                let info = BackendInfo {
+                let record = records.entry(id).or_insert(BackendInfo {
                     addr: addr_to_wire(backend.address.octets()),
                     port: port_to_wire(backend.port),
-                    flags: if backend.local { BACKEND_FLAG_LOCAL } else { 0 },
+                    flags: BACKEND_FLAG_DOWN,
                     _pad: 0,
-                };
-                let mut map: Array<_, BackendInfo> = self.map_mut(BACKENDS_MAP)?;
-                map.set(id, info, 0).map_err(map_error(BACKENDS_MAP))?;
+                });
+                if backend.local {
+                    record.flags |= BACKEND_FLAG_LOCAL;
+                }
+                if !backend.down {
+                    record.flags &= !BACKEND_FLAG_DOWN;
+                }
+            }
+        }
+        let in_use: HashSet<u32> = records.keys().copied().collect();
+        {
+            let mut map: Array<_, BackendInfo> = self.map_mut(BACKENDS_MAP)?;
+            for (id, record) in &records {
+                map.set(*id, record, 0).map_err(map_error(BACKENDS_MAP))?;
             }
         }
         for id in self.backend_ids.values() {

@@ -1,11 +1,15 @@
 //! The ha-lb agent as a library: the CLI in `main.rs` is a thin edge over it,
 //! and integration tests drive the same code.
 
+pub mod admin;
 pub mod agent;
 pub mod config;
 pub mod dataplane;
 pub mod ebpf_object;
 pub mod garp;
+pub mod health;
 pub mod maglev;
 pub mod netlink;
+pub mod probe;
+pub mod status;
 pub mod system;

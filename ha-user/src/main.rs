@@ -2,9 +2,10 @@
 
 use std::{path::PathBuf, process::ExitCode, time::Duration};
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use ha_user::{
+    admin::{self, Request, Response},
     agent::{self, AttachOptions, PinLocation},
     config::DEFAULT_CONFIG_PATH,
     dataplane::AttachMode,
@@ -54,6 +55,34 @@ enum Command {
         #[arg(long, default_value = DEFAULT_CONFIG_PATH)]
         config: PathBuf,
     },
+    /// Show every VIP and backend: state, last check, counters.
+    Status {
+        /// The agent's interface (default: the only agent in this network namespace).
+        #[arg(long)]
+        iface: Option<String>,
+        /// JSON for scripts instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Planned maintenance: no new flows to BACKEND (ADDRESS or ADDRESS:PORT); established flows stay.
+    Drain {
+        vip: String,
+        backend: String,
+        #[arg(long)]
+        iface: Option<String>,
+    },
+    /// Undo `drain`: the backend follows its health checks again.
+    Undrain {
+        vip: String,
+        backend: String,
+        #[arg(long)]
+        iface: Option<String>,
+    },
+    /// Re-read the agent's config (as SIGHUP does) and say whether it was applied.
+    Reload {
+        #[arg(long)]
+        iface: Option<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -71,6 +100,20 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// One request to the running agent; a refusal becomes an error (exit 1).
+fn ask(iface: Option<&str>, request: &Request) -> Result<Response> {
+    let response = admin::request(iface, request)?;
+    if !response.ok {
+        bail!(
+            "{}",
+            response
+                .message
+                .unwrap_or_else(|| "the agent refused".to_string())
+        );
+    }
+    Ok(response)
 }
 
 fn run(cli: Cli) -> Result<()> {
@@ -106,6 +149,51 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::CheckConfig { config } => {
             print!("{}", agent::check_config(&config)?);
+            Ok(())
+        }
+        Command::Status { iface, json } => {
+            let response = ask(iface.as_deref(), &Request::Status)?;
+            let status = response.status.context("the agent sent no status")?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else {
+                print!("{}", status.render());
+            }
+            Ok(())
+        }
+        Command::Drain {
+            vip,
+            backend,
+            iface,
+        } => {
+            println!(
+                "{}",
+                ask(iface.as_deref(), &Request::Drain { vip, backend })?
+                    .message
+                    .unwrap_or_default()
+            );
+            Ok(())
+        }
+        Command::Undrain {
+            vip,
+            backend,
+            iface,
+        } => {
+            println!(
+                "{}",
+                ask(iface.as_deref(), &Request::Undrain { vip, backend })?
+                    .message
+                    .unwrap_or_default()
+            );
+            Ok(())
+        }
+        Command::Reload { iface } => {
+            println!(
+                "{}",
+                ask(iface.as_deref(), &Request::Reload)?
+                    .message
+                    .unwrap_or_default()
+            );
             Ok(())
         }
     }

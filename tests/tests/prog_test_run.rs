@@ -159,6 +159,7 @@ fn backends(lab: &Lab, port: u16) -> Vec<DesiredBackend> {
             port,
             weight: 1,
             local: false,
+            down: false,
         })
         .collect()
 }
@@ -246,6 +247,7 @@ fn world() -> World {
             port: 6443,
             weight: 1,
             local,
+            down: false,
         }]
     };
     let mut disabled = vip(
@@ -922,6 +924,7 @@ fn nat_port_exhaustion_is_counted_and_dropped_never_shared() {
         port: 6443,
         weight: 1,
         local: false,
+        down: false,
     }];
     w.dataplane
         .apply(
@@ -944,5 +947,73 @@ fn nat_port_exhaustion_is_counted_and_dropped_never_shared() {
         w.dataplane.reverse_entries().unwrap().len(),
         1,
         "the port stays with the first flow"
+    );
+}
+
+/// The backend a NATed frame was sent to: (destination address, source port).
+fn nat_target(frame: &[u8]) -> (Ipv4Addr, u16) {
+    let dst = Ipv4Addr::new(frame[30], frame[31], frame[32], frame[33]);
+    (dst, u16::from_be_bytes([frame[34], frame[35]]))
+}
+
+#[test]
+fn a_draining_backend_keeps_its_flows_and_a_down_backend_loses_them() {
+    let mut w = world();
+    let settings = w.dataplane.settings();
+    let syn = w.client_frame(w.tcp_vip, 6443, SYN).build();
+    let ack = w.client_frame(w.tcp_vip, 6443, ACK).build();
+    let (verdict, out) = w.run(&syn);
+    assert_eq!(verdict, XDP_TX);
+    let (first_backend, first_port) = nat_target(&out);
+    let with_state = |weight_of_first: u32, first_down: bool| {
+        let backends = APIS
+            .iter()
+            .map(|n| {
+                let address = w.lab.host(n).addr;
+                let first = address == first_backend;
+                DesiredBackend {
+                    address,
+                    port: 6443,
+                    weight: if first { weight_of_first } else { 1 },
+                    local: false,
+                    down: first && first_down,
+                }
+            })
+            .collect();
+        vec![vip("apiserver", w.tcp_vip, 6443, PROTO_TCP, backends)]
+    };
+
+    // Draining (weight 0, answering): the established flow stays, with its port.
+    let draining = with_state(0, false);
+    w.dataplane.apply(&settings, &draining).unwrap();
+    let (verdict, out) = w.run(&ack);
+    assert_eq!(verdict, XDP_TX);
+    assert_eq!(
+        nat_target(&out),
+        (first_backend, first_port),
+        "a draining backend keeps its flow"
+    );
+    assert!(
+        !w.dataplane
+            .active_table(w.tcp_vip, 6443, PROTO_TCP)
+            .unwrap()
+            .contains(&w.dataplane.backend_id_of(first_backend, 6443).unwrap())
+    );
+
+    // Down (not answering): the next packet moves the flow to a live backend.
+    let down = with_state(0, true);
+    w.dataplane.apply(&settings, &down).unwrap();
+    let (verdict, out) = w.run(&ack);
+    assert_eq!(verdict, XDP_TX);
+    let (moved_to, _) = nat_target(&out);
+    assert_ne!(moved_to, first_backend, "a down backend's flow moved");
+    assert_eq!(w.dataplane.event(Event::MovedFromDownBackend).unwrap(), 1);
+    // And stays on its new backend afterwards.
+    assert_eq!(nat_target(&w.run(&ack).1).0, moved_to);
+    assert_eq!(w.dataplane.flows().unwrap().len(), 1);
+    assert_eq!(
+        w.dataplane.reverse_entries().unwrap().len(),
+        1,
+        "the old NAT port was freed"
     );
 }

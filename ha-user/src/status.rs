@@ -1,0 +1,237 @@
+//! What `ha-user status` shows: the agent's view of every VIP and backend,
+//! and the data plane's counters. Built by the agent, sent as JSON over the
+//! admin socket, and rendered as a table for people.
+
+use std::{collections::BTreeMap, fmt::Write};
+
+use serde::{Deserialize, Serialize};
+
+use crate::{health::CheckResult, probe::Outcome};
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct StatusReport {
+    pub interface: String,
+    pub xdp_mode: String,
+    pub lb_address: String,
+    pub uptime_seconds: f64,
+    pub vips: Vec<VipStatus>,
+    /// Packets per verdict (only those seen).
+    pub verdicts: BTreeMap<String, u64>,
+    /// Slow-path events (only those seen).
+    pub events: BTreeMap<String, u64>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct VipStatus {
+    pub name: String,
+    pub address: String,
+    pub port: u16,
+    pub protocol: String,
+    pub mode: String,
+    /// Who answers for the VIP: `static` (this host, no VRRP).
+    pub owner: String,
+    /// Every backend is down or draining: traffic goes to all of them.
+    pub fail_open: bool,
+    pub traffic: Traffic,
+    pub backends: Vec<BackendStatus>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct BackendStatus {
+    pub address: String,
+    pub port: u16,
+    pub weight: u32,
+    /// `up`, `draining`, `down`, or `maintenance` (set by an operator).
+    pub state: String,
+    /// Seconds in this state.
+    pub in_state_seconds: f64,
+    pub checks: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_check: Option<LastCheck>,
+    pub traffic: Traffic,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct LastCheck {
+    pub result: String,
+    pub latency_ms: f64,
+    pub detail: String,
+    pub seconds_ago: f64,
+}
+
+impl LastCheck {
+    pub fn from_outcome(outcome: &Outcome, seconds_ago: f64) -> Self {
+        let result = match outcome.result {
+            CheckResult::Pass => "pass",
+            CheckResult::NotReady => "not_ready",
+            CheckResult::Fail => "fail",
+        };
+        Self {
+            result: result.to_string(),
+            latency_ms: outcome.latency.as_secs_f64() * 1000.0,
+            detail: outcome.detail.clone(),
+            seconds_ago,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize)]
+pub struct Traffic {
+    pub packets: u64,
+    pub bytes: u64,
+    pub flows: u64,
+}
+
+fn duration(seconds: f64) -> String {
+    if seconds < 60.0 {
+        format!("{seconds:.0}s")
+    } else if seconds < 3600.0 {
+        format!(
+            "{}m{:02}s",
+            (seconds / 60.0) as u64,
+            (seconds % 60.0) as u64
+        )
+    } else {
+        format!(
+            "{}h{:02}m",
+            (seconds / 3600.0) as u64,
+            ((seconds % 3600.0) / 60.0) as u64
+        )
+    }
+}
+
+impl StatusReport {
+    /// The table `ha-user status` prints.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "interface {} (XDP {}), NAT source {}, up {}",
+            self.interface,
+            self.xdp_mode,
+            self.lb_address,
+            duration(self.uptime_seconds)
+        );
+        for vip in &self.vips {
+            let _ = writeln!(
+                out,
+                "\nVIP {} {}:{}/{}  mode {}  owner {}{}  packets {} bytes {} flows {}",
+                vip.name,
+                vip.address,
+                vip.port,
+                vip.protocol,
+                vip.mode,
+                vip.owner,
+                if vip.fail_open {
+                    "  FAIL-OPEN: every backend is down, traffic goes to all"
+                } else {
+                    ""
+                },
+                vip.traffic.packets,
+                vip.traffic.bytes,
+                vip.traffic.flows
+            );
+            let _ = writeln!(
+                out,
+                "  {:<21} {:>6}  {:<11} {:>7}  {:<32} {:>9}  {:>7} {:>9}",
+                "BACKEND", "WEIGHT", "STATE", "FOR", "LAST CHECK", "LATENCY", "FLOWS", "PACKETS"
+            );
+            for backend in &vip.backends {
+                let (check, latency) = match &backend.last_check {
+                    Some(last) => {
+                        let mut text = format!("{} {}", last.result, last.detail);
+                        text.truncate(32);
+                        (text, format!("{:.1}ms", last.latency_ms))
+                    }
+                    None => ("-".to_string(), "-".to_string()),
+                };
+                let _ = writeln!(
+                    out,
+                    "  {:<21} {:>6}  {:<11} {:>7}  {:<32} {:>9}  {:>7} {:>9}",
+                    format!("{}:{}", backend.address, backend.port),
+                    backend.weight,
+                    backend.state,
+                    duration(backend.in_state_seconds),
+                    check,
+                    latency,
+                    backend.traffic.flows,
+                    backend.traffic.packets
+                );
+            }
+        }
+        if !self.verdicts.is_empty() {
+            let verdicts: Vec<String> = self
+                .verdicts
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect();
+            let _ = writeln!(out, "\nverdicts: {}", verdicts.join(" "));
+        }
+        if !self.events.is_empty() {
+            let events: Vec<String> = self
+                .events
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect();
+            let _ = writeln!(out, "events: {}", events.join(" "));
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_table_shows_states_checks_and_fail_open() {
+        let report = StatusReport {
+            interface: "eth0".into(),
+            xdp_mode: "native".into(),
+            lb_address: "10.0.0.2".into(),
+            uptime_seconds: 75.0,
+            vips: vec![VipStatus {
+                name: "apiserver".into(),
+                address: "10.0.0.254".into(),
+                port: 6443,
+                protocol: "tcp".into(),
+                mode: "nat".into(),
+                owner: "static".into(),
+                fail_open: true,
+                traffic: Traffic {
+                    packets: 10,
+                    bytes: 600,
+                    flows: 2,
+                },
+                backends: vec![BackendStatus {
+                    address: "10.0.0.11".into(),
+                    port: 6443,
+                    weight: 1,
+                    state: "down".into(),
+                    in_state_seconds: 3.0,
+                    checks: 7,
+                    last_check: Some(LastCheck {
+                        result: "fail".into(),
+                        latency_ms: 0.42,
+                        detail: "connection refused".into(),
+                        seconds_ago: 0.1,
+                    }),
+                    traffic: Traffic {
+                        packets: 10,
+                        bytes: 600,
+                        flows: 2,
+                    },
+                }],
+            }],
+            verdicts: BTreeMap::from([("forward_tx".to_string(), 10)]),
+            events: BTreeMap::new(),
+        };
+        let table = report.render();
+        assert!(table.contains("up 1m15s"), "{table}");
+        assert!(table.contains("FAIL-OPEN"), "{table}");
+        assert!(table.contains("10.0.0.11:6443"), "{table}");
+        assert!(table.contains("fail connection refused"), "{table}");
+        assert!(table.contains("0.4ms"), "{table}");
+        assert!(table.contains("verdicts: forward_tx=10"), "{table}");
+    }
+}
