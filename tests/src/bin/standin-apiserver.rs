@@ -10,6 +10,7 @@
 //! Readiness follows a kube-apiserver's graceful shutdown: after SIGTERM (or
 //! SIGUSR1, or while the `--not-ready-file` exists) `/readyz` answers 500
 //! while every other path keeps serving. SIGUSR2 makes it ready again.
+//! `--hang` accepts connections and never answers (until SIGUSR2).
 
 use std::{
     net::SocketAddr,
@@ -55,11 +56,15 @@ struct Args {
     /// like kube-apiserver's --shutdown-delay-duration.
     #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
     shutdown_delay: Duration,
+    /// Accept connections and never answer (a hung apiserver), until SIGUSR2.
+    #[arg(long)]
+    hang: bool,
 }
 
 struct State {
     name: String,
     ready: AtomicBool,
+    hung: AtomicBool,
     not_ready_file: Option<PathBuf>,
 }
 
@@ -80,6 +85,7 @@ async fn main() -> Result<()> {
     let state = Arc::new(State {
         name: args.name.clone(),
         ready: AtomicBool::new(true),
+        hung: AtomicBool::new(args.hang),
         not_ready_file: args.not_ready_file.clone(),
     });
     let listener = TcpListener::bind(args.listen)
@@ -116,7 +122,11 @@ async fn main() -> Result<()> {
                 });
             }
             _ = sigusr1.recv() => { state.ready.store(false, Ordering::Relaxed); println!("not ready (SIGUSR1)"); }
-            _ = sigusr2.recv() => { state.ready.store(true, Ordering::Relaxed); println!("ready (SIGUSR2)"); }
+            _ = sigusr2.recv() => {
+                state.ready.store(true, Ordering::Relaxed);
+                state.hung.store(false, Ordering::Relaxed);
+                println!("ready (SIGUSR2)");
+            }
             _ = sigterm.recv() => {
                 state.ready.store(false, Ordering::Relaxed);
                 println!("SIGTERM: /readyz failing, exiting in {:?}", args.shutdown_delay);
@@ -155,6 +165,11 @@ async fn serve_connection(
     state: Arc<State>,
     acceptor: TlsAcceptor,
 ) -> Result<()> {
+    if state.hung.load(Ordering::Relaxed) {
+        // Hold the connection open and say nothing, as a wedged process would.
+        let _held = stream;
+        return std::future::pending::<Result<()>>().await;
+    }
     let mut first = [0u8; 1];
     if stream.peek(&mut first).await? == 0 {
         return Ok(());

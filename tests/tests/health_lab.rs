@@ -1,0 +1,481 @@
+//! Health checks, drains, status and reload, in the lab with the real agent
+//! probing the stand-in apiservers over HTTPS.
+
+mod common;
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    net::{Ipv4Addr, TcpStream},
+    sync::Mutex,
+    time::{Duration, Instant},
+};
+
+use common::{start_agent, start_apiservers, vip_config, whoami, write_config};
+use ha_lab::{Lab, LabProcess, bin_path};
+use nix::sys::signal::Signal;
+use serde_json::Value;
+
+const HOSTS: [&str; 6] = ["client", "lb", "api1", "api2", "api3", "api4"];
+
+/// `ha-user status --json`, run on the LB host like an operator would.
+fn status(lab: &Lab) -> Value {
+    let out = lab
+        .exec(
+            "lb",
+            &[bin_path("ha-user").to_str().unwrap(), "status", "--json"],
+        )
+        .unwrap();
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn backend<'a>(status: &'a Value, lab: &Lab, host: &str) -> Option<&'a Value> {
+    let address = lab.host(host).addr.to_string();
+    status["vips"][0]["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["address"] == address.as_str())
+}
+
+fn state_of(lab: &Lab, host: &str) -> String {
+    backend(&status(lab), lab, host)
+        .map(|b| b["state"].as_str().unwrap().to_string())
+        .unwrap_or_default()
+}
+
+fn wait_for_state(lab: &Lab, host: &str, state: &str, timeout: Duration) -> Duration {
+    lab.wait_until(timeout, &format!("{host} {state}"), || {
+        state_of(lab, host) == state
+    })
+    .unwrap_or_else(|e| {
+        panic!(
+            "{e}; status: {}",
+            serde_json::to_string_pretty(&status(lab)).unwrap()
+        )
+    })
+}
+
+/// A connection through the VIP that landed on `wanted`, kept open.
+struct Session {
+    writer: TcpStream,
+    reader: BufReader<TcpStream>,
+}
+
+impl Session {
+    fn to(vip: Ipv4Addr, wanted: &str) -> Session {
+        for _ in 0..200 {
+            let stream = TcpStream::connect((vip, 6443)).unwrap();
+            stream
+                .set_read_timeout(Some(Duration::from_secs(3)))
+                .unwrap();
+            let mut session = Session {
+                writer: stream.try_clone().unwrap(),
+                reader: BufReader::new(stream),
+            };
+            if session.exchange("whoami").starts_with(wanted) {
+                return session;
+            }
+        }
+        panic!("no connection landed on {wanted}");
+    }
+
+    fn exchange(&mut self, text: &str) -> String {
+        self.writer
+            .write_all(format!("{text}\n").as_bytes())
+            .unwrap();
+        let mut line = String::new();
+        self.reader.read_line(&mut line).unwrap();
+        line
+    }
+
+    fn assert_alive(&mut self, rounds: usize) {
+        for i in 0..rounds {
+            assert_eq!(
+                self.exchange(&format!("ping {i}")),
+                format!("ping {i}\n"),
+                "the long-lived connection broke"
+            );
+        }
+    }
+}
+
+fn served_by(lab: &Lab, count: usize) -> Vec<String> {
+    lab.in_host("client", || {
+        (0..count)
+            .map(|_| whoami(lab.vip(0), 6443).unwrap().0)
+            .collect()
+    })
+    .unwrap()
+}
+
+fn apiserver_setup(
+    backends: &[&str],
+    check: &str,
+) -> (Lab, Vec<LabProcess>, LabProcess, std::path::PathBuf) {
+    let lab = Lab::new(&HOSTS).unwrap();
+    let apis = start_apiservers(&lab, backends);
+    let yaml =
+        vip_config(&lab, backends).replace("    backends:\n", &format!("{check}    backends:\n"));
+    let config = write_config(&lab, "config.yaml", &yaml);
+    let agent = start_agent(&lab, "lb", &config, &[]);
+    // Every backend has been checked at least once.
+    lab.wait_until(Duration::from_secs(10), "first checks", || {
+        status(&lab)["vips"][0]["backends"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|b| b["checks"].as_u64().unwrap() > 0)
+    })
+    .unwrap();
+    (lab, apis, agent, config)
+}
+
+#[test]
+fn a_killed_apiserver_is_out_within_fall_fast_intervals_plus_one_interval() {
+    let (lab, apis, _agent, _) = apiserver_setup(&["api1", "api2", "api3"], "");
+    let (interval, fast, fall) = (Duration::from_secs(1), Duration::from_millis(200), 3);
+    let bound = fast * fall + interval;
+    let vip = lab.vip(0);
+    let attempts: Mutex<Vec<(Instant, Result<String, String>)>> = Mutex::new(Vec::new());
+    let killed_at = std::thread::scope(|scope| {
+        let client = scope.spawn(|| {
+            lab.in_host("client", || {
+                let start = Instant::now();
+                while start.elapsed() < Duration::from_secs(6) {
+                    let at = Instant::now();
+                    let result = whoami(vip, 6443)
+                        .map(|(name, _)| name)
+                        .map_err(|e| e.to_string());
+                    attempts.lock().unwrap().push((at, result));
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            })
+            .unwrap()
+        });
+        std::thread::sleep(Duration::from_millis(1300));
+        apis[1].signal(Signal::SIGKILL).unwrap();
+        let killed_at = Instant::now();
+        client.join().unwrap();
+        killed_at
+    });
+    let attempts = attempts.into_inner().unwrap();
+    let before: Vec<_> = attempts.iter().filter(|(at, _)| *at < killed_at).collect();
+    assert!(
+        before.iter().all(|(_, r)| r.is_ok()),
+        "failures before the kill"
+    );
+    let last_failure = attempts
+        .iter()
+        .filter(|(at, r)| *at >= killed_at && r.is_err())
+        .map(|(at, _)| *at)
+        .max();
+    let recovery = last_failure.map_or(Duration::ZERO, |at| at.duration_since(killed_at));
+    let failed = attempts.iter().filter(|(_, r)| r.is_err()).count();
+    eprintln!(
+        "measured: new connections all succeed again {:.0} ms after the kill (bound {} ms); {failed} of {} attempts failed",
+        recovery.as_secs_f64() * 1000.0,
+        bound.as_millis(),
+        attempts.len()
+    );
+    assert!(
+        recovery <= bound,
+        "recovery took {recovery:?}, more than fall x fast_interval + interval = {bound:?}"
+    );
+    let after: Vec<_> = attempts
+        .iter()
+        .filter(|(at, _)| *at > killed_at + recovery)
+        .collect();
+    assert!(after.len() > 50);
+    assert!(
+        after
+            .iter()
+            .all(|(_, r)| matches!(r, Ok(name) if name != "api2")),
+        "a new connection failed or went to the dead apiserver"
+    );
+    let dead = backend(&status(&lab), &lab, "api2").unwrap().clone();
+    assert_eq!(dead["state"], "down", "{dead}");
+    assert_eq!(dead["last_check"]["detail"], "connection refused", "{dead}");
+}
+
+#[test]
+fn a_not_ready_apiserver_drains_keeps_established_flows_and_returns_after_rise() {
+    let (lab, apis, agent, _) = apiserver_setup(&["api1", "api2", "api3"], "");
+    let vip = lab.vip(0);
+    lab.in_host("client", || {
+        let mut session = Session::to(vip, "api1");
+        apis[0].signal(Signal::SIGUSR1).unwrap(); // /readyz answers 500, everything else serves
+        wait_for_state(&lab, "api1", "draining", Duration::from_secs(4));
+        let drained = backend(&status(&lab), &lab, "api1").unwrap().clone();
+        assert_eq!(drained["last_check"]["detail"], "status 500", "{drained}");
+        assert_eq!(drained["last_check"]["result"], "not_ready", "{drained}");
+        session.assert_alive(50);
+        let served: Vec<String> = (0..100).map(|_| whoami(vip, 6443).unwrap().0).collect();
+        assert!(
+            served.iter().all(|n| n != "api1"),
+            "a new connection went to the draining apiserver"
+        );
+        session.assert_alive(10);
+
+        let checks_before = backend(&status(&lab), &lab, "api1").unwrap()["checks"]
+            .as_u64()
+            .unwrap();
+        apis[0].signal(Signal::SIGUSR2).unwrap();
+        wait_for_state(&lab, "api1", "up", Duration::from_secs(4));
+        let checks_after = backend(&status(&lab), &lab, "api1").unwrap()["checks"]
+            .as_u64()
+            .unwrap();
+        assert!(
+            checks_after - checks_before >= 2,
+            "up after {} checks, rise is 2",
+            checks_after - checks_before
+        );
+        let served: Vec<String> = (0..60).map(|_| whoami(vip, 6443).unwrap().0).collect();
+        assert!(
+            served.iter().any(|n| n == "api1"),
+            "api1 gets new flows again"
+        );
+        session.assert_alive(10);
+    })
+    .unwrap();
+    let log = agent.log();
+    assert!(
+        log.contains("backend up -> draining") && log.contains("reason=status 500"),
+        "structured transition:\n{log}"
+    );
+    assert!(log.contains("backend draining -> up"), "{log}");
+}
+
+#[test]
+fn a_hung_backend_goes_down_by_timeout_without_slowing_other_checks() {
+    let lab = Lab::new(&HOSTS).unwrap();
+    let _apis = start_apiservers(&lab, &["api1", "api2"]);
+    let listen = format!("{}:6443", lab.host("api3").addr);
+    let mut hung = lab
+        .spawn(
+            "api3",
+            &[
+                bin_path("standin-apiserver").to_str().unwrap(),
+                "--name",
+                "api3",
+                "--listen",
+                &listen,
+                "--hang",
+            ],
+        )
+        .unwrap();
+    hung.wait_for_log("listening", Duration::from_secs(10))
+        .unwrap();
+    let check = "    check:\n      timeout: 500ms\n";
+    let yaml = vip_config(&lab, &["api1", "api2", "api3"])
+        .replace("    backends:\n", &format!("{check}    backends:\n"));
+    let config = write_config(&lab, "config.yaml", &yaml);
+    let _agent = start_agent(&lab, "lb", &config, &[]);
+    let started = Instant::now();
+    let checks = |host| {
+        backend(&status(&lab), &lab, host).unwrap()["checks"]
+            .as_u64()
+            .unwrap()
+    };
+    let took = wait_for_state(&lab, "api3", "down", Duration::from_secs(6));
+    let hung_status = backend(&status(&lab), &lab, "api3").unwrap().clone();
+    assert!(
+        hung_status["last_check"]["detail"]
+            .as_str()
+            .unwrap()
+            .starts_with("timed out after 500ms"),
+        "{hung_status}"
+    );
+    eprintln!(
+        "measured: hung backend down after {:.0} ms",
+        took.as_secs_f64() * 1000.0
+    );
+    // Meanwhile the others kept their 1 s rhythm: about one check per second each.
+    let elapsed = started.elapsed().as_secs_f64();
+    for host in ["api1", "api2"] {
+        let n = checks(host) as f64;
+        assert!(
+            n >= elapsed.floor(),
+            "{host}: {n} checks in {elapsed:.1}s: slowed by the hung backend"
+        );
+    }
+    let served = served_by(&lab, 60);
+    assert!(served.iter().all(|n| n != "api3"));
+}
+
+#[test]
+fn with_every_backend_failing_traffic_still_flows_and_status_says_fail_open() {
+    let (lab, apis, agent, _) = apiserver_setup(&["api1", "api2", "api3"], "");
+    for api in &apis {
+        api.signal(Signal::SIGUSR1).unwrap();
+    }
+    for host in ["api1", "api2", "api3"] {
+        wait_for_state(&lab, host, "draining", Duration::from_secs(4));
+    }
+    let report = status(&lab);
+    assert_eq!(report["vips"][0]["fail_open"], true, "{report}");
+    let table = lab
+        .exec("lb", &[bin_path("ha-user").to_str().unwrap(), "status"])
+        .unwrap();
+    assert!(String::from_utf8_lossy(&table.stdout).contains("FAIL-OPEN"));
+    assert!(agent.log().contains("FAILING OPEN"), "{}", agent.log());
+    let served = served_by(&lab, 60);
+    for name in ["api1", "api2", "api3"] {
+        assert!(
+            served.iter().any(|n| n == name),
+            "fail open spreads over all backends: {served:?}"
+        );
+    }
+    apis[0].signal(Signal::SIGUSR2).unwrap();
+    wait_for_state(&lab, "api1", "up", Duration::from_secs(4));
+    assert_eq!(status(&lab)["vips"][0]["fail_open"], false);
+    assert!(served_by(&lab, 30).iter().all(|n| n == "api1"));
+}
+
+#[test]
+fn reload_adds_removes_and_reweights_without_breaking_an_unchanged_backend() {
+    let (lab, _apis, _agent, config) = apiserver_setup(&["api1", "api2", "api3", "api4"], "");
+    std::fs::write(&config, vip_config(&lab, &["api1", "api2", "api3"])).unwrap();
+    let reload = lab
+        .exec("lb", &[bin_path("ha-user").to_str().unwrap(), "reload"])
+        .unwrap();
+    assert!(String::from_utf8_lossy(&reload.stdout).contains("reload applied"));
+    let vip = lab.vip(0);
+    lab.in_host("client", || {
+        let mut session = Session::to(vip, "api1");
+        session.assert_alive(5);
+        let next = vip_config(&lab, &["api1", "api3", "api4"]).replace(
+            &format!("      - address: {}\n", lab.host("api3").addr),
+            &format!(
+                "      - address: {}\n        weight: 3\n",
+                lab.host("api3").addr
+            ),
+        );
+        std::fs::write(&config, next).unwrap();
+        let out = lab
+            .exec("lb", &[bin_path("ha-user").to_str().unwrap(), "reload"])
+            .unwrap();
+        assert!(String::from_utf8_lossy(&out.stdout).contains("reload applied"));
+        session.assert_alive(50);
+        let served: Vec<String> = (0..200).map(|_| whoami(vip, 6443).unwrap().0).collect();
+        assert!(
+            !served.iter().any(|n| n == "api2"),
+            "removed backend got a new flow"
+        );
+        let api3 = served.iter().filter(|n| *n == "api3").count();
+        assert!(
+            (90..=150).contains(&api3),
+            "weight 3 of 5: api3 served {api3} of 200"
+        );
+        session.assert_alive(5);
+
+        // A bad file through the CLI: refused, exit 1, nothing changes.
+        std::fs::write(&config, "vips: []\n").unwrap();
+        let refused = lab
+            .command("lb", bin_path("ha-user"))
+            .arg("reload")
+            .output()
+            .unwrap();
+        assert!(!refused.status.success());
+        assert!(
+            String::from_utf8_lossy(&refused.stderr).contains("reload rejected"),
+            "{}",
+            String::from_utf8_lossy(&refused.stderr)
+        );
+        session.assert_alive(5);
+    })
+    .unwrap();
+    let report = status(&lab);
+    let backends: Vec<(String, u64)> = report["vips"][0]["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| {
+            (
+                b["address"].as_str().unwrap().to_string(),
+                b["weight"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    let expect: Vec<(String, u64)> = [("api1", 1), ("api3", 3), ("api4", 1)]
+        .iter()
+        .map(|(h, w)| (lab.host(h).addr.to_string(), *w))
+        .collect();
+    assert_eq!(backends, expect);
+}
+
+#[test]
+fn drain_and_undrain_from_the_command_line() {
+    let (lab, _apis, _agent, _) = apiserver_setup(&["api1", "api2", "api3"], "");
+    let ha_user = bin_path("ha-user");
+    let api1 = lab.host("api1").addr.to_string();
+    let vip = lab.vip(0);
+    lab.in_host("client", || {
+        let mut session = Session::to(vip, "api1");
+        let out = lab
+            .exec(
+                "lb",
+                &[ha_user.to_str().unwrap(), "drain", "apiserver", &api1],
+            )
+            .unwrap();
+        assert!(String::from_utf8_lossy(&out.stdout).contains("maintenance"));
+        assert_eq!(state_of(&lab, "api1"), "maintenance");
+        let served: Vec<String> = (0..100).map(|_| whoami(vip, 6443).unwrap().0).collect();
+        assert!(
+            served.iter().all(|n| n != "api1"),
+            "a drained backend got a new flow"
+        );
+        session.assert_alive(20);
+        lab.exec(
+            "lb",
+            &[
+                ha_user.to_str().unwrap(),
+                "undrain",
+                "apiserver",
+                &format!("{api1}:6443"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(state_of(&lab, "api1"), "up");
+        let served: Vec<String> = (0..60).map(|_| whoami(vip, 6443).unwrap().0).collect();
+        assert!(served.iter().any(|n| n == "api1"));
+    })
+    .unwrap();
+    let wrong = lab
+        .command("lb", &ha_user)
+        .args(["drain", "apiserver", "10.9.9.9"])
+        .output()
+        .unwrap();
+    assert!(!wrong.status.success());
+    assert!(String::from_utf8_lossy(&wrong.stderr).contains("has no backend 10.9.9.9"));
+}
+
+#[test]
+fn status_json_reports_vip_backends_checks_and_counters() {
+    let (lab, _apis, _agent, _) = apiserver_setup(&["api1", "api2"], "");
+    served_by(&lab, 20);
+    let report = status(&lab);
+    assert_eq!(report["interface"], "eth0");
+    assert_eq!(report["xdp_mode"], "native");
+    let vip = &report["vips"][0];
+    assert_eq!(vip["name"], "apiserver");
+    assert_eq!(vip["address"], lab.vip(0).to_string());
+    assert_eq!(
+        (
+            vip["port"].as_u64(),
+            vip["mode"].as_str(),
+            vip["owner"].as_str()
+        ),
+        (Some(6443), Some("nat"), Some("static"))
+    );
+    assert_eq!(vip["traffic"]["flows"].as_u64(), Some(20));
+    let mut flows = 0;
+    for b in vip["backends"].as_array().unwrap() {
+        assert_eq!(b["state"], "up");
+        assert_eq!(b["last_check"]["result"], "pass");
+        assert_eq!(b["last_check"]["detail"], "status 200");
+        assert!(b["last_check"]["latency_ms"].as_f64().unwrap() > 0.0);
+        flows += b["traffic"]["flows"].as_u64().unwrap();
+    }
+    assert_eq!(flows, 20);
+    assert!(report["verdicts"]["forward_tx"].as_u64().unwrap() >= 20 * 3);
+}
