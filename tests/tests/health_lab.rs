@@ -479,3 +479,30 @@ fn status_json_reports_vip_backends_checks_and_counters() {
     assert_eq!(flows, 20);
     assert!(report["verdicts"]["forward_tx"].as_u64().unwrap() >= 20 * 3);
 }
+
+#[test]
+fn the_admin_socket_refuses_users_other_than_root() {
+    let (lab, _apis, agent, _) = apiserver_setup(&["api1"], "");
+    let ha_user = bin_path("ha-user");
+    let as_nobody = lab
+        .command("lb", "setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(&ha_user)
+        .args(["status", "--iface", "eth0"])
+        .output()
+        .unwrap();
+    assert!(
+        !as_nobody.status.success(),
+        "nobody read the status: {}",
+        String::from_utf8_lossy(&as_nobody.stdout)
+    );
+    lab.wait_until(Duration::from_secs(5), "the refusal logged", || {
+        agent.log().contains("refused a client")
+    })
+    .unwrap();
+    assert_eq!(
+        status(&lab)["vips"][0]["name"],
+        "apiserver",
+        "root still can"
+    );
+}

@@ -17,6 +17,8 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "ethtool",      // GRO on veth so XDP_TX/REDIRECT work in the lab
     "iputils-ping", // ICMP traffic in the demo and lab tests
     "curl",         // HTTPS client in the stand-in apiserver tests
+    "mount",        // mount/umount: the lab's bpffs for restart tests
+    "util-linux",   // setpriv: the admin socket test runs a client as nobody
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

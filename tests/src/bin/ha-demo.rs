@@ -1,7 +1,8 @@
 //! `cargo xtask demo`: a client, an LB host running `ha-user attach`, and
 //! three stand-in apiservers on one LAN of network namespaces. The client
-//! opens connections to VIP:6443; the demo shows which apiserver served each
-//! and the agent's live per-backend counters from the XDP program.
+//! keeps opening connections to VIP:6443; the demo shows which apiserver
+//! served them and the XDP program's per-backend counters, then kills one
+//! apiserver and restarts it, showing each step in `ha-user status`.
 
 use std::{
     collections::BTreeMap,
@@ -12,14 +13,15 @@ use std::{
 
 use anyhow::{Context, Result};
 use clap::Parser;
-use ha_lab::{HOST_IFACE, Lab, bin_path};
+use ha_lab::{HOST_IFACE, Lab, LabProcess, bin_path};
+use nix::sys::signal::Signal;
 
 #[derive(Parser)]
 #[command(about = "ha-lb demo on a network-namespace lab")]
 struct Args {
-    /// How long the client keeps connecting.
-    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
-    duration: Duration,
+    /// How long each phase (steady, one apiserver dead, recovered) lasts.
+    #[arg(long, default_value = "4s", value_parser = humantime::parse_duration)]
+    phase: Duration,
     /// New connections per second from the client.
     #[arg(long, default_value_t = 50)]
     rate: u32,
@@ -29,12 +31,76 @@ const APISERVERS: [&str; 3] = ["api1", "api2", "api3"];
 
 fn whoami(vip: Ipv4Addr) -> std::io::Result<String> {
     let stream =
-        TcpStream::connect_timeout(&SocketAddr::from((vip, 6443)), Duration::from_secs(1))?;
+        TcpStream::connect_timeout(&SocketAddr::from((vip, 6443)), Duration::from_millis(500))?;
     stream.set_read_timeout(Some(Duration::from_secs(1)))?;
     (&stream).write_all(b"whoami\n")?;
     let mut line = String::new();
     BufReader::new(&stream).read_line(&mut line)?;
-    Ok(line.trim().to_string())
+    Ok(line.split_whitespace().next().unwrap_or("?").to_string())
+}
+
+fn start_apiserver(lab: &Lab, name: &str) -> Result<LabProcess> {
+    let listen = format!("{}:6443", lab.host(name).addr);
+    let mut process = lab.spawn(
+        name,
+        &[
+            bin_path("standin-apiserver").to_str().unwrap(),
+            "--name",
+            name,
+            "--listen",
+            &listen,
+        ],
+    )?;
+    process.wait_for_log("listening", Duration::from_secs(10))?;
+    Ok(process)
+}
+
+/// Connects for `duration`, printing every second who served and the agent's counters.
+fn traffic(lab: &Lab, agent: &LabProcess, args: &Args) -> Result<()> {
+    let vip = lab.vip(0);
+    let interval = Duration::from_secs_f64(1.0 / args.rate.max(1) as f64);
+    lab.in_host("client", || {
+        let start = Instant::now();
+        let mut served: BTreeMap<String, u64> = BTreeMap::new();
+        let (mut failed, mut next_report) = (0u64, Duration::from_secs(1));
+        while start.elapsed() < args.phase {
+            match whoami(vip) {
+                Ok(name) => *served.entry(name).or_default() += 1,
+                Err(_) => failed += 1,
+            }
+            std::thread::sleep(interval);
+            if start.elapsed() >= next_report {
+                next_report += Duration::from_secs(1);
+                let spread: Vec<String> = served.iter().map(|(n, c)| format!("{n}={c}")).collect();
+                println!(
+                    "  {:>3.0}s client: served by {}  failed={failed}",
+                    start.elapsed().as_secs_f32(),
+                    spread.join(" ")
+                );
+            }
+        }
+        let log = agent.log();
+        let stats: Vec<&str> = log
+            .lines()
+            .filter(|l| l.starts_with("stats backend="))
+            .collect();
+        for line in &stats[stats.len().saturating_sub(APISERVERS.len())..] {
+            println!(
+                "       agent (XDP counters, since start): {}",
+                line.trim_start_matches("stats ")
+            );
+        }
+    })?;
+    Ok(())
+}
+
+fn show_status(lab: &Lab) -> Result<()> {
+    let out = lab.exec("lb", &[bin_path("ha-user").to_str().unwrap(), "status"])?;
+    println!("\n$ ha-user status");
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        println!("  {line}");
+    }
+    Ok(())
 }
 
 fn main() -> Result<()> {
@@ -49,24 +115,10 @@ fn main() -> Result<()> {
     for host in lab.hosts() {
         println!("  {:<7} {:<15} {}", host.name, host.addr, host.mac_string());
     }
-
-    let standin = bin_path("standin-apiserver");
-    let mut apiservers = Vec::new();
-    for name in APISERVERS {
-        let listen = format!("{}:6443", lab.host(name).addr);
-        let mut process = lab.spawn(
-            name,
-            &[
-                standin.to_str().unwrap(),
-                "--name",
-                name,
-                "--listen",
-                &listen,
-            ],
-        )?;
-        process.wait_for_log("listening", Duration::from_secs(10))?;
-        apiservers.push(process);
-    }
+    let mut apiservers: Vec<LabProcess> = APISERVERS
+        .iter()
+        .map(|n| start_apiserver(&lab, n))
+        .collect::<Result<_>>()?;
 
     let mut config =
         format!("vips:\n  - name: apiserver\n    address: {vip}\n    port: 6443\n    backends:\n");
@@ -75,7 +127,10 @@ fn main() -> Result<()> {
     }
     let config_path = lab.log_dir().join("config.yaml");
     std::fs::write(&config_path, &config)?;
-    println!("\nconfig ({}):\n{}", config_path.display(), config);
+    println!(
+        "\nconfig ({}): health checks default to HTTPS GET /readyz, 1s/200ms, rise 2, fall 3\n{config}",
+        config_path.display()
+    );
 
     let ha_user = bin_path("ha-user");
     let mut agent = lab.spawn(
@@ -100,56 +155,41 @@ fn main() -> Result<()> {
                 .trim()
         );
     }
-    println!(
-        "\nclient {} -> VIP {vip}:6443, {} new connections/s for {:?}; each asks `whoami` and closes\n",
-        lab.host("client").addr,
-        args.rate,
-        args.duration
-    );
+    std::thread::sleep(Duration::from_millis(1200)); // first health checks
 
-    let interval = Duration::from_secs_f64(1.0 / args.rate.max(1) as f64);
-    lab.in_host("client", || -> Result<()> {
-        let start = Instant::now();
-        let mut served: BTreeMap<String, u64> = BTreeMap::new();
-        let (mut failed, mut next_report) = (0u64, Duration::from_secs(1));
-        let mut shown_stats = 0;
-        while start.elapsed() < args.duration {
-            match whoami(vip) {
-                Ok(reply) => {
-                    *served
-                        .entry(reply.split_whitespace().next().unwrap_or("?").to_string())
-                        .or_default() += 1
-                }
-                Err(_) => failed += 1,
-            }
-            std::thread::sleep(interval);
-            if start.elapsed() >= next_report {
-                next_report += Duration::from_secs(1);
-                let spread: Vec<String> = served.iter().map(|(n, c)| format!("{n}={c}")).collect();
-                println!(
-                    "{:>4.0}s client: served by {}  failed={failed}",
-                    start.elapsed().as_secs_f32(),
-                    spread.join(" ")
-                );
-                let log = agent.log();
-                let stats: Vec<&str> = log
-                    .lines()
-                    .filter(|l| l.starts_with("stats backend="))
-                    .collect();
-                let latest = stats.len().saturating_sub(APISERVERS.len());
-                if latest >= shown_stats {
-                    for line in &stats[latest..] {
-                        println!(
-                            "      agent (XDP counters): {}",
-                            line.trim_start_matches("stats ")
-                        );
-                    }
-                    shown_stats = stats.len();
-                }
-            }
-        }
-        Ok(())
-    })??;
+    println!(
+        "\n== 1. steady: client {} -> VIP {vip}:6443, {} new connections/s",
+        lab.host("client").addr,
+        args.rate
+    );
+    traffic(&lab, &agent, &args)?;
+    show_status(&lab)?;
+
+    println!("\n== 2. kill -9 api2: its checks fail (connection refused), it leaves the table");
+    let killed = Instant::now();
+    apiservers[1].signal(Signal::SIGKILL)?;
+    traffic(&lab, &agent, &args)?;
+    let transitions: Vec<String> = agent
+        .log()
+        .lines()
+        .filter(|l| l.contains("backend up -> down"))
+        .map(str::to_string)
+        .collect();
+    for line in &transitions {
+        println!(
+            "agent: {}",
+            line.split_once("WARN")
+                .map_or(line.as_str(), |(_, rest)| rest)
+                .trim()
+        );
+    }
+    println!("  (killed {:.1}s ago)", killed.elapsed().as_secs_f32());
+    show_status(&lab)?;
+
+    println!("\n== 3. api2 restarts: back after 2 passing checks");
+    apiservers[1] = start_apiserver(&lab, "api2")?;
+    traffic(&lab, &agent, &args)?;
+    show_status(&lab)?;
 
     agent.stop(Duration::from_secs(5))?;
     let addresses = lab.exec("lb", &["ip", "-o", "-4", "addr", "show", "dev", HOST_IFACE])?;

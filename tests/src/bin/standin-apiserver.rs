@@ -1,6 +1,7 @@
 //! A stand-in kube-apiserver for tests and the demo.
 //!
-//! One TCP port serves two things, told apart by the client's first byte:
+//! One TCP port serves three things, told apart by the client's first bytes
+//! (plain HTTP `GET ` serves the same paths as HTTPS):
 //! - TLS (first byte 0x16): HTTPS with a self-signed certificate, answering
 //!   `/livez`, `/readyz`, `/healthz` like a kube-apiserver and `/whoami` with
 //!   the server's name and the client address it saw;
@@ -59,6 +60,9 @@ struct Args {
     /// Accept connections and never answer (a hung apiserver), until SIGUSR2.
     #[arg(long)]
     hang: bool,
+    /// Require TLS clients to present a certificate signed by this CA (PEM), as etcd does.
+    #[arg(long)]
+    client_ca: Option<PathBuf>,
 }
 
 struct State {
@@ -152,10 +156,25 @@ fn tls_acceptor(args: &Args) -> Result<TlsAcceptor> {
     let cert = CertificateDer::from(certified.cert.der().to_vec());
     let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(certified.key_pair.serialize_der()));
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()?
-        .with_no_client_auth()
-        .with_single_cert(vec![cert], key)?;
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()?;
+    let builder = match &args.client_ca {
+        Some(path) => {
+            use rustls::pki_types::pem::PemObject;
+            let mut roots = rustls::RootCertStore::empty();
+            for cert in CertificateDer::pem_file_iter(path)? {
+                roots.add(cert?)?;
+            }
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider,
+            )
+            .build()?;
+            builder.with_client_cert_verifier(verifier)
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let config = builder.with_single_cert(vec![cert], key)?;
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
 
@@ -170,8 +189,30 @@ async fn serve_connection(
         let _held = stream;
         return std::future::pending::<Result<()>>().await;
     }
-    let mut first = [0u8; 1];
-    if stream.peek(&mut first).await? == 0 {
+    let mut first = [0u8; 4];
+    let mut seen = 0;
+    // Enough bytes to tell TLS, plain HTTP and the line protocol apart.
+    while seen < 4 {
+        seen = stream.peek(&mut first).await?;
+        if seen == 0 || first[0] == TLS_HANDSHAKE_RECORD || first[..seen].contains(&b'\n') {
+            break;
+        }
+        if seen < 4 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+    if seen == 0 {
+        return Ok(());
+    }
+    if &first == b"GET " {
+        let service = service_fn(move |request| {
+            let state = state.clone();
+            async move { Ok::<_, std::convert::Infallible>(respond(&request, &state, peer)) }
+        });
+        http1::Builder::new()
+            .serve_connection(TokioIo::new(stream), service)
+            .await
+            .context("HTTP")?;
         return Ok(());
     }
     if first[0] == TLS_HANDSHAKE_RECORD {
