@@ -399,11 +399,11 @@ impl Agent {
         match report.health {
             Health::Up => info!(
                 backend = %report.key, from = previous.label(), to = "up", reason = %outcome.detail,
-                latency_ms = outcome.latency.as_secs_f64() * 1000.0, after = ?in_previous, "{message}"
+                latency_ms = outcome.latency.as_micros() as f64 / 1000.0, after = ?in_previous, "{message}"
             ),
             Health::Draining | Health::Down => warn!(
                 backend = %report.key, from = previous.label(), to = report.health.label(), reason = %outcome.detail,
-                latency_ms = outcome.latency.as_secs_f64() * 1000.0, after = ?in_previous, "{message}"
+                latency_ms = outcome.latency.as_micros() as f64 / 1000.0, after = ?in_previous, "{message}"
             ),
         }
         if let Err(e) = self.apply_data_plane() {

@@ -184,6 +184,9 @@ async fn serve_connection(
     state: Arc<State>,
     acceptor: TlsAcceptor,
 ) -> Result<()> {
+    // As Go servers (kube-apiserver, etcd) do: without it a response written
+    // in several TLS records waits for the client's delayed ACK (40 ms).
+    let _ = stream.set_nodelay(true);
     if state.hung.load(Ordering::Relaxed) {
         // Hold the connection open and say nothing, as a wedged process would.
         let _held = stream;
