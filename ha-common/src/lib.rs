@@ -190,6 +190,22 @@ pub struct NatKey {
 }
 const _: () = assert!(core::mem::size_of::<NatKey>() == 16);
 
+impl NatKey {
+    /// The reverse entry of a NATed flow to `backend`: what the backend's
+    /// replies to `lb_addr:nat_port` look like.
+    #[inline(always)]
+    pub const fn new(backend: &BackendInfo, lb_addr: u32, nat_port: u16, protocol: u8) -> Self {
+        NatKey {
+            backend_addr: backend.addr,
+            lb_addr,
+            backend_port: backend.port,
+            nat_port,
+            protocol,
+            _pad: [0; 3],
+        }
+    }
+}
+
 /// Data-plane-wide settings, one entry in the SETTINGS array.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

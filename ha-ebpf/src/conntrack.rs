@@ -41,14 +41,12 @@ fn reverse_key_of(key: &FlowKey, flow: &Flow, settings: &Settings) -> Option<Nat
         return None;
     }
     let backend = crate::maps::BACKENDS.get(flow.backend_id)?;
-    Some(NatKey {
-        backend_addr: backend.addr,
-        lb_addr: settings.lb_addr,
-        backend_port: backend.port,
-        nat_port: flow.nat_port,
-        protocol: key.protocol,
-        _pad: [0; 3],
-    })
+    Some(NatKey::new(
+        backend,
+        settings.lb_addr,
+        flow.nat_port,
+        key.protocol,
+    ))
 }
 
 #[inline(always)]

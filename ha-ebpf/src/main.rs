@@ -196,28 +196,30 @@ fn to_vip(
         src_port: nat_port,
         dst_port: backend.port,
     };
-    if nat::rewrite(ctx, packet, &to).is_none() {
+    let nat_key = NatKey::new(&backend, settings.lb_addr, nat_port, packet.protocol);
+    let outward = (Verdict::ForwardTx, Verdict::ForwardRedirect);
+    send(ctx, packet, &to, outward, lifecycle, &key, &nat_key)
+}
+
+/// The end of both paths: rewrite, forward, and once the packet is on its
+/// way, forget the flow if it was an RST.
+#[inline(always)]
+fn send(
+    ctx: &XdpContext,
+    packet: &Packet,
+    to: &Rewrite,
+    (tx, redirect): (Verdict, Verdict),
+    lifecycle: Lifecycle,
+    flow: &FlowKey,
+    nat_key: &NatKey,
+) -> (u32, Verdict) {
+    if nat::rewrite(ctx, packet, to).is_none() {
         return pass(Verdict::PassMalformed);
     }
-    let result = forward::forward(
-        ctx,
-        packet,
-        to.src_addr,
-        to.dst_addr,
-        Verdict::ForwardTx,
-        Verdict::ForwardRedirect,
-    );
+    let result = forward::forward(ctx, packet, to.src_addr, to.dst_addr, tx, redirect);
     if let Lifecycle::Reset = lifecycle {
         count_event(Event::FlowReset);
-        let nat_key = NatKey {
-            backend_addr: backend.addr,
-            lb_addr: settings.lb_addr,
-            backend_port: backend.port,
-            nat_port,
-            protocol: packet.protocol,
-            _pad: [0; 3],
-        };
-        conntrack::forget(&key, Some(&nat_key));
+        conntrack::forget(flow, Some(nat_key));
     }
     result
 }
@@ -232,14 +234,7 @@ fn leave_down_backend(key: &FlowKey, flow: *mut Flow, settings: &Settings) -> Op
     if backend.flags & BACKEND_FLAG_DOWN == 0 {
         return Some(flow);
     }
-    let nat_key = NatKey {
-        backend_addr: backend.addr,
-        lb_addr: settings.lb_addr,
-        backend_port: backend.port,
-        nat_port: entry.nat_port,
-        protocol: key.protocol,
-        _pad: [0; 3],
-    };
+    let nat_key = NatKey::new(backend, settings.lb_addr, entry.nat_port, key.protocol);
     conntrack::forget(key, Some(&nat_key));
     count_event(Event::MovedFromDownBackend);
     None
@@ -262,14 +257,7 @@ fn allocate_nat_port(
             settings.nat_port_min,
             settings.nat_port_max,
         ));
-        let nat_key = NatKey {
-            backend_addr: backend.addr,
-            lb_addr: settings.lb_addr,
-            backend_port: backend.port,
-            nat_port: port,
-            protocol: key.protocol,
-            _pad: [0; 3],
-        };
+        let nat_key = NatKey::new(backend, settings.lb_addr, port, key.protocol);
         if REVERSE_NAT.insert(nat_key, key, BPF_NOEXIST).is_ok() {
             return Some(port);
         }
@@ -304,22 +292,8 @@ fn reply(
         src_port: client_flow.dst_port,
         dst_port: client_flow.src_port,
     };
-    if nat::rewrite(ctx, packet, &to).is_none() {
-        return pass(Verdict::PassMalformed);
-    }
-    let result = forward::forward(
-        ctx,
-        packet,
-        to.src_addr,
-        to.dst_addr,
-        Verdict::ReplyTx,
-        Verdict::ReplyRedirect,
-    );
-    if let Lifecycle::Reset = lifecycle {
-        count_event(Event::FlowReset);
-        conntrack::forget(client_flow, Some(nat_key));
-    }
-    result
+    let back = (Verdict::ReplyTx, Verdict::ReplyRedirect);
+    send(ctx, packet, &to, back, lifecycle, client_flow, nat_key)
 }
 
 #[cfg(not(test))]

@@ -594,14 +594,17 @@ impl DataPlane {
                     continue;
                 }
                 if let Some((address, port)) = by_id.get(&flow.backend_id) {
-                    let _ = reverse.remove(&NatKey {
-                        backend_addr: addr_to_wire(address.octets()),
-                        lb_addr: settings.lb_addr,
-                        backend_port: port_to_wire(*port),
-                        nat_port: flow.nat_port,
-                        protocol: key.protocol,
-                        _pad: [0; 3],
-                    });
+                    let backend = BackendInfo {
+                        addr: addr_to_wire(address.octets()),
+                        port: port_to_wire(*port),
+                        ..BackendInfo::default()
+                    };
+                    let _ = reverse.remove(&NatKey::new(
+                        &backend,
+                        settings.lb_addr,
+                        flow.nat_port,
+                        key.protocol,
+                    ));
                 }
             }
         }

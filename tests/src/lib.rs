@@ -328,6 +328,24 @@ impl Lab {
         LabProcess::spawn(command, &self.log_dir, &label)
     }
 
+    /// Starts the stand-in kube-apiserver on `host`, named after it, on
+    /// `<host address>:6443`, with `extra` arguments; returns once it listens.
+    pub fn start_standin(&self, host: &str, extra: &[&str]) -> Result<LabProcess> {
+        let program = bin_path("standin-apiserver");
+        let listen = format!("{}:6443", self.host(host).addr);
+        let mut argv = vec![
+            program.to_str().expect("a UTF-8 path"),
+            "--name",
+            host,
+            "--listen",
+            &listen,
+        ];
+        argv.extend_from_slice(extra);
+        let mut process = self.spawn(host, &argv)?;
+        process.wait_for_log("listening", Duration::from_secs(10))?;
+        Ok(process)
+    }
+
     /// Brings the host's own interface down (its veth's carrier drops too).
     pub fn set_link(&self, host: &str, up: bool) -> Result<()> {
         ip(

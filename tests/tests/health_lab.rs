@@ -4,13 +4,11 @@
 mod common;
 
 use std::{
-    io::{BufRead, BufReader, Write},
-    net::{Ipv4Addr, TcpStream},
     sync::Mutex,
     time::{Duration, Instant},
 };
 
-use common::{start_agent, start_apiservers, vip_config, whoami, write_config};
+use common::{Session, start_agent, start_apiservers, vip_config, whoami, write_config};
 use ha_lab::{Lab, LabProcess, bin_path};
 use nix::sys::signal::Signal;
 use serde_json::Value;
@@ -53,50 +51,6 @@ fn wait_for_state(lab: &Lab, host: &str, state: &str, timeout: Duration) -> Dura
             serde_json::to_string_pretty(&status(lab)).unwrap()
         )
     })
-}
-
-/// A connection through the VIP that landed on `wanted`, kept open.
-struct Session {
-    writer: TcpStream,
-    reader: BufReader<TcpStream>,
-}
-
-impl Session {
-    fn to(vip: Ipv4Addr, wanted: &str) -> Session {
-        for _ in 0..200 {
-            let stream = TcpStream::connect((vip, 6443)).unwrap();
-            stream
-                .set_read_timeout(Some(Duration::from_secs(3)))
-                .unwrap();
-            let mut session = Session {
-                writer: stream.try_clone().unwrap(),
-                reader: BufReader::new(stream),
-            };
-            if session.exchange("whoami").starts_with(wanted) {
-                return session;
-            }
-        }
-        panic!("no connection landed on {wanted}");
-    }
-
-    fn exchange(&mut self, text: &str) -> String {
-        self.writer
-            .write_all(format!("{text}\n").as_bytes())
-            .unwrap();
-        let mut line = String::new();
-        self.reader.read_line(&mut line).unwrap();
-        line
-    }
-
-    fn assert_alive(&mut self, rounds: usize) {
-        for i in 0..rounds {
-            assert_eq!(
-                self.exchange(&format!("ping {i}")),
-                format!("ping {i}\n"),
-                "the long-lived connection broke"
-            );
-        }
-    }
 }
 
 fn served_by(lab: &Lab, count: usize) -> Vec<String> {
@@ -249,22 +203,7 @@ fn a_not_ready_apiserver_drains_keeps_established_flows_and_returns_after_rise()
 fn a_hung_backend_goes_down_by_timeout_without_slowing_other_checks() {
     let lab = Lab::new(&HOSTS).unwrap();
     let _apis = start_apiservers(&lab, &["api1", "api2"]);
-    let listen = format!("{}:6443", lab.host("api3").addr);
-    let mut hung = lab
-        .spawn(
-            "api3",
-            &[
-                bin_path("standin-apiserver").to_str().unwrap(),
-                "--name",
-                "api3",
-                "--listen",
-                &listen,
-                "--hang",
-            ],
-        )
-        .unwrap();
-    hung.wait_for_log("listening", Duration::from_secs(10))
-        .unwrap();
+    let _hung = lab.start_standin("api3", &["--hang"]).unwrap();
     let check = "    check:\n      timeout: 500ms\n";
     let yaml = vip_config(&lab, &["api1", "api2", "api3"])
         .replace("    backends:\n", &format!("{check}    backends:\n"));

@@ -11,7 +11,9 @@ use std::{
     time::Duration,
 };
 
-use common::{host_state, start_agent, start_apiservers, vip_config, whoami, write_config};
+use common::{
+    Session, host_state, start_agent, start_apiservers, vip_config, whoami, write_config,
+};
 use ha_lab::{HOST_IFACE, Lab, bin_path};
 use nix::sys::signal::Signal;
 
@@ -132,18 +134,8 @@ fn a_long_lived_connection_keeps_its_backend_while_a_fourth_backend_is_added() {
 
     let after_reload = lab
         .in_host("client", || {
-            let stream = TcpStream::connect((vip, 6443)).unwrap();
-            stream
-                .set_read_timeout(Some(Duration::from_secs(2)))
-                .unwrap();
-            let mut writer = stream.try_clone().unwrap();
-            let mut reader = BufReader::new(stream);
-            let mut exchange = |text: &str| {
-                writer.write_all(format!("{text}\n").as_bytes()).unwrap();
-                let mut line = String::new();
-                reader.read_line(&mut line).unwrap();
-                line
-            };
+            let mut session = Session::open(vip);
+            let mut exchange = |text: &str| session.exchange(text);
             let first = exchange("whoami");
             for i in 0..20 {
                 assert_eq!(exchange(&format!("before {i}")), format!("before {i}\n"));
@@ -323,18 +315,8 @@ fn an_established_connection_survives_an_agent_restart_through_the_pinned_tables
     let mut agent = start_agent(&lab, "lb", &config, &pin_arg);
     let vip = lab.vip(0);
     lab.in_host("client", || {
-        let stream = TcpStream::connect((vip, 6443)).unwrap();
-        stream
-            .set_read_timeout(Some(Duration::from_secs(5)))
-            .unwrap();
-        let mut writer = stream.try_clone().unwrap();
-        let mut reader = BufReader::new(stream);
-        let mut exchange = |text: &str| {
-            writer.write_all(format!("{text}\n").as_bytes()).unwrap();
-            let mut line = String::new();
-            reader.read_line(&mut line).unwrap();
-            line
-        };
+        let mut session = Session::open(vip);
+        let mut exchange = |text: &str| session.exchange(text);
         let first = exchange("whoami");
         agent.stop(Duration::from_secs(10)).unwrap();
         let mut restarted = start_agent(&lab, "lb", &config, &pin_arg);

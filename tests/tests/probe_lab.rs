@@ -5,7 +5,7 @@
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
-use ha_lab::{Lab, LabProcess, bin_path};
+use ha_lab::{Lab, LabProcess};
 use ha_user::{
     config::{CheckConfig, CheckKind, Verify},
     health::CheckResult,
@@ -44,25 +44,9 @@ fn client_pki(lab: &Lab) -> Pki {
 
 fn standin(lab: &Lab, extra: &[&str]) -> (LabProcess, PathBuf) {
     let cert = lab.log_dir().join(format!("server-{}.pem", extra.len()));
-    let listen = format!("{}:6443", lab.host("api1").addr);
-    let mut argv = vec![
-        bin_path("standin-apiserver").to_str().unwrap().to_string(),
-        "--name".into(),
-        "api1".into(),
-    ];
-    argv.extend([
-        "--listen".to_string(),
-        listen,
-        "--cert-out".to_string(),
-        cert.to_str().unwrap().to_string(),
-    ]);
-    argv.extend(extra.iter().map(|s| s.to_string()));
-    let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
-    let mut process = lab.spawn("api1", &argv).unwrap();
-    process
-        .wait_for_log("listening", Duration::from_secs(10))
-        .unwrap();
-    (process, cert)
+    let mut args = vec!["--cert-out", cert.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    (lab.start_standin("api1", &args).unwrap(), cert)
 }
 
 fn check(kind: CheckKind) -> CheckConfig {

@@ -7,7 +7,7 @@ use std::{
     time::Duration,
 };
 
-use ha_lab::{Lab, LabProcess, bin_path};
+use ha_lab::{Lab, LabProcess};
 use nix::sys::signal::Signal;
 
 struct Fixture {
@@ -19,27 +19,18 @@ struct Fixture {
 
 fn start() -> Fixture {
     let lab = Lab::new(&["client", "api1"]).unwrap();
-    let listen = format!("{}:6443", lab.host("api1").addr);
     let cert = lab.log_dir().join("api1.pem");
     let not_ready = lab.log_dir().join("api1.not-ready");
-    let mut server = lab
-        .spawn(
+    let server = lab
+        .start_standin(
             "api1",
             &[
-                bin_path("standin-apiserver").to_str().unwrap(),
-                "--name",
-                "api1",
-                "--listen",
-                &listen,
                 "--cert-out",
                 cert.to_str().unwrap(),
                 "--not-ready-file",
                 not_ready.to_str().unwrap(),
             ],
         )
-        .unwrap();
-    server
-        .wait_for_log("listening", Duration::from_secs(10))
         .unwrap();
     Fixture {
         lab,
@@ -126,21 +117,7 @@ fn sigterm_fails_readyz_then_exits_after_the_shutdown_delay() {
     let lab = Lab::new(&["client", "api1"]).unwrap();
     let listen = format!("{}:6443", lab.host("api1").addr);
     let mut server = lab
-        .spawn(
-            "api1",
-            &[
-                bin_path("standin-apiserver").to_str().unwrap(),
-                "--name",
-                "api1",
-                "--listen",
-                &listen,
-                "--shutdown-delay",
-                "1s",
-            ],
-        )
-        .unwrap();
-    server
-        .wait_for_log("listening", Duration::from_secs(10))
+        .start_standin("api1", &["--shutdown-delay", "1s"])
         .unwrap();
     server.signal(Signal::SIGTERM).unwrap();
     server

@@ -40,19 +40,7 @@ fn whoami(vip: Ipv4Addr) -> std::io::Result<String> {
 }
 
 fn start_apiserver(lab: &Lab, name: &str) -> Result<LabProcess> {
-    let listen = format!("{}:6443", lab.host(name).addr);
-    let mut process = lab.spawn(
-        name,
-        &[
-            bin_path("standin-apiserver").to_str().unwrap(),
-            "--name",
-            name,
-            "--listen",
-            &listen,
-        ],
-    )?;
-    process.wait_for_log("listening", Duration::from_secs(10))?;
-    Ok(process)
+    Ok(lab.start_standin(name, &[])?)
 }
 
 /// Connects for `duration`, printing every second who served and the agent's counters.

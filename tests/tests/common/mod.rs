@@ -14,25 +14,7 @@ use ha_lab::{HOST_IFACE, Lab, LabProcess, bin_path};
 pub fn start_apiservers(lab: &Lab, names: &[&str]) -> Vec<LabProcess> {
     names
         .iter()
-        .map(|name| {
-            let listen = format!("{}:6443", lab.host(name).addr);
-            let mut process = lab
-                .spawn(
-                    name,
-                    &[
-                        bin_path("standin-apiserver").to_str().unwrap(),
-                        "--name",
-                        name,
-                        "--listen",
-                        &listen,
-                    ],
-                )
-                .unwrap();
-            process
-                .wait_for_log("listening", Duration::from_secs(10))
-                .unwrap();
-            process
-        })
+        .map(|name| lab.start_standin(name, &[]).unwrap())
         .collect()
 }
 
@@ -115,4 +97,53 @@ pub fn host_state(lab: &Lab, host: &str) -> String {
         managed.join("\n"),
         String::from_utf8_lossy(&forwarding)
     )
+}
+
+/// A long-lived line-protocol connection through the VIP.
+pub struct Session {
+    writer: TcpStream,
+    reader: BufReader<TcpStream>,
+}
+
+impl Session {
+    pub fn open(vip: Ipv4Addr) -> Session {
+        let stream = TcpStream::connect((vip, 6443)).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        Session {
+            writer: stream.try_clone().unwrap(),
+            reader: BufReader::new(stream),
+        }
+    }
+
+    /// A connection that landed on the backend named `wanted`.
+    pub fn to(vip: Ipv4Addr, wanted: &str) -> Session {
+        for _ in 0..200 {
+            let mut session = Session::open(vip);
+            if session.exchange("whoami").starts_with(wanted) {
+                return session;
+            }
+        }
+        panic!("no connection landed on {wanted}");
+    }
+
+    pub fn exchange(&mut self, text: &str) -> String {
+        self.writer
+            .write_all(format!("{text}\n").as_bytes())
+            .unwrap();
+        let mut line = String::new();
+        self.reader.read_line(&mut line).unwrap();
+        line
+    }
+
+    pub fn assert_alive(&mut self, rounds: usize) {
+        for i in 0..rounds {
+            assert_eq!(
+                self.exchange(&format!("ping {i}")),
+                format!("ping {i}\n"),
+                "the long-lived connection broke"
+            );
+        }
+    }
 }
