@@ -13,3 +13,4 @@ pub mod netlink;
 pub mod probe;
 pub mod status;
 pub mod system;
+pub mod vrrp;

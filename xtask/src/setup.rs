@@ -19,6 +19,9 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "curl",         // HTTPS client in the stand-in apiserver tests
     "mount",        // mount/umount: the lab's bpffs for restart tests
     "util-linux",   // setpriv: the admin socket test runs a client as nobody
+    "keepalived",   // a real VRRP peer for the interoperability tests
+    "tshark",       // decodes the agent's VRRP adverts in the tests
+    "nftables",     // cuts VRRP between LB hosts in the partition test
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
