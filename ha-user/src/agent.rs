@@ -4,8 +4,10 @@
 //!
 //! ```text
 //!  probe task (one per VIP backend) ──HealthReport──┐
+//!  VRRP announcer (adverts, timers) ──Own/Release───┤
 //!  admin socket (status/drain/undrain/reload) ──────┼──> reconciler ──> data plane maps
 //!  signals (SIGHUP reload, SIGTERM/SIGINT stop) ────┘    (this loop)     VIP addresses, neighbours
+//!                                        reconciler ──Track──> announcer (priority, fault)
 //! ```
 //!
 //! The reconciler owns the config, every backend's health, the operator's
@@ -19,7 +21,7 @@ use std::{
     collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     net::{Ipv4Addr, SocketAddr},
     path::PathBuf,
-    sync::Arc,
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
@@ -34,7 +36,7 @@ use tracing::{error, info, warn};
 
 use crate::{
     admin::{self, Request, Response},
-    config::{CheckConfig, Config},
+    config::{CheckConfig, Config, TrackAction, VrrpConfig, VrrpVersion},
     dataplane::{
         AttachMode, DataPlane, DesiredBackend, DesiredVip, LoadOptions, monotonic_coarse_ns,
     },
@@ -44,6 +46,7 @@ use crate::{
     probe::{Outcome, Prober},
     status::{BackendStatus, LastCheck, StatusReport, Traffic, VipStatus},
     system,
+    vrrp::{announcer, machine::MachineConfig, packet::Version},
 };
 
 pub struct AttachOptions {
@@ -54,9 +57,6 @@ pub struct AttachOptions {
     pub stats_interval: Duration,
     /// Where to pin the connection tables so a restart adopts them.
     pub pin: PinLocation,
-    /// Gratuitous ARPs sent after taking a VIP, and their spacing.
-    pub garp_count: u32,
-    pub garp_interval: Duration,
 }
 
 pub enum PinLocation {
@@ -68,6 +68,19 @@ pub enum PinLocation {
 
 /// How often ended flows are swept from the connection table.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(10);
+/// How often VRRP tracking looks at the interface and the XDP attachment.
+const LINK_CHECK_INTERVAL: Duration = Duration::from_millis(500);
+
+/// The running VRRP instance, as the reconciler sees it.
+struct Vrrp {
+    commands: mpsc::Sender<announcer::Command>,
+    status: Arc<Mutex<announcer::VrrpStatus>>,
+    config: VrrpConfig,
+    /// The last (priority, fault) sent to the announcer.
+    tracked: (u8, bool),
+    /// From the last link check: interface up, XDP attached.
+    link: (bool, bool),
+}
 
 /// One backend of one VIP: what a probe task checks and the reconciler tracks.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -137,6 +150,10 @@ struct Agent {
     added_neighbours: BTreeSet<Ipv4Addr>,
     /// Backend addresses that are this host's own (found at each config apply).
     local_backends: HashSet<Ipv4Addr>,
+    /// Whether this host answers for the VIPs now: always without VRRP,
+    /// as VRRP master otherwise.
+    holding: bool,
+    vrrp: Option<Vrrp>,
     _forwarding: system::ForwardingGuard,
 }
 
@@ -186,6 +203,13 @@ pub async fn run(options: AttachOptions) -> Result<()> {
     dataplane.set_tx_ports(&netlink.interface_indexes().await?)?;
 
     let (health_tx, mut health_rx) = mpsc::channel::<HealthReport>(256);
+    let (vrrp_tx, mut vrrp_rx) = mpsc::channel::<announcer::Event>(16);
+    let vrrp = match &config.vrrp {
+        Some(vrrp_config) => {
+            Some(start_vrrp(&netlink, &iface, vrrp_config, &config, vrrp_tx).await?)
+        }
+        None => None,
+    };
     let mut agent = Agent {
         options,
         netlink,
@@ -205,6 +229,8 @@ pub async fn run(options: AttachOptions) -> Result<()> {
         added_addresses: BTreeSet::new(),
         added_neighbours: BTreeSet::new(),
         local_backends: HashSet::new(),
+        holding: vrrp.is_none(),
+        vrrp,
         _forwarding: forwarding,
     };
     let result = async {
@@ -214,12 +240,65 @@ pub async fn run(options: AttachOptions) -> Result<()> {
             "serving; SIGHUP reloads the config, SIGTERM stops"
         );
         agent
-            .serve(&mut health_rx, &mut admin_rx, &mut logger)
+            .serve(&mut health_rx, &mut admin_rx, &mut vrrp_rx, &mut logger)
             .await
     }
     .await;
     agent.shut_down().await;
     result
+}
+
+/// Opens the VRRP socket and starts the announcer (as backup: nothing held yet).
+async fn start_vrrp(
+    netlink: &Netlink,
+    attach_iface: &str,
+    vrrp: &VrrpConfig,
+    config: &Config,
+    events: mpsc::Sender<announcer::Event>,
+) -> Result<Vrrp> {
+    let iface = vrrp
+        .interface
+        .clone()
+        .unwrap_or_else(|| attach_iface.to_string());
+    let ifindex = netlink.interface_index(&iface).await?;
+    let local_address = netlink.primary_address(&iface, ifindex).await?;
+    let mut vips: Vec<Ipv4Addr> = config.vips.iter().map(|v| v.address).collect();
+    vips.sort();
+    vips.dedup();
+    let status = Arc::new(Mutex::new(announcer::VrrpStatus::default()));
+    let commands = announcer::spawn(
+        announcer::AnnouncerSetup {
+            iface: iface.clone(),
+            local_address,
+            vrid: vrrp.vrid,
+            version: match vrrp.version {
+                VrrpVersion::V2 => Version::V2,
+                VrrpVersion::V3 => Version::V3,
+            },
+            checksum: vrrp.checksum,
+            unicast_peers: vrrp.unicast_peers.clone(),
+            vips,
+            machine: MachineConfig {
+                priority: vrrp.priority,
+                advert_interval_cs: (vrrp.advert_interval.as_millis() / 10) as u16,
+                preempt: vrrp.preempt,
+                preempt_delay: vrrp.preempt_delay,
+                local_address,
+            },
+            fault: false,
+        },
+        events,
+        status.clone(),
+    )
+    .with_context(|| format!("opening the VRRP socket on {iface}"))?;
+    info!(%iface, vrid = vrrp.vrid, priority = vrrp.priority, %local_address, "VRRP started as backup");
+    Ok(Vrrp {
+        commands,
+        status,
+        config: vrrp.clone(),
+        tracked: (vrrp.priority, false),
+        link: (true, true),
+    })
 }
 
 /// Probers for every VIP, built before anything changes (a bad CA file fails here).
@@ -240,6 +319,7 @@ impl Agent {
         &mut self,
         health_rx: &mut mpsc::Receiver<HealthReport>,
         admin_rx: &mut mpsc::Receiver<admin::Command>,
+        vrrp_rx: &mut mpsc::Receiver<announcer::Event>,
         logger: &mut Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
     ) -> Result<()> {
         let mut sigterm =
@@ -255,6 +335,13 @@ impl Agent {
         };
         let mut stats = tokio::time::interval(stats_every);
         let mut log_flush = tokio::time::interval(Duration::from_millis(200));
+        let mut link_check = tokio::time::interval(LINK_CHECK_INTERVAL);
+        let refresh = self.config.garp.refresh;
+        let mut garp_refresh = tokio::time::interval(if refresh.is_zero() {
+            Duration::from_secs(3600)
+        } else {
+            refresh
+        });
         loop {
             tokio::select! {
                 _ = sigterm.recv() => { info!("SIGTERM: stopping"); return Ok(()); }
@@ -264,7 +351,10 @@ impl Agent {
                         error!("{e}");
                     }
                 }
-                Some(report) = health_rx.recv() => self.on_health(report),
+                Some(report) = health_rx.recv() => self.on_health(report).await,
+                Some(event) = vrrp_rx.recv() => self.on_vrrp(event).await,
+                _ = link_check.tick(), if self.vrrp.is_some() => self.check_link().await,
+                _ = garp_refresh.tick(), if !refresh.is_zero() && self.holding => self.announce_vips(),
                 Some((request, reply)) = admin_rx.recv() => {
                     let response = self.on_request(request).await;
                     let _ = reply.send(response);
@@ -295,8 +385,8 @@ impl Agent {
                 Ok(message) => Response::ok(message),
                 Err(message) => Response::error(message),
             },
-            Request::Drain { vip, backend } => self.set_maintenance(&vip, &backend, true),
-            Request::Undrain { vip, backend } => self.set_maintenance(&vip, &backend, false),
+            Request::Drain { vip, backend } => self.set_maintenance(&vip, &backend, true).await,
+            Request::Undrain { vip, backend } => self.set_maintenance(&vip, &backend, false).await,
         }
     }
 
@@ -336,7 +426,7 @@ impl Agent {
             .ok_or_else(|| format!("VIP {vip} has no backend {backend}"))
     }
 
-    fn set_maintenance(&mut self, vip: &str, backend: &str, on: bool) -> Response {
+    async fn set_maintenance(&mut self, vip: &str, backend: &str, on: bool) -> Response {
         let key = match self.find_backend(vip, backend) {
             Ok(key) => key,
             Err(message) => return Response::error(message),
@@ -357,7 +447,9 @@ impl Agent {
             ));
         }
         info!(backend = %key, maintenance = on, "operator {}", if on { "drained the backend" } else { "undrained the backend" });
-        match self.apply_data_plane() {
+        let applied = self.apply_data_plane();
+        self.track().await;
+        match applied {
             Ok(()) => Response::ok(format!(
                 "{key} {}",
                 if on {
@@ -370,7 +462,7 @@ impl Agent {
         }
     }
 
-    fn on_health(&mut self, report: HealthReport) {
+    async fn on_health(&mut self, report: HealthReport) {
         let current = self.probes.get(&report.key).map(|task| task.generation);
         if current != Some(report.generation) {
             return; // from a task a reload replaced
@@ -409,6 +501,103 @@ impl Agent {
         if let Err(e) = self.apply_data_plane() {
             error!("applying a health change to the data plane: {e:#}");
         }
+        self.track().await;
+    }
+
+    /// The announcer says whether to hold the VIPs.
+    async fn on_vrrp(&mut self, event: announcer::Event) {
+        match event {
+            announcer::Event::Own(hold) => {
+                if hold == self.holding {
+                    return;
+                }
+                self.holding = hold;
+                // Data plane first when taking over (ready before the ARP
+                // announcement draws traffic), last when releasing.
+                let result = if hold {
+                    let applied = self.apply_data_plane();
+                    applied.and(self.sync_vip_addresses().await)
+                } else {
+                    let synced = self.sync_vip_addresses().await;
+                    synced.and(self.apply_data_plane())
+                };
+                match result {
+                    Ok(()) => info!(
+                        holding = hold,
+                        "VIPs {}",
+                        if hold {
+                            "taken (VRRP master)"
+                        } else {
+                            "released"
+                        }
+                    ),
+                    Err(e) => error!(
+                        "{} the VIPs: {e:#}",
+                        if hold { "taking" } else { "releasing" }
+                    ),
+                }
+            }
+            announcer::Event::Reannounce => self.announce_vips(),
+        }
+    }
+
+    /// VRRP tracking: fault when the interface is down or the program is not
+    /// attached; for a VIP without a backend up, fault or a lower priority.
+    async fn track(&mut self) {
+        let no_healthy_backend = !self.failing_open.is_empty();
+        let Some(vrrp) = self.vrrp.as_mut() else {
+            return;
+        };
+        let (link_up, xdp_attached) = vrrp.link;
+        let mut fault = !link_up || !xdp_attached;
+        let mut priority = vrrp.config.priority;
+        if no_healthy_backend {
+            match vrrp.config.track.no_healthy_backend {
+                TrackAction::Fault => fault = true,
+                TrackAction::Decrease(n) => priority = priority.saturating_sub(n).max(1),
+            }
+        }
+        if (priority, fault) == vrrp.tracked {
+            return;
+        }
+        vrrp.tracked = (priority, fault);
+        info!(
+            priority,
+            fault, link_up, xdp_attached, no_healthy_backend, "VRRP tracking changed"
+        );
+        let _ = vrrp
+            .commands
+            .send(announcer::Command::Track { priority, fault })
+            .await;
+    }
+
+    async fn check_link(&mut self) {
+        let Some(vrrp) = self.vrrp.as_mut() else {
+            return;
+        };
+        match self.netlink.link_health(self.ifindex).await {
+            Ok(link) if link != vrrp.link => {
+                vrrp.link = link;
+                self.track().await;
+            }
+            Ok(_) => {}
+            Err(e) => warn!(error = %e, "checking the interface for VRRP tracking"),
+        }
+    }
+
+    fn announce_vips(&self) {
+        let (ifindex, mac, garp) = (self.ifindex, self.mac, self.config.garp.clone());
+        let mut addresses: Vec<Ipv4Addr> = self.config.vips.iter().map(|v| v.address).collect();
+        addresses.dedup();
+        tokio::spawn(async move {
+            for vip in addresses {
+                if let Err(e) =
+                    garp::announce(ifindex, mac, vip, garp.count.max(1), garp.interval).await
+                {
+                    warn!(error = %e, "gratuitous ARP");
+                }
+            }
+        });
     }
 
     /// Re-reads the config; one that does not validate, or that would need a
@@ -630,7 +819,7 @@ impl Agent {
                 address: vip.address,
                 port: vip.port,
                 protocol: vip.protocol.number(),
-                enabled: true,
+                enabled: self.holding,
                 backends,
             });
         }
@@ -646,35 +835,64 @@ impl Agent {
             .context("writing the data plane's maps")
     }
 
+    /// Adds the VIP addresses while holding them (and announces each one
+    /// added), removes them otherwise. Under VRRP the agent owns every VIP
+    /// address, so one left on the interface by a killed agent goes too.
     async fn sync_vip_addresses(&mut self) -> Result<()> {
-        let vip_addresses: BTreeSet<Ipv4Addr> =
-            self.config.vips.iter().map(|v| v.address).collect();
-        for address in &vip_addresses {
+        let configured: BTreeSet<Ipv4Addr> = self.config.vips.iter().map(|v| v.address).collect();
+        let wanted: BTreeSet<Ipv4Addr> = if self.holding {
+            configured.clone()
+        } else {
+            BTreeSet::new()
+        };
+        let mut added = Vec::new();
+        for address in &wanted {
             if self.netlink.has_address(self.ifindex, *address).await? {
                 continue;
             }
             self.netlink.add_vip(self.ifindex, *address).await?;
             self.added_addresses.insert(*address);
+            added.push(*address);
             info!(vip = %address, iface = %self.options.iface, "VIP address added");
-            let (ifindex, mac, count, interval) = (
-                self.ifindex,
-                self.mac,
-                self.options.garp_count,
-                self.options.garp_interval,
-            );
-            let vip = *address;
+        }
+        if !added.is_empty() {
+            let (ifindex, mac, garp) = (self.ifindex, self.mac, self.config.garp.clone());
             tokio::spawn(async move {
-                if let Err(e) = garp::announce(ifindex, mac, vip, count, interval).await {
-                    warn!(error = %e, "gratuitous ARP");
+                for vip in added {
+                    if let Err(e) =
+                        garp::announce(ifindex, mac, vip, garp.count, garp.interval).await
+                    {
+                        warn!(error = %e, "gratuitous ARP");
+                    }
                 }
             });
         }
-        for address in self.added_addresses.clone().difference(&vip_addresses) {
-            self.netlink.remove_vip(self.ifindex, *address).await?;
-            self.added_addresses.remove(address);
-            info!(vip = %address, "VIP address removed");
+        let mut unwanted: BTreeSet<Ipv4Addr> =
+            self.added_addresses.difference(&wanted).copied().collect();
+        if self.vrrp.is_some() {
+            unwanted.extend(configured.difference(&wanted));
+        }
+        for address in unwanted {
+            if self.netlink.has_address(self.ifindex, address).await? {
+                self.netlink.remove_vip(self.ifindex, address).await?;
+                info!(vip = %address, "VIP address removed");
+            }
+            self.added_addresses.remove(&address);
         }
         Ok(())
+    }
+
+    fn owner_label(&self) -> String {
+        match &self.vrrp {
+            None => "static".to_string(),
+            Some(vrrp) => {
+                let status = vrrp.status.lock().expect("status lock");
+                match (status.state.as_str(), &status.master) {
+                    ("backup", Some(master)) => format!("vrrp backup (master {master})"),
+                    (state, _) => format!("vrrp {state}"),
+                }
+            }
+        }
     }
 
     fn status(&self) -> StatusReport {
@@ -718,7 +936,7 @@ impl Agent {
                 port: vip.port,
                 protocol: vip.protocol.to_string(),
                 mode: "nat".to_string(),
-                owner: "static".to_string(),
+                owner: self.owner_label(),
                 fail_open: self.failing_open.contains(&vip.name),
                 traffic: vip_traffic
                     .get(vip.name.as_str())
@@ -768,6 +986,10 @@ impl Agent {
             })
             .collect();
         StatusReport {
+            vrrp: self
+                .vrrp
+                .as_ref()
+                .map(|v| v.status.lock().expect("status lock").clone()),
             interface: self.options.iface.clone(),
             xdp_mode: self.xdp_mode.to_string(),
             lb_address: self.lb_addr.to_string(),
@@ -822,6 +1044,18 @@ impl Agent {
     /// XDP attachment; the forwarding sysctl is restored when the guard drops.
     async fn shut_down(&mut self) {
         self.probes.clear();
+        if let Some(vrrp) = &self.vrrp {
+            // Priority 0 first: the backup takes over after its skew time.
+            let (done, wait) = tokio::sync::oneshot::channel();
+            if vrrp
+                .commands
+                .send(announcer::Command::Shutdown(done))
+                .await
+                .is_ok()
+            {
+                let _ = tokio::time::timeout(Duration::from_secs(1), wait).await;
+            }
+        }
         for address in std::mem::take(&mut self.added_addresses) {
             match self.netlink.remove_vip(self.ifindex, address).await {
                 Ok(()) => info!(vip = %address, "VIP address removed"),

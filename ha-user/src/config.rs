@@ -36,6 +36,151 @@ pub struct Config {
     pub vips: Vec<VipConfig>,
     #[serde(default)]
     pub data_plane: DataPlaneConfig,
+    /// VIP ownership by VRRP between LB hosts; without it this host owns the VIPs statically.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vrrp: Option<VrrpConfig>,
+    /// Gratuitous ARP after taking the VIPs.
+    #[serde(default)]
+    pub garp: GarpConfig,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum VrrpVersion {
+    #[serde(rename = "2")]
+    V2,
+    #[serde(rename = "3")]
+    V3,
+}
+
+/// What a condition does to the VRRP priority.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TrackAction {
+    /// Never master while the condition holds.
+    Fault,
+    /// Lower the priority by this much while it holds.
+    Decrease(u8),
+}
+
+impl fmt::Display for TrackAction {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            TrackAction::Fault => f.write_str("fault"),
+            TrackAction::Decrease(n) => write!(f, "decrease {n}"),
+        }
+    }
+}
+
+impl std::str::FromStr for TrackAction {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let words: Vec<&str> = s.split_whitespace().collect();
+        match words.as_slice() {
+            ["fault"] => Ok(TrackAction::Fault),
+            ["decrease", n] => n
+                .parse::<u8>()
+                .map(TrackAction::Decrease)
+                .map_err(|e| format!("{s:?}: {e}")),
+            _ => Err(format!("{s:?} is not `fault` or `decrease <n>`")),
+        }
+    }
+}
+
+impl Serialize for TrackAction {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for TrackAction {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        String::deserialize(deserializer)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrackConfig {
+    /// When some VIP has no backend up.
+    pub no_healthy_backend: TrackAction,
+}
+
+impl Default for TrackConfig {
+    fn default() -> Self {
+        Self {
+            no_healthy_backend: TrackAction::Fault,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VrrpConfig {
+    /// Interface for the adverts; default the attach interface.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interface: Option<String>,
+    /// Virtual router id, 1-255; the same on every LB host of the pair.
+    pub vrid: u8,
+    /// 1-254, or 255 for the address owner (master at once).
+    #[serde(default = "default_priority")]
+    pub priority: u8,
+    #[serde(default = "default_vrrp_version")]
+    pub version: VrrpVersion,
+    /// v3: 10 ms steps from 10 ms; v2: whole seconds.
+    #[serde(default = "default_advert_interval", with = "humantime_serde")]
+    pub advert_interval: Duration,
+    #[serde(default = "default_true")]
+    pub preempt: bool,
+    #[serde(default, with = "humantime_serde")]
+    pub preempt_delay: Duration,
+    /// Send adverts to these addresses instead of 224.0.0.18; adverts from
+    /// other sources are dropped and counted.
+    #[serde(default)]
+    pub unicast_peers: Vec<Ipv4Addr>,
+    #[serde(default)]
+    pub checksum: crate::vrrp::packet::ChecksumMode,
+    #[serde(default)]
+    pub track: TrackConfig,
+}
+
+fn default_priority() -> u8 {
+    100
+}
+
+fn default_vrrp_version() -> VrrpVersion {
+    VrrpVersion::V3
+}
+
+fn default_advert_interval() -> Duration {
+    Duration::from_millis(100)
+}
+
+fn default_true() -> bool {
+    true
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GarpConfig {
+    /// Announcements sent on taking the VIPs (keepalived's garp_master_repeat).
+    pub count: u32,
+    /// Between them (keepalived's garp_interval).
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+    /// While master, announce again this often; 0s: never (keepalived's garp_master_refresh).
+    #[serde(with = "humantime_serde")]
+    pub refresh: Duration,
+}
+
+impl Default for GarpConfig {
+    fn default() -> Self {
+        Self {
+            count: 5,
+            interval: Duration::ZERO,
+            refresh: Duration::ZERO,
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -544,6 +689,15 @@ impl Config {
                 ));
             }
         }
+        if let Some(vrrp) = &self.vrrp {
+            problems.extend(vrrp_problems(vrrp));
+        }
+        if self.garp.count > 100 {
+            problems.push(format!("garp.count: {} is above 100", self.garp.count));
+        }
+        if !self.garp.refresh.is_zero() && self.garp.refresh < Duration::from_secs(1) {
+            problems.push("garp.refresh: below 1s (0s turns it off)".to_string());
+        }
         if all_backends.len() > ha_common::MAX_BACKENDS as usize {
             problems.push(format!(
                 "vips: {} distinct backends, at most {}",
@@ -573,8 +727,57 @@ impl Config {
         if a.conntrack.max_flows != b.conntrack.max_flows {
             reasons.push("data_plane.conntrack.max_flows changed".to_string());
         }
+        if self.vrrp != next.vrrp {
+            reasons.push("the vrrp section changed".to_string());
+        }
         reasons
     }
+}
+
+fn vrrp_problems(vrrp: &VrrpConfig) -> Vec<String> {
+    let mut problems = Vec::new();
+    if vrrp.vrid == 0 {
+        problems.push("vrrp.vrid: must be 1-255".to_string());
+    }
+    if vrrp.priority == 0 {
+        problems
+            .push("vrrp.priority: must be 1-255 (0 is what a leaving master sends)".to_string());
+    }
+    let ms = vrrp.advert_interval.as_millis();
+    match vrrp.version {
+        VrrpVersion::V3
+            if ms < 10
+                || ms > 40_950
+                || ms % 10 != 0
+                || vrrp.advert_interval.subsec_nanos() % 10_000_000 != 0 =>
+        {
+            problems.push(format!(
+                "vrrp.advert_interval: {} must be 10ms to 40.95s in steps of 10ms (version 3 counts centiseconds)",
+                humantime::format_duration(vrrp.advert_interval)
+            ));
+        }
+        VrrpVersion::V2
+            if vrrp.advert_interval.subsec_nanos() != 0
+                || !(1..=255).contains(&vrrp.advert_interval.as_secs()) =>
+        {
+            problems.push(format!(
+                "vrrp.advert_interval: {} must be whole seconds 1-255 with version 2",
+                humantime::format_duration(vrrp.advert_interval)
+            ));
+        }
+        _ => {}
+    }
+    for peer in &vrrp.unicast_peers {
+        if !is_unicast(*peer) {
+            problems.push(format!(
+                "vrrp.unicast_peers: {peer} is not a unicast address"
+            ));
+        }
+    }
+    if let TrackAction::Decrease(0) = vrrp.track.no_healthy_backend {
+        problems.push("vrrp.track.no_healthy_backend: decrease 0 does nothing".to_string());
+    }
+    problems
 }
 
 fn check_problems(at: &str, check: &CheckConfig) -> Vec<String> {
@@ -882,6 +1085,74 @@ vips:
             "check: verify, sni and client_cert apply to type https only",
         ] {
             assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
+        }
+    }
+
+    #[test]
+    fn the_documented_vrrp_section_parses_with_defaults() {
+        let config = Config::from_yaml(
+            r#"
+vips:
+  - {name: api, address: 192.168.205.254, port: 6443, backends: [{address: 192.168.205.11}]}
+vrrp:
+  interface: ens33            # default: the attach interface
+  vrid: 51
+  priority: 100
+  version: 3                  # 2 | 3
+  advert_interval: 100ms
+  preempt: true
+  preempt_delay: 0s
+  unicast_peers: [192.168.205.253]   # empty: multicast
+  checksum: pseudo-header     # pseudo-header | rfc9568
+  track:
+    no_healthy_backend: fault # fault | decrease <n>
+"#,
+            "t",
+        )
+        .unwrap();
+        let vrrp = config.vrrp.as_ref().unwrap();
+        assert_eq!(
+            (vrrp.vrid, vrrp.priority, vrrp.version),
+            (51, 100, VrrpVersion::V3)
+        );
+        assert_eq!(vrrp.unicast_peers, vec![Ipv4Addr::new(192, 168, 205, 253)]);
+        assert_eq!(vrrp.track.no_healthy_backend, TrackAction::Fault);
+        let minimal = Config::from_yaml(
+            "vips:\n  - {name: a, address: 10.0.0.1, port: 6443, backends: [{address: 10.0.0.2}]}\nvrrp: {vrid: 7, track: {no_healthy_backend: decrease 60}}\n",
+            "t",
+        )
+        .unwrap();
+        let vrrp = minimal.vrrp.unwrap();
+        assert_eq!(
+            (vrrp.priority, vrrp.advert_interval, vrrp.preempt),
+            (100, Duration::from_millis(100), true)
+        );
+        assert_eq!(vrrp.track.no_healthy_backend, TrackAction::Decrease(60));
+        assert_eq!(
+            minimal.garp,
+            GarpConfig {
+                count: 5,
+                interval: Duration::ZERO,
+                refresh: Duration::ZERO
+            }
+        );
+    }
+
+    #[test]
+    fn vrrp_intervals_follow_the_version() {
+        let base = "vips:\n  - {name: a, address: 10.0.0.1, port: 6443, backends: [{address: 10.0.0.2}]}\n";
+        for (vrrp, bad) in [
+            ("{vrid: 1, advert_interval: 5ms}", true),
+            ("{vrid: 1, advert_interval: 15ms}", true),
+            ("{vrid: 1, advert_interval: 20ms}", false),
+            ("{vrid: 1, version: 2, advert_interval: 100ms}", true),
+            ("{vrid: 1, version: 2, advert_interval: 1s}", false),
+            ("{vrid: 0}", true),
+            ("{vrid: 1, priority: 0}", true),
+            ("{vrid: 1, track: {no_healthy_backend: maybe}}", true),
+        ] {
+            let result = Config::from_yaml(&format!("{base}vrrp: {vrrp}\n"), "t");
+            assert_eq!(result.is_err(), bad, "{vrrp}: {result:?}");
         }
     }
 

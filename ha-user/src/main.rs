@@ -44,11 +44,6 @@ enum Command {
         /// Do not pin the connection tables (a restart then starts with empty ones).
         #[arg(long)]
         no_pin: bool,
-        /// Gratuitous ARPs sent after adding a VIP address.
-        #[arg(long, default_value_t = 3)]
-        garp_count: u32,
-        #[arg(long, default_value = "200ms", value_parser = humantime::parse_duration)]
-        garp_interval: Duration,
     },
     /// Validate a config file and print it normalized (defaults filled in).
     CheckConfig {
@@ -125,8 +120,6 @@ fn run(cli: Cli) -> Result<()> {
             stats_interval,
             pin_dir,
             no_pin,
-            garp_count,
-            garp_interval,
         } => {
             let pin = match (pin_dir, no_pin) {
                 (_, true) => PinLocation::Off,
@@ -143,8 +136,6 @@ fn run(cli: Cli) -> Result<()> {
                 xdp_mode,
                 stats_interval,
                 pin,
-                garp_count,
-                garp_interval,
             }))
         }
         Command::CheckConfig { config } => {

@@ -93,6 +93,30 @@ impl Netlink {
             })
     }
 
+    /// Whether the interface is up (operationally, carrier included) and has
+    /// an XDP program attached: VRRP tracking goes to fault when either is not.
+    pub async fn link_health(&self, ifindex: u32) -> Result<(bool, bool)> {
+        use rtnetlink::packet_route::link::{LinkFlags, LinkXdp, State, XdpAttached};
+        let mut links = self.handle.link().get().match_index(ifindex).execute();
+        let link = links
+            .try_next()
+            .await
+            .map_err(request(format!("reading interface {ifindex}")))?
+            .ok_or_else(|| NetlinkError::NoSuchInterface(ifindex.to_string()))?;
+        let admin_up = link.header.flags.contains(LinkFlags::Up);
+        let oper_up = link
+            .attributes
+            .iter()
+            .any(|a| matches!(a, LinkAttribute::OperState(State::Up | State::Unknown)));
+        let xdp = link.attributes.iter().any(|a| match a {
+            LinkAttribute::Xdp(xdp) => xdp
+                .iter()
+                .any(|x| matches!(x, LinkXdp::Attached(mode) if *mode != XdpAttached::None)),
+            _ => false,
+        });
+        Ok((admin_up && oper_up, xdp))
+    }
+
     /// Every interface except loopback: where the data path may redirect to.
     pub async fn interface_indexes(&self) -> Result<Vec<u32>> {
         let links: Vec<_> = self

@@ -14,6 +14,9 @@ pub struct StatusReport {
     pub xdp_mode: String,
     pub lb_address: String,
     pub uptime_seconds: f64,
+    /// VRRP, when the VIPs are owned through it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vrrp: Option<crate::vrrp::announcer::VrrpStatus>,
     pub vips: Vec<VipStatus>,
     /// Packets per verdict (only those seen).
     pub verdicts: BTreeMap<String, u64>,
@@ -112,6 +115,27 @@ impl StatusReport {
             self.lb_address,
             duration(self.uptime_seconds)
         );
+        if let Some(vrrp) = &self.vrrp {
+            let _ = writeln!(
+                out,
+                "VRRP v{} vrid {}: {} (priority {} of {}), master {}, {} {}ms, {} transitions, {} in state; adverts sent {} received {}, dropped: unknown source {} bad TTL {} malformed {}",
+                vrrp.version,
+                vrrp.vrid,
+                vrrp.state,
+                vrrp.priority,
+                vrrp.configured_priority,
+                vrrp.master.as_deref().unwrap_or("unknown"),
+                vrrp.mode,
+                vrrp.advert_interval_ms,
+                vrrp.transitions,
+                duration(vrrp.seconds_in_state),
+                vrrp.adverts_sent,
+                vrrp.adverts_received,
+                vrrp.dropped_unknown_source,
+                vrrp.dropped_bad_ttl,
+                vrrp.dropped_malformed
+            );
+        }
         for vip in &self.vips {
             let _ = writeln!(
                 out,
@@ -190,6 +214,7 @@ mod tests {
             xdp_mode: "native".into(),
             lb_address: "10.0.0.2".into(),
             uptime_seconds: 75.0,
+            vrrp: None,
             vips: vec![VipStatus {
                 name: "apiserver".into(),
                 address: "10.0.0.254".into(),

@@ -389,19 +389,18 @@ fn capture_arp(window: Duration) -> Vec<Vec<u8>> {
 fn taking_the_vip_sends_gratuitous_arp_on_the_wire() {
     let lab = Lab::new(&HOSTS[..3]).unwrap();
     let _apis = start_apiservers(&lab, &["api1"]);
-    let config = write_config(&lab, "config.yaml", &vip_config(&lab, &["api1"]));
+    let yaml = format!(
+        "{}garp:\n  count: 3\n  interval: 100ms\n",
+        vip_config(&lab, &["api1"])
+    );
+    let config = write_config(&lab, "config.yaml", &yaml);
     let frames = std::thread::scope(|scope| {
         let capture = scope.spawn(|| {
             lab.in_host("client", || capture_arp(Duration::from_secs(3)))
                 .unwrap()
         });
         std::thread::sleep(Duration::from_millis(300));
-        let _agent = start_agent(
-            &lab,
-            "lb",
-            &config,
-            &["--garp-count", "3", "--garp-interval", "100ms"],
-        );
+        let _agent = start_agent(&lab, "lb", &config, &[]);
         capture.join().unwrap()
     });
     let expected = ha_user::garp::announcement(lab.host("lb").mac, lab.vip(0)).to_vec();

@@ -2,5 +2,7 @@
 //! owns them. The codec and the state machine are pure; `socket` and
 //! `announcer` put them on the wire.
 
+pub mod announcer;
 pub mod machine;
 pub mod packet;
+pub mod socket;

@@ -1,0 +1,260 @@
+//! The announcer: the task that owns the VRRP state machine and its socket.
+//! It sends and receives adverts, runs the timers, and tells the reconciler
+//! when this host becomes master or stops being it; the reconciler takes or
+//! releases the VIPs (addresses, data plane, gratuitous ARP).
+
+use std::{
+    net::Ipv4Addr,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use serde::Serialize;
+use tokio::sync::{mpsc, oneshot};
+use tracing::{info, warn};
+
+use super::{
+    machine::{Action, Machine, MachineConfig, State},
+    packet::{Advert, ChecksumMode, MULTICAST_GROUP, Version},
+    socket::VrrpSocket,
+};
+
+pub struct AnnouncerSetup {
+    pub iface: String,
+    pub local_address: Ipv4Addr,
+    pub vrid: u8,
+    pub version: Version,
+    pub checksum: ChecksumMode,
+    /// Empty: multicast to 224.0.0.18.
+    pub unicast_peers: Vec<Ipv4Addr>,
+    /// The addresses listed in our adverts (the VIPs).
+    pub vips: Vec<Ipv4Addr>,
+    pub machine: MachineConfig,
+    /// Start in fault (tracking says so).
+    pub fault: bool,
+}
+
+#[derive(Debug)]
+pub enum Command {
+    /// Tracking: the effective priority and whether we are in fault.
+    Track { priority: u8, fault: bool },
+    /// SIGTERM: send priority 0 if master, then answer.
+    Shutdown(oneshot::Sender<()>),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Event {
+    /// Take the VIPs (true) or release them (false).
+    Own(bool),
+    /// Still master after a split brain: announce the VIPs again.
+    Reannounce,
+}
+
+/// What `status` shows about VRRP; written by the announcer only.
+#[derive(Clone, Debug, Default, Serialize, serde::Deserialize)]
+pub struct VrrpStatus {
+    pub state: String,
+    pub vrid: u8,
+    pub version: u8,
+    pub priority: u8,
+    pub configured_priority: u8,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub master: Option<String>,
+    pub advert_interval_ms: u64,
+    pub mode: String,
+    pub transitions: u64,
+    pub seconds_in_state: f64,
+    pub adverts_sent: u64,
+    pub adverts_received: u64,
+    /// Unicast mode: adverts from an address that is not a configured peer.
+    pub dropped_unknown_source: u64,
+    pub dropped_bad_ttl: u64,
+    pub dropped_malformed: u64,
+    pub dropped_other_vrid: u64,
+    /// Received with keepalived's pseudo-header checksum / with RFC 9568's.
+    pub checksum_pseudo_header: u64,
+    pub checksum_rfc9568: u64,
+    pub send_errors: u64,
+}
+
+struct Announcer {
+    setup: AnnouncerSetup,
+    socket: VrrpSocket,
+    machine: Machine,
+    events: mpsc::Sender<Event>,
+    status: Arc<Mutex<VrrpStatus>>,
+    entered_state: Instant,
+}
+
+/// Opens the socket and starts the task. Returns where to send commands.
+pub fn spawn(
+    setup: AnnouncerSetup,
+    events: mpsc::Sender<Event>,
+    status: Arc<Mutex<VrrpStatus>>,
+) -> std::io::Result<mpsc::Sender<Command>> {
+    let socket = VrrpSocket::open(
+        &setup.iface,
+        setup.local_address,
+        setup.unicast_peers.is_empty(),
+    )?;
+    let now = Instant::now();
+    let machine = Machine::new(setup.machine, now);
+    {
+        let mut s = status.lock().expect("status lock");
+        s.vrid = setup.vrid;
+        s.version = if setup.version == Version::V3 { 3 } else { 2 };
+        s.configured_priority = setup.machine.priority;
+        s.advert_interval_ms = setup.machine.advert_interval_cs as u64 * 10;
+        s.mode = if setup.unicast_peers.is_empty() {
+            "multicast".into()
+        } else {
+            "unicast".into()
+        };
+    }
+    let (commands, receiver) = mpsc::channel(16);
+    let announcer = Announcer {
+        setup,
+        socket,
+        machine,
+        events,
+        status,
+        entered_state: now,
+    };
+    tokio::spawn(announcer.run(receiver));
+    Ok(commands)
+}
+
+impl Announcer {
+    async fn run(mut self, mut commands: mpsc::Receiver<Command>) {
+        let fault = self.setup.fault;
+        let actions = self.machine.start(Instant::now(), fault);
+        self.execute(actions, State::Initialize).await;
+        loop {
+            let before = self.machine.state();
+            let deadline = self.machine.next_deadline();
+            let actions = tokio::select! {
+                received = self.socket.recv() => match received {
+                    Ok(packet) => self.on_packet(packet),
+                    Err(e) => {
+                        warn!(error = %e, "VRRP receive");
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                        Vec::new()
+                    }
+                },
+                _ = async { tokio::time::sleep_until(deadline.expect("guarded").into()).await }, if deadline.is_some() => {
+                    self.machine.on_timer(Instant::now())
+                }
+                command = commands.recv() => match command {
+                    Some(Command::Track { priority, fault }) => {
+                        if priority != self.machine.priority() {
+                            info!(from = self.machine.priority(), to = priority, "VRRP priority changed by tracking");
+                        }
+                        self.machine.set_priority(priority);
+                        self.machine.set_fault(Instant::now(), fault)
+                    }
+                    Some(Command::Shutdown(done)) => {
+                        let actions = self.machine.shutdown();
+                        self.execute(actions, before).await;
+                        let _ = done.send(());
+                        return;
+                    }
+                    None => return,
+                },
+            };
+            self.execute(actions, before).await;
+        }
+    }
+
+    fn on_packet(&mut self, packet: super::socket::Received) -> Vec<Action> {
+        let mut status = self.status.lock().expect("status lock");
+        if packet.ttl != 255 {
+            status.dropped_bad_ttl += 1;
+            return Vec::new();
+        }
+        if !self.setup.unicast_peers.is_empty() && !self.setup.unicast_peers.contains(&packet.src) {
+            status.dropped_unknown_source += 1;
+            return Vec::new();
+        }
+        let (advert, checksum) = match Advert::decode(&packet.message, packet.src, packet.dst) {
+            Ok(decoded) => decoded,
+            Err(_) => {
+                status.dropped_malformed += 1;
+                return Vec::new();
+            }
+        };
+        if advert.vrid != self.setup.vrid {
+            status.dropped_other_vrid += 1;
+            return Vec::new();
+        }
+        status.adverts_received += 1;
+        match checksum {
+            ChecksumMode::PseudoHeader => status.checksum_pseudo_header += 1,
+            ChecksumMode::Rfc9568 => status.checksum_rfc9568 += 1,
+        }
+        drop(status);
+        self.machine.on_advert(Instant::now(), packet.src, &advert)
+    }
+
+    async fn execute(&mut self, actions: Vec<Action>, before: State) {
+        for action in actions {
+            match action {
+                Action::Advertise(priority) => self.advertise(priority).await,
+                Action::BecomeMaster => {
+                    let _ = self.events.send(Event::Own(true)).await;
+                }
+                Action::Release => {
+                    let _ = self.events.send(Event::Own(false)).await;
+                }
+                Action::Announce => {
+                    let _ = self.events.send(Event::Reannounce).await;
+                }
+            }
+        }
+        let after = self.machine.state();
+        if after != before {
+            self.entered_state = Instant::now();
+            info!(
+                vrid = self.setup.vrid,
+                priority = self.machine.priority(),
+                master = ?self.machine.master(),
+                "VRRP {} -> {}",
+                before.label(),
+                after.label()
+            );
+        }
+        let mut status = self.status.lock().expect("status lock");
+        status.state = after.label().to_string();
+        status.priority = self.machine.priority();
+        status.master = self.machine.master().map(|m| m.to_string());
+        status.transitions = self.machine.transitions();
+        status.seconds_in_state = self.entered_state.elapsed().as_secs_f64();
+    }
+
+    async fn advertise(&mut self, priority: u8) {
+        let advert = Advert {
+            version: self.setup.version,
+            vrid: self.setup.vrid,
+            priority,
+            interval_cs: self.setup.machine.advert_interval_cs,
+            addresses: self.setup.vips.clone(),
+        };
+        let destinations: Vec<Ipv4Addr> = if self.setup.unicast_peers.is_empty() {
+            vec![MULTICAST_GROUP]
+        } else {
+            self.setup.unicast_peers.clone()
+        };
+        for dst in destinations {
+            let message = advert.encode(self.setup.local_address, dst, self.setup.checksum);
+            match self.socket.send(dst, &message).await {
+                Ok(()) => self.status.lock().expect("status lock").adverts_sent += 1,
+                Err(e) => {
+                    let mut status = self.status.lock().expect("status lock");
+                    status.send_errors += 1;
+                    if status.send_errors.is_power_of_two() {
+                        warn!(error = %e, %dst, errors = status.send_errors, "sending a VRRP advert");
+                    }
+                }
+            }
+        }
+    }
+}
