@@ -149,8 +149,14 @@ pub struct Flow {
     pub last_seen_ns: u64,
     /// When the second FIN was seen; the entry ends `fin_linger` after it.
     pub closing_since_ns: u64,
+    /// The source MAC of the flow's first packet: in one-arm, the next hop
+    /// back to the client (the client, or its router). Replies use it when
+    /// the kernel has no neighbour entry for the client, as on an LB that
+    /// just took the VIP over and never exchanged a packet with it.
+    pub client_mac: [u8; 6],
+    pub _pad2: [u8; 2],
 }
-const _: () = assert!(core::mem::size_of::<Flow>() == 24);
+const _: () = assert!(core::mem::size_of::<Flow>() == 32);
 
 impl Flow {
     /// Whether the entry has ended: `fin_linger` after both FINs, or idle
@@ -347,6 +353,9 @@ indexed_enum! {
         ReplyOrphaned = 5 => "reply_orphaned",
         /// An established flow left a backend that is down for a live one.
         MovedFromDownBackend = 6 => "moved_from_down_backend",
+        /// A reply went to the MAC the client's first packet came from (no
+        /// neighbour entry for the client on this host).
+        ReplyToLearnedMac = 7 => "reply_to_learned_mac",
     }
 }
 

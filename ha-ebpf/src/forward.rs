@@ -11,11 +11,11 @@ use aya_ebpf::{
     helpers::bpf_fib_lookup as fib_lookup_helper,
     programs::XdpContext,
 };
-use ha_common::Verdict;
+use ha_common::{Event, Verdict};
 
 use crate::{
-    maps::TX_PORTS,
-    parse::{Packet, write},
+    maps::{TX_PORTS, count_event},
+    parse::{Packet, read, write},
 };
 
 const AF_INET: u8 = 2;
@@ -23,6 +23,8 @@ const BPF_FIB_LKUP_RET_SUCCESS: i64 = 0;
 const BPF_FIB_LKUP_RET_NO_NEIGH: i64 = 7;
 
 /// `tx`/`redirect` are the verdicts to count for the two ways out.
+/// `learned_mac`: where to send if the kernel has no neighbour for the next
+/// hop (a reply, to the MAC its client's first packet came from).
 #[inline(always)]
 pub fn forward(
     ctx: &XdpContext,
@@ -31,6 +33,7 @@ pub fn forward(
     dst_addr: u32,
     tx: Verdict,
     redirect: Verdict,
+    learned_mac: Option<[u8; 6]>,
 ) -> (u32, Verdict) {
     // SAFETY: bpf_fib_lookup is plain old data; all-zero is a valid start.
     let mut params: bpf_fib_lookup = unsafe { core::mem::zeroed() };
@@ -52,7 +55,20 @@ pub fn forward(
     };
     match rc {
         BPF_FIB_LKUP_RET_SUCCESS => {}
-        BPF_FIB_LKUP_RET_NO_NEIGH => return (xdp_action::XDP_DROP, Verdict::DropNoNeighbour),
+        BPF_FIB_LKUP_RET_NO_NEIGH => {
+            let Some(mac) = learned_mac else {
+                return (xdp_action::XDP_DROP, Verdict::DropNoNeighbour);
+            };
+            // Back out where the frame came in: our MAC is its destination.
+            let Some(ours) = read::<[u8; 6]>(ctx, 0) else {
+                return (xdp_action::XDP_DROP, Verdict::DropNoNeighbour);
+            };
+            if write(ctx, 0, mac).is_none() || write(ctx, 6, ours).is_none() {
+                return (xdp_action::XDP_DROP, Verdict::DropNoNeighbour);
+            }
+            count_event(Event::ReplyToLearnedMac);
+            return (xdp_action::XDP_TX, tx);
+        }
         _ => return (xdp_action::XDP_DROP, Verdict::DropFibFailure),
     }
     if write(ctx, 0, params.dmac).is_none() || write(ctx, 6, params.smac).is_none() {

@@ -155,6 +155,8 @@ fn to_vip(
                     _pad: 0,
                     last_seen_ns: now,
                     closing_since_ns: 0,
+                    client_mac: [0; 6],
+                    _pad2: [0; 2],
                 };
                 let _ = CONNTRACK.insert(key, flow, 0);
                 count_event(Event::NewFlow);
@@ -173,6 +175,8 @@ fn to_vip(
                 _pad: 0,
                 last_seen_ns: now,
                 closing_since_ns: 0,
+                client_mac: parse::read(ctx, 6).unwrap_or([0; 6]),
+                _pad2: [0; 2],
             };
             let _ = CONNTRACK.insert(key, flow, 0);
             count_event(Event::NewFlow);
@@ -198,7 +202,7 @@ fn to_vip(
     };
     let nat_key = NatKey::new(&backend, settings.lb_addr, nat_port, packet.protocol);
     let outward = (Verdict::ForwardTx, Verdict::ForwardRedirect);
-    send(ctx, packet, &to, outward, lifecycle, &key, &nat_key)
+    send(ctx, packet, &to, outward, None, (lifecycle, &key, &nat_key))
 }
 
 /// The end of both paths: rewrite, forward, and once the packet is on its
@@ -209,14 +213,21 @@ fn send(
     packet: &Packet,
     to: &Rewrite,
     (tx, redirect): (Verdict, Verdict),
-    lifecycle: Lifecycle,
-    flow: &FlowKey,
-    nat_key: &NatKey,
+    learned_mac: Option<[u8; 6]>,
+    (lifecycle, flow, nat_key): (Lifecycle, &FlowKey, &NatKey),
 ) -> (u32, Verdict) {
     if nat::rewrite(ctx, packet, to).is_none() {
         return pass(Verdict::PassMalformed);
     }
-    let result = forward::forward(ctx, packet, to.src_addr, to.dst_addr, tx, redirect);
+    let result = forward::forward(
+        ctx,
+        packet,
+        to.src_addr,
+        to.dst_addr,
+        tx,
+        redirect,
+        learned_mac,
+    );
     if let Lifecycle::Reset = lifecycle {
         count_event(Event::FlowReset);
         conntrack::forget(flow, Some(nat_key));
@@ -278,12 +289,17 @@ fn reply(
         return pass_by_protocol(packet.protocol);
     }
     let now = conntrack::now_ns();
-    let lifecycle = match CONNTRACK.get_ptr_mut(client_flow) {
-        Some(flow) => conntrack::track(flow, packet.protocol, packet.tcp_flags, false, now),
+    let (lifecycle, learned_mac) = match CONNTRACK.get_ptr_mut(client_flow) {
+        Some(flow) => {
+            // SAFETY: map value pointer, valid for this run.
+            let mac = unsafe { (*flow).client_mac };
+            let lifecycle = conntrack::track(flow, packet.protocol, packet.tcp_flags, false, now);
+            (lifecycle, (mac != [0; 6]).then_some(mac))
+        }
         None => {
             // The reverse entry alone still says where the reply goes.
             count_event(Event::ReplyOrphaned);
-            Lifecycle::Continue
+            (Lifecycle::Continue, None)
         }
     };
     let to = Rewrite {
@@ -293,7 +309,14 @@ fn reply(
         dst_port: client_flow.src_port,
     };
     let back = (Verdict::ReplyTx, Verdict::ReplyRedirect);
-    send(ctx, packet, &to, back, lifecycle, client_flow, nat_key)
+    send(
+        ctx,
+        packet,
+        &to,
+        back,
+        learned_mac,
+        (lifecycle, client_flow, nat_key),
+    )
 }
 
 #[cfg(not(test))]

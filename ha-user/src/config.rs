@@ -746,10 +746,11 @@ fn vrrp_problems(vrrp: &VrrpConfig) -> Vec<String> {
     let ms = vrrp.advert_interval.as_millis();
     match vrrp.version {
         VrrpVersion::V3
-            if ms < 10
-                || ms > 40_950
-                || ms % 10 != 0
-                || vrrp.advert_interval.subsec_nanos() % 10_000_000 != 0 =>
+            if !(10..=40_950).contains(&ms)
+                || !vrrp
+                    .advert_interval
+                    .subsec_nanos()
+                    .is_multiple_of(10_000_000) =>
         {
             problems.push(format!(
                 "vrrp.advert_interval: {} must be 10ms to 40.95s in steps of 10ms (version 3 counts centiseconds)",

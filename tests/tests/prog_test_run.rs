@@ -1017,3 +1017,53 @@ fn a_draining_backend_keeps_its_flows_and_a_down_backend_loses_them() {
         "the old NAT port was freed"
     );
 }
+
+#[test]
+fn a_reply_goes_to_the_clients_learned_mac_when_the_kernel_has_no_neighbour_for_it() {
+    let w = world();
+    // As on an LB that just took the VIP over: it never exchanged a packet with the client.
+    let client = w.client.to_string();
+    w.lab
+        .exec("lb", &["ip", "neigh", "del", &client, "dev", "eth0"])
+        .unwrap();
+    let (backend, hash) = w.expected_backend(w.tcp_vip, 6443, PROTO_TCP);
+    let b = w.lab.host(backend).clone();
+    let nat_port = hash::nat_port_candidate(hash, 0, NAT_MIN, NAT_MAX);
+    assert_eq!(
+        w.run(&w.client_frame(w.tcp_vip, 6443, SYN).build()).0,
+        XDP_TX
+    );
+    let reply = Frame {
+        src_mac: b.mac,
+        dst_mac: w.lb_mac,
+        vlan: None,
+        src: b.addr,
+        dst: w.lb,
+        sport: 6443,
+        dport: nat_port,
+        l4: SYN_ACK,
+        payload: b"",
+    };
+    let to_client = Frame {
+        src_mac: w.lb_mac,
+        dst_mac: w.client_mac,
+        vlan: None,
+        src: w.tcp_vip,
+        dst: w.client,
+        sport: 6443,
+        dport: CLIENT_PORT,
+        l4: SYN_ACK,
+        payload: b"",
+    };
+    run_cases(
+        &w,
+        vec![Case {
+            name: "reply with no neighbour entry for the client",
+            input: reply.build(),
+            verdict: XDP_TX,
+            output: to_client.build(),
+            counted_as: Verdict::ReplyTx,
+        }],
+    );
+    assert_eq!(w.dataplane.event(Event::ReplyToLearnedMac).unwrap(), 1);
+}

@@ -4,8 +4,10 @@
 //!
 //! Beyond the RFC, as keepalived does:
 //! - a master that hears a *lower*-priority master re-asserts at once with
-//!   an advert and gratuitous ARP, so after a partition heals exactly one
-//!   master remains within one interval and every ARP cache points at it;
+//!   an advert and gratuitous ARP, and a master that steps down for a higher
+//!   one sends a parting advert at its own priority first, so after a
+//!   partition heals exactly one master remains within one interval and
+//!   every ARP cache points at it, whichever side's advert arrived first;
 //! - `preempt_delay`: for that long after start (or after leaving fault) a
 //!   backup does not preempt a lower-priority master;
 //! - a fault state (interface down, program detached, no healthy backend)
@@ -208,7 +210,14 @@ impl Machine {
                 if theirs_wins {
                     self.master_adver_interval_cs = advert.interval_cs.max(1);
                     self.master = Some(from);
-                    return self.become_backup(now);
+                    // A parting advert at our (lower) priority: the winner,
+                    // hearing a lower master, re-asserts with gratuitous ARP,
+                    // so ARP caches we drew during a split brain come back
+                    // to it even if its adverts reached us first.
+                    let parting = Action::Advertise(self.priority);
+                    let mut actions = vec![parting];
+                    actions.extend(self.become_backup(now));
+                    return actions;
                 }
                 // Another master with lower priority (a healed partition): re-assert now.
                 self.timer = Some(now + self.advert_interval());
@@ -362,9 +371,10 @@ mod tests {
             assert_eq!(m.state(), State::Master);
             let actions = m.on_advert(t0 + Duration::from_secs(1), from, &advert(priority));
             if steps_down {
+                // A parting advert at our priority, then the VIPs go.
                 assert_eq!(
                     actions,
-                    vec![Action::Release],
+                    vec![Action::Advertise(100), Action::Release],
                     "priority {priority} from {from}"
                 );
                 assert_eq!((m.state(), m.master()), (State::Backup, Some(from)));
