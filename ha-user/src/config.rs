@@ -106,10 +106,14 @@ pub struct TrackConfig {
     pub no_healthy_backend: TrackAction,
 }
 
+/// `decrease 50` rather than `fault` by default: when every LB host sees
+/// every backend down (a wrong check path), `fault` would leave the VIP with
+/// no master at all, the outage fail-open exists to prevent; with a decrease,
+/// an LB that alone sees its backends down yields to a healthy peer.
 impl Default for TrackConfig {
     fn default() -> Self {
         Self {
-            no_healthy_backend: TrackAction::Fault,
+            no_healthy_backend: TrackAction::Decrease(50),
         }
     }
 }
@@ -1129,6 +1133,10 @@ vrrp:
             (100, Duration::from_millis(100), true)
         );
         assert_eq!(vrrp.track.no_healthy_backend, TrackAction::Decrease(60));
+        assert_eq!(
+            TrackConfig::default().no_healthy_backend,
+            TrackAction::Decrease(50)
+        );
         assert_eq!(
             minimal.garp,
             GarpConfig {

@@ -605,3 +605,136 @@ fn keepalived_interop_version_3_unicast() {
 fn keepalived_interop_version_2_unicast() {
     interop(2);
 }
+
+fn config_with(lab: &Lab, lb: &str, vrrp: &Vrrp, extra: &str) -> std::path::PathBuf {
+    let path = config(lab, lb, vrrp);
+    let mut yaml = std::fs::read_to_string(&path).unwrap();
+    yaml.push_str(extra);
+    std::fs::write(&path, yaml).unwrap();
+    path
+}
+
+/// Makes `lb`'s own health checks fail (its kernel's packets to port 6443
+/// are dropped) without touching the traffic it load-balances, which XDP
+/// sends before netfilter sees it.
+fn break_checks(lab: &Lab, lb: &str, broken: bool) {
+    if broken {
+        lab.exec(lb, &["nft", "add table inet checks; add chain inet checks out { type filter hook output priority 0; }; add rule inet checks out tcp dport 6443 drop"]).unwrap();
+    } else {
+        lab.exec(lb, &["nft", "delete table inet checks"]).unwrap();
+    }
+}
+
+#[test]
+fn an_lb_that_alone_sees_its_backends_down_yields_by_priority_or_fault() {
+    for (track, lowered_state) in [("decrease 100", "backup"), ("fault", "fault")] {
+        let lab = Lab::new(&HOSTS).unwrap();
+        let _apis = start_apiservers(&lab, &["api1", "api2", "api3"]);
+        let check = "  track:\n    no_healthy_backend: ";
+        let fast_checks = |lb| {
+            // Quick checks so the test is quick: out after 3 x 50 ms.
+            let path = config_with(
+                &lab,
+                lb,
+                &Vrrp {
+                    priority: if lb == "lb1" { 150 } else { 100 },
+                    ..DEFAULT
+                },
+                &format!("{check}{track}\n"),
+            );
+            let yaml = std::fs::read_to_string(&path).unwrap().replace(
+                "    backends:\n",
+                "    check:\n      interval: 100ms\n      fast_interval: 50ms\n      timeout: 100ms\n    backends:\n",
+            );
+            std::fs::write(&path, yaml).unwrap();
+            path
+        };
+        let lb1 = start_agent(&lab, "lb1", &fast_checks("lb1"), &[]);
+        let _lb2 = start_agent(&lab, "lb2", &fast_checks("lb2"), &[]);
+        wait_for_single_holder(&lab, "lb1", Duration::from_secs(3));
+        break_checks(&lab, "lb1", true);
+        wait_for_single_holder(&lab, "lb2", Duration::from_secs(3));
+        let status = vrrp_status(&lab, "lb1");
+        assert_eq!(status["state"], lowered_state, "track {track}: {status}");
+        if lowered_state == "backup" {
+            assert_eq!(status["priority"], 50, "150 - 100: {status}");
+        }
+        assert!(lb1.log().contains("VRRP tracking changed"), "{}", lb1.log());
+        // Its checks pass again: it outranks lb2 again and takes the VIP back.
+        break_checks(&lab, "lb1", false);
+        wait_for_single_holder(&lab, "lb1", Duration::from_secs(3));
+        assert_eq!(vrrp_status(&lab, "lb1")["priority"], 150);
+    }
+}
+
+#[test]
+fn every_lb_seeing_every_backend_down_still_serves_the_vip_by_default() {
+    let (lab, apis, _lb1, _lb2) = pair(
+        &Vrrp {
+            priority: 150,
+            ..DEFAULT
+        },
+        &DEFAULT,
+    );
+    wait_for_single_holder(&lab, "lb1", Duration::from_secs(3));
+    for api in &apis {
+        api.signal(Signal::SIGUSR1).unwrap(); // every /readyz fails
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        holders(&lab),
+        ["lb1"],
+        "the VIP stays up (decrease, not fault, by default)"
+    );
+    assert_eq!(vrrp_status(&lab, "lb1")["priority"], 100);
+    lab.in_host("client", || whoami(lab.vip(0), 6443))
+        .unwrap()
+        .expect("failing open through the master");
+}
+
+#[test]
+fn a_detached_xdp_program_puts_the_lb_in_fault() {
+    let (lab, _apis, lb1, _lb2) = pair(
+        &Vrrp {
+            priority: 150,
+            ..DEFAULT
+        },
+        &DEFAULT,
+    );
+    wait_for_single_holder(&lab, "lb1", Duration::from_secs(3));
+    // Someone detaches the program behind the agent's back: `ip link set xdp
+    // off` cannot (a bpf_link attachment refuses it), `bpftool link detach` can.
+    let link = String::from_utf8(
+        lab.exec("lb1", &["ip", "-d", "link", "show", HOST_IFACE])
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
+    let prog_id: u64 = link
+        .split("prog/xdp id ")
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let links: serde_json::Value = serde_json::from_slice(
+        &lab.exec("lb1", &["bpftool", "-j", "link", "show"])
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
+    let link_id = links
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["prog_id"] == prog_id)
+        .map(|l| l["id"].to_string())
+        .expect("the agent's XDP link");
+    lab.exec("lb1", &["bpftool", "link", "detach", "id", &link_id])
+        .unwrap();
+    wait_for_single_holder(&lab, "lb2", Duration::from_secs(3));
+    assert_eq!(vrrp_status(&lab, "lb1")["state"], "fault");
+    assert!(lb1.log().contains("xdp_attached=false"), "{}", lb1.log());
+}

@@ -22,6 +22,7 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "keepalived",   // a real VRRP peer for the interoperability tests
     "tshark",       // decodes the agent's VRRP adverts in the tests
     "nftables",     // cuts VRRP between LB hosts in the partition test
+    "bpftool",      // detaches the XDP link behind the agent's back in a tracking test
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
