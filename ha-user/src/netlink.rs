@@ -72,14 +72,18 @@ impl Netlink {
         }
     }
 
-    /// The interface's MAC address (for gratuitous ARP).
-    pub async fn interface_mac(&self, ifindex: u32) -> Result<[u8; 6]> {
+    async fn link(&self, ifindex: u32) -> Result<rtnetlink::packet_route::link::LinkMessage> {
         let mut links = self.handle.link().get().match_index(ifindex).execute();
-        let link = links
+        links
             .try_next()
             .await
             .map_err(request(format!("reading interface {ifindex}")))?
-            .ok_or_else(|| NetlinkError::NoSuchInterface(ifindex.to_string()))?;
+            .ok_or_else(|| NetlinkError::NoSuchInterface(ifindex.to_string()))
+    }
+
+    /// The interface's MAC address (for gratuitous ARP).
+    pub async fn interface_mac(&self, ifindex: u32) -> Result<[u8; 6]> {
+        let link = self.link(ifindex).await?;
         link.attributes
             .iter()
             .find_map(|a| match a {
@@ -97,12 +101,7 @@ impl Netlink {
     /// an XDP program attached: VRRP tracking goes to fault when either is not.
     pub async fn link_health(&self, ifindex: u32) -> Result<(bool, bool)> {
         use rtnetlink::packet_route::link::{LinkFlags, LinkXdp, State, XdpAttached};
-        let mut links = self.handle.link().get().match_index(ifindex).execute();
-        let link = links
-            .try_next()
-            .await
-            .map_err(request(format!("reading interface {ifindex}")))?
-            .ok_or_else(|| NetlinkError::NoSuchInterface(ifindex.to_string()))?;
+        let link = self.link(ifindex).await?;
         let admin_up = link.header.flags.contains(LinkFlags::Up);
         let oper_up = link
             .attributes

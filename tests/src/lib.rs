@@ -346,6 +346,25 @@ impl Lab {
         Ok(process)
     }
 
+    /// Starts `ha-user attach --iface eth0 --config CONFIG [extra]` on `host`;
+    /// returns once the agent serves.
+    pub fn start_agent(&self, host: &str, config: &Path, extra: &[&str]) -> Result<LabProcess> {
+        let program = bin_path("ha-user");
+        let config = config.to_str().expect("a UTF-8 path");
+        let mut argv = vec![
+            program.to_str().expect("a UTF-8 path"),
+            "attach",
+            "--iface",
+            HOST_IFACE,
+            "--config",
+            config,
+        ];
+        argv.extend_from_slice(extra);
+        let mut agent = self.spawn(host, &argv)?;
+        agent.wait_for_log("serving", Duration::from_secs(15))?;
+        Ok(agent)
+    }
+
     /// Brings the host's own interface down (its veth's carrier drops too).
     pub fn set_link(&self, host: &str, up: bool) -> Result<()> {
         ip(

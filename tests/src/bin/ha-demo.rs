@@ -94,22 +94,7 @@ fn show_status(lab: &Lab, lb: &str) -> Result<()> {
 }
 
 fn start_agent(lab: &Lab, lb: &str, config: &std::path::Path) -> Result<LabProcess> {
-    let ha_user = bin_path("ha-user");
-    let mut agent = lab.spawn(
-        lb,
-        &[
-            ha_user.to_str().unwrap(),
-            "attach",
-            "--iface",
-            HOST_IFACE,
-            "--config",
-            config.to_str().unwrap(),
-            "--stats-interval",
-            "1s",
-        ],
-    )?;
-    agent.wait_for_log("serving", Duration::from_secs(15))?;
-    Ok(agent)
+    Ok(lab.start_agent(lb, config, &["--stats-interval", "1s"])?)
 }
 
 fn print_events(agent: &LabProcess, needles: &[&str], who: &str) {

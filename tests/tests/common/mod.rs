@@ -9,7 +9,7 @@ use std::{
     time::Duration,
 };
 
-use ha_lab::{HOST_IFACE, Lab, LabProcess, bin_path};
+use ha_lab::{HOST_IFACE, Lab, LabProcess};
 
 pub fn start_apiservers(lab: &Lab, names: &[&str]) -> Vec<LabProcess> {
     names
@@ -37,21 +37,7 @@ pub fn write_config(lab: &Lab, name: &str, yaml: &str) -> PathBuf {
 }
 
 pub fn start_agent(lab: &Lab, host: &str, config: &Path, extra: &[&str]) -> LabProcess {
-    let ha_user = bin_path("ha-user");
-    let mut argv = vec![
-        ha_user.to_str().unwrap(),
-        "attach",
-        "--iface",
-        HOST_IFACE,
-        "--config",
-        config.to_str().unwrap(),
-    ];
-    argv.extend_from_slice(extra);
-    let mut agent = lab.spawn(host, &argv).unwrap();
-    agent
-        .wait_for_log("serving", Duration::from_secs(15))
-        .unwrap();
-    agent
+    lab.start_agent(host, config, extra).unwrap()
 }
 
 /// One line-protocol exchange through a fresh connection: `(server name, client address it saw)`.
