@@ -303,6 +303,99 @@ impl DataPlane {
             .expect("load() checked the program exists and is XDP")
     }
 
+    /// Loads the pass-everything program from the same object (the
+    /// benchmarks' floor); the agent itself never needs it.
+    pub fn load_pass_program(&mut self) -> Result<()> {
+        let program: &mut Xdp = self
+            .ebpf
+            .program_mut(ha_common::XDP_PASS_PROGRAM_NAME)
+            .ok_or(DataPlaneError::MissingProgram)?
+            .try_into()
+            .map_err(DataPlaneError::Verify)?;
+        if program.fd().is_err() {
+            program.load().map_err(DataPlaneError::Verify)?;
+        }
+        Ok(())
+    }
+
+    /// The pass-everything program; [`DataPlane::load_pass_program`] first.
+    pub fn pass_program(&self) -> &Xdp {
+        self.ebpf
+            .program(ha_common::XDP_PASS_PROGRAM_NAME)
+            .and_then(|p| p.try_into().ok())
+            .expect("the object has the pass program")
+    }
+
+    /// Empties the connection and reverse NAT tables (benchmarks, between batches).
+    pub fn clear_flows(&mut self) -> Result<()> {
+        let keys: Vec<FlowKey> = {
+            let table: BpfHashMap<_, FlowKey, Flow> = self.map(CONNTRACK_MAP)?;
+            table.keys().filter_map(|k| k.ok()).collect()
+        };
+        let mut table: BpfHashMap<_, FlowKey, Flow> = self.map_mut(CONNTRACK_MAP)?;
+        for key in &keys {
+            let _ = table.remove(key);
+        }
+        let keys: Vec<NatKey> = {
+            let reverse: BpfHashMap<_, NatKey, FlowKey> = self.map(REVERSE_NAT_MAP)?;
+            reverse.keys().filter_map(|k| k.ok()).collect()
+        };
+        let mut reverse: BpfHashMap<_, NatKey, FlowKey> = self.map_mut(REVERSE_NAT_MAP)?;
+        for key in &keys {
+            let _ = reverse.remove(key);
+        }
+        Ok(())
+    }
+
+    /// Fills both tables with `count` synthetic live flows (benchmarks of a
+    /// large table); they name no real client and expire in an hour.
+    pub fn fill_flows(&mut self, count: u32) -> Result<()> {
+        let now = monotonic_coarse_ns();
+        let mut table: BpfHashMap<_, FlowKey, Flow> = self.map_mut(CONNTRACK_MAP)?;
+        for i in 0..count {
+            let key = FlowKey {
+                src_addr: addr_to_wire([
+                    172,
+                    16 + (i >> 24) as u8,
+                    (i >> 16) as u8,
+                    (i >> 8) as u8,
+                ]),
+                dst_addr: addr_to_wire([192, 0, 2, 1]),
+                src_port: (i & 0xff) as u16 + 1,
+                dst_port: port_to_wire(6443),
+                protocol: ha_common::PROTO_TCP,
+                _pad: [0; 3],
+            };
+            let flow = Flow {
+                last_seen_ns: now,
+                ..Flow::default()
+            };
+            table
+                .insert(key, flow, 0)
+                .map_err(map_error(CONNTRACK_MAP))?;
+        }
+        let mut reverse: BpfHashMap<_, NatKey, FlowKey> = self.map_mut(REVERSE_NAT_MAP)?;
+        for i in 0..count {
+            let key = NatKey {
+                backend_addr: addr_to_wire([
+                    172,
+                    16 + (i >> 24) as u8,
+                    (i >> 16) as u8,
+                    (i >> 8) as u8,
+                ]),
+                lb_addr: addr_to_wire([192, 0, 2, 2]),
+                backend_port: port_to_wire(6443),
+                nat_port: (i & 0xff) as u16 + 1,
+                protocol: ha_common::PROTO_TCP,
+                _pad: [0; 3],
+            };
+            reverse
+                .insert(key, FlowKey::default(), 0)
+                .map_err(map_error(REVERSE_NAT_MAP))?;
+        }
+        Ok(())
+    }
+
     fn program_mut(&mut self) -> &mut Xdp {
         self.ebpf
             .program_mut(XDP_PROGRAM_NAME)

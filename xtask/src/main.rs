@@ -35,6 +35,12 @@ enum Task {
         #[arg(last = true)]
         cargo_test_args: Vec<String>,
     },
+    /// Measure the data plane and write docs/benchmarks.md (root).
+    Bench {
+        /// Run every part briefly (a smoke test of the harness).
+        #[arg(long)]
+        quick: bool,
+    },
     /// Build a network-namespace lab and show the load balancer working in it (root).
     Demo {
         /// Arguments for the demo program (for example `--duration 30s`).
@@ -57,6 +63,12 @@ fn main() -> Result<()> {
             setup::run(&root)?;
             build_ebpf(&root, true)?;
             test(&root, &cargo_test_args)
+        }
+        Task::Bench { quick } => {
+            require_root("cargo xtask bench")?;
+            setup::run(&root)?;
+            build_ebpf(&root, true)?;
+            bench(&root, quick)
         }
         Task::Demo { demo_args } => {
             require_root("cargo xtask demo")?;
@@ -169,6 +181,28 @@ fn test(root: &Path, cargo_test_args: &[String]) -> Result<()> {
         .args(["test", "--workspace", "--no-fail-fast"])
         .args(cargo_test_args))
     .context("tests")
+}
+
+fn bench(root: &Path, quick: bool) -> Result<()> {
+    run(cargo(root).args([
+        "build",
+        "--release",
+        "-p",
+        "ha-user",
+        "-p",
+        "ha-tests",
+        "--bins",
+    ]))?;
+    let mut command = Command::new(root.join("target/release/ha-bench"));
+    command
+        .current_dir(root)
+        .env("HA_BIN_DIR", root.join("target/release"));
+    if quick {
+        command
+            .args(["--quick", "--output"])
+            .arg(root.join("target/benchmarks-quick.md"));
+    }
+    run(&mut command).context("benchmarks")
 }
 
 fn demo(root: &Path, demo_args: &[String]) -> Result<()> {

@@ -1,0 +1,26 @@
+//! `cargo xtask test` runs the benchmark harness once in quick mode: every
+//! part must produce numbers (how fast they are is the benchmark's business).
+
+use ha_lab::bench::{self, Effort};
+
+#[test]
+fn every_benchmark_part_produces_numbers() {
+    let report = bench::run(Effort::QUICK, |_| {}).expect("the benchmark harness runs");
+    assert_eq!(report.per_packet.len(), 5);
+    for cost in report.per_packet.iter().chain(&report.scale) {
+        assert!(cost.ns_per_packet > 0.0 && cost.calls > 0, "{cost:?}");
+    }
+    assert_eq!(report.table_builds.len(), 3);
+    assert!(
+        report
+            .table_builds
+            .iter()
+            .all(|(_, _, time)| !time.is_zero())
+    );
+    assert_eq!(report.scale.len(), 5, "{:?}", report.scale);
+    let markdown = bench::render(&report, Effort::QUICK, "test machine");
+    assert!(
+        markdown.contains("| trivial XDP_PASS program (floor) |"),
+        "{markdown}"
+    );
+}
