@@ -56,6 +56,8 @@ pub struct Effort {
     pub runs: u32,
     /// Flows pre-loaded for the large-table measurement.
     pub big_table: u32,
+    /// The end-to-end comparison.
+    pub e2e: crate::e2e::E2eEffort,
 }
 
 impl Effort {
@@ -63,11 +65,19 @@ impl Effort {
         calls: 200_000,
         runs: 5,
         big_table: 1_000_000,
+        e2e: crate::e2e::E2eEffort {
+            seconds: 10,
+            latency_rate: 200,
+        },
     };
     pub const QUICK: Effort = Effort {
         calls: 2_000,
         runs: 3,
         big_table: 20_000,
+        e2e: crate::e2e::E2eEffort {
+            seconds: 1,
+            latency_rate: 100,
+        },
     };
 }
 
@@ -88,6 +98,7 @@ pub struct Report {
     pub table_builds: Vec<(usize, u32, Duration)>,
     /// Per-packet cost by number of backends and with a large connection table.
     pub scale: Vec<PathCost>,
+    pub e2e: Vec<crate::e2e::E2eResult>,
 }
 
 /// A frame from `src:sport` to `dst:dport` (TCP, flags as given).
@@ -477,6 +488,8 @@ pub fn run(effort: Effort, mut progress: impl FnMut(&str)) -> Result<Report> {
     report.per_packet = per_packet(&mut bench, effort, "")?;
     drop(bench);
 
+    report.e2e = crate::e2e::run(effort.e2e, &mut progress)?;
+
     progress("Maglev table build times");
     for (backends, size) in [(3usize, 65537u32), (64, 65537), (1024, 131071)] {
         let members: Vec<MaglevBackend> = (0..backends)
@@ -564,6 +577,9 @@ pub fn render(report: &Report, effort: Effort, machine: &str) -> String {
         out,
         "\nKatran's figures on this machine kind (benchmarking.md, a restoring wrapper, not this method): floor 29, SYN 344 (304 above), established 173 (133 above), non-VIP 80 (51 above).\n"
     );
+    if !report.e2e.is_empty() {
+        render_e2e(&mut out, report, effort);
+    }
     let _ = writeln!(
         out,
         "## 4. Scale\n\n| Maglev table build | size M | time |\n|---|---|---|"
@@ -587,4 +603,62 @@ pub fn render(report: &Report, effort: Effort, machine: &str) -> String {
         );
     }
     out
+}
+
+fn render_e2e(out: &mut String, report: &Report, effort: Effort) {
+    use crate::e2e::Balancer;
+    use std::fmt::Write;
+    let _ = writeln!(
+        out,
+        "## 2. End to end: client -> VIP -> three nginx backends\n\n\
+         One lab, one run: the same LB host serves through each balancer in turn. wrk (2 threads, 64 \
+         connections, {} s) with `Connection: close` (a new connection per request) and with keep-alive; \
+         latency percentiles of new connections (connect to last byte) at {} per second from a paced \
+         client; CPU is the whole machine's (client, LB and backends share its cores), in seconds per \
+         100,000 requests.\n",
+        effort.e2e.seconds, effort.e2e.latency_rate
+    );
+    let _ = writeln!(
+        out,
+        "| balancer | new connections/s | keep-alive requests/s | p50 ms | p99 ms | CPU s/100k (new conn.) | CPU s/100k (keep-alive) |\n|---|---|---|---|---|---|---|"
+    );
+    for r in &report.e2e {
+        let _ = writeln!(
+            out,
+            "| {} | {:.0} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} |",
+            r.balancer.label(),
+            r.connections_per_second,
+            r.keepalive_requests_per_second,
+            r.p50_ms,
+            r.p99_ms,
+            r.cpu_seconds_per_100k_close,
+            r.cpu_seconds_per_100k_keepalive
+        );
+    }
+    let Some(ours) = report.e2e.iter().find(|r| r.balancer == Balancer::HaLb) else {
+        return;
+    };
+    let _ = writeln!(
+        out,
+        "\n| ha-lb compared with | new connections/s | keep-alive requests/s | p99 latency | CPU per request (new conn.) |\n|---|---|---|---|---|"
+    );
+    let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { 0.0 };
+    for other in report.e2e.iter().filter(|r| r.balancer != Balancer::HaLb) {
+        let _ = writeln!(
+            out,
+            "| {} | {:.2}x | {:.2}x | {:.2}x | {:.2}x |",
+            other.balancer.label(),
+            ratio(ours.connections_per_second, other.connections_per_second),
+            ratio(
+                ours.keepalive_requests_per_second,
+                other.keepalive_requests_per_second
+            ),
+            ratio(ours.p99_ms, other.p99_ms),
+            ratio(
+                ours.cpu_seconds_per_100k_close,
+                other.cpu_seconds_per_100k_close
+            )
+        );
+    }
+    let _ = writeln!(out);
 }

@@ -18,7 +18,17 @@ fn every_benchmark_part_produces_numbers() {
             .all(|(_, _, time)| !time.is_zero())
     );
     assert_eq!(report.scale.len(), 5, "{:?}", report.scale);
+    assert_eq!(report.e2e.len(), 3, "ha-lb, haproxy, nftables");
+    for result in &report.e2e {
+        assert!(
+            result.connections_per_second > 0.0
+                && result.keepalive_requests_per_second > 0.0
+                && result.p99_ms > 0.0,
+            "{result:?}"
+        );
+    }
     let markdown = bench::render(&report, Effort::QUICK, "test machine");
+    assert!(markdown.contains("## 2. End to end"), "{markdown}");
     assert!(
         markdown.contains("| trivial XDP_PASS program (floor) |"),
         "{markdown}"

@@ -23,6 +23,9 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "tshark",       // decodes the agent's VRRP adverts in the tests
     "nftables",     // cuts VRRP between LB hosts in the partition test
     "bpftool",      // detaches the XDP link behind the agent's back in a tracking test
+    "nginx",        // the backends of the end-to-end benchmark
+    "wrk",          // its client
+    "haproxy",      // a baseline it compares against
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
