@@ -27,6 +27,7 @@
 //! parallel test threads or processes never meet.
 
 pub mod bench;
+pub mod chart;
 pub mod e2e;
 pub mod process;
 

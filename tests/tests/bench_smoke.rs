@@ -27,6 +27,15 @@ fn every_benchmark_part_produces_numbers() {
             "{result:?}"
         );
     }
+    let chart = std::env::temp_dir().join(format!("ha-lb-bench-smoke-{}.png", std::process::id()));
+    ha_lab::chart::draw(&report.e2e, &chart).expect("drawing the chart");
+    let png = std::fs::read(&chart).unwrap();
+    let _ = std::fs::remove_file(&chart);
+    assert!(
+        png.len() > 10_000 && png.starts_with(b"\x89PNG"),
+        "a PNG of {} bytes",
+        png.len()
+    );
     let markdown = bench::render(&report, Effort::QUICK, "test machine");
     assert!(markdown.contains("## 2. End to end"), "{markdown}");
     assert!(

@@ -13,19 +13,20 @@ use crate::run as run_command;
 
 /// Debian packages the lab, the tests and the demo run.
 const DEBIAN_PACKAGES: &[&str] = &[
-    "iproute2",     // ip: namespaces, veth, bridge, addresses
-    "ethtool",      // GRO on veth so XDP_TX/REDIRECT work in the lab
-    "iputils-ping", // ICMP traffic in the demo and lab tests
-    "curl",         // HTTPS client in the stand-in apiserver tests
-    "mount",        // mount/umount: the lab's bpffs for restart tests
-    "util-linux",   // setpriv: the admin socket test runs a client as nobody
-    "keepalived",   // a real VRRP peer for the interoperability tests
-    "tshark",       // decodes the agent's VRRP adverts in the tests
-    "nftables",     // cuts VRRP between LB hosts in the partition test
-    "bpftool",      // detaches the XDP link behind the agent's back in a tracking test
-    "nginx",        // the backends of the end-to-end benchmark
-    "wrk",          // its client
-    "haproxy",      // a baseline it compares against
+    "iproute2",          // ip: namespaces, veth, bridge, addresses
+    "ethtool",           // GRO on veth so XDP_TX/REDIRECT work in the lab
+    "iputils-ping",      // ICMP traffic in the demo and lab tests
+    "curl",              // HTTPS client in the stand-in apiserver tests
+    "mount",             // mount/umount: the lab's bpffs for restart tests
+    "util-linux",        // setpriv: the admin socket test runs a client as nobody
+    "keepalived",        // a real VRRP peer for the interoperability tests
+    "tshark",            // decodes the agent's VRRP adverts in the tests
+    "nftables",          // cuts VRRP between LB hosts in the partition test
+    "bpftool",           // detaches the XDP link behind the agent's back in a tracking test
+    "nginx",             // the backends of the end-to-end benchmark
+    "wrk",               // its client
+    "haproxy",           // a baseline it compares against
+    "fonts-dejavu-core", // the text of the benchmark chart
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

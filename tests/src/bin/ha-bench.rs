@@ -15,6 +15,9 @@ struct Args {
     /// Where to write the Markdown report.
     #[arg(long, default_value = "docs/benchmarks.md")]
     output: PathBuf,
+    /// Where to draw the end-to-end chart (PNG).
+    #[arg(long, default_value = "docs/benchmarks.png")]
+    chart: PathBuf,
 }
 
 fn machine() -> String {
@@ -41,7 +44,19 @@ fn main() -> Result<()> {
         Effort::FULL
     };
     let report = bench::run(effort, |part| eprintln!("bench: {part}")).context("benchmark")?;
+    ha_lab::chart::draw(&report.e2e, &args.chart)
+        .map_err(|e| anyhow::anyhow!("drawing {}: {e}", args.chart.display()))?;
     let mut text = bench::render(&report, effort, &machine());
+    let chart_name = args
+        .chart
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_default();
+    text = text.replacen(
+        "## 4. Scale",
+        &format!("![end to end]({chart_name})\n\n## 4. Scale"),
+        1,
+    );
     if args.quick {
         text.insert_str(0, "<!-- quick mode: a smoke test of the harness; these numbers are not measurements -->\n");
     }
