@@ -582,6 +582,14 @@ pub fn render(report: &Report, effort: Effort, machine: &str) -> String {
     }
     let _ = writeln!(
         out,
+        "## 3. Failover\n\n\
+         Not measured by this command yet (keepalived and haproxy side by side is the next step). The lab tests \
+         measure ha-lb alone: every new connection succeeds again 1.1 s after a backend is killed with the \
+         default checks (tests/tests/health_lab.rs), and 0.34 s after the VRRP master's agent is killed with \
+         100 ms adverts (tests/tests/vrrp_lab.rs); see docs/health-checks.md and docs/vrrp.md.\n"
+    );
+    let _ = writeln!(
+        out,
         "## 4. Scale\n\n| Maglev table build | size M | time |\n|---|---|---|"
     );
     for (backends, size, time) in &report.table_builds {
@@ -611,11 +619,12 @@ fn render_e2e(out: &mut String, report: &Report, effort: Effort) {
     let _ = writeln!(
         out,
         "## 2. End to end: client -> VIP -> three nginx backends\n\n\
-         One lab, one run: the same LB host serves through each balancer in turn. wrk (2 threads, 64 \
+         One run on one machine: each balancer in turn on an LB host with fresh namespaces (a new lab \
+         each, so TIME_WAIT sockets one balancer's burst leaves on the backends do not slow the next). wrk (2 threads, 64 \
          connections, {} s) with `Connection: close` (a new connection per request) and with keep-alive; \
          latency percentiles of new connections (connect to last byte) at {} per second from a paced \
-         client; CPU is the whole machine's (client, LB and backends share its cores), in seconds per \
-         100,000 requests.\n",
+         client, measured first, before the wrk bursts; CPU is the whole machine's (client, LB and \
+         backends share its cores), in seconds per 100,000 requests.\n",
         effort.e2e.seconds, effort.e2e.latency_rate
     );
     let _ = writeln!(

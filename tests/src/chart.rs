@@ -24,6 +24,9 @@ fn color(balancer: Balancer) -> RGBColor {
     }
 }
 
+/// A panel: its title, and the value it shows for a result.
+type Metric = (&'static str, fn(&E2eResult) -> f64);
+
 /// Four panels of bars, one bar per balancer: new connections/s,
 /// keep-alive requests/s, p99 latency, CPU per 100k new-connection requests.
 pub fn draw(results: &[E2eResult], path: &Path) -> Result<(), String> {
@@ -42,7 +45,7 @@ pub fn draw(results: &[E2eResult], path: &Path) -> Result<(), String> {
         )
         .map_err(|e| e.to_string())?;
     let panels = root.split_evenly((2, 2));
-    let metrics: [(&str, fn(&E2eResult) -> f64); 4] = [
+    let metrics: [Metric; 4] = [
         ("new connections per second (higher is better)", |r| {
             r.connections_per_second
         }),
