@@ -58,6 +58,8 @@ pub struct Effort {
     pub big_table: u32,
     /// The end-to-end comparison.
     pub e2e: crate::e2e::E2eEffort,
+    /// Trials per failover scenario (the median is reported).
+    pub failover_trials: u32,
 }
 
 impl Effort {
@@ -69,6 +71,7 @@ impl Effort {
             seconds: 10,
             latency_rate: 200,
         },
+        failover_trials: 5,
     };
     pub const QUICK: Effort = Effort {
         calls: 2_000,
@@ -78,6 +81,7 @@ impl Effort {
             seconds: 1,
             latency_rate: 100,
         },
+        failover_trials: 1,
     };
 }
 
@@ -99,6 +103,7 @@ pub struct Report {
     /// Per-packet cost by number of backends and with a large connection table.
     pub scale: Vec<PathCost>,
     pub e2e: Vec<crate::e2e::E2eResult>,
+    pub failover: Vec<crate::failover::FailoverResult>,
 }
 
 /// A frame from `src:sport` to `dst:dport` (TCP, flags as given).
@@ -489,6 +494,7 @@ pub fn run(effort: Effort, mut progress: impl FnMut(&str)) -> Result<Report> {
     drop(bench);
 
     report.e2e = crate::e2e::run(effort.e2e, &mut progress)?;
+    report.failover = crate::failover::run(effort.failover_trials, &mut progress)?;
 
     progress("Maglev table build times");
     for (backends, size) in [(3usize, 65537u32), (64, 65537), (1024, 131071)] {
@@ -580,14 +586,7 @@ pub fn render(report: &Report, effort: Effort, machine: &str) -> String {
     if !report.e2e.is_empty() {
         render_e2e(&mut out, report, effort);
     }
-    let _ = writeln!(
-        out,
-        "## 3. Failover\n\n\
-         Not measured by this command yet (keepalived and haproxy side by side is the next step). The lab tests \
-         measure ha-lb alone: every new connection succeeds again 1.1 s after a backend is killed with the \
-         default checks (tests/tests/health_lab.rs), and 0.34 s after the VRRP master's agent is killed with \
-         100 ms adverts (tests/tests/vrrp_lab.rs); see docs/health-checks.md and docs/vrrp.md.\n"
-    );
+    render_failover(&mut out, report, effort);
     let _ = writeln!(
         out,
         "## 4. Scale\n\n| Maglev table build | size M | time |\n|---|---|---|"
@@ -667,6 +666,67 @@ fn render_e2e(out: &mut String, report: &Report, effort: Effort) {
                 ours.cpu_seconds_per_100k_close,
                 other.cpu_seconds_per_100k_close
             )
+        );
+    }
+    let _ = writeln!(out);
+}
+
+fn render_failover(out: &mut String, report: &Report, effort: Effort) {
+    use std::fmt::Write;
+    let _ = writeln!(
+        out,
+        "## 3. Failover\n\n\
+         Each trial in a fresh lab: the client connects through the VIP every 10 ms; the figure is the \
+         time from the event until every new connection succeeds again (the start of the first attempt \
+         after the last failed one; attempts time out after 200 ms), \
+         median of {} trials. A backend is killed with SIGKILL; an LB master dies by having its link \
+         cut (the same for every stack). The keepalived pairs run haproxy on both LB hosts, as in the \
+         classic guides.\n",
+        effort.failover_trials
+    );
+    let _ = writeln!(
+        out,
+        "| scenario | median | trials | failed attempts (median) |\n|---|---|---|---|"
+    );
+    for result in &report.failover {
+        let trials: Vec<String> = result
+            .trials
+            .iter()
+            .map(|t| format!("{:.2}", t.as_secs_f64()))
+            .collect();
+        let _ = writeln!(
+            out,
+            "| {} | {:.2} s | {} | {} |",
+            result.scenario.label(),
+            result.median().as_secs_f64(),
+            trials.join(", "),
+            result.median_failed()
+        );
+    }
+    let find = |scenario| {
+        report
+            .failover
+            .iter()
+            .find(|r| r.scenario == scenario)
+            .map(|r| r.median().as_secs_f64())
+    };
+    use crate::failover::Scenario::*;
+    if let (Some(ours), Some(theirs)) = (find(MasterDiesHaLb), find(MasterDiesKeepalivedDefaults))
+        && ours > 0.0
+    {
+        let _ = writeln!(
+            out,
+            "\nLB master failover: ha-lb at its defaults is {:.1}x faster than keepalived at its defaults.",
+            theirs / ours
+        );
+    }
+    if let (Some(ours), Some(theirs)) = (find(BackendKilledHaLb), find(BackendKilledHaproxy))
+        && ours > 0.0
+    {
+        let _ = writeln!(
+            out,
+            "Backend failover: ha-lb at its defaults is {:.1}x faster than haproxy at its defaults.",
+            theirs / ours
         );
     }
     let _ = writeln!(out);

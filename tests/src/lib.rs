@@ -29,6 +29,7 @@
 pub mod bench;
 pub mod chart;
 pub mod e2e;
+pub mod failover;
 pub mod process;
 
 use std::{

@@ -27,6 +27,10 @@ fn every_benchmark_part_produces_numbers() {
             "{result:?}"
         );
     }
+    assert_eq!(report.failover.len(), 5, "every failover scenario");
+    for result in &report.failover {
+        assert_eq!(result.trials.len(), 1, "{result:?}");
+    }
     let chart = std::env::temp_dir().join(format!("ha-lb-bench-smoke-{}.png", std::process::id()));
     ha_lab::chart::draw(&report.e2e, &chart).expect("drawing the chart");
     let png = std::fs::read(&chart).unwrap();
@@ -37,7 +41,10 @@ fn every_benchmark_part_produces_numbers() {
         png.len()
     );
     let markdown = bench::render(&report, Effort::QUICK, "test machine");
-    assert!(markdown.contains("## 2. End to end"), "{markdown}");
+    assert!(
+        markdown.contains("## 2. End to end") && markdown.contains("## 3. Failover"),
+        "{markdown}"
+    );
     assert!(
         markdown.contains("| trivial XDP_PASS program (floor) |"),
         "{markdown}"
