@@ -33,7 +33,33 @@ fn machine() -> String {
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(0);
-    format!("Linux {} on {} x {cpu}", kernel.trim(), cores)
+    // The first non-empty line each tool prints about its version.
+    let version = |argv: &[&str]| {
+        std::process::Command::new(argv[0])
+            .args(&argv[1..])
+            .output()
+            .map(|o| {
+                let text = format!(
+                    "{}{}",
+                    String::from_utf8_lossy(&o.stdout),
+                    String::from_utf8_lossy(&o.stderr)
+                );
+                text.lines()
+                    .find(|l| !l.trim().is_empty())
+                    .unwrap_or_default()
+                    .trim()
+                    .to_string()
+            })
+            .unwrap_or_else(|_| format!("{} not found", argv[0]))
+    };
+    format!(
+        "Linux {} on {cores} x {cpu}; {}; {}; {}; {}",
+        kernel.trim(),
+        version(&["haproxy", "-v"]),
+        version(&["keepalived", "--version"]),
+        version(&["nginx", "-v"]),
+        version(&["wrk", "--version"]),
+    )
 }
 
 fn main() -> Result<()> {
