@@ -351,17 +351,18 @@ impl DataPlane {
     /// large table); they name no real client and expire in an hour.
     pub fn fill_flows(&mut self, count: u32) -> Result<()> {
         let now = monotonic_coarse_ns();
+        // Distinct synthetic address and port for flow i.
+        let synthetic = |i: u32| {
+            let addr = addr_to_wire([172, 16 + (i >> 24) as u8, (i >> 16) as u8, (i >> 8) as u8]);
+            (addr, (i & 0xff) as u16 + 1)
+        };
         let mut table: BpfHashMap<_, FlowKey, Flow> = self.map_mut(CONNTRACK_MAP)?;
         for i in 0..count {
+            let (src_addr, src_port) = synthetic(i);
             let key = FlowKey {
-                src_addr: addr_to_wire([
-                    172,
-                    16 + (i >> 24) as u8,
-                    (i >> 16) as u8,
-                    (i >> 8) as u8,
-                ]),
+                src_addr,
                 dst_addr: addr_to_wire([192, 0, 2, 1]),
-                src_port: (i & 0xff) as u16 + 1,
+                src_port,
                 dst_port: port_to_wire(6443),
                 protocol: ha_common::PROTO_TCP,
                 _pad: [0; 3],
@@ -376,16 +377,12 @@ impl DataPlane {
         }
         let mut reverse: BpfHashMap<_, NatKey, FlowKey> = self.map_mut(REVERSE_NAT_MAP)?;
         for i in 0..count {
+            let (backend_addr, nat_port) = synthetic(i);
             let key = NatKey {
-                backend_addr: addr_to_wire([
-                    172,
-                    16 + (i >> 24) as u8,
-                    (i >> 16) as u8,
-                    (i >> 8) as u8,
-                ]),
+                backend_addr,
                 lb_addr: addr_to_wire([192, 0, 2, 2]),
                 backend_port: port_to_wire(6443),
-                nat_port: (i & 0xff) as u16 + 1,
+                nat_port,
                 protocol: ha_common::PROTO_TCP,
                 _pad: [0; 3],
             };

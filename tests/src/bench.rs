@@ -348,6 +348,28 @@ impl Bench {
     }
 }
 
+impl Bench {
+    /// The common case: the same frame on every call, no work between batches.
+    fn measure_steady(
+        &mut self,
+        path: &'static str,
+        floor_program: bool,
+        calls: u32,
+        verdict: u32,
+        frame: &[u8],
+    ) -> Result<f64> {
+        self.measure(
+            path,
+            floor_program,
+            calls,
+            verdict,
+            |_| frame.to_vec(),
+            calls,
+            |_| {},
+        )
+    }
+}
+
 /// The mean of the middle 98% (interrupts and page faults hit a few calls
 /// hard; the kernel clock's steps average out over many calls).
 fn trimmed_mean_ns(durations: &mut [Duration]) -> f64 {
@@ -380,23 +402,19 @@ fn per_packet(bench: &mut Bench, effort: Effort, label: &str) -> Result<Vec<Path
     let api1_mac = bench.lab.host("api1").mac;
     for run in 0..effort.runs {
         let pass_frame = tcp_frame(client.mac, lb.mac, client.addr, lb.addr, 40000, 22, SYN);
-        floor_runs.push(bench.measure(
+        floor_runs.push(bench.measure_steady(
             "trivial XDP_PASS",
             true,
             calls,
             XDP_PASS,
-            |_| pass_frame.clone(),
-            calls,
-            |_| {},
+            &pass_frame,
         )?);
-        pass_runs.push(bench.measure(
+        pass_runs.push(bench.measure_steady(
             "non-VIP packet",
             false,
             calls,
             XDP_PASS,
-            |_| pass_frame.clone(),
-            calls,
-            |_| {},
+            &pass_frame,
         )?);
         // New flows: a new source address and port on every call; the tables
         // are emptied every 10,000 flows so NAT ports stay plentiful.
@@ -439,25 +457,15 @@ fn per_packet(bench: &mut Bench, effort: Effort, label: &str) -> Result<Vec<Path
             Ipv4Addr::new(out[30], out[31], out[32], out[33]),
             u16::from_be_bytes([out[34], out[35]]),
         );
-        established_runs.push(bench.measure(
+        established_runs.push(bench.measure_steady(
             "established flow",
             false,
             calls,
             XDP_TX,
-            |_| established.clone(),
-            calls,
-            |_| {},
+            &established,
         )?);
         let reply = tcp_frame(api1_mac, lb.mac, backend, lb.addr, 6443, nat_port, SYN_ACK);
-        reply_runs.push(bench.measure(
-            "backend reply",
-            false,
-            calls,
-            XDP_TX,
-            |_| reply.clone(),
-            calls,
-            |_| {},
-        )?);
+        reply_runs.push(bench.measure_steady("backend reply", false, calls, XDP_TX, &reply)?);
         bench.dataplane.clear_flows()?;
     }
     let floor = median(floor_runs);

@@ -183,7 +183,9 @@ fn test(root: &Path, cargo_test_args: &[String]) -> Result<()> {
     .context("tests")
 }
 
-fn bench(root: &Path, quick: bool) -> Result<()> {
+/// Builds the release binaries and returns a command for one of them, run
+/// from the workspace root with the others at hand (`HA_BIN_DIR`).
+fn release_binary(root: &Path, name: &str) -> Result<Command> {
     run(cargo(root).args([
         "build",
         "--release",
@@ -193,30 +195,26 @@ fn bench(root: &Path, quick: bool) -> Result<()> {
         "ha-tests",
         "--bins",
     ]))?;
-    let mut command = Command::new(root.join("target/release/ha-bench"));
+    let mut command = Command::new(root.join("target/release").join(name));
     command
         .current_dir(root)
         .env("HA_BIN_DIR", root.join("target/release"));
+    Ok(command)
+}
+
+fn bench(root: &Path, quick: bool) -> Result<()> {
+    let mut command = release_binary(root, "ha-bench")?;
     if quick {
+        // A quick run never overwrites the published report and chart.
         command
             .args(["--quick", "--output"])
-            .arg(root.join("target/benchmarks-quick.md"));
+            .arg(root.join("target/benchmarks-quick.md"))
+            .arg("--chart")
+            .arg(root.join("target/benchmarks-quick.png"));
     }
     run(&mut command).context("benchmarks")
 }
 
 fn demo(root: &Path, demo_args: &[String]) -> Result<()> {
-    run(cargo(root).args([
-        "build",
-        "--release",
-        "-p",
-        "ha-user",
-        "-p",
-        "ha-tests",
-        "--bins",
-    ]))?;
-    run(Command::new(root.join("target/release/ha-demo"))
-        .env("HA_BIN_DIR", root.join("target/release"))
-        .args(demo_args))
-    .context("demo")
+    run(release_binary(root, "ha-demo")?.args(demo_args)).context("demo")
 }
