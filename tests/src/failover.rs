@@ -159,37 +159,7 @@ fn keepalived(
     fastest: bool,
 ) -> Result<LabProcess> {
     let (version, interval) = if fastest { (3, "0.01") } else { (2, "1") };
-    let conf = format!(
-        "global_defs {{\n  router_id {host}\n}}\nvrrp_instance VI_1 {{\n  state BACKUP\n  interface {HOST_IFACE}\n  virtual_router_id 51\n  priority {priority}\n  advert_int {interval}\n  version {version}\n  unicast_src_ip {}\n  unicast_peer {{\n    {}\n  }}\n  virtual_ipaddress {{\n    {}/32 dev {HOST_IFACE}\n  }}\n}}\n",
-        lab.host(host).addr,
-        lab.host(peer).addr,
-        lab.vip(0)
-    );
-    let path = write(lab, &format!("keepalived-{host}.conf"), &conf)?;
-    let dir = lab.log_dir();
-    let pid = |name: &str| {
-        dir.join(format!("{host}-{name}.pid"))
-            .to_str()
-            .expect("UTF-8")
-            .to_string()
-    };
-    Ok(lab.spawn(
-        host,
-        &[
-            "keepalived",
-            "--dont-fork",
-            "--log-console",
-            "--use-file",
-            path.to_str().expect("UTF-8"),
-            "--pid",
-            &pid("k"),
-            "--vrrp_pid",
-            &pid("v"),
-            "--checkers_pid",
-            &pid("c"),
-            "--vrrp",
-        ],
-    )?)
+    Ok(lab.start_keepalived(host, peer, priority, version, interval)?)
 }
 
 fn holds_vip(lab: &Lab, host: &str) -> bool {

@@ -369,6 +369,54 @@ impl Lab {
         Ok(agent)
     }
 
+    /// Starts Debian's keepalived on `host` as the VRRP peer of `peer`
+    /// (unicast, vrid 51, the lab's first VIP), with `version` and
+    /// `advert_int` as keepalived spells them ("1", "0.1", "0.01").
+    pub fn start_keepalived(
+        &self,
+        host: &str,
+        peer: &str,
+        priority: u8,
+        version: u8,
+        advert_int: &str,
+    ) -> Result<LabProcess> {
+        let conf = format!(
+            "global_defs {{\n  router_id {host}\n}}\nvrrp_instance VI_1 {{\n  state BACKUP\n  interface {HOST_IFACE}\n  \
+             virtual_router_id 51\n  priority {priority}\n  advert_int {advert_int}\n  version {version}\n  \
+             unicast_src_ip {}\n  unicast_peer {{\n    {}\n  }}\n  virtual_ipaddress {{\n    {}/32 dev {HOST_IFACE}\n  }}\n}}\n",
+            self.host(host).addr,
+            self.host(peer).addr,
+            self.vip(0)
+        );
+        let path = self.log_dir.join(format!("keepalived-{host}.conf"));
+        std::fs::write(&path, conf).map_err(io_error(format!("writing {}", path.display())))?;
+        let pid = |name: &str| {
+            self.log_dir
+                .join(format!("{host}-{name}.pid"))
+                .display()
+                .to_string()
+        };
+        let (conf, k, v, c) = (path.display().to_string(), pid("k"), pid("v"), pid("c"));
+        self.spawn(
+            host,
+            &[
+                "keepalived",
+                "--dont-fork",
+                "--log-console",
+                "--log-detail",
+                "--use-file",
+                &conf,
+                "--pid",
+                &k,
+                "--vrrp_pid",
+                &v,
+                "--checkers_pid",
+                &c,
+                "--vrrp",
+            ],
+        )
+    }
+
     /// Brings the host's own interface down (its veth's carrier drops too).
     pub fn set_link(&self, host: &str, up: bool) -> Result<()> {
         ip(

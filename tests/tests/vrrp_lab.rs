@@ -481,40 +481,8 @@ fn tshark_decodes_our_adverts_without_warnings() {
 /// keepalived as the other LB: `version`, unicast to the agent.
 fn keepalived(lab: &Lab, lb: &str, priority: u8, version: u8) -> LabProcess {
     let interval = if version == 3 { "0.1" } else { "1" };
-    let conf = format!(
-        "global_defs {{\n  router_id {lb}\n}}\nvrrp_instance VI_1 {{\n  state BACKUP\n  interface {HOST_IFACE}\n  virtual_router_id 51\n  priority {priority}\n  advert_int {interval}\n  version {version}\n  unicast_src_ip {}\n  unicast_peer {{\n    {}\n  }}\n  virtual_ipaddress {{\n    {}/32 dev {HOST_IFACE}\n  }}\n}}\n",
-        lab.host(lb).addr,
-        lab.host(other(lb)).addr,
-        lab.vip(0)
-    );
-    let dir = lab.log_dir();
-    let path = dir.join(format!("keepalived-{lb}.conf"));
-    std::fs::write(&path, conf).unwrap();
-    let pid = |name: &str| {
-        dir.join(format!("{lb}-{name}.pid"))
-            .to_str()
-            .unwrap()
-            .to_string()
-    };
-    lab.spawn(
-        lb,
-        &[
-            "keepalived",
-            "--dont-fork",
-            "--log-console",
-            "--log-detail",
-            "--use-file",
-            path.to_str().unwrap(),
-            "--pid",
-            &pid("k"),
-            "--vrrp_pid",
-            &pid("v"),
-            "--checkers_pid",
-            &pid("c"),
-            "--vrrp",
-        ],
-    )
-    .unwrap()
+    lab.start_keepalived(lb, other(lb), priority, version, interval)
+        .unwrap()
 }
 
 fn assert_keepalived_content(log: &str) {
