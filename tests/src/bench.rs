@@ -188,24 +188,7 @@ impl Bench {
                 "echo 1 > /proc/sys/net/ipv4/conf/eth0/forwarding",
             ],
         )?;
-        for host in ["client", "api1"] {
-            let h = lab.host(host);
-            lab.exec(
-                "lb",
-                &[
-                    "ip",
-                    "neigh",
-                    "replace",
-                    &h.addr.to_string(),
-                    "lladdr",
-                    &h.mac_string(),
-                    "dev",
-                    HOST_IFACE,
-                    "nud",
-                    "permanent",
-                ],
-            )?;
-        }
+        lab.pin_neighbours("lb", &["client", "api1"])?;
         lab.exec(
             "lb",
             &[
@@ -579,14 +562,7 @@ pub fn render(report: &Report, effort: Effort, machine: &str) -> String {
          uses a new source address and port on every call, so every call inserts a flow and claims a NAT port.\n",
         effort.runs, effort.calls
     );
-    let _ = writeln!(out, "| path | ns/packet | above the floor |\n|---|---|---|");
-    for cost in &report.per_packet {
-        let _ = writeln!(
-            out,
-            "| {} | {:.0} | {:.0} |",
-            cost.name, cost.ns_per_packet, cost.above_floor
-        );
-    }
+    cost_table(&mut out, &report.per_packet);
     let _ = writeln!(
         out,
         "\nKatran's figures on this machine kind (benchmarking.md, a restoring wrapper, not this method): floor 29, SYN 344 (304 above), established 173 (133 above), non-VIP 80 (51 above).\n"
@@ -606,18 +582,22 @@ pub fn render(report: &Report, effort: Effort, machine: &str) -> String {
             time.as_secs_f64() * 1000.0
         );
     }
-    let _ = writeln!(
-        out,
-        "\n| path | ns/packet | above the floor |\n|---|---|---|"
-    );
-    for cost in &report.scale {
+    let _ = writeln!(out);
+    cost_table(&mut out, &report.scale);
+    out
+}
+
+/// A table of per-packet costs.
+fn cost_table(out: &mut String, costs: &[PathCost]) {
+    use std::fmt::Write;
+    let _ = writeln!(out, "| path | ns/packet | above the floor |\n|---|---|---|");
+    for cost in costs {
         let _ = writeln!(
             out,
             "| {} | {:.0} | {:.0} |",
             cost.name, cost.ns_per_packet, cost.above_floor
         );
     }
-    out
 }
 
 fn render_e2e(out: &mut String, report: &Report, effort: Effort) {

@@ -417,6 +417,30 @@ impl Lab {
         )
     }
 
+    /// Permanent neighbour entries on `host` for each of `peers` (their lab
+    /// MACs), so `bpf_fib_lookup` there answers without waiting for ARP.
+    pub fn pin_neighbours(&self, host: &str, peers: &[&str]) -> Result<()> {
+        for peer in peers {
+            let p = self.host(peer);
+            let (addr, mac) = (p.addr.to_string(), p.mac_string());
+            ip(
+                &self.host(host).netns,
+                &[
+                    "neigh",
+                    "replace",
+                    &addr,
+                    "lladdr",
+                    &mac,
+                    "dev",
+                    HOST_IFACE,
+                    "nud",
+                    "permanent",
+                ],
+            )?;
+        }
+        Ok(())
+    }
+
     /// Brings the host's own interface down (its veth's carrier drops too).
     pub fn set_link(&self, host: &str, up: bool) -> Result<()> {
         ip(

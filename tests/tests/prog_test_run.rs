@@ -194,25 +194,8 @@ fn world() -> World {
     )
     .unwrap();
     // Permanent neighbours, so the FIB answers without ARP.
-    for host in ["client", "api1", "api2", "api3"] {
-        let h = lab.host(host);
-        lab.exec(
-            "lb",
-            &[
-                "ip",
-                "neigh",
-                "replace",
-                &h.addr.to_string(),
-                "lladdr",
-                &h.mac_string(),
-                "dev",
-                "eth0",
-                "nud",
-                "permanent",
-            ],
-        )
+    lab.pin_neighbours("lb", &["client", "api1", "api2", "api3"])
         .unwrap();
-    }
     let mut dataplane = DataPlane::load(&LoadOptions {
         maglev_table_size: TABLE_SIZE,
         max_vips: 8,
