@@ -36,7 +36,7 @@ use tracing::{error, info, warn};
 
 use crate::{
     admin::{self, Request, Response},
-    config::{CheckConfig, Config, TrackAction, VrrpConfig, VrrpVersion},
+    config::{CheckConfig, Config, Listen, TrackAction, VrrpConfig, VrrpVersion},
     dataplane::{
         AttachMode, DataPlane, DesiredBackend, DesiredVip, LoadOptions, monotonic_coarse_ns,
     },
@@ -45,7 +45,7 @@ use crate::{
     netlink::Netlink,
     probe::{Outcome, Prober},
     status::{BackendStatus, LastCheck, StatusReport, Traffic, VipStatus},
-    system,
+    system, telemetry,
     vrrp::{announcer, machine::MachineConfig, packet::Version},
 };
 
@@ -169,7 +169,15 @@ pub async fn run(options: AttachOptions) -> Result<()> {
         Some(address) => address,
         None => netlink.primary_address(&iface, ifindex).await?,
     };
+    let telemetry = match config.telemetry.listen {
+        Listen::At(address) => Some(telemetry::bind(address).await?),
+        Listen::Off => None,
+    };
     let (admin_tx, mut admin_rx) = mpsc::channel::<admin::Command>(16);
+    if let Some(listener) = telemetry {
+        info!(address = %config.telemetry.listen, "serving /livez, /readyz and /metrics");
+        telemetry::serve(listener, admin_tx.clone());
+    }
     admin::serve(&iface, admin_tx)?;
     let forwarding = system::ForwardingGuard::enable(&iface)?;
     let pin_dir = match &options.pin {
@@ -986,6 +994,7 @@ impl Agent {
             })
             .collect();
         StatusReport {
+            not_ready: self.not_ready(),
             vrrp: self
                 .vrrp
                 .as_ref()
@@ -1012,6 +1021,40 @@ impl Agent {
                 .map(|(e, n)| (e.label().to_string(), n))
                 .collect(),
         }
+    }
+
+    /// Readiness: the program is attached and the interface up, VRRP is
+    /// not in fault, and every backend has had its first check, so the
+    /// answer no longer rests on the optimistic start state. Backends being
+    /// down does not make the agent unready: it still fails open and hands
+    /// the VIP over, and a DaemonSet rollout must not stall on an apiserver
+    /// outage.
+    fn not_ready(&self) -> Vec<String> {
+        let mut reasons = Vec::new();
+        let iface = &self.options.iface;
+        if let Some(vrrp) = &self.vrrp {
+            let (link_up, attached) = vrrp.link;
+            if !link_up {
+                reasons.push(format!("interface {iface} is down"));
+            }
+            if !attached {
+                reasons.push(format!("the XDP program is no longer attached to {iface}"));
+            }
+            if vrrp.status.lock().expect("status lock").state == "fault" {
+                reasons.push("VRRP is in fault".to_string());
+            }
+        }
+        let unchecked: Vec<String> = self
+            .backend_keys()
+            .into_iter()
+            .filter(|key| !self.maintenance.contains(key))
+            .filter(|key| self.health.get(key).is_none_or(|h| h.checks == 0))
+            .map(|key| key.to_string())
+            .collect();
+        if !unchecked.is_empty() {
+            reasons.push(format!("not checked yet: {}", unchecked.join(", ")));
+        }
+        reasons
     }
 
     fn print_stats(&self) {

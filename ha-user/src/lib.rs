@@ -13,4 +13,5 @@ pub mod netlink;
 pub mod probe;
 pub mod status;
 pub mod system;
+pub mod telemetry;
 pub mod vrrp;

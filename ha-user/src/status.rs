@@ -22,6 +22,9 @@ pub struct StatusReport {
     pub verdicts: BTreeMap<String, u64>,
     /// Slow-path events (only those seen).
     pub events: BTreeMap<String, u64>,
+    /// Why the agent is not ready (empty: ready). What /readyz answers.
+    #[serde(default)]
+    pub not_ready: Vec<String>,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -115,6 +118,9 @@ impl StatusReport {
             self.lb_address,
             duration(self.uptime_seconds)
         );
+        for reason in &self.not_ready {
+            let _ = writeln!(out, "not ready: {reason}");
+        }
         if let Some(vrrp) = &self.vrrp {
             let _ = writeln!(
                 out,
@@ -250,8 +256,13 @@ mod tests {
             }],
             verdicts: BTreeMap::from([("forward_tx".to_string(), 10)]),
             events: BTreeMap::new(),
+            not_ready: vec!["not checked yet: apiserver/10.0.0.12:6443".into()],
         };
         let table = report.render();
+        assert!(
+            table.contains("not ready: not checked yet: apiserver/10.0.0.12:6443"),
+            "{table}"
+        );
         assert!(table.contains("up 1m15s"), "{table}");
         assert!(table.contains("FAIL-OPEN"), "{table}");
         assert!(table.contains("10.0.0.11:6443"), "{table}");

@@ -8,7 +8,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{Session, start_agent, start_apiservers, vip_config, whoami, write_config};
+use common::{Session, start_agent, start_apiservers, telemetry, vip_config, whoami, write_config};
 use ha_lab::{Lab, LabProcess, bin_path};
 use nix::sys::signal::Signal;
 use serde_json::Value;
@@ -417,6 +417,43 @@ fn status_json_reports_vip_backends_checks_and_counters() {
     }
     assert_eq!(flows, 20);
     assert!(report["verdicts"]["forward_tx"].as_u64().unwrap() >= 20 * 3);
+}
+
+#[test]
+fn the_telemetry_endpoint_answers_probes_and_scrapes() {
+    let (lab, apis, _agent, _) = apiserver_setup(&["api1", "api2"], "");
+    assert_eq!(telemetry(&lab, "lb", "/livez"), (200, "ok\n".to_string()));
+    assert_eq!(telemetry(&lab, "lb", "/readyz"), (200, "ok\n".to_string()));
+    assert_eq!(telemetry(&lab, "lb", "/nope").0, 404);
+    served_by(&lab, 10);
+    let up = |host: &str| {
+        format!(
+            "ha_lb_backend_up{{vip=\"apiserver\",backend=\"{}:6443\"}}",
+            lab.host(host).addr
+        )
+    };
+    let (code, metrics) = telemetry(&lab, "lb", "/metrics");
+    assert_eq!(code, 200);
+    for line in [
+        format!("{} 1", up("api1")),
+        format!("{} 1", up("api2")),
+        "ha_lb_vip_flows_total{vip=\"apiserver\"} 10".to_string(),
+        "ha_lb_ready 1".to_string(),
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "{line} in\n{metrics}");
+    }
+    // A backend down is the balancer working, not the agent failing: the
+    // scrape shows it, the probes stay green.
+    drop(apis);
+    wait_for_state(&lab, "api1", "down", Duration::from_secs(10));
+    wait_for_state(&lab, "api2", "down", Duration::from_secs(10));
+    let metrics = telemetry(&lab, "lb", "/metrics").1;
+    assert!(
+        metrics.lines().any(|l| l == format!("{} 0", up("api2"))),
+        "{metrics}"
+    );
+    assert!(metrics.contains("ha_lb_vip_fail_open{vip=\"apiserver\"} 1"));
+    assert_eq!(telemetry(&lab, "lb", "/readyz").0, 200);
 }
 
 #[test]

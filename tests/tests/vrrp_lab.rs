@@ -9,7 +9,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{start_agent, start_apiservers, whoami, write_config};
+use common::{start_agent, start_apiservers, telemetry, whoami, write_config};
 use ha_lab::{HOST_IFACE, Lab, LabProcess, bin_path};
 use nix::sys::signal::Signal;
 
@@ -670,6 +670,7 @@ fn a_detached_xdp_program_puts_the_lb_in_fault() {
         &DEFAULT,
     );
     wait_for_single_holder(&lab, "lb1", Duration::from_secs(3));
+    assert_eq!(telemetry(&lab, "lb1", "/readyz").0, 200);
     // Someone detaches the program behind the agent's back: `ip link set xdp
     // off` cannot (a bpf_link attachment refuses it), `bpftool link detach` can.
     let link = String::from_utf8(
@@ -705,4 +706,12 @@ fn a_detached_xdp_program_puts_the_lb_in_fault() {
     wait_for_single_holder(&lab, "lb2", Duration::from_secs(3));
     assert_eq!(vrrp_status(&lab, "lb1")["state"], "fault");
     assert!(lb1.log().contains("xdp_attached=false"), "{}", lb1.log());
+    let (code, reasons) = telemetry(&lab, "lb1", "/readyz");
+    assert_eq!(code, 503, "{reasons}");
+    assert!(
+        reasons.contains("the XDP program is no longer attached to eth0")
+            && reasons.contains("VRRP is in fault"),
+        "{reasons}"
+    );
+    assert_eq!(telemetry(&lab, "lb1", "/livez").0, 200);
 }

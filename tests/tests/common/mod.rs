@@ -133,3 +133,25 @@ impl Session {
         }
     }
 }
+
+/// GET on the agent's telemetry endpoint (default 127.0.0.1:9641) from
+/// inside `host`, as a kubelet probe or a Prometheus scrape would: (status, body).
+pub fn telemetry(lab: &Lab, host: &str, path: &str) -> (u16, String) {
+    let out = lab
+        .exec(
+            host,
+            &[
+                "curl",
+                "-sS",
+                "--max-time",
+                "5",
+                "-w",
+                "\n%{http_code}",
+                &format!("http://127.0.0.1:9641{path}"),
+            ],
+        )
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
+    (code.trim().parse().unwrap_or(0), body.to_string())
+}
