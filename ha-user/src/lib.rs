@@ -8,6 +8,7 @@ pub mod dataplane;
 pub mod ebpf_object;
 pub mod garp;
 pub mod health;
+pub mod import;
 pub mod maglev;
 pub mod netlink;
 pub mod probe;

@@ -7,7 +7,7 @@ use clap::{Parser, Subcommand};
 use ha_user::{
     admin::{self, Request, Response},
     agent::{self, AttachOptions, PinLocation},
-    config::DEFAULT_CONFIG_PATH,
+    config::{Config, DEFAULT_CONFIG_PATH},
     dataplane::AttachMode,
 };
 
@@ -49,6 +49,16 @@ enum Command {
     CheckConfig {
         #[arg(long, default_value = DEFAULT_CONFIG_PATH)]
         config: PathBuf,
+    },
+    /// Print the ha-lb config equivalent to a haproxy.cfg (and keepalived.conf),
+    /// listing every directive that was not carried over.
+    Import {
+        #[arg(long)]
+        haproxy: PathBuf,
+        /// The VIP addresses and VRRP settings; without it the VIPs are the
+        /// frontends' bind addresses, owned statically.
+        #[arg(long)]
+        keepalived: Option<PathBuf>,
     },
     /// Show every VIP and backend: state, last check, counters.
     Status {
@@ -97,6 +107,43 @@ fn main() -> ExitCode {
     }
 }
 
+fn read(path: &std::path::Path) -> Result<String> {
+    std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))
+}
+
+fn import(haproxy: &std::path::Path, keepalived: Option<&std::path::Path>) -> Result<()> {
+    let haproxy_text = read(haproxy)?;
+    let keepalived_text = keepalived.map(read).transpose()?;
+    let haproxy_name = haproxy.display().to_string();
+    let keepalived_name = keepalived.map(|p| p.display().to_string());
+    let keepalived_source = match (&keepalived_name, &keepalived_text) {
+        (Some(name), Some(text)) => Some(ha_user::import::Source { name, text }),
+        _ => None,
+    };
+    let imported = ha_user::import::import(
+        &ha_user::import::Source {
+            name: &haproxy_name,
+            text: &haproxy_text,
+        },
+        keepalived_source.as_ref(),
+    )?;
+    let mut sources = vec![haproxy_name.as_str()];
+    sources.extend(keepalived_name.as_deref());
+    let yaml = ha_user::import::render(&imported, &sources);
+    print!("{yaml}");
+    eprintln!(
+        "ha-user import: {} VIPs; {} directives not carried over or changed, listed at the top of the output",
+        imported.config.vips.len(),
+        imported.notes.len()
+    );
+    // Files named by the checks (CA, client certificates) may live only on
+    // the LB hosts: say so, but the translation itself stands.
+    if let Err(e) = Config::from_yaml(&yaml, "the imported config") {
+        eprintln!("ha-user import: warning: on this host, {e}");
+    }
+    Ok(())
+}
+
 /// One request to the running agent; a refusal becomes an error (exit 1).
 fn ask(iface: Option<&str>, request: &Request) -> Result<Response> {
     let response = admin::request(iface, request)?;
@@ -142,6 +189,10 @@ fn run(cli: Cli) -> Result<()> {
             print!("{}", agent::check_config(&config)?);
             Ok(())
         }
+        Command::Import {
+            haproxy,
+            keepalived,
+        } => import(&haproxy, keepalived.as_deref()),
         Command::Status { iface, json } => {
             let response = ask(iface.as_deref(), &Request::Status)?;
             let status = response.status.context("the agent sent no status")?;
