@@ -284,7 +284,14 @@ async fn start_vrrp(
                 VrrpVersion::V3 => Version::V3,
             },
             checksum: vrrp.checksum,
-            unicast_peers: vrrp.unicast_peers.clone(),
+            // One file can serve every LB host (a DaemonSet's ConfigMap):
+            // the host's own address among the peers is skipped.
+            unicast_peers: vrrp
+                .unicast_peers
+                .iter()
+                .copied()
+                .filter(|peer| *peer != local_address)
+                .collect(),
             vips,
             machine: MachineConfig {
                 priority: vrrp.priority,

@@ -49,9 +49,12 @@ fn config(lab: &Lab, lb: &str, vrrp: &Vrrp) -> std::path::PathBuf {
         vrrp.priority, vrrp.version, vrrp.interval, vrrp.preempt_delay
     ));
     if vrrp.unicast {
+        // Both LBs, as one file shared by every LB host lists them: each
+        // agent skips its own address.
         yaml.push_str(&format!(
-            "  unicast_peers: [{}]\n",
-            lab.host(other(lb)).addr
+            "  unicast_peers: [{}, {}]\n",
+            lab.host("lb1").addr,
+            lab.host("lb2").addr
         ));
     }
     write_config(lab, &format!("{lb}.yaml"), &yaml)

