@@ -175,7 +175,7 @@ pub async fn run(options: AttachOptions) -> Result<()> {
     };
     let (admin_tx, mut admin_rx) = mpsc::channel::<admin::Command>(16);
     if let Some(listener) = telemetry {
-        info!(address = %config.telemetry.listen, "serving /livez, /readyz and /metrics");
+        info!(address = %config.telemetry.listen, "telemetry endpoint listening: /livez, /readyz, /metrics");
         telemetry::serve(listener, admin_tx.clone());
     }
     admin::serve(&iface, admin_tx)?;

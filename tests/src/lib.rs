@@ -365,7 +365,7 @@ impl Lab {
         ];
         argv.extend_from_slice(extra);
         let mut agent = self.spawn(host, &argv)?;
-        agent.wait_for_log("serving", Duration::from_secs(15))?;
+        agent.wait_for_log("serving;", Duration::from_secs(15))?;
         Ok(agent)
     }
 

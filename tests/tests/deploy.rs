@@ -407,25 +407,35 @@ fn start_with_capabilities(lab: &Lab, caps: &[String], config: &Path) -> ha_lab:
 }
 
 #[test]
-fn the_manifests_capabilities_are_enough_to_serve_a_vip() {
+fn the_manifests_capabilities_are_needed_and_enough_to_serve_a_vip() {
     let caps = capabilities(&deploy("daemonset.yaml"), 2, &["spec", "template", "spec"]);
     let lab = Lab::new(&["client", "lb", "api1", "api2"]).unwrap();
     let _apis = start_apiservers(&lab, &["api1", "api2"]);
-    let config = write_config(&lab, "config.yaml", &vip_config(&lab, &["api1", "api2"]));
-
-    // Without NET_ADMIN the agent cannot attach: the cut is real.
-    let fewer: Vec<String> = caps.iter().filter(|c| *c != "net_admin").cloned().collect();
-    let mut refused = start_with_capabilities(&lab, &fewer, &config);
-    let status = refused.wait_timeout(Duration::from_secs(15)).unwrap();
-    assert!(
-        status.is_some_and(|s| !s.success()),
-        "the agent ran without CAP_NET_ADMIN:\n{}",
-        refused.log()
+    // With VRRP, so that the raw sockets are part of the start.
+    let yaml = format!(
+        "{}vrrp:\n  vrid: 77\n  advert_interval: 100ms\n",
+        vip_config(&lab, &["api1", "api2"])
     );
+    let config = write_config(&lab, "config.yaml", &yaml);
+
+    // Each capability is needed: without any one of them the agent stops
+    // at start (BPF: maps; PERFMON: the verifier refuses packet pointer
+    // arithmetic; NET_ADMIN: attaching; NET_RAW: the VRRP socket).
+    for missing in &caps {
+        let fewer: Vec<String> = caps.iter().filter(|c| *c != missing).cloned().collect();
+        let mut refused = start_with_capabilities(&lab, &fewer, &config);
+        let status = refused.wait_timeout(Duration::from_secs(15)).unwrap();
+        assert!(
+            status.is_some_and(|s| !s.success()),
+            "the agent ran without CAP_{}:\n{}",
+            missing.to_uppercase(),
+            refused.log()
+        );
+    }
 
     let mut agent = start_with_capabilities(&lab, &caps, &config);
     agent
-        .wait_for_log("serving", Duration::from_secs(15))
+        .wait_for_log("serving;", Duration::from_secs(15))
         .unwrap();
     lab.wait_until(Duration::from_secs(10), "/readyz ok", || {
         telemetry(&lab, "lb", "/readyz").0 == 200
@@ -433,6 +443,10 @@ fn the_manifests_capabilities_are_enough_to_serve_a_vip() {
     .unwrap_or_else(|e| panic!("{e}\n{}", agent.log()));
     let served: Vec<String> = lab
         .in_host("client", || {
+            lab.wait_until(Duration::from_secs(5), "the VIP answers", || {
+                whoami(lab.vip(0), 6443).is_ok()
+            })
+            .unwrap();
             (0..10)
                 .map(|_| whoami(lab.vip(0), 6443).unwrap().0)
                 .collect()
