@@ -602,36 +602,23 @@ impl ServerParams {
         while i < words.len() {
             let word = words[i].as_str();
             let value = words.get(i + 1).map(String::as_str);
+            let flag = match word {
+                "check" => Some((&mut self.check, true)),
+                "no-check" => Some((&mut self.check, false)),
+                "ssl" => Some((&mut self.ssl, true)),
+                "check-ssl" => Some((&mut self.check_ssl, true)),
+                "backup" => Some((&mut self.backup, true)),
+                "disabled" => Some((&mut self.disabled, true)),
+                "enabled" => Some((&mut self.disabled, false)),
+                _ => None,
+            };
+            if let Some((field, on)) = flag {
+                *field = on;
+                i += 1;
+                continue;
+            }
             let mut takes_value = true;
             match (word, value) {
-                ("check", _) => {
-                    self.check = true;
-                    takes_value = false;
-                }
-                ("no-check", _) => {
-                    self.check = false;
-                    takes_value = false;
-                }
-                ("ssl", _) => {
-                    self.ssl = true;
-                    takes_value = false;
-                }
-                ("check-ssl", _) => {
-                    self.check_ssl = true;
-                    takes_value = false;
-                }
-                ("backup", _) => {
-                    self.backup = true;
-                    takes_value = false;
-                }
-                ("disabled", _) => {
-                    self.disabled = true;
-                    takes_value = false;
-                }
-                ("enabled", _) => {
-                    self.disabled = false;
-                    takes_value = false;
-                }
                 ("verify", Some(v)) => self.verify = Some(v.to_string()),
                 ("ca-file", Some(v)) => self.ca_file = Some(v.to_string()),
                 ("crt", Some(v)) => self.crt = Some(v.to_string()),
