@@ -58,11 +58,29 @@ fn output(command: &mut Command) -> (bool, String) {
     )
 }
 
-fn temp_dir(label: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("ha-lb-{label}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+/// A scratch directory, removed when the test ends (also on panic).
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(label: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("ha-lb-{label}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        Scratch(dir)
+    }
+}
+
+impl std::ops::Deref for Scratch {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 /// The YAML documents of a manifest file.
@@ -113,7 +131,7 @@ fn manifests_validate_against_the_kubernetes_schemas() {
         }
     }
     // The validator does reject: a misspelled field in a copy fails.
-    let dir = temp_dir("manifest");
+    let dir = Scratch::new("manifest");
     let broken = dir.join("static-pod.yaml");
     let text = std::fs::read_to_string(deploy("static-pod.yaml")).unwrap();
     std::fs::write(&broken, text.replace("readinessProbe:", "readynessProbe:")).unwrap();
@@ -199,7 +217,7 @@ fn the_containerfile_passes_hadolint() {
     let (ok, report) = output(Command::new(&hadolint).arg(deploy("Containerfile")));
     assert!(ok, "{report}");
     // hadolint does reject: an unpinned base image fails.
-    let dir = temp_dir("containerfile");
+    let dir = Scratch::new("containerfile");
     let broken = dir.join("Containerfile");
     std::fs::write(&broken, "FROM debian:latest\nRUN apt-get install curl\n").unwrap();
     let (ok, report) = output(Command::new(&hadolint).arg(&broken));
@@ -209,7 +227,7 @@ fn the_containerfile_passes_hadolint() {
 /// `systemd-analyze verify` on the unit, with the binary where the unit
 /// expects it taken from the build (verify checks that ExecStart exists).
 fn verify_unit(text: &str) -> (bool, String) {
-    let dir = temp_dir("unit");
+    let dir = Scratch::new("unit");
     let unit = dir.join("ha-lb.service");
     let ha_user = bin_path("ha-user");
     std::fs::write(
@@ -275,7 +293,7 @@ fn check_config(yaml: &str, root: &Path, name: &str) -> Result<Value, String> {
 
 #[test]
 fn the_example_configs_and_the_configmap_pass_check_config() {
-    let root = temp_dir("examples");
+    let root = Scratch::new("examples");
     certificates(&root);
     for example in ["on-masters.yaml", "dedicated-lb.yaml"] {
         let text = std::fs::read_to_string(deploy("examples").join(example)).unwrap();
@@ -326,7 +344,7 @@ fn fixture(layout: &str, file: &str) -> PathBuf {
 
 #[test]
 fn imported_classic_configs_pass_check_config_with_the_same_vips() {
-    let root = temp_dir("import");
+    let root = Scratch::new("import");
     certificates(&root);
     for (layout, vips) in [
         ("kubeadm-static-pods", vec![("apiserver", 8443, 3)]),
