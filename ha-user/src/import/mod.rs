@@ -37,10 +37,17 @@ pub struct Source<'a> {
 /// A directive that was not carried over, or carried over with a change.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Note {
-    /// `file:line`.
-    pub at: String,
+    pub file: String,
+    pub line: usize,
     pub directive: String,
     pub why: String,
+}
+
+impl Note {
+    /// `file:line`, as editors and compilers name a place.
+    pub fn at(&self) -> String {
+        format!("{}:{}", self.file, self.line)
+    }
 }
 
 pub struct Imported {
@@ -92,7 +99,8 @@ impl Ledger {
     fn note(&mut self, file: &str, line: usize, directive: impl Into<String>, why: &str) {
         self.consume(file, line);
         self.notes.push(Note {
-            at: format!("{file}:{line}"),
+            file: file.to_string(),
+            line,
             directive: directive.into(),
             why: why.to_string(),
         });
@@ -127,10 +135,13 @@ pub fn import(
         file: haproxy_source.name.to_string(),
         source: e,
     })?;
-    let keepalived_vips = vrrp_part
-        .as_ref()
-        .map(|p| p.vips.clone())
-        .unwrap_or_default();
+    let keepalived_vips: Vec<Ipv4Addr> = vrrp_part
+        .iter()
+        .flat_map(|p| &p.vip_lines)
+        .map(|(address, _)| *address)
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
     let vips = translate_haproxy(
         haproxy_source.name,
         &sections,
@@ -142,11 +153,11 @@ pub fn import(
             haproxy_source.name.to_string(),
         ));
     }
-    if let Some(part) = &vrrp_part {
+    if let (Some(source), Some(part)) = (keepalived_source, &vrrp_part) {
         for (address, line) in &part.vip_lines {
             if !vips.iter().any(|v| v.address == *address) {
                 ledger.note(
-                    part.file.as_str(),
+                    source.name,
                     *line,
                     address.to_string(),
                     "virtual address that no haproxy frontend serves: not carried over",
@@ -169,10 +180,7 @@ pub fn import(
     }
 
     let mut notes = ledger.notes;
-    notes.sort_by_key(|n| {
-        let (file, line) = n.at.rsplit_once(':').unwrap_or((&n.at, "0"));
-        (file.to_string(), line.parse::<usize>().unwrap_or(0))
-    });
+    notes.sort();
     notes.dedup();
     let (vrrp, garp, interface) = match vrrp_part {
         Some(part) => (part.vrrp, part.garp, part.interface),
@@ -194,8 +202,6 @@ pub fn import(
 // --- keepalived -------------------------------------------------------------
 
 struct KeepalivedPart {
-    file: String,
-    vips: Vec<Ipv4Addr>,
     /// Each virtual address and its line.
     vip_lines: Vec<(Ipv4Addr, usize)>,
     vrrp: Option<VrrpConfig>,
@@ -214,8 +220,6 @@ fn translate_keepalived(
     ledger: &mut Ledger,
 ) -> KeepalivedPart {
     let mut part = KeepalivedPart {
-        file: file.to_string(),
-        vips: Vec::new(),
         vip_lines: Vec::new(),
         vrrp: None,
         garp: GarpConfig::default(),
@@ -373,7 +377,6 @@ fn translate_instance(
                     let text = address.keyword();
                     match text.split('/').next().unwrap_or("").parse::<Ipv4Addr>() {
                         Ok(ip) => {
-                            part.vips.push(ip);
                             part.vip_lines.push((ip, address.line));
                             ledger.consume(file, address.line);
                             let extra = &address.words[1..];
@@ -423,8 +426,6 @@ fn translate_instance(
             Some(w) => TrackAction::Decrease(w.min(254) as u8),
         };
     }
-    part.vips.sort();
-    part.vips.dedup();
     vrrp
 }
 
@@ -1200,7 +1201,7 @@ pub fn render(imported: &Imported, sources: &[&str]) -> String {
             imported.notes.len()
         );
         for note in &imported.notes {
-            let _ = writeln!(out, "#   {}  `{}`: {}", note.at, note.directive, note.why);
+            let _ = writeln!(out, "#   {}  `{}`: {}", note.at(), note.directive, note.why);
         }
     }
     out.push('\n');

@@ -30,7 +30,7 @@ fn noted(imported: &Imported, at: &str, directive: &str) -> bool {
     imported
         .notes
         .iter()
-        .any(|n| n.at == at && n.directive.contains(directive))
+        .any(|n| n.at() == at && n.directive.contains(directive))
 }
 
 fn backends(vip: &VipConfig) -> Vec<(String, Option<u16>, u32)> {
@@ -111,7 +111,7 @@ fn the_kubeadm_guide_becomes_one_vip_with_its_vrrp_instance() {
         "keepalived.conf:18",
         "keepalived.conf:24",
     ] {
-        assert!(!imported.notes.iter().any(|n| n.at == at), "{at} listed");
+        assert!(!imported.notes.iter().any(|n| n.at() == at), "{at} listed");
     }
 }
 
