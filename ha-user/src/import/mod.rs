@@ -485,7 +485,9 @@ fn haproxy_reason(section: &haproxy::Section, line: &haproxy::Line) -> &'static 
         ("mode", "http") => {
             "ha-lb balances TCP connections (layer 4): HTTP-mode features are not carried over"
         }
-        ("timeout", "check") => "used for the checks of the backends that inherit it",
+        ("timeout", "check") => {
+            "no imported backend inherits it, or its value is not a haproxy time"
+        }
         ("timeout", _) => {
             "proxy timeout: ha-lb forwards packets and expires idle flows after data_plane.conntrack.tcp_idle_timeout"
         }
@@ -1022,7 +1024,6 @@ fn translate_backend(
             continue;
         };
         let mut params = directives.server_defaults.clone();
-        params.unsupported.clear();
         params.apply(&line.words[3..]);
         ledger.consume(file, line.number);
         for param in &params.unsupported {
