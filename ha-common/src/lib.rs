@@ -33,6 +33,9 @@ pub const VERDICTS_MAP: &str = "VERDICTS";
 pub const EVENTS_MAP: &str = "EVENTS";
 pub const VIP_STATS_MAP: &str = "VIP_STATS";
 pub const BACKEND_STATS_MAP: &str = "BACKEND_STATS";
+pub const BACKEND_INDEX_MAP: &str = "BACKEND_INDEX";
+pub const EMBRYONIC_MAP: &str = "EMBRYONIC";
+pub const EMBRYONIC_HEAD_MAP: &str = "EMBRYONIC_HEAD";
 
 /// Most VIPs one data plane serves; also the number of VIP stat slots.
 pub const MAX_VIPS: u32 = 64;
@@ -116,9 +119,9 @@ pub struct BackendInfo {
 const _: () = assert!(core::mem::size_of::<BackendInfo>() == 8);
 
 /// A flow as the client sent it: client -> VIP. Key of the connection table,
-/// and value of the reverse NAT table (where replies find their client).
+/// and part of the reverse NAT table's value (where replies find their client).
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct FlowKey {
     pub src_addr: u32,
     pub dst_addr: u32,
@@ -129,53 +132,180 @@ pub struct FlowKey {
 }
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 16);
 
+impl FlowKey {
+    /// Equality without a branch per field (the BPF verifier walks every
+    /// branch; the derived `==` has five).
+    #[inline(always)]
+    pub fn same(&self, other: &FlowKey) -> bool {
+        let words = |k: &FlowKey| -> [u64; 2] {
+            // SAFETY: FlowKey is 16 bytes of plain integers with explicit padding.
+            unsafe { core::mem::transmute::<FlowKey, [u64; 2]>(*k) }
+        };
+        let (a, b) = (words(self), words(other));
+        (a[0] ^ b[0]) | (a[1] ^ b[1]) == 0
+    }
+
+    /// The all-zero key marks an empty slot of the embryonic ring (a real
+    /// key never has destination 0: it is a VIP).
+    pub const EMPTY: FlowKey = FlowKey {
+        src_addr: 0,
+        dst_addr: 0,
+        src_port: 0,
+        dst_port: 0,
+        protocol: 0,
+        _pad: [0; 3],
+    };
+}
+
+// Flow flag bits (docs/data-path.md, "The flow state machine"). Bits are only
+// ever set, atomically; a flow that must start over is removed and created anew.
+/// The backend sent a packet that is not an RST (a local flow: the client's second packet).
+pub const FLOW_SEEN_REPLY: u32 = 1;
+/// The client sent a packet that is not a bare SYN after the reply: established.
+pub const FLOW_ASSURED: u32 = 2;
 /// The client sent FIN.
-pub const FLOW_FIN_CLIENT: u8 = 1;
+pub const FLOW_FIN_CLIENT: u32 = 4;
 /// The backend sent FIN.
-pub const FLOW_FIN_BACKEND: u8 = 2;
+pub const FLOW_FIN_BACKEND: u32 = 8;
+/// Either side sent RST.
+pub const FLOW_RESET: u32 = 16;
 /// The flow goes to a backend on this host: passed up, not NATed.
-pub const FLOW_LOCAL: u8 = 4;
+pub const FLOW_LOCAL: u32 = 32;
+
+/// A flow's state, derived from its flag bits (first rule that matches).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FlowState {
+    /// RST, or FIN from both sides; ends `fin_linger` after its last packet.
+    Closed,
+    /// The client's first packet and nothing from the backend yet (TCP SYN_SENT).
+    New,
+    /// The backend answered, the client has not confirmed (TCP SYN_RECV).
+    Replied,
+    /// Established, and one side sent FIN.
+    Closing,
+    /// Answered by the backend and confirmed by the client (conntrack's ASSURED).
+    Established,
+}
+
+impl FlowState {
+    pub const fn label(self) -> &'static str {
+        match self {
+            FlowState::Closed => "closed",
+            FlowState::New => "new",
+            FlowState::Replied => "replied",
+            FlowState::Closing => "closing",
+            FlowState::Established => "established",
+        }
+    }
+}
 
 /// Value of the connection table: where a flow goes for its whole life.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Flow {
     pub backend_id: u32,
-    /// Source port on the LB's address towards the backend (wire order).
-    pub nat_port: u16,
-    pub flags: u8,
-    pub _pad: u8,
-    /// `bpf_ktime_get_coarse_ns` of the last packet (updated at most every [`LAST_SEEN_GRANULARITY_NS`]).
+    /// `FLOW_*` bits, set with atomic OR.
+    pub flags: u32,
+    /// The clock (`bpf_ktime_get_coarse_ns`) at the flow's last packet,
+    /// refreshed at most every [`LAST_SEEN_GRANULARITY_NS`] unless the state changed.
     pub last_seen_ns: u64,
-    /// When the second FIN was seen; the entry ends `fin_linger` after it.
-    pub closing_since_ns: u64,
+    /// NAT source address towards the backend (wire order); 0 for a local flow.
+    pub nat_addr: u32,
+    /// NAT source port towards the backend (wire order); 0 for a local flow.
+    pub nat_port: u16,
     /// The source MAC of the flow's first packet: in one-arm, the next hop
     /// back to the client (the client, or its router). Replies use it when
     /// the kernel has no neighbour entry for the client, as on an LB that
-    /// just took the VIP over and never exchanged a packet with it.
+    /// just took the VIP over and never exchanged a packet with it. Zero when
+    /// the entry was rebuilt from the reverse table.
     pub client_mac: [u8; 6],
-    pub _pad2: [u8; 2],
+    pub _pad: u32,
 }
 const _: () = assert!(core::mem::size_of::<Flow>() == 32);
 
 impl Flow {
-    /// Whether the entry has ended: `fin_linger` after both FINs, or idle
-    /// longer than the protocol's timeout. One rule for the data path (on
+    /// The state its bits say (docs/data-path.md).
+    #[inline(always)]
+    pub const fn state(&self) -> FlowState {
+        let f = self.flags;
+        let both_fins = FLOW_FIN_CLIENT | FLOW_FIN_BACKEND;
+        if f & FLOW_RESET != 0 || f & both_fins == both_fins {
+            FlowState::Closed
+        } else if f & FLOW_ASSURED == 0 {
+            if f & FLOW_SEEN_REPLY == 0 {
+                FlowState::New
+            } else {
+                FlowState::Replied
+            }
+        } else if f & both_fins != 0 {
+            FlowState::Closing
+        } else {
+            FlowState::Established
+        }
+    }
+
+    /// Not established (embryonic, or a closed flow lingering): may be evicted
+    /// to make room. An established or closing flow never is.
+    ///
+    /// Computed without a branch (as is [`Flow::timeout_class`]): the BPF
+    /// verifier keeps apart every path that tested a different bit of the
+    /// flags, and these run in loops.
+    #[inline(always)]
+    pub const fn is_evictable(&self) -> bool {
+        let f = self.flags;
+        let assured = (f >> 1) & 1;
+        let closed = ((f >> 4) & 1) | ((f >> 2) & (f >> 3) & 1);
+        (closed | (assured ^ 1)) != 0
+    }
+
+    /// Which of `Settings::timeouts_ns` applies to the flow now (a `TIMEOUT_*` index).
+    #[inline(always)]
+    pub const fn timeout_class(&self, protocol: u8) -> usize {
+        // Bit positions of FLOW_ASSURED (1), FLOW_FIN_CLIENT (2),
+        // FLOW_FIN_BACKEND (3) and FLOW_RESET (4).
+        let f = self.flags as usize;
+        let assured = (f >> 1) & 1;
+        let fin_client = (f >> 2) & 1;
+        let fin_backend = (f >> 3) & 1;
+        let closed = ((f >> 4) & 1) | (fin_client & fin_backend);
+        let any_fin = fin_client | fin_backend;
+        // TCP: closed 3, else not assured 0, else closing 2, else established 1.
+        let tcp = closed * TIMEOUT_TCP_CLOSED
+            + (closed ^ 1) * assured * (TIMEOUT_TCP_ESTABLISHED + any_fin);
+        let udp = TIMEOUT_UDP_UNREPLIED + assured;
+        // TCP is 6 (bit 4 clear), UDP 17 (bit 4 set).
+        let is_udp = ((protocol >> 4) & 1) as usize;
+        (tcp * (is_udp ^ 1) + udp * is_udp) & (TIMEOUTS - 1)
+    }
+
+    /// How long the flow may stay without a packet, in its current state.
+    #[inline(always)]
+    pub const fn timeout_ns(&self, protocol: u8, settings: &Settings) -> u64 {
+        settings.timeouts_ns[self.timeout_class(protocol)]
+    }
+
+    /// Whether the entry has ended: no packet for longer than its state's
+    /// timeout (plus the refresh granularity). One rule for the data path (on
     /// use) and the agent (sweeping), so they never disagree.
     #[inline(always)]
-    pub fn is_expired(&self, protocol: u8, settings: &Settings, now_ns: u64) -> bool {
-        let both_fins = FLOW_FIN_CLIENT | FLOW_FIN_BACKEND;
-        if self.flags & both_fins == both_fins
-            && now_ns > self.closing_since_ns + settings.fin_linger_ns
-        {
-            return true;
-        }
-        let idle = if protocol == PROTO_TCP {
-            settings.tcp_idle_timeout_ns
-        } else {
-            settings.udp_idle_timeout_ns
-        };
-        now_ns > self.last_seen_ns + idle + LAST_SEEN_GRANULARITY_NS
+    pub const fn is_expired(&self, protocol: u8, settings: &Settings, now_ns: u64) -> bool {
+        let deadline = self
+            .last_seen_ns
+            .saturating_add(self.timeout_ns(protocol, settings))
+            .saturating_add(LAST_SEEN_GRANULARITY_NS);
+        now_ns > deadline
+    }
+
+    /// Whether this flow is the one a reverse entry `(nat_addr, nat_port)`
+    /// with `backend_id` belongs to.
+    #[inline(always)]
+    pub const fn names(&self, nat_addr: u32, nat_port: u16, backend_id: u32) -> bool {
+        // One comparison, not four branches (the BPF verifier walks each).
+        ((self.flags & FLOW_LOCAL)
+            | (self.nat_addr ^ nat_addr)
+            | ((self.nat_port ^ nat_port) as u32)
+            | (self.backend_id ^ backend_id))
+            == 0
     }
 }
 
@@ -183,9 +313,14 @@ impl Flow {
 /// established flow does not write its entry on every packet.
 pub const LAST_SEEN_GRANULARITY_NS: u64 = 1_000_000_000;
 
+/// A reverse entry whose flow is missing is taken as an orphan only when it
+/// is older than this: a younger one may belong to a flow that another CPU
+/// is creating (reverse entry first, then the flow).
+pub const ORPHAN_GRACE_NS: u64 = 1_000_000_000;
+
 /// Key of the reverse NAT table: a reply from a backend to the LB's NAT port.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct NatKey {
     pub backend_addr: u32,
     pub lb_addr: u32,
@@ -212,26 +347,202 @@ impl NatKey {
     }
 }
 
+/// Value of the reverse NAT table: the client flow a NAT port belongs to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NatEntry {
+    pub flow: FlowKey,
+    /// The flow's backend, so a lost connection-table entry can be rebuilt.
+    pub backend_id: u32,
+    pub _pad: u32,
+    /// When the port was claimed (same clock as `Flow::last_seen_ns`).
+    pub created_ns: u64,
+}
+const _: () = assert!(core::mem::size_of::<NatEntry>() == 32);
+
+/// Key of the backend index: a backend's address and port (wire order).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BackendAddr {
+    pub addr: u32,
+    pub port: u16,
+    pub _pad: u16,
+}
+const _: () = assert!(core::mem::size_of::<BackendAddr>() == 8);
+
+/// A NAT source: address (wire order) and ports (host order, inclusive).
+/// `addr` 0 marks an unused entry.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct NatRange {
+    pub addr: u32,
+    pub port_min: u16,
+    pub port_max: u16,
+}
+const _: () = assert!(core::mem::size_of::<NatRange>() == 8);
+
+impl NatRange {
+    /// Whether `addr:port` (wire order) falls in this range.
+    #[inline(always)]
+    pub const fn contains(&self, addr: u32, port: u16) -> bool {
+        let port = port_from_wire(port);
+        self.addr != 0 && self.addr == addr && port >= self.port_min && port <= self.port_max
+    }
+}
+
+/// How many NAT ranges are live at once: the current one and earlier ones
+/// that still have flows.
+pub const NAT_RANGES: usize = 4;
+
 /// Data-plane-wide settings, one entry in the SETTINGS array.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Settings {
-    /// The LB's own address: the source of NATed packets (wire order).
-    pub lb_addr: u32,
-    /// NAT source ports, host order, inclusive.
-    pub nat_port_min: u16,
-    pub nat_port_max: u16,
-    pub tcp_idle_timeout_ns: u64,
-    pub udp_idle_timeout_ns: u64,
-    pub fin_linger_ns: u64,
+    /// `nat[0]`: the source of new flows; `nat[1..]`: earlier sources whose
+    /// flows still live (replies to them are still translated).
+    pub nat: [NatRange; NAT_RANGES],
+    /// How long a flow may stay without a packet, by protocol and state:
+    /// indexed by the `TIMEOUT_*` constants (as Linux conntrack's per-state
+    /// timeout tables); the last two slots are unused.
+    pub timeouts_ns: [u64; TIMEOUTS],
+    /// 0: packets see the kernel's clock. Otherwise every packet sees this
+    /// time: a virtual clock for BPF_PROG_TEST_RUN (fixtures, the fuzzer).
+    pub clock_ns: u64,
+    /// Slots of the embryonic ring per CPU (the size of EMBRYONIC).
+    pub embryonic_slots: u32,
     /// [`SETTINGS_FLAG_DEBUG`] and future switches.
     pub flags: u32,
-    pub _pad: u32,
 }
-const _: () = assert!(core::mem::size_of::<Settings>() == 40);
+const _: () = assert!(core::mem::size_of::<Settings>() == 112);
+
+/// The timeout of each flow state, by name; [`Timeouts::table`] gives
+/// `Settings::timeouts_ns`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Timeouts {
+    /// TCP not established (SYN_SENT, SYN_RECV).
+    pub tcp_syn_ns: u64,
+    pub tcp_established_ns: u64,
+    /// TCP established, one side sent FIN.
+    pub tcp_closing_ns: u64,
+    /// TCP after RST or FIN from both sides (`fin_linger`).
+    pub tcp_closed_ns: u64,
+    pub udp_unreplied_ns: u64,
+    pub udp_established_ns: u64,
+}
+
+impl Timeouts {
+    /// The table the data path indexes by state (unused slots: the UDP established timeout).
+    pub const fn table(&self) -> [u64; TIMEOUTS] {
+        let mut table = [self.udp_established_ns; TIMEOUTS];
+        table[TIMEOUT_TCP_EMBRYONIC] = self.tcp_syn_ns;
+        table[TIMEOUT_TCP_ESTABLISHED] = self.tcp_established_ns;
+        table[TIMEOUT_TCP_CLOSING] = self.tcp_closing_ns;
+        table[TIMEOUT_TCP_CLOSED] = self.tcp_closed_ns;
+        table[TIMEOUT_UDP_UNREPLIED] = self.udp_unreplied_ns;
+        table[TIMEOUT_UDP_ESTABLISHED] = self.udp_established_ns;
+        table
+    }
+}
+
+/// Slots of `Settings::timeouts_ns`.
+pub const TIMEOUTS: usize = 8;
+/// TCP, not established (SYN_SENT, SYN_RECV): `tcp_syn_timeout`.
+pub const TIMEOUT_TCP_EMBRYONIC: usize = 0;
+/// TCP, established: `tcp_idle_timeout`.
+pub const TIMEOUT_TCP_ESTABLISHED: usize = 1;
+/// TCP, established and one side sent FIN: `tcp_closing_timeout`.
+pub const TIMEOUT_TCP_CLOSING: usize = 2;
+/// TCP, closed (RST, or FIN from both sides): `fin_linger`.
+pub const TIMEOUT_TCP_CLOSED: usize = 3;
+/// UDP, not established: `udp_unreplied_timeout`.
+pub const TIMEOUT_UDP_UNREPLIED: usize = 4;
+/// UDP, established: `udp_idle_timeout`.
+pub const TIMEOUT_UDP_ESTABLISHED: usize = 5;
 
 /// Log new flows with aya-log (slow; for debugging only).
 pub const SETTINGS_FLAG_DEBUG: u32 = 1;
+
+impl Settings {
+    /// Whether `addr:port` (wire order) is a live NAT port: the current or an earlier range.
+    #[inline(always)]
+    pub const fn is_nat_port(&self, addr: u32, port: u16) -> bool {
+        self.nat[0].contains(addr, port)
+            || self.nat[1].contains(addr, port)
+            || self.nat[2].contains(addr, port)
+            || self.nat[3].contains(addr, port)
+    }
+}
+
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+pub const TCP_PSH: u8 = 0x08;
+pub const TCP_ACK: u8 = 0x10;
+pub const TCP_URG: u8 = 0x20;
+
+/// Linux conntrack's `tcp_valid_flags`: the combinations of FIN, SYN, RST,
+/// ACK and URG a real TCP sends (PSH, ECE and CWR do not matter). Bit `i` is
+/// set when `flags & 0x37 == i` is valid.
+const TCP_VALID_FLAGS: u64 = (1 << TCP_SYN)
+    | (1 << (TCP_SYN | TCP_URG))
+    | (1 << (TCP_SYN | TCP_ACK))
+    | (1 << TCP_RST)
+    | (1 << (TCP_RST | TCP_ACK))
+    | (1 << (TCP_FIN | TCP_ACK))
+    | (1 << (TCP_FIN | TCP_ACK | TCP_URG))
+    | (1 << TCP_ACK)
+    | (1 << (TCP_ACK | TCP_URG));
+
+/// Whether a TCP header's flags byte is a combination a real TCP sends.
+#[inline(always)]
+pub const fn tcp_flags_valid(flags: u8) -> bool {
+    let relevant = flags & (TCP_FIN | TCP_SYN | TCP_RST | TCP_ACK | TCP_URG);
+    (TCP_VALID_FLAGS >> relevant) & 1 == 1
+}
+
+/// The flag bits a client packet adds to a flow that has `current`
+/// (docs/data-path.md, "Which packet does what to a flow"). `first`: the
+/// packet creates the flow, which it can never mark answered.
+///
+/// Arithmetic on the bits rather than a branch per flag: the BPF verifier
+/// would otherwise walk what follows once per combination of flags.
+#[inline(always)]
+pub const fn client_packet_bits(current: u32, tcp_flags: u8, first: bool) -> u32 {
+    let f = tcp_flags as u32;
+    let fin = f & 1;
+    let syn = (f >> 1) & 1;
+    let rst = (f >> 2) & 1;
+    let ack = (f >> 4) & 1;
+    let bare_syn = syn & (ack ^ 1) & (rst ^ 1);
+    let advances = (bare_syn ^ 1) & (first as u32 ^ 1);
+    let local = (current >> 5) & 1;
+    let seen_reply = current & FLOW_SEEN_REPLY;
+    // A local backend's answers never pass XDP: the client's packet after
+    // the first one stands for them.
+    let answered =
+        local * (FLOW_SEEN_REPLY | FLOW_ASSURED) + (local ^ 1) * seen_reply * FLOW_ASSURED;
+    let otherwise = fin * FLOW_FIN_CLIENT + advances * answered;
+    rst * FLOW_RESET + (rst ^ 1) * otherwise
+}
+
+/// The flag bits a backend's packet adds to its flow (branch-free, as above).
+#[inline(always)]
+pub const fn backend_packet_bits(tcp_flags: u8) -> u32 {
+    let f = tcp_flags as u32;
+    let rst = (f >> 2) & 1;
+    let fin = f & 1;
+    rst * FLOW_RESET + (rst ^ 1) * (FLOW_SEEN_REPLY + fin * FLOW_FIN_BACKEND)
+}
+
+/// The bits that make a client's bare SYN start the flow afresh instead of
+/// continuing it: the old connection was answered and confirmed, or is ending.
+pub const FLOW_RESTART_ON_SYN: u32 = FLOW_ASSURED | FLOW_FIN_CLIENT | FLOW_FIN_BACKEND | FLOW_RESET;
+
+/// SYN without ACK or RST: a client opening a connection.
+#[inline(always)]
+pub const fn tcp_bare_syn(flags: u8) -> bool {
+    flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_SYN
+}
 
 /// Packets and bytes, per CPU.
 #[repr(C)]
@@ -279,6 +590,13 @@ macro_rules! indexed_enum {
             pub const ALL: &'static [$name] = &[$($name::$variant,)*];
             pub const COUNT: u32 = Self::ALL.len() as u32;
 
+            /// The variant numbered `index`; the first one if there is none.
+            #[inline(always)]
+            pub const fn from_index(index: u32) -> $name {
+                let all = Self::ALL;
+                if (index as usize) < all.len() { all[index as usize] } else { all[0] }
+            }
+
             /// Short label for status output and metrics.
             pub const fn label(self) -> &'static str {
                 match self { $($name::$variant => $label,)* }
@@ -313,9 +631,9 @@ indexed_enum! {
         PassLocalBackend = 10 => "pass_local_backend",
         /// A non-first IPv4 fragment (no ports to classify by): passed.
         PassFragment = 11 => "pass_fragment",
-        /// A first fragment (MF set) to a VIP: dropped.
+        /// A first fragment (MF set) to a VIP or a NAT port: dropped.
         DropVipFragment = 12 => "drop_vip_fragment",
-        /// An IPv4 packet with options to a VIP: dropped.
+        /// An IPv4 packet with options to a VIP or a NAT port: dropped.
         DropVipIpOptions = 13 => "drop_vip_ip_options",
         /// The VIP has no backend in its table: dropped.
         DropNoBackend = 14 => "drop_no_backend",
@@ -332,6 +650,13 @@ indexed_enum! {
         PassVipDisabled = 19 => "pass_vip_disabled",
         /// A flow's backend id points at no backend: dropped.
         DropStaleBackend = 20 => "drop_stale_backend",
+        /// A backend's packet to a live NAT port that no flow owns: dropped,
+        /// so the host's own stack never answers it with an RST.
+        DropReplyNoFlow = 21 => "drop_reply_no_flow",
+        /// The connection table is full and no entry could be evicted: dropped.
+        DropTableFull = 22 => "drop_table_full",
+        /// TCP flags no real TCP sends together (SYN+FIN, none, ...): dropped.
+        DropInvalidTcpFlags = 23 => "drop_invalid_tcp_flags",
     }
 }
 
@@ -340,22 +665,33 @@ indexed_enum! {
     pub enum Event {
         /// A new entry in the connection table.
         NewFlow = 0 => "new_flow",
-        /// A TCP packet without SYN of an unknown flow took a backend from Maglev
-        /// (an agent restart or an LB failover).
+        /// A TCP flow whose first packet was not a bare SYN took a backend
+        /// from Maglev (an agent restart or an LB failover).
         MidstreamPickup = 1 => "midstream_pickup",
-        /// A connection-table entry had timed out and was replaced.
+        /// An ended (expired) entry was found in use and removed.
         ExpiredFlowReplaced = 2 => "expired_flow_replaced",
         /// A NAT port candidate was taken and the next one was tried.
         NatPortCollision = 3 => "nat_port_collision",
-        /// An entry ended on RST.
+        /// A flow was closed by RST.
         FlowReset = 4 => "flow_reset",
-        /// A reply whose connection-table entry was gone (reverse entry removed).
-        ReplyOrphaned = 5 => "reply_orphaned",
+        /// A lost connection-table entry was rebuilt from its reverse entry
+        /// (by a reply, or by the client's packet finding its own NAT port).
+        ForwardRecovered = 5 => "forward_recovered",
         /// An established flow left a backend that is down for a live one.
         MovedFromDownBackend = 6 => "moved_from_down_backend",
         /// A reply went to the MAC the client's first packet came from (no
         /// neighbour entry for the client on this host).
         ReplyToLearnedMac = 7 => "reply_to_learned_mac",
+        /// A flow that was not established (never answered and confirmed, or
+        /// closed) was removed to make room for a new one.
+        EmbryonicEvicted = 8 => "embryonic_evicted",
+        /// A reverse entry whose flow was gone was taken over by a new flow.
+        OrphanFreed = 9 => "orphan_freed",
+        /// A lost reverse entry was rebuilt from its connection-table entry.
+        ReverseRecovered = 10 => "reverse_recovered",
+        /// A client's bare SYN on an established, closing or closed entry
+        /// started a fresh flow (re-hashed, new state).
+        SynRestartedFlow = 11 => "syn_restarted_flow",
     }
 }
 
@@ -370,6 +706,8 @@ mod pod {
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for Flow {}
     unsafe impl aya::Pod for NatKey {}
+    unsafe impl aya::Pod for NatEntry {}
+    unsafe impl aya::Pod for BackendAddr {}
     unsafe impl aya::Pod for Settings {}
     unsafe impl aya::Pod for Counter {}
     unsafe impl aya::Pod for TrafficCounter {}
@@ -399,35 +737,284 @@ mod tests {
         assert_eq!(port_from_wire(port), 6443);
     }
 
-    #[test]
-    fn flows_expire_after_idle_timeout_or_linger_after_both_fins() {
-        let settings = Settings {
-            tcp_idle_timeout_ns: 100 * LAST_SEEN_GRANULARITY_NS,
-            udp_idle_timeout_ns: 10 * LAST_SEEN_GRANULARITY_NS,
-            fin_linger_ns: 2 * LAST_SEEN_GRANULARITY_NS,
-            ..Settings::default()
-        };
+    fn settings() -> Settings {
         let g = LAST_SEEN_GRANULARITY_NS;
-        let flow = Flow {
+        Settings {
+            timeouts_ns: Timeouts {
+                tcp_syn_ns: 60 * g,
+                tcp_established_ns: 3600 * g,
+                tcp_closing_ns: 120 * g,
+                tcp_closed_ns: 5 * g,
+                udp_unreplied_ns: 30 * g,
+                udp_established_ns: 60 * g,
+            }
+            .table(),
+            ..Settings::default()
+        }
+    }
+
+    #[test]
+    fn state_follows_the_bits_in_order() {
+        let state = |flags| {
+            Flow {
+                flags,
+                ..Flow::default()
+            }
+            .state()
+        };
+        assert_eq!(state(0), FlowState::New);
+        assert_eq!(state(FLOW_SEEN_REPLY), FlowState::Replied);
+        assert_eq!(
+            state(FLOW_SEEN_REPLY | FLOW_ASSURED),
+            FlowState::Established
+        );
+        assert_eq!(
+            state(FLOW_SEEN_REPLY | FLOW_ASSURED | FLOW_FIN_BACKEND),
+            FlowState::Closing
+        );
+        assert_eq!(
+            state(FLOW_SEEN_REPLY | FLOW_ASSURED | FLOW_FIN_BACKEND | FLOW_FIN_CLIENT),
+            FlowState::Closed
+        );
+        assert_eq!(
+            state(FLOW_SEEN_REPLY | FLOW_ASSURED | FLOW_RESET),
+            FlowState::Closed
+        );
+        // A FIN before the flow is assured leaves it embryonic.
+        assert_eq!(state(FLOW_FIN_CLIENT), FlowState::New);
+        assert_eq!(state(FLOW_FIN_CLIENT | FLOW_SEEN_REPLY), FlowState::Replied);
+        assert!(
+            Flow {
+                flags: FLOW_FIN_CLIENT,
+                ..Flow::default()
+            }
+            .is_evictable()
+        );
+        assert!(
+            !Flow {
+                flags: FLOW_SEEN_REPLY | FLOW_ASSURED | FLOW_FIN_CLIENT,
+                ..Flow::default()
+            }
+            .is_evictable()
+        );
+        assert!(
+            Flow {
+                flags: FLOW_ASSURED | FLOW_RESET,
+                ..Flow::default()
+            }
+            .is_evictable()
+        );
+    }
+
+    #[test]
+    fn the_branchless_rules_agree_with_the_state() {
+        for flags in 0..64u32 {
+            let flow = Flow {
+                flags,
+                ..Flow::default()
+            };
+            let state = flow.state();
+            assert_eq!(
+                flow.is_evictable(),
+                matches!(
+                    state,
+                    FlowState::Closed | FlowState::New | FlowState::Replied
+                ),
+                "{flags:#x}"
+            );
+            let tcp = match state {
+                FlowState::New | FlowState::Replied => TIMEOUT_TCP_EMBRYONIC,
+                FlowState::Established => TIMEOUT_TCP_ESTABLISHED,
+                FlowState::Closing => TIMEOUT_TCP_CLOSING,
+                FlowState::Closed => TIMEOUT_TCP_CLOSED,
+            };
+            assert_eq!(flow.timeout_class(PROTO_TCP), tcp, "{flags:#x}");
+            if flags & (FLOW_FIN_CLIENT | FLOW_FIN_BACKEND | FLOW_RESET) == 0 {
+                let udp = if flags & FLOW_ASSURED != 0 {
+                    TIMEOUT_UDP_ESTABLISHED
+                } else {
+                    TIMEOUT_UDP_UNREPLIED
+                };
+                assert_eq!(flow.timeout_class(PROTO_UDP), udp, "{flags:#x}");
+            }
+        }
+    }
+
+    #[test]
+    fn flows_expire_after_their_states_timeout() {
+        let s = settings();
+        let g = LAST_SEEN_GRANULARITY_NS;
+        let flow = |flags| Flow {
+            flags,
             last_seen_ns: 1000 * g,
             ..Flow::default()
         };
-        assert!(!flow.is_expired(PROTO_TCP, &settings, 1100 * g));
-        assert!(flow.is_expired(PROTO_TCP, &settings, 1102 * g));
-        assert!(!flow.is_expired(PROTO_UDP, &settings, 1010 * g));
-        assert!(flow.is_expired(PROTO_UDP, &settings, 1012 * g));
-        let one_fin = Flow {
-            flags: FLOW_FIN_CLIENT,
-            closing_since_ns: 1000 * g,
-            ..flow
+        let established = FLOW_SEEN_REPLY | FLOW_ASSURED;
+        for (flags, protocol, timeout) in [
+            (0, PROTO_TCP, 60),
+            (FLOW_SEEN_REPLY, PROTO_TCP, 60),
+            (established, PROTO_TCP, 3600),
+            (established | FLOW_FIN_CLIENT, PROTO_TCP, 120),
+            (established | FLOW_RESET, PROTO_TCP, 5),
+            (FLOW_RESET, PROTO_TCP, 5),
+            (0, PROTO_UDP, 30),
+            (FLOW_SEEN_REPLY, PROTO_UDP, 30),
+            (established, PROTO_UDP, 60),
+        ] {
+            let f = flow(flags);
+            assert!(
+                !f.is_expired(protocol, &s, (1001 + timeout) * g),
+                "{flags:#x}/{protocol}"
+            );
+            assert!(
+                f.is_expired(protocol, &s, (1001 + timeout) * g + 1),
+                "{flags:#x}/{protocol}"
+            );
+        }
+        // Saturating: a flow from the far future, or a huge timeout, never wraps.
+        let far = Flow {
+            last_seen_ns: u64::MAX - 1,
+            ..Flow::default()
         };
-        assert!(!one_fin.is_expired(PROTO_TCP, &settings, 1005 * g));
-        let both = Flow {
-            flags: FLOW_FIN_CLIENT | FLOW_FIN_BACKEND,
-            ..one_fin
+        assert!(!far.is_expired(PROTO_TCP, &s, u64::MAX));
+    }
+
+    #[test]
+    fn tcp_flag_combinations_are_those_conntrack_accepts() {
+        let valid: [u8; 9] = [
+            TCP_SYN,
+            TCP_SYN | TCP_URG,
+            TCP_SYN | TCP_ACK,
+            TCP_RST,
+            TCP_RST | TCP_ACK,
+            TCP_FIN | TCP_ACK,
+            TCP_FIN | TCP_ACK | TCP_URG,
+            TCP_ACK,
+            TCP_ACK | TCP_URG,
+        ];
+        for flags in 0..=255u8 {
+            let expected = valid.contains(&(flags & 0x37));
+            assert_eq!(tcp_flags_valid(flags), expected, "{flags:#04x}");
+        }
+        assert!(
+            tcp_flags_valid(TCP_ACK | TCP_PSH | 0xc0),
+            "PSH, ECE and CWR do not matter"
+        );
+        assert!(!tcp_flags_valid(0), "no flags at all");
+        assert!(!tcp_flags_valid(TCP_SYN | TCP_FIN));
+        assert!(!tcp_flags_valid(TCP_FIN), "FIN without ACK");
+        assert!(tcp_bare_syn(TCP_SYN) && tcp_bare_syn(TCP_SYN | TCP_URG));
+        assert!(!tcp_bare_syn(TCP_SYN | TCP_ACK) && !tcp_bare_syn(TCP_SYN | TCP_RST));
+    }
+
+    #[test]
+    fn only_a_packet_of_the_right_direction_and_state_advances_a_flow() {
+        let syn = TCP_SYN;
+        let ack = TCP_ACK;
+        // Handshake: SYN creates, the backend's SYN+ACK answers, the client's ACK confirms.
+        assert_eq!(client_packet_bits(0, syn, true), 0);
+        assert_eq!(backend_packet_bits(syn | ack), FLOW_SEEN_REPLY);
+        assert_eq!(
+            client_packet_bits(FLOW_SEEN_REPLY, ack, false),
+            FLOW_ASSURED
+        );
+        // A client packet never answers for the backend; a retransmitted SYN confirms nothing.
+        assert_eq!(client_packet_bits(0, ack, false), 0);
+        assert_eq!(client_packet_bits(FLOW_SEEN_REPLY, syn, false), 0);
+        // FIN and RST from each side.
+        assert_eq!(
+            client_packet_bits(FLOW_SEEN_REPLY | FLOW_ASSURED, TCP_FIN | ack, false),
+            FLOW_FIN_CLIENT | FLOW_ASSURED
+        );
+        assert_eq!(
+            backend_packet_bits(TCP_FIN | ack),
+            FLOW_SEEN_REPLY | FLOW_FIN_BACKEND
+        );
+        assert_eq!(
+            client_packet_bits(FLOW_SEEN_REPLY, TCP_RST | ack, false),
+            FLOW_RESET
+        );
+        assert_eq!(backend_packet_bits(TCP_RST), FLOW_RESET);
+        // A first packet: RST is born closed, FIN sets its bit, nothing is answered.
+        assert_eq!(client_packet_bits(0, TCP_RST, true), FLOW_RESET);
+        assert_eq!(client_packet_bits(FLOW_LOCAL, ack, true), 0);
+        // Local flows: the client's second packet stands for the answer.
+        assert_eq!(
+            client_packet_bits(FLOW_LOCAL, ack, false),
+            FLOW_SEEN_REPLY | FLOW_ASSURED
+        );
+        assert_eq!(client_packet_bits(FLOW_LOCAL, syn, false), 0);
+        // UDP has no flags: a reply then a client packet establish it.
+        assert_eq!(backend_packet_bits(0), FLOW_SEEN_REPLY);
+        assert_eq!(client_packet_bits(FLOW_SEEN_REPLY, 0, false), FLOW_ASSURED);
+    }
+
+    /// The branch-free bit rules against a plain reading of the table in
+    /// docs/data-path.md, for every flags byte and every flow state.
+    #[test]
+    fn the_bit_rules_match_their_plain_reading_everywhere() {
+        let client = |current: u32, f: u8, first: bool| -> u32 {
+            if f & TCP_RST != 0 {
+                return FLOW_RESET;
+            }
+            let mut add = 0;
+            if f & TCP_FIN != 0 {
+                add |= FLOW_FIN_CLIENT;
+            }
+            if !first && !tcp_bare_syn(f) {
+                if current & FLOW_LOCAL != 0 {
+                    add |= FLOW_SEEN_REPLY | FLOW_ASSURED;
+                } else if current & FLOW_SEEN_REPLY != 0 {
+                    add |= FLOW_ASSURED;
+                }
+            }
+            add
         };
-        assert!(!both.is_expired(PROTO_TCP, &settings, 1001 * g));
-        assert!(both.is_expired(PROTO_TCP, &settings, 1003 * g));
+        let backend = |f: u8| -> u32 {
+            if f & TCP_RST != 0 {
+                FLOW_RESET
+            } else if f & TCP_FIN != 0 {
+                FLOW_SEEN_REPLY | FLOW_FIN_BACKEND
+            } else {
+                FLOW_SEEN_REPLY
+            }
+        };
+        for f in 0..=255u8 {
+            assert_eq!(backend_packet_bits(f), backend(f), "{f:#04x}");
+            for current in 0..64u32 {
+                for first in [false, true] {
+                    assert_eq!(
+                        client_packet_bits(current, f, first),
+                        client(current, f, first),
+                        "{current:#x} {f:#04x} {first}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn nat_ranges_match_address_and_port() {
+        let addr = addr_to_wire([10, 0, 0, 2]);
+        let mut s = Settings::default();
+        s.nat[0] = NatRange {
+            addr,
+            port_min: 20000,
+            port_max: 20999,
+        };
+        s.nat[2] = NatRange {
+            addr,
+            port_min: 10000,
+            port_max: 10009,
+        };
+        assert!(s.is_nat_port(addr, port_to_wire(20000)));
+        assert!(s.is_nat_port(addr, port_to_wire(10009)));
+        assert!(!s.is_nat_port(addr, port_to_wire(10010)));
+        assert!(!s.is_nat_port(addr_to_wire([10, 0, 0, 3]), port_to_wire(20000)));
+        assert!(
+            !Settings::default().is_nat_port(0, port_to_wire(0)),
+            "unused ranges match nothing"
+        );
     }
 
     #[test]

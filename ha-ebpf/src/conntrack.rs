@@ -1,118 +1,179 @@
-//! The connection table: a flow keeps its backend and NAT port for its whole
-//! life. Entries end on RST, FIN_LINGER after both sides sent FIN, on idle
-//! timeout (checked here on use, and swept by the agent), or by LRU eviction.
+//! The connection table and its state machine (docs/data-path.md, "The flow
+//! state machine"). A flow keeps its backend and NAT source for its whole
+//! life; its state lives in flag bits that are only ever set, atomically, so
+//! packets of one flow on several CPUs never lose a transition.
+
+use core::intrinsics::{AtomicOrdering, atomic_or};
 
 use ha_common::{
-    Event, FLOW_FIN_BACKEND, FLOW_FIN_CLIENT, Flow, FlowKey, LAST_SEEN_GRANULARITY_NS, NatKey,
-    PROTO_TCP, Settings,
+    BACKEND_FLAG_DOWN, Event, FLOW_LOCAL, FLOW_RESET, FLOW_RESTART_ON_SYN, Flow, FlowKey,
+    LAST_SEEN_GRANULARITY_NS, NatEntry, NatKey, Settings, backend_packet_bits, client_packet_bits,
+    tcp_bare_syn,
 };
 
 use crate::{
-    maps::{CONNTRACK, REVERSE_NAT, count_event},
-    parse::{TCP_FIN, TCP_RST},
+    maps::{BACKENDS, CONNTRACK, REVERSE_NAT, count_event},
+    parse::Packet,
 };
 
+pub const BPF_NOEXIST: u64 = 1;
+
+/// The time every decision of this packet uses: the settings' virtual clock
+/// when set (tests), the kernel's coarse clock otherwise.
 #[inline(always)]
-pub fn now_ns() -> u64 {
+pub fn now_ns(settings: &Settings) -> u64 {
+    if settings.clock_ns != 0 {
+        return settings.clock_ns;
+    }
     // SAFETY: helper without arguments. The coarse clock (tick resolution)
     // is enough for second-scale timeouts and cheaper than the precise one.
     unsafe { aya_ebpf::helpers::bpf_ktime_get_coarse_ns() }
 }
 
-/// A live entry for `key`, or `None` (an expired one is removed first).
+/// The connection-table key of a client packet.
 #[inline(always)]
-pub fn lookup(key: &FlowKey, settings: &Settings, now: u64) -> Option<*mut Flow> {
-    let flow = CONNTRACK.get_ptr_mut(key)?;
-    // SAFETY: a map value pointer, valid for this program run.
-    if unsafe { &*flow }.is_expired(key.protocol, settings, now) {
-        // SAFETY: as above.
-        let nat_key = reverse_key_of(key, unsafe { &*flow }, settings);
-        forget(key, nat_key.as_ref());
-        count_event(Event::ExpiredFlowReplaced);
-        return None;
+pub fn key_of(packet: &Packet) -> FlowKey {
+    FlowKey {
+        src_addr: packet.src_addr,
+        dst_addr: packet.dst_addr,
+        src_port: packet.src_port,
+        dst_port: packet.dst_port,
+        protocol: packet.protocol,
+        _pad: [0; 3],
     }
-    Some(flow)
 }
 
-/// The reverse NAT key of a NATed flow (none for a local-backend flow).
+/// The live entry for a client packet's flow, or `None`: no entry, or one
+/// that must not carry this packet (expired, backend down or gone, or a
+/// bare SYN on a flow that was established or is ending), which is
+/// forgotten first.
 #[inline(always)]
-fn reverse_key_of(key: &FlowKey, flow: &Flow, settings: &Settings) -> Option<NatKey> {
-    if flow.flags & ha_common::FLOW_LOCAL != 0 {
+pub fn existing(key: &FlowKey, tcp_flags: u8, settings: &Settings, now: u64) -> Option<*mut Flow> {
+    let ptr = CONNTRACK.get_ptr_mut(key)?;
+    // SAFETY: a map value pointer, valid for this program run. Read in
+    // place, not copied: a copy's flag bits would be tracked by the verifier
+    // bit by bit, path by path.
+    let flow = unsafe { &*ptr };
+    let reason = if flow.is_expired(key.protocol, settings, now) {
+        Some(Event::ExpiredFlowReplaced)
+    } else if BACKENDS
+        .get(flow.backend_id)
+        .is_none_or(|b| b.addr == 0 || b.flags & BACKEND_FLAG_DOWN != 0)
+    {
+        Some(Event::MovedFromDownBackend)
+    } else if tcp_bare_syn(tcp_flags) && flow.flags & FLOW_RESTART_ON_SYN != 0 {
+        Some(Event::SynRestartedFlow)
+    } else {
+        None
+    };
+    match reason {
+        None => Some(ptr),
+        Some(event) => {
+            forget(key, flow);
+            count_event(event);
+            None
+        }
+    }
+}
+
+/// The reverse key of a NATed flow (none for a local flow, or if its
+/// backend record is gone).
+#[inline(always)]
+pub fn nat_key_of(key: &FlowKey, flow: &Flow) -> Option<NatKey> {
+    if flow.flags & FLOW_LOCAL != 0 {
         return None;
     }
-    let backend = crate::maps::BACKENDS.get(flow.backend_id)?;
+    let backend = BACKENDS.get(flow.backend_id)?;
     Some(NatKey::new(
         backend,
-        settings.lb_addr,
+        flow.nat_addr,
         flow.nat_port,
         key.protocol,
     ))
 }
 
+/// Removes a flow: its reverse entry (if it still names the flow), then the flow.
 #[inline(always)]
-pub fn forget(key: &FlowKey, nat_key: Option<&NatKey>) {
+pub fn forget(key: &FlowKey, flow: &Flow) {
+    if let Some(nat_key) = nat_key_of(key, flow) {
+        release(&nat_key, key);
+    }
     let _ = CONNTRACK.remove(key);
-    if let Some(nat_key) = nat_key {
+}
+
+/// Removes a reverse entry if it belongs to `key` (another flow may own the port by now).
+#[inline(always)]
+pub fn release(nat_key: &NatKey, key: &FlowKey) {
+    // SAFETY: compared at once.
+    if unsafe { REVERSE_NAT.get(nat_key) }.is_some_and(|e| e.flow.same(key)) {
         let _ = REVERSE_NAT.remove(nat_key);
     }
 }
 
-/// What a packet means for its flow's life.
-pub enum Lifecycle {
-    Continue,
-    /// RST: remove the entries once the packet is on its way.
-    Reset,
+/// Puts back a NATed flow's reverse entry if it is missing (it was lost:
+/// without it the backend's replies would be dropped).
+#[inline(always)]
+pub fn ensure_reverse(nat_key: &NatKey, key: &FlowKey, backend_id: u32, now: u64) {
+    // SAFETY: only tested for presence.
+    if unsafe { REVERSE_NAT.get(nat_key) }.is_some() {
+        return;
+    }
+    let entry = NatEntry {
+        flow: *key,
+        backend_id,
+        _pad: 0,
+        created_ns: now,
+    };
+    if REVERSE_NAT.insert(nat_key, &entry, BPF_NOEXIST).is_ok() {
+        count_event(Event::ReverseRecovered);
+    }
 }
 
-/// The flags and lifecycle of a new flow's first packet (a client's).
+/// Applies a client packet (its TCP flags) to its flow; true if it refreshed the entry.
 #[inline(always)]
-pub fn first_packet(protocol: u8, tcp_flags: u8) -> (u8, Lifecycle) {
-    if protocol != PROTO_TCP {
-        (0, Lifecycle::Continue)
-    } else if tcp_flags & TCP_RST != 0 {
-        (0, Lifecycle::Reset)
-    } else if tcp_flags & TCP_FIN != 0 {
-        (FLOW_FIN_CLIENT, Lifecycle::Continue)
-    } else {
-        (0, Lifecycle::Continue)
-    }
+pub fn track_client(flow: *mut Flow, tcp_flags: u8, now: u64) -> bool {
+    // SAFETY: a map value pointer, valid for this program run.
+    let current = unsafe { core::ptr::read_volatile(&(*flow).flags) };
+    update(
+        flow,
+        current,
+        client_packet_bits(current, tcp_flags, false),
+        now,
+    )
 }
 
-/// Refreshes `last_seen` and follows FIN/RST. `from_client` tells the direction.
+/// Applies a backend packet (its TCP flags) to its flow.
 #[inline(always)]
-pub fn track(
-    flow: *mut Flow,
-    protocol: u8,
-    tcp_flags: u8,
-    from_client: bool,
-    now: u64,
-) -> Lifecycle {
-    // SAFETY: a map value pointer, valid for this program run. Racing
-    // updates from other CPUs can only lose a timestamp refresh or a flag
-    // that the next packet sets again.
-    let flow = unsafe { &mut *flow };
-    if now > flow.last_seen_ns + LAST_SEEN_GRANULARITY_NS {
-        flow.last_seen_ns = now;
-    }
-    if protocol != PROTO_TCP {
-        return Lifecycle::Continue;
-    }
-    if tcp_flags & TCP_RST != 0 {
-        return Lifecycle::Reset;
-    }
-    if tcp_flags & TCP_FIN != 0 {
-        let side = if from_client {
-            FLOW_FIN_CLIENT
-        } else {
-            FLOW_FIN_BACKEND
-        };
-        if flow.flags & side == 0 {
-            flow.flags |= side;
-            let both = FLOW_FIN_CLIENT | FLOW_FIN_BACKEND;
-            if flow.flags & both == both {
-                flow.closing_since_ns = now;
+pub fn track_backend(flow: *mut Flow, tcp_flags: u8, now: u64) {
+    // SAFETY: as above.
+    let current = unsafe { core::ptr::read_volatile(&(*flow).flags) };
+    update(flow, current, backend_packet_bits(tcp_flags), now);
+}
+
+/// Sets `add` on a flow that had `current`, refreshing `last_seen`. A state
+/// change writes the time first and then ORs the bits in, so another CPU
+/// never sees the new state with the old time.
+#[inline(always)]
+fn update(flow: *mut Flow, current: u32, add: u32, now: u64) -> bool {
+    // SAFETY: a map value pointer, valid for this program run; `flags` is an
+    // aligned u32, so it can be used atomically.
+    unsafe {
+        if current | add != current {
+            (*flow).last_seen_ns = now;
+            atomic_or::<u32, u32, { AtomicOrdering::Release }>(&raw mut (*flow).flags, add);
+            if add & FLOW_RESET != 0 && current & FLOW_RESET == 0 {
+                count_event(Event::FlowReset);
             }
+            return true;
+        }
+        if now
+            > (*flow)
+                .last_seen_ns
+                .saturating_add(LAST_SEEN_GRANULARITY_NS)
+        {
+            (*flow).last_seen_ns = now;
+            return true;
         }
     }
-    Lifecycle::Continue
+    false
 }

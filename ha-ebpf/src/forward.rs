@@ -15,6 +15,7 @@ use ha_common::{Event, Verdict};
 
 use crate::{
     maps::{TX_PORTS, count_event},
+    nat::Rewrite,
     parse::{Packet, read, write},
 };
 
@@ -22,19 +23,22 @@ const AF_INET: u8 = 2;
 const BPF_FIB_LKUP_RET_SUCCESS: i64 = 0;
 const BPF_FIB_LKUP_RET_NO_NEIGH: i64 = 7;
 
-/// `tx`/`redirect` are the verdicts to count for the two ways out.
-/// `learned_mac`: where to send if the kernel has no neighbour for the next
-/// hop (a reply, to the MAC its client's first packet came from).
-#[inline(always)]
-pub fn forward(
-    ctx: &XdpContext,
-    packet: &Packet,
-    src_addr: u32,
-    dst_addr: u32,
-    tx: Verdict,
-    redirect: Verdict,
-    learned_mac: Option<[u8; 6]>,
-) -> (u32, Verdict) {
+/// How a rewritten packet may leave.
+pub struct Exits {
+    /// The verdicts to count for the two ways out.
+    pub tx: Verdict,
+    pub redirect: Verdict,
+    /// Where to send if the kernel has no neighbour for the next hop (a
+    /// reply, to the MAC its client's first packet came from).
+    pub learned_mac: Option<[u8; 6]>,
+}
+
+/// Sends a packet rewritten to `to`. A BPF subprogram: the lookup's
+/// parameters take a frame of their own.
+#[inline(never)]
+pub fn forward(ctx: &XdpContext, packet: &Packet, to: &Rewrite, exits: &Exits) -> (u32, Verdict) {
+    let (src_addr, dst_addr) = (to.src_addr, to.dst_addr);
+    let (tx, redirect, learned_mac) = (exits.tx, exits.redirect, exits.learned_mac);
     // SAFETY: bpf_fib_lookup is plain old data; all-zero is a valid start.
     let mut params: bpf_fib_lookup = unsafe { core::mem::zeroed() };
     let ingress = ctx.ingress_ifindex() as u32;

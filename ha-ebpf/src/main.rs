@@ -5,6 +5,13 @@
 //! The entry point only runs it, counts the verdict and returns the action.
 #![no_std]
 #![no_main]
+// Atomic OR on a flow's flag bits: the BPF target has no atomic types in
+// core, but LLVM lowers the intrinsic to BPF_ATOMIC | BPF_OR.
+#![allow(internal_features)]
+#![feature(core_intrinsics)]
+// Map keys and values are passed by reference, not moved into `impl Borrow`
+// arguments: a move may copy them onto the 512-byte stack the call chain shares.
+#![allow(clippy::needless_borrows_for_generic_args)]
 
 mod classify;
 mod conntrack;
@@ -12,33 +19,28 @@ mod forward;
 mod maps;
 mod nat;
 mod parse;
+mod ports;
 mod select;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use ha_common::{
-    BACKEND_FLAG_DOWN, BACKEND_FLAG_LOCAL, BackendInfo, Event, FLOW_LOCAL, Flow, FlowKey,
-    NAT_PORT_ATTEMPTS, NatKey, PROTO_TCP, PROTO_UDP, SETTINGS_FLAG_DEBUG, Settings,
-    VIP_FLAG_ENABLED, Verdict, VipInfo, hash::nat_port_candidate, port_to_wire,
+    BACKEND_FLAG_LOCAL, Event, FLOW_LOCAL, Flow, FlowKey, NatEntry, NatKey, PROTO_TCP, PROTO_UDP,
+    SETTINGS_FLAG_DEBUG, Settings, VIP_FLAG_ENABLED, Verdict, VipInfo, client_packet_bits,
+    tcp_bare_syn, tcp_flags_valid,
 };
 
 use crate::{
-    classify::Class,
-    conntrack::Lifecycle,
-    maps::{
-        BACKEND_STATS, BACKENDS, CONNTRACK, REVERSE_NAT, SETTINGS, VIP_STATS, count_event,
-        count_traffic, count_verdict,
-    },
+    classify::{Class, Owner},
+    maps::{BACKEND_STATS, BACKENDS, CONNTRACK, SETTINGS, VIP_STATS, count_event, count_traffic},
     nat::Rewrite,
-    parse::{Fragment, IPPROTO_ICMP, Packet, Parsed, TCP_SYN},
+    parse::{Fragment, IPPROTO_ICMP, Packet, Parsed},
 };
-
-const BPF_NOEXIST: u64 = 1;
 
 #[xdp]
 pub fn ha_xdp(ctx: XdpContext) -> u32 {
     let frame_len = ctx.data_end() - ctx.data();
-    let (action, verdict) = process(&ctx, frame_len);
-    count_verdict(verdict, frame_len);
+    let (action, verdict) = process(&ctx);
+    maps::count_verdict(verdict, frame_len);
     action
 }
 
@@ -57,6 +59,11 @@ fn pass(verdict: Verdict) -> (u32, Verdict) {
 }
 
 #[inline(always)]
+fn drop(verdict: Verdict) -> (u32, Verdict) {
+    (xdp_action::XDP_DROP, verdict)
+}
+
+#[inline(always)]
 fn pass_by_protocol(protocol: u8) -> (u32, Verdict) {
     pass(match protocol {
         PROTO_TCP => Verdict::PassTcp,
@@ -66,257 +73,335 @@ fn pass_by_protocol(protocol: u8) -> (u32, Verdict) {
     })
 }
 
+/// A rewrite that a path decided on, carried out by `process` itself: the
+/// forward step's frame then sits on top of `process`'s, not of the path's
+/// (the whole call chain shares 512 bytes of stack).
+pub struct Send {
+    to: Rewrite,
+    exits: forward::Exits,
+    /// A new flow's entry, built here before it is inserted (off the stack).
+    flow: Flow,
+    /// A new flow's reverse entry, built here while a NAT port is claimed.
+    entry: NatEntry,
+}
+
+/// The action a path returns when `Send` holds what to do.
+const SEND: u32 = 0xff;
+
+/// A path's result in one register (a BPF subprogram returns one): the
+/// action in the high half, the verdict in the low half.
 #[inline(always)]
-fn process(ctx: &XdpContext, frame_len: usize) -> (u32, Verdict) {
-    let packet = match parse::parse(ctx) {
-        Parsed::Ipv4(packet) => packet,
+fn encode((action, verdict): (u32, Verdict)) -> u64 {
+    (u64::from(action) << 32) | verdict as u64
+}
+
+#[inline(always)]
+fn decode(result: u64) -> (u32, u32) {
+    ((result >> 32) as u32, result as u32)
+}
+
+#[inline(always)]
+fn process(ctx: &XdpContext) -> (u32, Verdict) {
+    let Some(scratch) = maps::SCRATCH.get_ptr_mut(0) else {
+        return pass(Verdict::PassMalformed);
+    };
+    // SAFETY: this CPU's scratch; nothing else runs on it meanwhile.
+    let (packet, send) = unsafe { (&mut (*scratch).packet, &mut (*scratch).send) };
+    match parse::parse(ctx, packet) {
+        Parsed::Ipv4 => {}
         Parsed::NotIpv4 => return pass(Verdict::PassNonIpv4),
         Parsed::Malformed => return pass(Verdict::PassMalformed),
         Parsed::OtherIpv4(protocol) => return pass_by_protocol(protocol),
         Parsed::LaterFragment => return pass(Verdict::PassFragment),
-    };
+    }
+    let packet: &Packet = packet;
     let Some(settings) = SETTINGS.get(0) else {
         return pass_by_protocol(packet.protocol);
     };
-    let settings = *settings;
-    match classify::classify(&packet, &settings) {
-        Class::ToVip(vip) => to_vip(ctx, &packet, &vip, &settings, frame_len),
-        Class::Reply(client_flow, nat_key) => reply(ctx, &packet, &client_flow, &nat_key),
-        Class::NotOurs => pass_by_protocol(packet.protocol),
+    let result = match classify::classify(packet, settings) {
+        Class::ToVip(vip) => to_vip(ctx, packet, &vip, settings, send),
+        Class::Reply(owner) => reply(ctx, packet, &owner, settings, send),
+        Class::ReplyNoFlow => return drop(Verdict::DropReplyNoFlow),
+        Class::NotOurs => return pass_by_protocol(packet.protocol),
+    };
+    let (action, verdict) = decode(result);
+    if action != SEND {
+        return (action, Verdict::from_index(verdict));
     }
+    if nat::rewrite(ctx, packet, &send.to).is_none() {
+        return pass(Verdict::PassMalformed);
+    }
+    forward::forward(ctx, packet, &send.to, &send.exits)
+}
+
+/// What neither direction handles: IP options (which may carry addresses a
+/// NAT would leave wrong), a first fragment (its flow cannot be followed
+/// into the later ones), TCP flags no real TCP sends together.
+#[inline(always)]
+fn unhandled(ctx: &XdpContext, packet: &Packet) -> Option<(u32, Verdict)> {
+    if packet.has_ip_options {
+        return Some(drop(Verdict::DropVipIpOptions));
+    }
+    if let Fragment::First = packet.fragment {
+        return Some(drop(Verdict::DropVipFragment));
+    }
+    if packet.protocol == PROTO_TCP && !tcp_flags_valid(packet.tcp_flags(ctx)) {
+        return Some(drop(Verdict::DropInvalidTcpFlags));
+    }
+    None
 }
 
 /// A client packet to a VIP: find or pick its backend, NAT it, send it.
-#[inline(always)]
+/// A BPF subprogram (as is `reply`): the two paths get frames of their own
+/// instead of one frame holding both, under the 512-byte stack limit.
+#[inline(never)]
 fn to_vip(
     ctx: &XdpContext,
     packet: &Packet,
     vip: &VipInfo,
     settings: &Settings,
-    frame_len: usize,
+    send: &mut Send,
+) -> u64 {
+    encode(client_path(ctx, packet, vip, settings, send))
+}
+
+#[inline(always)]
+fn client_path(
+    ctx: &XdpContext,
+    packet: &Packet,
+    vip: &VipInfo,
+    settings: &Settings,
+    send: &mut Send,
 ) -> (u32, Verdict) {
+    let frame_len = ctx.data_end() - ctx.data();
     if vip.flags & VIP_FLAG_ENABLED == 0 {
         return pass(Verdict::PassVipDisabled);
     }
-    // Options may carry addresses (source routing, record route) that a NAT
-    // would leave wrong, and a first fragment's flow cannot be followed into
-    // the later ones: neither appears in control-plane traffic.
-    if packet.has_ip_options {
-        return (xdp_action::XDP_DROP, Verdict::DropVipIpOptions);
+    if let Some(verdict) = unhandled(ctx, packet) {
+        return verdict;
     }
-    if let Fragment::First = packet.fragment {
-        return (xdp_action::XDP_DROP, Verdict::DropVipFragment);
+    let key = conntrack::key_of(packet);
+    let now = conntrack::now_ns(settings);
+    match conntrack::existing(&key, packet.tcp_flags(ctx), settings, now) {
+        Some(flow) => existing_flow(ctx, packet, vip, &key, flow, frame_len, now, send),
+        None => new_flow(ctx, packet, vip, &key, settings, frame_len, now, send),
     }
-    let key = FlowKey {
-        src_addr: packet.src_addr,
-        dst_addr: packet.dst_addr,
-        src_port: packet.src_port,
-        dst_port: packet.dst_port,
-        protocol: packet.protocol,
-        _pad: [0; 3],
-    };
-    let now = conntrack::now_ns();
-    let existing = conntrack::lookup(&key, settings, now)
-        .and_then(|flow| leave_down_backend(&key, flow, settings));
-    let (backend_id, backend, nat_port, new_flow, lifecycle) = match existing {
-        Some(flow_ptr) => {
-            let lifecycle =
-                conntrack::track(flow_ptr, packet.protocol, packet.tcp_flags, true, now);
-            // SAFETY: map value pointer, valid for this run.
-            let flow = unsafe { *flow_ptr };
-            let Some(backend) = BACKENDS.get(flow.backend_id) else {
-                return (xdp_action::XDP_DROP, Verdict::DropStaleBackend);
-            };
-            if flow.flags & FLOW_LOCAL != 0 {
-                count_traffic(&VIP_STATS, vip.slot, frame_len, false);
-                count_traffic(&BACKEND_STATS, flow.backend_id, frame_len, false);
-                if let Lifecycle::Reset = lifecycle {
-                    conntrack::forget(&key, None);
-                }
-                return pass(Verdict::PassLocalBackend);
-            }
-            if backend.addr == 0 {
-                return (xdp_action::XDP_DROP, Verdict::DropStaleBackend);
-            }
-            (flow.backend_id, *backend, flow.nat_port, false, lifecycle)
-        }
-        None => {
-            if packet.protocol == PROTO_TCP && packet.tcp_flags & TCP_SYN == 0 {
-                count_event(Event::MidstreamPickup);
-            }
-            let Some((backend_id, backend, hash)) = select::select(vip, &key) else {
-                return (xdp_action::XDP_DROP, Verdict::DropNoBackend);
-            };
-            if backend.flags & BACKEND_FLAG_LOCAL != 0 {
-                let flow = Flow {
-                    backend_id,
-                    nat_port: 0,
-                    flags: FLOW_LOCAL,
-                    _pad: 0,
-                    last_seen_ns: now,
-                    closing_since_ns: 0,
-                    client_mac: [0; 6],
-                    _pad2: [0; 2],
-                };
-                let _ = CONNTRACK.insert(key, flow, 0);
-                count_event(Event::NewFlow);
-                count_traffic(&VIP_STATS, vip.slot, frame_len, true);
-                count_traffic(&BACKEND_STATS, backend_id, frame_len, true);
-                return pass(Verdict::PassLocalBackend);
-            }
-            let Some(nat_port) = allocate_nat_port(&key, hash, &backend, settings) else {
-                return (xdp_action::XDP_DROP, Verdict::DropNatExhausted);
-            };
-            let (flags, lifecycle) = conntrack::first_packet(packet.protocol, packet.tcp_flags);
-            let flow = Flow {
-                backend_id,
-                nat_port,
-                flags,
-                _pad: 0,
-                last_seen_ns: now,
-                closing_since_ns: 0,
-                client_mac: parse::read(ctx, 6).unwrap_or([0; 6]),
-                _pad2: [0; 2],
-            };
-            let _ = CONNTRACK.insert(key, flow, 0);
-            count_event(Event::NewFlow);
-            if settings.flags & SETTINGS_FLAG_DEBUG != 0 {
-                aya_log_ebpf::info!(
-                    ctx,
-                    "new flow to backend {} nat port {}",
-                    backend_id,
-                    u16::from_be(nat_port)
-                );
-            }
-            (backend_id, backend, nat_port, true, lifecycle)
-        }
-    };
-    count_traffic(&VIP_STATS, vip.slot, frame_len, new_flow);
-    count_traffic(&BACKEND_STATS, backend_id, frame_len, new_flow);
+}
 
+/// The next packet of a flow in the table.
+#[inline(always)]
+// Its arguments stay separate: gathered in a struct, they took room of
+// their own on the 512-byte stack.
+#[allow(clippy::too_many_arguments)]
+fn existing_flow(
+    ctx: &XdpContext,
+    packet: &Packet,
+    vip: &VipInfo,
+    key: &FlowKey,
+    flow_ptr: *mut Flow,
+    frame_len: usize,
+    now: u64,
+    send: &mut Send,
+) -> (u32, Verdict) {
+    let refreshed = conntrack::track_client(flow_ptr, packet.tcp_flags(ctx), now);
+    // SAFETY: map value pointer, valid for this run.
+    let flow = unsafe { &*flow_ptr };
+    let Some(backend) = BACKENDS.get(flow.backend_id) else {
+        return drop(Verdict::DropStaleBackend);
+    };
+    if flow.flags & FLOW_LOCAL != 0 {
+        count_traffic(&VIP_STATS, vip.slot, frame_len, false);
+        count_traffic(&BACKEND_STATS, flow.backend_id, frame_len, false);
+        return pass(Verdict::PassLocalBackend);
+    }
+    if backend.addr == 0 {
+        return drop(Verdict::DropStaleBackend);
+    }
+    if refreshed {
+        // At most once a second per flow: a lost reverse entry comes back
+        // before the backend's retransmission gives up.
+        let nat_key = NatKey::new(backend, flow.nat_addr, flow.nat_port, key.protocol);
+        conntrack::ensure_reverse(&nat_key, key, flow.backend_id, now);
+    }
+    count_traffic(&VIP_STATS, vip.slot, frame_len, false);
+    count_traffic(&BACKEND_STATS, flow.backend_id, frame_len, false);
     let to = Rewrite {
-        src_addr: settings.lb_addr,
+        src_addr: flow.nat_addr,
+        dst_addr: backend.addr,
+        src_port: flow.nat_port,
+        dst_port: backend.port,
+    };
+    sending(send, to, Verdict::ForwardTx, Verdict::ForwardRedirect, None)
+}
+
+/// The first packet of a flow: pick its backend by Maglev, claim room, insert it.
+#[inline(always)]
+// As for `existing_flow`.
+#[allow(clippy::too_many_arguments)]
+fn new_flow(
+    ctx: &XdpContext,
+    packet: &Packet,
+    vip: &VipInfo,
+    key: &FlowKey,
+    settings: &Settings,
+    frame_len: usize,
+    now: u64,
+    send: &mut Send,
+) -> (u32, Verdict) {
+    let Some(selected) = select::select(vip, key) else {
+        return drop(Verdict::DropNoBackend);
+    };
+    let (backend_id, backend) = (selected.id, selected.info);
+    let local = backend.flags & BACKEND_FLAG_LOCAL != 0;
+    let base = if local { FLOW_LOCAL } else { 0 };
+    let flags = base | client_packet_bits(base, packet.tcp_flags(ctx), true);
+    send.flow = Flow {
+        backend_id,
+        flags,
+        last_seen_ns: now,
+        nat_addr: 0,
+        nat_port: 0,
+        client_mac: [0; 6],
+        _pad: 0,
+    };
+    if !local {
+        let range = &settings.nat[0];
+        // A first packet that is not a bare SYN continues a connection: it
+        // looks for its own NAT port first.
+        let pickup = packet.protocol == PROTO_TCP && !tcp_bare_syn(packet.tcp_flags(ctx));
+        send.entry = NatEntry {
+            flow: *key,
+            backend_id,
+            _pad: 0,
+            created_ns: now,
+        };
+        let Some(port) = ports::claim(&send.entry, &selected, settings, pickup) else {
+            return drop(Verdict::DropNatExhausted);
+        };
+        let flow = &mut send.flow;
+        flow.nat_addr = range.addr;
+        flow.nat_port = port;
+        flow.client_mac = parse::read(ctx, 6).unwrap_or([0; 6]);
+    }
+    ports::admit(key, settings, now);
+    let flow = &send.flow;
+    if CONNTRACK.insert(key, flow, 0).is_err() {
+        if !local {
+            let nat_key = NatKey::new(&backend, flow.nat_addr, flow.nat_port, key.protocol);
+            conntrack::release(&nat_key, key);
+        }
+        return drop(Verdict::DropTableFull);
+    }
+    let (nat_addr, nat_port) = (flow.nat_addr, flow.nat_port);
+    count_event(Event::NewFlow);
+    if packet.protocol == PROTO_TCP {
+        // Read again, not taken from `flags`: see Packet::tcp_flags.
+        let tcp_flags = packet.tcp_flags(ctx);
+        if !tcp_bare_syn(tcp_flags) {
+            count_event(Event::MidstreamPickup);
+        }
+        if tcp_flags & ha_common::TCP_RST != 0 {
+            count_event(Event::FlowReset);
+        }
+    }
+    count_traffic(&VIP_STATS, vip.slot, frame_len, true);
+    count_traffic(&BACKEND_STATS, backend_id, frame_len, true);
+    if settings.flags & SETTINGS_FLAG_DEBUG != 0 {
+        aya_log_ebpf::info!(
+            ctx,
+            "new flow to backend {} nat port {}",
+            backend_id,
+            u16::from_be(nat_port)
+        );
+    }
+    if local {
+        return pass(Verdict::PassLocalBackend);
+    }
+    let to = Rewrite {
+        src_addr: nat_addr,
         dst_addr: backend.addr,
         src_port: nat_port,
         dst_port: backend.port,
     };
-    let nat_key = NatKey::new(&backend, settings.lb_addr, nat_port, packet.protocol);
-    let outward = (Verdict::ForwardTx, Verdict::ForwardRedirect);
-    send(ctx, packet, &to, outward, None, (lifecycle, &key, &nat_key))
+    sending(send, to, Verdict::ForwardTx, Verdict::ForwardRedirect, None)
 }
 
-/// The end of both paths: rewrite, forward, and once the packet is on its
-/// way, forget the flow if it was an RST.
+/// The end of both paths: what to rewrite, and how to count the ways out.
 #[inline(always)]
-fn send(
-    ctx: &XdpContext,
-    packet: &Packet,
-    to: &Rewrite,
-    (tx, redirect): (Verdict, Verdict),
+fn sending(
+    send: &mut Send,
+    to: Rewrite,
+    tx: Verdict,
+    redirect: Verdict,
     learned_mac: Option<[u8; 6]>,
-    (lifecycle, flow, nat_key): (Lifecycle, &FlowKey, &NatKey),
 ) -> (u32, Verdict) {
-    if nat::rewrite(ctx, packet, to).is_none() {
-        return pass(Verdict::PassMalformed);
-    }
-    let result = forward::forward(
-        ctx,
-        packet,
-        to.src_addr,
-        to.dst_addr,
+    send.to = to;
+    send.exits = forward::Exits {
         tx,
         redirect,
         learned_mac,
-    );
-    if let Lifecycle::Reset = lifecycle {
-        count_event(Event::FlowReset);
-        conntrack::forget(flow, Some(nat_key));
-    }
-    result
-}
-
-/// An established flow whose backend is down is forgotten here, so its
-/// packet takes a live backend as a new flow would.
-#[inline(always)]
-fn leave_down_backend(key: &FlowKey, flow: *mut Flow, settings: &Settings) -> Option<*mut Flow> {
-    // SAFETY: map value pointer, valid for this run.
-    let entry = unsafe { *flow };
-    let backend = BACKENDS.get(entry.backend_id)?;
-    if backend.flags & BACKEND_FLAG_DOWN == 0 {
-        return Some(flow);
-    }
-    let nat_key = NatKey::new(backend, settings.lb_addr, entry.nat_port, key.protocol);
-    conntrack::forget(key, Some(&nat_key));
-    count_event(Event::MovedFromDownBackend);
-    None
-}
-
-/// Claims a NAT port for a new flow by inserting its reverse entry with
-/// BPF_NOEXIST: the insert either wins the port or fails, so two flows never
-/// share one, whichever CPUs they run on.
-#[inline(always)]
-fn allocate_nat_port(
-    key: &FlowKey,
-    hash: u32,
-    backend: &BackendInfo,
-    settings: &Settings,
-) -> Option<u16> {
-    for attempt in 0..NAT_PORT_ATTEMPTS {
-        let port = port_to_wire(nat_port_candidate(
-            hash,
-            attempt,
-            settings.nat_port_min,
-            settings.nat_port_max,
-        ));
-        let nat_key = NatKey::new(backend, settings.lb_addr, port, key.protocol);
-        if REVERSE_NAT.insert(nat_key, key, BPF_NOEXIST).is_ok() {
-            return Some(port);
-        }
-        count_event(Event::NatPortCollision);
-    }
-    None
+    };
+    (SEND, tx)
 }
 
 /// A backend's reply to a NAT port: back to VIP -> client.
-#[inline(always)]
+#[inline(never)]
 fn reply(
     ctx: &XdpContext,
     packet: &Packet,
-    client_flow: &FlowKey,
-    nat_key: &NatKey,
+    owner: &Owner,
+    settings: &Settings,
+    send: &mut Send,
+) -> u64 {
+    encode(reply_path(ctx, packet, owner, settings, send))
+}
+
+#[inline(always)]
+fn reply_path(
+    ctx: &XdpContext,
+    packet: &Packet,
+    owner: &Owner,
+    settings: &Settings,
+    send: &mut Send,
 ) -> (u32, Verdict) {
-    if packet.has_ip_options {
-        return pass_by_protocol(packet.protocol);
+    // SAFETY: a map value pointer, valid for this run.
+    let (nat_key, entry) = (&owner.nat_key, unsafe { &*owner.entry });
+    if let Some(verdict) = unhandled(ctx, packet) {
+        return verdict;
     }
-    let now = conntrack::now_ns();
-    let (lifecycle, learned_mac) = match CONNTRACK.get_ptr_mut(client_flow) {
-        Some(flow) => {
+    let now = conntrack::now_ns(settings);
+    let flow_ptr = match CONNTRACK.get_ptr_mut(&entry.flow) {
+        None => match ports::recover_forward(nat_key, entry, settings, now) {
+            Ok(flow) => flow,
+            Err(verdict) => return drop(verdict),
+        },
+        Some(flow_ptr) => {
             // SAFETY: map value pointer, valid for this run.
-            let mac = unsafe { (*flow).client_mac };
-            let lifecycle = conntrack::track(flow, packet.protocol, packet.tcp_flags, false, now);
-            (lifecycle, (mac != [0; 6]).then_some(mac))
-        }
-        None => {
-            // The reverse entry alone still says where the reply goes.
-            count_event(Event::ReplyOrphaned);
-            (Lifecycle::Continue, None)
+            let flow = unsafe { &*flow_ptr };
+            if !flow.names(nat_key.lb_addr, nat_key.nat_port, entry.backend_id) {
+                // A stale reverse entry: the flow uses another port now.
+                return drop(Verdict::DropReplyNoFlow);
+            }
+            if flow.is_expired(entry.flow.protocol, settings, now) {
+                conntrack::forget(&entry.flow, flow);
+                count_event(Event::ExpiredFlowReplaced);
+                return drop(Verdict::DropReplyNoFlow);
+            }
+            flow_ptr
         }
     };
+    conntrack::track_backend(flow_ptr, packet.tcp_flags(ctx), now);
+    // SAFETY: map value pointer, valid for this run.
+    let mac = unsafe { (*flow_ptr).client_mac };
+    let client = &entry.flow;
     let to = Rewrite {
-        src_addr: client_flow.dst_addr,
-        dst_addr: client_flow.src_addr,
-        src_port: client_flow.dst_port,
-        dst_port: client_flow.src_port,
+        src_addr: client.dst_addr,
+        dst_addr: client.src_addr,
+        src_port: client.dst_port,
+        dst_port: client.src_port,
     };
-    let back = (Verdict::ReplyTx, Verdict::ReplyRedirect);
-    send(
-        ctx,
-        packet,
-        &to,
-        back,
-        learned_mac,
-        (lifecycle, client_flow, nat_key),
-    )
+    let learned = (mac != [0; 6]).then_some(mac);
+    sending(send, to, Verdict::ReplyTx, Verdict::ReplyRedirect, learned)
 }
 
 #[cfg(not(test))]

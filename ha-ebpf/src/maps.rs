@@ -1,16 +1,17 @@
-//! Every map of the data path. Sizes marked "set by the agent" are
-//! placeholders that the loader replaces (`EbpfLoader::set_max_entries`).
-//! None is pinned here: the agent pins the connection, reverse NAT and
-//! backend tables by path when it runs for real, so a restart adopts them
-//! and established flows keep their backend and port (tests load unpinned).
+//! Every map of the data path (docs/data-path.md, "Maps"). Sizes marked "set
+//! by the agent" are placeholders that the loader replaces
+//! (`EbpfLoader::set_max_entries`). None is pinned here: the agent pins the
+//! connection, reverse NAT and backend tables by path when it runs for real,
+//! so a restart adopts them and established flows keep their backend and
+//! port (tests load unpinned).
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, DevMapHash, HashMap, PerCpuArray},
 };
 use ha_common::{
-    BackendInfo, Counter, Event, Flow, FlowKey, MAX_BACKENDS, MAX_VIPS, NatKey, Settings,
-    TrafficCounter, Verdict, VipInfo, VipKey,
+    BackendAddr, BackendInfo, Counter, Event, Flow, FlowKey, MAX_BACKENDS, MAX_VIPS, NatEntry,
+    NatKey, Settings, TrafficCounter, Verdict, VipInfo, VipKey,
 };
 
 #[map(name = "VIPS")]
@@ -23,13 +24,28 @@ pub static BACKENDS: Array<BackendInfo> = Array::with_max_entries(MAX_BACKENDS, 
 #[map(name = "MAGLEV")]
 pub static MAGLEV: Array<u32> = Array::with_max_entries(1, 0);
 
-/// Client flow -> backend and NAT port (size set by the agent).
-#[map(name = "CONNTRACK")]
-pub static CONNTRACK: LruHashMap<FlowKey, Flow> = LruHashMap::with_max_entries(1, 0);
+/// (address, port) -> backend id: tells a backend's packets from others'.
+#[map(name = "BACKEND_INDEX")]
+pub static BACKEND_INDEX: HashMap<BackendAddr, u32> = HashMap::with_max_entries(MAX_BACKENDS, 0);
 
-/// (backend, LB address, NAT port) -> client flow (size set by the agent).
+/// Client flow -> backend, NAT source and state (size set by the agent).
+/// A plain hash, not LRU: the kernel never evicts an entry on its own, so a
+/// flow never loses one of its two halves; the data path evicts only flows
+/// that are not established.
+#[map(name = "CONNTRACK")]
+pub static CONNTRACK: HashMap<FlowKey, Flow> = HashMap::with_max_entries(1, 0);
+
+/// (backend, NAT address, NAT port) -> client flow (size set by the agent).
 #[map(name = "REVERSE_NAT")]
-pub static REVERSE_NAT: LruHashMap<NatKey, FlowKey> = LruHashMap::with_max_entries(1, 0);
+pub static REVERSE_NAT: HashMap<NatKey, NatEntry> = HashMap::with_max_entries(1, 0);
+
+/// Per CPU, the keys of the last flows created, oldest first from the head:
+/// a new flow evicts the one it replaces here if that one never got established.
+#[map(name = "EMBRYONIC")]
+pub static EMBRYONIC: PerCpuArray<FlowKey> = PerCpuArray::with_max_entries(1, 0);
+
+#[map(name = "EMBRYONIC_HEAD")]
+pub static EMBRYONIC_HEAD: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
 
 #[map(name = "SETTINGS")]
 pub static SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);
@@ -37,6 +53,16 @@ pub static SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);
 /// Interfaces a packet may be redirected to, keyed by ifindex.
 #[map(name = "TX_PORTS")]
 pub static TX_PORTS: DevMapHash = DevMapHash::with_max_entries(64, 0);
+
+/// Per CPU, the per-packet values too large for the 512 bytes of stack
+/// that the whole call chain shares: the parsed packet and what to send.
+#[map(name = "SCRATCH")]
+pub static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
+
+pub struct Scratch {
+    pub packet: crate::parse::Packet,
+    pub send: crate::Send,
+}
 
 #[map(name = "VERDICTS")]
 pub static VERDICTS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(Verdict::COUNT, 0);

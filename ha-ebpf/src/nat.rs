@@ -22,8 +22,8 @@ pub struct Rewrite {
 /// `None` only if the headers vanished, which parse() already ruled out.
 #[inline(always)]
 pub fn rewrite(ctx: &XdpContext, packet: &Packet, to: &Rewrite) -> Option<()> {
-    let l3 = packet.l3;
-    let l4 = packet.l4;
+    let l3 = packet.l3();
+    let l4 = packet.l4();
 
     let ip_check: u16 = read(ctx, l3 + IP_CHECK)?;
     let ip_check = replace_u32(ip_check, packet.src_addr, to.src_addr);

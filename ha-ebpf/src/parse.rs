@@ -15,10 +15,6 @@ const TCP_HDR_LEN: usize = 20;
 const UDP_HDR_LEN: usize = 8;
 pub const IPPROTO_ICMP: u8 = 1;
 
-pub const TCP_FIN: u8 = 0x01;
-pub const TCP_SYN: u8 = 0x02;
-pub const TCP_RST: u8 = 0x04;
-
 // Offsets inside the IPv4 header.
 pub const IP_TOT_LEN: usize = 2;
 const IP_FRAG: usize = 6;
@@ -80,23 +76,55 @@ pub enum Fragment {
 }
 
 /// What the pipeline needs from an IPv4 packet. Addresses and ports are in
-/// wire order, as stored in the maps.
+/// wire order, as stored in the maps. It lives in the per-CPU scratch map,
+/// whose contents the verifier does not track: the header offsets are read
+/// through [`Packet::l3`] and [`Packet::l4`], which bound them.
 pub struct Packet {
     /// Offset of the IPv4 header (after Ethernet and any VLAN tag).
-    pub l3: usize,
+    l3: usize,
     /// Offset of the TCP/UDP header.
-    pub l4: usize,
+    l4: usize,
     pub vlan_tagged: bool,
     pub protocol: u8,
     pub src_addr: u32,
     pub dst_addr: u32,
     pub src_port: u16,
     pub dst_port: u16,
-    pub tcp_flags: u8,
     pub has_ip_options: bool,
     pub fragment: Fragment,
     /// IPv4 total length, host order (for the FIB lookup's MTU check).
     pub ip_total_len: u16,
+}
+
+/// Every header ends within the frame's first 128 bytes (Ethernet, one tag,
+/// a 60-byte IPv4 header, a TCP header), so an offset masked with this is
+/// unchanged, and provably bounded.
+const HEADER_OFFSET_MASK: usize = 0x7f;
+
+impl Packet {
+    /// Offset of the IPv4 header.
+    #[inline(always)]
+    pub fn l3(&self) -> usize {
+        self.l3 & HEADER_OFFSET_MASK
+    }
+
+    /// Offset of the TCP/UDP header.
+    #[inline(always)]
+    pub fn l4(&self) -> usize {
+        self.l4 & HEADER_OFFSET_MASK
+    }
+
+    /// The TCP flags byte (0 for UDP), read from the frame each time it is
+    /// needed rather than kept: the BPF verifier would otherwise remember
+    /// every bit tested on a kept copy and walk the rest of the program once
+    /// per combination.
+    #[inline(always)]
+    pub fn tcp_flags(&self, ctx: &XdpContext) -> u8 {
+        if self.protocol != PROTO_TCP {
+            return 0;
+        }
+        read::<u8>(ctx, self.l4() + TCP_FLAGS).unwrap_or(0)
+    }
 }
 
 pub enum Parsed {
@@ -107,11 +135,15 @@ pub enum Parsed {
     OtherIpv4(u8),
     /// A non-first fragment: no ports.
     LaterFragment,
-    Ipv4(Packet),
+    /// TCP or UDP over IPv4: the `Packet` given to [`parse`] is filled in.
+    Ipv4,
 }
 
-#[inline(always)]
-pub fn parse(ctx: &XdpContext) -> Parsed {
+/// Parses the frame's headers into `packet` (the per-CPU scratch). A BPF
+/// subprogram: its temporaries (the IPv4 header among them) take a frame of
+/// their own, not room in the one every later step stacks on.
+#[inline(never)]
+pub fn parse(ctx: &XdpContext, packet: &mut Packet) -> Parsed {
     let Some(mut ether_type) = read::<[u8; 2]>(ctx, 12).map(u16::from_be_bytes) else {
         return Parsed::Malformed;
     };
@@ -163,21 +195,15 @@ pub fn parse(ctx: &XdpContext) -> Parsed {
     let Some(ports) = read::<[u16; 2]>(ctx, l4) else {
         return Parsed::Malformed;
     };
-    let tcp_flags = if protocol == PROTO_TCP {
-        match read::<u8>(ctx, l4 + TCP_FLAGS) {
-            Some(flags) => flags,
-            None => return Parsed::Malformed,
-        }
+    let l4_len = if protocol == PROTO_TCP {
+        read::<[u8; TCP_HDR_LEN]>(ctx, l4).map(|_| ())
     } else {
-        if read::<[u8; UDP_HDR_LEN]>(ctx, l4).is_none() {
-            return Parsed::Malformed;
-        }
-        0
+        read::<[u8; UDP_HDR_LEN]>(ctx, l4).map(|_| ())
     };
-    if protocol == PROTO_TCP && read::<[u8; TCP_HDR_LEN]>(ctx, l4).is_none() {
+    if l4_len.is_none() {
         return Parsed::Malformed;
     }
-    Parsed::Ipv4(Packet {
+    *packet = Packet {
         l3,
         l4,
         vlan_tagged,
@@ -196,9 +222,9 @@ pub fn parse(ctx: &XdpContext) -> Parsed {
         ]),
         src_port: ports[0],
         dst_port: ports[1],
-        tcp_flags,
         has_ip_options: header_len != IPV4_HDR_LEN,
         fragment,
         ip_total_len,
-    })
+    };
+    Parsed::Ipv4
 }

@@ -1,12 +1,15 @@
 //! Backend selection for a new flow: the VIP's active Maglev table.
 
-use ha_common::{BackendInfo, FlowKey, NO_BACKEND, VipInfo, hash::flow_hash};
+use ha_common::{FlowKey, NO_BACKEND, VipInfo, hash::flow_hash};
 
-use crate::maps::{BACKENDS, MAGLEV};
+use crate::{
+    maps::{BACKENDS, MAGLEV},
+    ports::Selected,
+};
 
-/// The backend id and record for a flow, or `None` if the table is empty there.
+/// The backend for a new flow, or `None` if the table is empty there.
 #[inline(always)]
-pub fn select(vip: &VipInfo, key: &FlowKey) -> Option<(u32, BackendInfo, u32)> {
+pub fn select(vip: &VipInfo, key: &FlowKey) -> Option<Selected> {
     let hash = flow_hash(key);
     // checked_rem: an empty table is None, and there is no panic path for the verifier to reject.
     let slot = vip.table_offset + hash.checked_rem(vip.table_size)?;
@@ -18,5 +21,9 @@ pub fn select(vip: &VipInfo, key: &FlowKey) -> Option<(u32, BackendInfo, u32)> {
     if backend.addr == 0 {
         return None;
     }
-    Some((backend_id, backend, hash))
+    Some(Selected {
+        id: backend_id,
+        info: backend,
+        hash,
+    })
 }

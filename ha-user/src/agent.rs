@@ -26,7 +26,6 @@ use std::{
 };
 
 use anyhow::{Context, Result};
-use ha_common::{SETTINGS_FLAG_DEBUG, Settings, addr_to_wire};
 use tokio::{
     signal::unix::{SignalKind, signal},
     sync::mpsc,
@@ -44,7 +43,7 @@ use crate::{
     health::{Checker, Health, Timing},
     netlink::Netlink,
     probe::{Outcome, Prober},
-    status::{BackendStatus, LastCheck, StatusReport, Traffic, VipStatus},
+    status::{BackendStatus, ConntrackStatus, LastCheck, StatusReport, Traffic, VipStatus},
     system, telemetry,
     vrrp::{announcer, machine::MachineConfig, packet::Version},
 };
@@ -165,10 +164,7 @@ pub async fn run(options: AttachOptions) -> Result<()> {
     let netlink = Netlink::connect()?;
     let ifindex = netlink.interface_index(&iface).await?;
     let mac = netlink.interface_mac(ifindex).await?;
-    let lb_addr = match config.data_plane.nat.source_address {
-        Some(address) => address,
-        None => netlink.primary_address(&iface, ifindex).await?,
-    };
+    let lb_addr = nat_source(&netlink, &iface, ifindex, &config).await?;
     let telemetry = match config.telemetry.listen {
         Listen::At(address) => Some(telemetry::bind(address).await?),
         Listen::Off => None,
@@ -196,6 +192,7 @@ pub async fn run(options: AttachOptions) -> Result<()> {
         maglev_table_size: dp.maglev_table_size,
         max_vips: dp.max_vips,
         max_flows: dp.conntrack.max_flows,
+        max_embryonic: dp.conntrack.max_embryonic,
         pin_dir,
     })
     .context("loading the XDP program")?;
@@ -254,6 +251,29 @@ pub async fn run(options: AttachOptions) -> Result<()> {
     .await;
     agent.shut_down().await;
     result
+}
+
+/// The NAT source address for `config`: `nat.source_address`, which must be
+/// an address of this host (the backends' replies go to it), or the
+/// interface's primary address.
+async fn nat_source(
+    netlink: &Netlink,
+    iface: &str,
+    ifindex: u32,
+    config: &Config,
+) -> Result<Ipv4Addr> {
+    match config.data_plane.nat.source_address {
+        Some(address) => {
+            if !netlink.local_addresses().await?.contains(&address) {
+                anyhow::bail!(
+                    "data_plane.nat.source_address: {address} is not an address of this host; \
+                     the backends' replies to it would never reach the data path"
+                );
+            }
+            Ok(address)
+        }
+        None => Ok(netlink.primary_address(iface, ifindex).await?),
+    }
 }
 
 /// Opens the VRRP socket and starts the announcer (as backup: nothing held yet).
@@ -376,6 +396,13 @@ impl Agent {
                 }
                 _ = sweep.tick() => {
                     match self.dataplane.sweep_flows(monotonic_coarse_ns()) {
+                        Ok(report) if report.reverse_recovered > 0 || report.orphans_freed > 0 => warn!(
+                            live = report.live,
+                            expired = report.expired,
+                            reverse_recovered = report.reverse_recovered,
+                            orphans_freed = report.orphans_freed,
+                            "swept the connection tables; some entries had lost their other half"
+                        ),
                         Ok(report) if report.expired > 0 => info!(live = report.live, expired = report.expired, "swept ended flows"),
                         Ok(_) => {}
                         Err(e) => warn!(error = %e, "sweeping the connection table"),
@@ -634,7 +661,19 @@ impl Agent {
         }
         system::check_nat_port_range(next.data_plane.nat.port_range)
             .map_err(|e| refuse(e.to_string()))?;
+        // Plan: the NAT source must resolve and fit beside the earlier ones
+        // that still have flows, before anything changes.
+        let lb_addr = nat_source(&self.netlink, &self.options.iface, self.ifindex, &next)
+            .await
+            .map_err(|e| refuse(format!("{e:#}")))?;
+        self.dataplane
+            .plan_settings(&next.data_plane.settings(lb_addr))
+            .map_err(|e| refuse(e.to_string()))?;
         let probers = build_probers(&next).map_err(|e| refuse(format!("{e:#}")))?;
+        if lb_addr != self.lb_addr {
+            info!(from = %self.lb_addr, to = %lb_addr, "NAT source address changes; open flows keep theirs");
+        }
+        self.lb_addr = lb_addr;
         self.apply_config(&next, probers).await.map_err(|e| {
             let message = format!("reload failed part-way: {e:#}");
             error!("{message}");
@@ -777,17 +816,7 @@ impl Agent {
     /// Computes the desired tables from config, health and drains, and writes them.
     fn apply_data_plane_with(&mut self, local: &HashSet<Ipv4Addr>) -> Result<()> {
         self.local_backends = local.clone();
-        let dp = &self.config.data_plane;
-        let settings = Settings {
-            lb_addr: addr_to_wire(self.lb_addr.octets()),
-            nat_port_min: dp.nat.port_range.min,
-            nat_port_max: dp.nat.port_range.max,
-            tcp_idle_timeout_ns: dp.conntrack.tcp_idle_timeout.as_nanos() as u64,
-            udp_idle_timeout_ns: dp.conntrack.udp_idle_timeout.as_nanos() as u64,
-            fin_linger_ns: dp.conntrack.fin_linger.as_nanos() as u64,
-            flags: if dp.debug { SETTINGS_FLAG_DEBUG } else { 0 },
-            _pad: 0,
-        };
+        let settings = self.config.data_plane.settings(self.lb_addr);
         let mut vips = Vec::new();
         let mut failing_open = BTreeSet::new();
         for vip in &self.config.vips {
@@ -1027,6 +1056,22 @@ impl Agent {
                 .filter(|(_, n)| *n > 0)
                 .map(|(e, n)| (e.label().to_string(), n))
                 .collect(),
+            conntrack: {
+                let totals = self.dataplane.sweep_totals();
+                ConntrackStatus {
+                    nat_sources: self
+                        .dataplane
+                        .nat_sources()
+                        .iter()
+                        .map(crate::dataplane::describe_range)
+                        .collect(),
+                    flows: totals.live,
+                    sweeps: totals.sweeps,
+                    expired: totals.expired,
+                    reverse_recovered: totals.reverse_recovered,
+                    orphans_freed: totals.orphans_freed,
+                }
+            },
         }
     }
 

@@ -449,6 +449,36 @@ pub struct DataPlaneConfig {
     pub debug: bool,
 }
 
+impl DataPlaneConfig {
+    /// What the data path's SETTINGS should hold for this config, with
+    /// `nat_source` (the resolved `nat.source_address`) as the current NAT
+    /// source. Earlier NAT ranges and the ring size are the data plane's to fill in.
+    pub fn settings(&self, nat_source: Ipv4Addr) -> ha_common::Settings {
+        let ct = &self.conntrack;
+        let ns = |d: Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        use ha_common::*;
+        let timeouts = Timeouts {
+            tcp_syn_ns: ns(ct.tcp_syn_timeout),
+            tcp_established_ns: ns(ct.tcp_idle_timeout),
+            tcp_closing_ns: ns(ct.tcp_closing_timeout),
+            tcp_closed_ns: ns(ct.fin_linger),
+            udp_unreplied_ns: ns(ct.udp_unreplied_timeout),
+            udp_established_ns: ns(ct.udp_idle_timeout),
+        };
+        let mut settings = Settings {
+            timeouts_ns: timeouts.table(),
+            flags: if self.debug { SETTINGS_FLAG_DEBUG } else { 0 },
+            ..Settings::default()
+        };
+        settings.nat[0] = NatRange {
+            addr: addr_to_wire(nat_source.octets()),
+            port_min: self.nat.port_range.min,
+            port_max: self.nat.port_range.max,
+        };
+        settings
+    }
+}
+
 impl Default for DataPlaneConfig {
     fn default() -> Self {
         Self {
@@ -461,27 +491,47 @@ impl Default for DataPlaneConfig {
     }
 }
 
+/// The connection table: its size and the timeout of each flow state
+/// (docs/data-path.md, "The flow state machine").
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ConntrackConfig {
-    /// Entries in the connection table (and in the reverse NAT table).
+    /// Room for this many flows besides the embryonic ones.
     pub max_flows: u32,
+    /// At most this many flows are embryonic (not yet answered and
+    /// confirmed) at once; when more arrive the oldest embryonic one goes.
+    pub max_embryonic: u32,
+    /// A TCP flow not yet established (SYN_SENT, SYN_RECV) ends after this long without a packet.
+    #[serde(with = "humantime_serde")]
+    pub tcp_syn_timeout: Duration,
+    /// An established TCP flow ends after this long without a packet.
     #[serde(with = "humantime_serde")]
     pub tcp_idle_timeout: Duration,
+    /// An established TCP flow after one side's FIN ends after this long without a packet.
     #[serde(with = "humantime_serde")]
-    pub udp_idle_timeout: Duration,
-    /// How long an entry stays after both sides sent FIN, for the last ACKs.
+    pub tcp_closing_timeout: Duration,
+    /// How long a closed flow (RST, or FIN from both sides) stays, for the last ACKs and retransmissions.
     #[serde(with = "humantime_serde")]
     pub fin_linger: Duration,
+    /// A UDP flow not yet answered and confirmed ends after this long without a packet.
+    #[serde(with = "humantime_serde")]
+    pub udp_unreplied_timeout: Duration,
+    /// An established UDP flow ends after this long without a packet.
+    #[serde(with = "humantime_serde")]
+    pub udp_idle_timeout: Duration,
 }
 
 impl Default for ConntrackConfig {
     fn default() -> Self {
         Self {
             max_flows: 262_144,
+            max_embryonic: 65_536,
+            tcp_syn_timeout: Duration::from_secs(60),
             tcp_idle_timeout: Duration::from_secs(3600),
-            udp_idle_timeout: Duration::from_secs(60),
+            tcp_closing_timeout: Duration::from_secs(120),
             fin_linger: Duration::from_secs(5),
+            udp_unreplied_timeout: Duration::from_secs(30),
+            udp_idle_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -628,9 +678,19 @@ impl Config {
                 dp.conntrack.max_flows
             ));
         }
+        if dp.conntrack.max_embryonic < 256 {
+            problems.push(format!(
+                "data_plane.conntrack.max_embryonic: {} is below the minimum of 256",
+                dp.conntrack.max_embryonic
+            ));
+        }
+        let ct = &dp.conntrack;
         for (key, value) in [
-            ("tcp_idle_timeout", dp.conntrack.tcp_idle_timeout),
-            ("udp_idle_timeout", dp.conntrack.udp_idle_timeout),
+            ("tcp_syn_timeout", ct.tcp_syn_timeout),
+            ("tcp_idle_timeout", ct.tcp_idle_timeout),
+            ("tcp_closing_timeout", ct.tcp_closing_timeout),
+            ("udp_unreplied_timeout", ct.udp_unreplied_timeout),
+            ("udp_idle_timeout", ct.udp_idle_timeout),
         ] {
             if value < Duration::from_secs(1) {
                 problems.push(format!(
@@ -785,6 +845,9 @@ impl Config {
         }
         if a.conntrack.max_flows != b.conntrack.max_flows {
             reasons.push("data_plane.conntrack.max_flows changed".to_string());
+        }
+        if a.conntrack.max_embryonic != b.conntrack.max_embryonic {
+            reasons.push("data_plane.conntrack.max_embryonic changed".to_string());
         }
         if self.vrrp != next.vrrp {
             reasons.push("the vrrp section changed".to_string());

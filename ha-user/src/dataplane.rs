@@ -15,15 +15,18 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, DevMapHash, HashMap as BpfHashMap, MapData, MapError, PerCpuArray},
+    maps::{
+        Array, DevMapHash, HashMap as BpfHashMap, MapData, MapError, PerCpuArray, PerCpuValues,
+    },
     programs::{ProgramError, Xdp, XdpMode, xdp::XdpLinkId},
 };
 use ha_common::{
-    BACKEND_FLAG_DOWN, BACKEND_FLAG_LOCAL, BACKEND_STATS_MAP, BACKENDS_MAP, BackendInfo,
-    CONNTRACK_MAP, Counter, EVENTS_MAP, Event, FLOW_LOCAL, Flow, FlowKey, MAGLEV_MAP, NatKey,
-    REVERSE_NAT_MAP, SETTINGS_MAP, Settings, TX_PORTS_MAP, TrafficCounter, VERDICTS_MAP,
-    VIP_FLAG_ENABLED, VIP_STATS_MAP, VIPS_MAP, Verdict, VipInfo, VipKey, XDP_PROGRAM_NAME,
-    addr_from_wire, addr_to_wire, port_to_wire,
+    BACKEND_FLAG_DOWN, BACKEND_FLAG_LOCAL, BACKEND_INDEX_MAP, BACKEND_STATS_MAP, BACKENDS_MAP,
+    BackendAddr, BackendInfo, CONNTRACK_MAP, Counter, EMBRYONIC_HEAD_MAP, EMBRYONIC_MAP,
+    EVENTS_MAP, Event, Flow, FlowKey, MAGLEV_MAP, NAT_RANGES, NatEntry, NatKey, NatRange,
+    ORPHAN_GRACE_NS, REVERSE_NAT_MAP, SETTINGS_MAP, Settings, TX_PORTS_MAP, TrafficCounter,
+    VERDICTS_MAP, VIP_FLAG_ENABLED, VIP_STATS_MAP, VIPS_MAP, Verdict, VipInfo, VipKey,
+    XDP_PROGRAM_NAME, addr_from_wire, addr_to_wire, port_to_wire,
 };
 use tracing::{debug, info, warn};
 
@@ -71,6 +74,13 @@ pub enum DataPlaneError {
     TooManyVips { wanted: usize, max_vips: u32 },
     #[error("more than {} backends", ha_common::MAX_BACKENDS)]
     TooManyBackends,
+    #[error(
+        "the NAT source would change to {next} while {} earlier sources still have flows ({}); \
+         wait for those flows to end (each range is dropped by the sweep once no flow uses it) or restart the agent",
+        .live.len(),
+        .live.join(", ")
+    )]
+    TooManyNatRanges { next: String, live: Vec<String> },
 }
 
 type Result<T, E = DataPlaneError> = std::result::Result<T, E>;
@@ -108,9 +118,31 @@ impl AttachedMode {
 pub struct LoadOptions {
     pub maglev_table_size: u32,
     pub max_vips: u32,
+    /// Room for this many flows besides the embryonic ones.
     pub max_flows: u32,
+    /// At most this many flows are embryonic (not established) at once,
+    /// over all CPUs (rounded up to a multiple of the CPU count).
+    pub max_embryonic: u32,
     /// Pin (and adopt) the connection, reverse NAT and backend tables here.
     pub pin_dir: Option<PathBuf>,
+}
+
+impl LoadOptions {
+    /// Slots of the per-CPU embryonic ring.
+    pub fn embryonic_slots(&self) -> u32 {
+        self.max_embryonic.div_ceil(possible_cpus()).max(1)
+    }
+
+    /// Entries of the connection and of the reverse NAT table.
+    pub fn table_entries(&self) -> u32 {
+        self.max_flows
+            .saturating_add(self.embryonic_slots().saturating_mul(possible_cpus()))
+    }
+}
+
+/// CPUs the kernel may run the program on (per-CPU maps have a slot for each).
+pub fn possible_cpus() -> u32 {
+    aya::util::nr_cpus().map(|n| n as u32).unwrap_or(1).max(1)
 }
 
 /// Maps pinned so a restarted agent finds its flows: their entries name
@@ -168,11 +200,180 @@ pub struct TrafficSnapshot {
     pub backends: Vec<((Ipv4Addr, u16), TrafficCounter)>,
 }
 
-/// What one sweep of the connection table found.
+/// What one sweep of the connection and reverse NAT tables found and did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SweepReport {
+    /// Flows left in the table.
     pub live: usize,
+    /// Ended flows removed with their reverse entries.
     pub expired: usize,
+    /// Live NATed flows whose missing reverse entry was put back.
+    pub reverse_recovered: usize,
+    /// Reverse entries whose flow was gone, removed (their NAT port is free again).
+    pub orphans_freed: usize,
+}
+
+/// Running totals of what the sweeps did since the agent started.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SweepTotals {
+    pub sweeps: u64,
+    /// Flows in the table after the last sweep.
+    pub live: u64,
+    pub expired: u64,
+    pub reverse_recovered: u64,
+    pub orphans_freed: u64,
+}
+
+impl SweepTotals {
+    fn add(&mut self, report: &SweepReport) {
+        self.sweeps += 1;
+        self.live = report.live as u64;
+        self.expired += report.expired as u64;
+        self.reverse_recovered += report.reverse_recovered as u64;
+        self.orphans_freed += report.orphans_freed as u64;
+    }
+}
+
+/// What a sweep will change, decided from snapshots of both tables.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct SweepPlan {
+    /// Ended flows to remove (their reverse entries are in `remove_reverse`).
+    pub remove_flows: Vec<FlowKey>,
+    /// Reverse entries to remove: those of ended flows, and orphans.
+    pub remove_reverse: Vec<NatKey>,
+    /// How many of `remove_reverse` are orphans.
+    pub orphans: usize,
+    /// Reverse entries to put back for live flows that lost theirs.
+    pub recover_reverse: Vec<(NatKey, NatEntry)>,
+    /// Backend ids that live flows name.
+    pub referenced: HashSet<u32>,
+}
+
+/// Decides a sweep (docs/data-path.md, "The agent's sweep") from snapshots
+/// of the connection table (taken first), the reverse table and the backend
+/// records the flows name. Pure: the same rules as the data path, from
+/// `ha_common`.
+pub fn plan_sweep(
+    settings: &Settings,
+    flows: &[(FlowKey, Flow)],
+    entries: &[(NatKey, NatEntry)],
+    backends: &HashMap<u32, BackendInfo>,
+    now_ns: u64,
+) -> SweepPlan {
+    let reverse: HashMap<&NatKey, &NatEntry> = entries.iter().map(|(k, e)| (k, e)).collect();
+    let nat_key_of = |key: &FlowKey, flow: &Flow| {
+        if flow.flags & ha_common::FLOW_LOCAL != 0 {
+            return None;
+        }
+        let backend = backends.get(&flow.backend_id)?;
+        Some(NatKey::new(
+            backend,
+            flow.nat_addr,
+            flow.nat_port,
+            key.protocol,
+        ))
+    };
+    let mut plan = SweepPlan::default();
+    let mut live: HashMap<&FlowKey, &Flow> = HashMap::new();
+    for (key, flow) in flows {
+        let nat_key = nat_key_of(key, flow);
+        if flow.is_expired(key.protocol, settings, now_ns) {
+            plan.remove_flows.push(*key);
+            if let Some(nat_key) = nat_key
+                && reverse.get(&nat_key).is_some_and(|e| e.flow == *key)
+            {
+                plan.remove_reverse.push(nat_key);
+            }
+            continue;
+        }
+        live.insert(key, flow);
+        plan.referenced.insert(flow.backend_id);
+        if let Some(nat_key) = nat_key
+            && !reverse.contains_key(&nat_key)
+        {
+            let entry = NatEntry {
+                flow: *key,
+                backend_id: flow.backend_id,
+                _pad: 0,
+                created_ns: now_ns,
+            };
+            plan.recover_reverse.push((nat_key, entry));
+        }
+    }
+    let removed: HashSet<NatKey> = plan.remove_reverse.iter().copied().collect();
+    for (nat_key, entry) in entries {
+        if removed.contains(nat_key) {
+            continue;
+        }
+        let owned = live
+            .get(&entry.flow)
+            .is_some_and(|f| f.names(nat_key.lb_addr, nat_key.nat_port, entry.backend_id));
+        if !owned && now_ns > entry.created_ns.saturating_add(ORPHAN_GRACE_NS) {
+            plan.remove_reverse.push(*nat_key);
+            plan.orphans += 1;
+        }
+    }
+    plan
+}
+
+/// The NAT sources after the current one becomes `next`: the previous
+/// current one moves to the earlier ranges (replies to its flows stay
+/// translated until the sweep finds none left), and `next` leaves them if it
+/// was there. At most [`NAT_RANGES`] - 1 earlier ranges.
+///
+/// # Errors
+/// [`DataPlaneError::TooManyNatRanges`] when one more would be needed.
+pub fn next_nat_ranges(
+    current: Option<NatRange>,
+    earlier: &[NatRange],
+    next: NatRange,
+) -> Result<Vec<NatRange>, DataPlaneError> {
+    let mut ranges: Vec<NatRange> = earlier.iter().copied().filter(|r| *r != next).collect();
+    if let Some(current) = current
+        && current != next
+        && current.addr != 0
+        && !ranges.contains(&current)
+    {
+        ranges.insert(0, current);
+    }
+    if ranges.len() > NAT_RANGES - 1 {
+        return Err(DataPlaneError::TooManyNatRanges {
+            next: describe_range(&next),
+            live: earlier.iter().map(describe_range).collect(),
+        });
+    }
+    Ok(ranges)
+}
+
+/// `address:min-max` of a NAT range.
+pub fn describe_range(range: &NatRange) -> String {
+    format!(
+        "{}:{}-{}",
+        Ipv4Addr::from(addr_from_wire(range.addr)),
+        range.port_min,
+        range.port_max
+    )
+}
+
+/// Which of the `earlier` ranges a reverse entry keeps alive: those holding
+/// its NAT address and port, unless the current range holds them too.
+pub fn ranges_in_use<'a>(
+    current: &NatRange,
+    earlier: &[NatRange],
+    entries: impl IntoIterator<Item = &'a NatKey>,
+) -> Vec<bool> {
+    let mut used = vec![false; earlier.len()];
+    for key in entries {
+        if current.contains(key.lb_addr, key.nat_port) {
+            continue;
+        }
+        for (i, range) in earlier.iter().enumerate() {
+            if range.contains(key.lb_addr, key.nat_port) {
+                used[i] = true;
+            }
+        }
+    }
+    used
 }
 
 /// The loaded program and its maps. Dropping it detaches the program.
@@ -185,7 +386,12 @@ pub struct DataPlane {
     backend_ids: BTreeMap<(Ipv4Addr, u16), u32>,
     /// Ids of backends no VIP uses any more; kept until no flow names them.
     retired: HashSet<u32>,
+    /// What SETTINGS holds (with the earlier NAT ranges and the ring size filled in).
     settings: Settings,
+    /// Earlier NAT sources whose flows may still live (`settings.nat[1..]`).
+    earlier_nat: Vec<NatRange>,
+    embryonic_slots: u32,
+    sweep_totals: SweepTotals,
 }
 
 impl DataPlane {
@@ -194,11 +400,14 @@ impl DataPlane {
     pub fn load(options: &LoadOptions) -> Result<Self> {
         raise_memlock_limit();
         let maglev_entries = options.maglev_table_size * 2 * options.max_vips;
+        let table_entries = options.table_entries();
+        let embryonic_slots = options.embryonic_slots();
         let mut loader = EbpfLoader::new();
         loader
             .map_max_entries(MAGLEV_MAP, maglev_entries)
-            .map_max_entries(CONNTRACK_MAP, options.max_flows)
-            .map_max_entries(REVERSE_NAT_MAP, options.max_flows);
+            .map_max_entries(CONNTRACK_MAP, table_entries)
+            .map_max_entries(REVERSE_NAT_MAP, table_entries)
+            .map_max_entries(EMBRYONIC_MAP, embryonic_slots);
         let pin_paths: Vec<(&str, PathBuf)> = match &options.pin_dir {
             Some(dir) => {
                 std::fs::create_dir_all(dir).map_err(|source| DataPlaneError::PinDir {
@@ -213,12 +422,7 @@ impl DataPlane {
             None => Vec::new(),
         };
         for (name, path) in &pin_paths {
-            let expected = if *name == BACKENDS_MAP {
-                ha_common::MAX_BACKENDS
-            } else {
-                options.max_flows
-            };
-            drop_incompatible_pin(path, expected);
+            drop_incompatible_pin(path, &pinned_layout(name, table_entries));
             loader.map_pin_path(name, path.as_path());
         }
         let mut ebpf = loader.load(EBPF_OBJECT)?;
@@ -237,6 +441,9 @@ impl DataPlane {
             backend_ids: BTreeMap::new(),
             retired: HashSet::new(),
             settings: Settings::default(),
+            earlier_nat: Vec::new(),
+            embryonic_slots,
+            sweep_totals: SweepTotals::default(),
         };
         dataplane.adopt_backends()?;
         Ok(dataplane)
@@ -263,6 +470,7 @@ impl DataPlane {
         for (key, id) in found {
             self.backend_ids.insert(key, id);
             self.retired.insert(id);
+            self.index_backend(key.0, key.1, id)?;
         }
         if !self.backend_ids.is_empty() {
             info!(
@@ -326,7 +534,8 @@ impl DataPlane {
             .expect("the object has the pass program")
     }
 
-    /// Empties the connection and reverse NAT tables (benchmarks, between batches).
+    /// Empties the connection and reverse NAT tables (benchmarks between
+    /// batches, the fuzzer between cases).
     pub fn clear_flows(&mut self) -> Result<()> {
         let keys: Vec<FlowKey> = {
             let table: BpfHashMap<_, FlowKey, Flow> = self.map(CONNTRACK_MAP)?;
@@ -337,18 +546,65 @@ impl DataPlane {
             let _ = table.remove(key);
         }
         let keys: Vec<NatKey> = {
-            let reverse: BpfHashMap<_, NatKey, FlowKey> = self.map(REVERSE_NAT_MAP)?;
+            let reverse: BpfHashMap<_, NatKey, NatEntry> = self.map(REVERSE_NAT_MAP)?;
             reverse.keys().filter_map(|k| k.ok()).collect()
         };
-        let mut reverse: BpfHashMap<_, NatKey, FlowKey> = self.map_mut(REVERSE_NAT_MAP)?;
+        let mut reverse: BpfHashMap<_, NatKey, NatEntry> = self.map_mut(REVERSE_NAT_MAP)?;
         for key in &keys {
             let _ = reverse.remove(key);
         }
         Ok(())
     }
 
-    /// Fills both tables with `count` synthetic live flows (benchmarks of a
-    /// large table); they name no real client and expire in an hour.
+    /// Empties every CPU's embryonic ring (the fuzzer between cases).
+    pub fn clear_embryonic_ring(&mut self) -> Result<()> {
+        let slots = self.embryonic_slots;
+        let mut ring: PerCpuArray<_, FlowKey> = self.map_mut(EMBRYONIC_MAP)?;
+        for slot in 0..slots {
+            let empty = per_cpu(FlowKey::EMPTY, EMBRYONIC_MAP)?;
+            ring.set(slot, empty, 0).map_err(map_error(EMBRYONIC_MAP))?;
+        }
+        let mut head: PerCpuArray<_, u32> = self.map_mut(EMBRYONIC_HEAD_MAP)?;
+        let zero = per_cpu(0u32, EMBRYONIC_HEAD_MAP)?;
+        head.set(0, zero, 0)
+            .map_err(map_error(EMBRYONIC_HEAD_MAP))?;
+        Ok(())
+    }
+
+    /// Sets every counter (verdicts, events, VIP and backend traffic) back to zero (the fuzzer).
+    pub fn clear_counters(&mut self) -> Result<()> {
+        fn zero<T: aya::Pod + Default>(
+            map: &mut PerCpuArray<&mut MapData, T>,
+            entries: u32,
+            name: &'static str,
+        ) -> Result<()> {
+            for index in 0..entries {
+                let values = per_cpu(T::default(), name)?;
+                map.set(index, values, 0).map_err(map_error(name))?;
+            }
+            Ok(())
+        }
+        zero::<Counter>(
+            &mut self.map_mut(VERDICTS_MAP)?,
+            Verdict::COUNT,
+            VERDICTS_MAP,
+        )?;
+        zero::<u64>(&mut self.map_mut(EVENTS_MAP)?, Event::COUNT, EVENTS_MAP)?;
+        zero::<TrafficCounter>(
+            &mut self.map_mut(VIP_STATS_MAP)?,
+            ha_common::MAX_VIPS,
+            VIP_STATS_MAP,
+        )?;
+        zero::<TrafficCounter>(
+            &mut self.map_mut(BACKEND_STATS_MAP)?,
+            ha_common::MAX_BACKENDS,
+            BACKEND_STATS_MAP,
+        )?;
+        Ok(())
+    }
+
+    /// Fills both tables with `count` synthetic established flows
+    /// (benchmarks of a large table); they name no real client and expire in an hour.
     pub fn fill_flows(&mut self, count: u32) -> Result<()> {
         let now = monotonic_coarse_ns();
         // Distinct synthetic address and port for flow i.
@@ -356,38 +612,49 @@ impl DataPlane {
             let addr = addr_to_wire([172, 16 + (i >> 24) as u8, (i >> 16) as u8, (i >> 8) as u8]);
             (addr, (i & 0xff) as u16 + 1)
         };
-        let mut table: BpfHashMap<_, FlowKey, Flow> = self.map_mut(CONNTRACK_MAP)?;
-        for i in 0..count {
+        let key_of = |i: u32| {
             let (src_addr, src_port) = synthetic(i);
-            let key = FlowKey {
+            FlowKey {
                 src_addr,
                 dst_addr: addr_to_wire([192, 0, 2, 1]),
                 src_port,
                 dst_port: port_to_wire(6443),
                 protocol: ha_common::PROTO_TCP,
                 _pad: [0; 3],
-            };
+            }
+        };
+        let mut table: BpfHashMap<_, FlowKey, Flow> = self.map_mut(CONNTRACK_MAP)?;
+        for i in 0..count {
+            let (nat_addr, nat_port) = synthetic(i);
             let flow = Flow {
+                flags: ha_common::FLOW_SEEN_REPLY | ha_common::FLOW_ASSURED,
                 last_seen_ns: now,
+                nat_addr,
+                nat_port,
                 ..Flow::default()
             };
             table
-                .insert(key, flow, 0)
+                .insert(key_of(i), flow, 0)
                 .map_err(map_error(CONNTRACK_MAP))?;
         }
-        let mut reverse: BpfHashMap<_, NatKey, FlowKey> = self.map_mut(REVERSE_NAT_MAP)?;
+        let mut reverse: BpfHashMap<_, NatKey, NatEntry> = self.map_mut(REVERSE_NAT_MAP)?;
         for i in 0..count {
-            let (backend_addr, nat_port) = synthetic(i);
+            let (nat_addr, nat_port) = synthetic(i);
             let key = NatKey {
-                backend_addr,
-                lb_addr: addr_to_wire([192, 0, 2, 2]),
+                backend_addr: addr_to_wire([192, 0, 2, 3]),
+                lb_addr: nat_addr,
                 backend_port: port_to_wire(6443),
                 nat_port,
                 protocol: ha_common::PROTO_TCP,
                 _pad: [0; 3],
             };
+            let entry = NatEntry {
+                flow: key_of(i),
+                created_ns: now,
+                ..NatEntry::default()
+            };
             reverse
-                .insert(key, FlowKey::default(), 0)
+                .insert(key, entry, 0)
                 .map_err(map_error(REVERSE_NAT_MAP))?;
         }
         Ok(())
@@ -470,14 +737,39 @@ impl DataPlane {
         Ok(())
     }
 
+    /// What SETTINGS holds: the last settings applied, with the earlier NAT
+    /// ranges that still have flows and the embryonic ring's size.
     pub fn settings(&self) -> Settings {
         self.settings
+    }
+
+    /// The settings `settings` would become: `nat[0]` as given, the earlier
+    /// ranges this data plane keeps for live flows, the ring size.
+    ///
+    /// # Errors
+    /// [`DataPlaneError::TooManyNatRanges`] when the NAT source changes while
+    /// [`NAT_RANGES`] - 1 earlier ones still have flows: nothing is written.
+    pub fn plan_settings(&self, settings: &Settings) -> Result<(Settings, Vec<NatRange>)> {
+        let current = (self.settings.nat[0].addr != 0).then_some(self.settings.nat[0]);
+        let earlier = next_nat_ranges(current, &self.earlier_nat, settings.nat[0])?;
+        let mut planned = *settings;
+        for (i, slot) in planned.nat.iter_mut().enumerate().skip(1) {
+            *slot = earlier.get(i - 1).copied().unwrap_or_default();
+        }
+        planned.embryonic_slots = self.embryonic_slots;
+        Ok((planned, earlier))
     }
 
     /// Writes `settings` and makes the VIP and backend tables match `vips`:
     /// new and changed VIPs get a freshly built Maglev table swapped in
     /// atomically; unchanged ones are not touched; removed ones disappear.
-    /// Established flows keep their backend (their entries name it by id).
+    /// Established flows keep their backend (their entries name it by id)
+    /// and their NAT source: when `settings.nat[0]` changes, the previous
+    /// range stays valid for replies until no flow uses it.
+    ///
+    /// # Errors
+    /// Nothing is written when the settings cannot be planned
+    /// ([`DataPlane::plan_settings`]) or there are too many VIPs.
     pub fn apply(&mut self, settings: &Settings, vips: &[DesiredVip]) -> Result<()> {
         if vips.len() > self.max_vips as usize {
             return Err(DataPlaneError::TooManyVips {
@@ -485,11 +777,16 @@ impl DataPlane {
                 max_vips: self.max_vips,
             });
         }
+        let (planned, earlier) = self.plan_settings(settings)?;
         {
             let mut map: Array<_, Settings> = self.map_mut(SETTINGS_MAP)?;
-            map.set(0, settings, 0).map_err(map_error(SETTINGS_MAP))?;
+            map.set(0, planned, 0).map_err(map_error(SETTINGS_MAP))?;
         }
-        self.settings = *settings;
+        for range in earlier.iter().filter(|r| !self.earlier_nat.contains(r)) {
+            info!(range = %describe_range(range), "earlier NAT source kept for the flows that use it");
+        }
+        self.settings = planned;
+        self.earlier_nat = earlier;
 
         // Backends first, so a table never names an id without a record. A
         // backend in several VIPs has one record: it is local if it is in any,
@@ -519,6 +816,15 @@ impl DataPlane {
                 map.set(*id, record, 0).map_err(map_error(BACKENDS_MAP))?;
             }
         }
+        let indexed: Vec<((Ipv4Addr, u16), u32)> = self
+            .backend_ids
+            .iter()
+            .filter(|(_, id)| records.contains_key(id))
+            .map(|(key, id)| (*key, *id))
+            .collect();
+        for ((address, port), id) in indexed {
+            self.index_backend(address, port, id)?;
+        }
         for id in self.backend_ids.values() {
             if in_use.contains(id) {
                 self.retired.remove(id);
@@ -545,6 +851,14 @@ impl DataPlane {
             self.apply_vip(vip)?;
         }
         Ok(())
+    }
+
+    /// Makes BACKEND_INDEX tell `address:port`'s packets as a backend's.
+    fn index_backend(&mut self, address: Ipv4Addr, port: u16, id: u32) -> Result<()> {
+        let mut index: BpfHashMap<_, BackendAddr, u32> = self.map_mut(BACKEND_INDEX_MAP)?;
+        index
+            .insert(backend_addr(address, port), id, 0)
+            .map_err(map_error(BACKEND_INDEX_MAP))
     }
 
     fn backend_id(&mut self, address: Ipv4Addr, port: u16) -> Result<u32> {
@@ -649,74 +963,125 @@ impl DataPlane {
         self.backend_ids.get(&(address, port)).copied()
     }
 
-    /// Removes connection-table entries that have ended (idle, or FIN linger
-    /// over) with their reverse entries, and frees retired backends that no
-    /// flow names any more.
+    /// The agent's sweep (docs/data-path.md, "The agent's sweep"): removes
+    /// ended flows with their reverse entries, puts back a live flow's lost
+    /// reverse entry, frees reverse entries whose flow is gone, drops earlier
+    /// NAT ranges no flow uses, and frees retired backends no flow names.
     pub fn sweep_flows(&mut self, now_ns: u64) -> Result<SweepReport> {
         let settings = self.settings;
-        let by_id: HashMap<u32, (Ipv4Addr, u16)> =
-            self.backend_ids.iter().map(|(k, v)| (*v, *k)).collect();
-        let mut expired = Vec::new();
-        let mut live = 0;
-        let mut referenced = HashSet::new();
+        let flows: Vec<(FlowKey, Flow)> = self.flows()?;
+        let entries: Vec<(NatKey, NatEntry)> = self.reverse_entries()?;
+        let backends: HashMap<u32, BackendInfo> = {
+            let array: Array<_, BackendInfo> = self.map(BACKENDS_MAP)?;
+            let ids: HashSet<u32> = flows.iter().map(|(_, f)| f.backend_id).collect();
+            ids.into_iter()
+                .filter_map(|id| array.get(&id, 0).ok().map(|b| (id, b)))
+                .collect()
+        };
+        let plan = plan_sweep(&settings, &flows, &entries, &backends, now_ns);
         {
-            let table: BpfHashMap<_, FlowKey, Flow> = self.map(CONNTRACK_MAP)?;
-            for entry in table.iter() {
-                let Ok((key, flow)) = entry else { continue };
-                if flow.is_expired(key.protocol, &settings, now_ns) {
-                    expired.push((key, flow));
-                } else {
-                    live += 1;
-                    referenced.insert(flow.backend_id);
-                }
+            let mut reverse: BpfHashMap<_, NatKey, NatEntry> = self.map_mut(REVERSE_NAT_MAP)?;
+            for key in &plan.remove_reverse {
+                let _ = reverse.remove(key);
             }
         }
         {
             let mut table: BpfHashMap<_, FlowKey, Flow> = self.map_mut(CONNTRACK_MAP)?;
-            for (key, _) in &expired {
+            for key in &plan.remove_flows {
                 let _ = table.remove(key);
             }
         }
+        let mut reverse_recovered = 0;
         {
-            let mut reverse: BpfHashMap<_, NatKey, FlowKey> = self.map_mut(REVERSE_NAT_MAP)?;
-            for (key, flow) in &expired {
-                if flow.flags & FLOW_LOCAL != 0 {
-                    continue;
-                }
-                if let Some((address, port)) = by_id.get(&flow.backend_id) {
-                    let backend = BackendInfo {
-                        addr: addr_to_wire(address.octets()),
-                        port: port_to_wire(*port),
-                        ..BackendInfo::default()
-                    };
-                    let _ = reverse.remove(&NatKey::new(
-                        &backend,
-                        settings.lb_addr,
-                        flow.nat_port,
-                        key.protocol,
-                    ));
+            let mut reverse: BpfHashMap<_, NatKey, NatEntry> = self.map_mut(REVERSE_NAT_MAP)?;
+            for (key, entry) in &plan.recover_reverse {
+                // Only if absent (BPF_NOEXIST): the data path may have claimed it meanwhile.
+                if reverse.insert(key, entry, 1).is_ok() {
+                    reverse_recovered += 1;
                 }
             }
         }
+        let report = SweepReport {
+            live: flows.len() - plan.remove_flows.len(),
+            expired: plan.remove_flows.len(),
+            reverse_recovered,
+            orphans_freed: plan.orphans,
+        };
+        self.sweep_totals.add(&report);
+
+        // Earlier NAT ranges that no reverse entry uses any more.
+        if !self.earlier_nat.is_empty() {
+            let removed: HashSet<&NatKey> = plan.remove_reverse.iter().collect();
+            let used = ranges_in_use(
+                &settings.nat[0],
+                &self.earlier_nat,
+                entries
+                    .iter()
+                    .map(|(k, _)| k)
+                    .filter(|k| !removed.contains(k)),
+            );
+            if used.iter().any(|u| !u) {
+                let mut keep = Vec::new();
+                for (range, used) in self.earlier_nat.iter().zip(&used) {
+                    if *used {
+                        keep.push(*range);
+                    } else {
+                        info!(range = %describe_range(range), "no flow uses the earlier NAT source any more; dropped");
+                    }
+                }
+                let mut next = settings;
+                for (i, slot) in next.nat.iter_mut().enumerate().skip(1) {
+                    *slot = keep.get(i - 1).copied().unwrap_or_default();
+                }
+                let mut map: Array<_, Settings> = self.map_mut(SETTINGS_MAP)?;
+                map.set(0, next, 0).map_err(map_error(SETTINGS_MAP))?;
+                self.settings = next;
+                self.earlier_nat = keep;
+            }
+        }
+
         let free: Vec<u32> = self
             .retired
             .iter()
-            .filter(|id| !referenced.contains(id))
+            .filter(|id| !plan.referenced.contains(id))
             .copied()
             .collect();
         for id in free {
-            let mut backends: Array<_, BackendInfo> = self.map_mut(BACKENDS_MAP)?;
-            backends
-                .set(id, BackendInfo::default(), 0)
-                .map_err(map_error(BACKENDS_MAP))?;
+            {
+                let mut array: Array<_, BackendInfo> = self.map_mut(BACKENDS_MAP)?;
+                array
+                    .set(id, BackendInfo::default(), 0)
+                    .map_err(map_error(BACKENDS_MAP))?;
+            }
+            let keys: Vec<(Ipv4Addr, u16)> = self
+                .backend_ids
+                .iter()
+                .filter(|(_, v)| **v == id)
+                .map(|(k, _)| *k)
+                .collect();
+            let mut index: BpfHashMap<_, BackendAddr, u32> = self.map_mut(BACKEND_INDEX_MAP)?;
+            for (address, port) in &keys {
+                let _ = index.remove(&backend_addr(*address, *port));
+            }
             self.retired.remove(&id);
             self.backend_ids.retain(|_, v| *v != id);
             debug!(id, "retired backend freed");
         }
-        Ok(SweepReport {
-            live,
-            expired: expired.len(),
-        })
+        Ok(report)
+    }
+
+    /// The NAT sources replies are translated for: the current one first,
+    /// then earlier ones that still have flows.
+    pub fn nat_sources(&self) -> Vec<NatRange> {
+        std::iter::once(self.settings.nat[0])
+            .chain(self.earlier_nat.iter().copied())
+            .filter(|r| r.addr != 0)
+            .collect()
+    }
+
+    /// What the sweeps have done since this data plane was loaded.
+    pub fn sweep_totals(&self) -> SweepTotals {
+        self.sweep_totals
     }
 
     /// Packets and bytes per verdict, summed over CPUs.
@@ -791,38 +1156,175 @@ impl DataPlane {
         Ok(table.iter().filter_map(|e| e.ok()).collect())
     }
 
-    /// Reverse NAT entries (for tests).
-    pub fn reverse_entries(&self) -> Result<Vec<(NatKey, FlowKey)>> {
-        let table: BpfHashMap<_, NatKey, FlowKey> = self.map(REVERSE_NAT_MAP)?;
+    /// Reverse NAT entries (walks the table: for the sweep and tests).
+    pub fn reverse_entries(&self) -> Result<Vec<(NatKey, NatEntry)>> {
+        let table: BpfHashMap<_, NatKey, NatEntry> = self.map(REVERSE_NAT_MAP)?;
         Ok(table.iter().filter_map(|e| e.ok()).collect())
     }
 
-    /// Inserts a reverse NAT entry (tests use it to occupy a port).
-    pub fn insert_reverse_entry(&mut self, key: &NatKey, flow: &FlowKey) -> Result<()> {
-        let mut table: BpfHashMap<_, NatKey, FlowKey> = self.map_mut(REVERSE_NAT_MAP)?;
+    /// Inserts or replaces a reverse NAT entry (tests: occupy a port).
+    pub fn insert_reverse_entry(&mut self, key: &NatKey, entry: &NatEntry) -> Result<()> {
+        let mut table: BpfHashMap<_, NatKey, NatEntry> = self.map_mut(REVERSE_NAT_MAP)?;
         table
-            .insert(key, flow, 0)
+            .insert(key, entry, 0)
             .map_err(map_error(REVERSE_NAT_MAP))
+    }
+
+    /// Removes a reverse NAT entry (tests: one half of a flow lost).
+    pub fn remove_reverse_entry(&mut self, key: &NatKey) -> Result<()> {
+        let mut table: BpfHashMap<_, NatKey, NatEntry> = self.map_mut(REVERSE_NAT_MAP)?;
+        table.remove(key).map_err(map_error(REVERSE_NAT_MAP))
+    }
+
+    /// Removes a connection-table entry (tests: one half of a flow lost).
+    pub fn remove_flow(&mut self, key: &FlowKey) -> Result<()> {
+        let mut table: BpfHashMap<_, FlowKey, Flow> = self.map_mut(CONNTRACK_MAP)?;
+        table.remove(key).map_err(map_error(CONNTRACK_MAP))
+    }
+
+    /// Inserts or replaces a connection-table entry (tests).
+    pub fn insert_flow(&mut self, key: &FlowKey, flow: &Flow) -> Result<()> {
+        let mut table: BpfHashMap<_, FlowKey, Flow> = self.map_mut(CONNTRACK_MAP)?;
+        table.insert(key, flow, 0).map_err(map_error(CONNTRACK_MAP))
+    }
+
+    /// CPU `cpu`'s embryonic ring and head (the fuzzer compares them).
+    pub fn embryonic_ring(&self, cpu: usize) -> Result<(Vec<FlowKey>, u32)> {
+        let ring: PerCpuArray<_, FlowKey> = self.map(EMBRYONIC_MAP)?;
+        let mut keys = Vec::with_capacity(self.embryonic_slots as usize);
+        for slot in 0..self.embryonic_slots {
+            let values = ring.get(&slot, 0).map_err(map_error(EMBRYONIC_MAP))?;
+            keys.push(values.get(cpu).copied().unwrap_or_default());
+        }
+        let head: PerCpuArray<_, u32> = self.map(EMBRYONIC_HEAD_MAP)?;
+        let values = head.get(&0, 0).map_err(map_error(EMBRYONIC_HEAD_MAP))?;
+        Ok((keys, values.get(cpu).copied().unwrap_or_default()))
+    }
+
+    /// The configuration maps as the program reads them (the fuzzer's model
+    /// takes them as its input): VIPS, BACKENDS (records of ids in use),
+    /// BACKEND_INDEX and MAGLEV.
+    pub fn config_maps(&self) -> Result<ConfigMaps> {
+        let vips: BpfHashMap<_, VipKey, VipInfo> = self.map(VIPS_MAP)?;
+        let index: BpfHashMap<_, BackendAddr, u32> = self.map(BACKEND_INDEX_MAP)?;
+        let backends: Array<_, BackendInfo> = self.map(BACKENDS_MAP)?;
+        let maglev: Array<_, u32> = self.map(MAGLEV_MAP)?;
+        let mut records = Vec::with_capacity(ha_common::MAX_BACKENDS as usize);
+        for id in 0..ha_common::MAX_BACKENDS {
+            records.push(backends.get(&id, 0).map_err(map_error(BACKENDS_MAP))?);
+        }
+        let mut table = Vec::with_capacity(maglev.len() as usize);
+        for i in 0..maglev.len() {
+            table.push(maglev.get(&i, 0).map_err(map_error(MAGLEV_MAP))?);
+        }
+        Ok(ConfigMaps {
+            vips: vips.iter().filter_map(|e| e.ok()).collect(),
+            backends: records,
+            backend_index: index.iter().filter_map(|e| e.ok()).collect(),
+            maglev: table,
+        })
+    }
+
+    /// Sets the time every packet sees (`Settings::clock_ns`, a virtual
+    /// clock for BPF_PROG_TEST_RUN); 0 gives them the kernel's clock again.
+    pub fn set_clock(&mut self, clock_ns: u64) -> Result<()> {
+        let mut next = self.settings;
+        next.clock_ns = clock_ns;
+        let mut map: Array<_, Settings> = self.map_mut(SETTINGS_MAP)?;
+        map.set(0, next, 0).map_err(map_error(SETTINGS_MAP))?;
+        self.settings = next;
+        Ok(())
+    }
+
+    /// Slots per CPU of the embryonic ring.
+    pub fn embryonic_slots(&self) -> u32 {
+        self.embryonic_slots
     }
 }
 
-/// Removes a pinned table whose size no longer matches the configuration
-/// (aya would otherwise reuse it as it is). Its flows are lost, which a
-/// size change needs anyway; the warning says so.
-fn drop_incompatible_pin(path: &Path, expected_entries: u32) {
+/// The configuration maps as the program reads them.
+#[derive(Clone, Debug, Default)]
+pub struct ConfigMaps {
+    pub vips: Vec<(VipKey, VipInfo)>,
+    /// Indexed by backend id (all `MAX_BACKENDS` records).
+    pub backends: Vec<BackendInfo>,
+    pub backend_index: Vec<(BackendAddr, u32)>,
+    pub maglev: Vec<u32>,
+}
+
+/// The same value for every CPU's slot of a per-CPU map.
+fn per_cpu<T: aya::Pod>(value: T, map: &'static str) -> Result<PerCpuValues<T>> {
+    PerCpuValues::try_from(vec![value; possible_cpus() as usize]).map_err(|e| DataPlaneError::Map {
+        map,
+        source: MapError::IoError(e),
+    })
+}
+
+fn backend_addr(address: Ipv4Addr, port: u16) -> BackendAddr {
+    BackendAddr {
+        addr: addr_to_wire(address.octets()),
+        port: port_to_wire(port),
+        _pad: 0,
+    }
+}
+
+/// What a pinned map must look like to be adopted: (kind, key size, value size, entries).
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct PinLayout {
+    kind: aya::maps::MapType,
+    key_size: u32,
+    value_size: u32,
+    max_entries: u32,
+}
+
+fn pinned_layout(name: &str, table_entries: u32) -> PinLayout {
+    use aya::maps::MapType;
+    use std::mem::size_of;
+    let size = |n: usize| n as u32;
+    match name {
+        BACKENDS_MAP => PinLayout {
+            kind: MapType::Array,
+            key_size: 4,
+            value_size: size(size_of::<BackendInfo>()),
+            max_entries: ha_common::MAX_BACKENDS,
+        },
+        REVERSE_NAT_MAP => PinLayout {
+            kind: MapType::Hash,
+            key_size: size(size_of::<NatKey>()),
+            value_size: size(size_of::<NatEntry>()),
+            max_entries: table_entries,
+        },
+        _ => PinLayout {
+            kind: MapType::Hash,
+            key_size: size(size_of::<FlowKey>()),
+            value_size: size(size_of::<Flow>()),
+            max_entries: table_entries,
+        },
+    }
+}
+
+/// Removes a pinned table whose kind, entry layout or size no longer matches
+/// (aya would otherwise reuse it as it is, and the program would misread
+/// it). Its flows are lost, which such a change needs anyway; the warning says so.
+fn drop_incompatible_pin(path: &Path, expected: &PinLayout) {
     if !path.exists() {
         return;
     }
     match MapData::from_pin(path).and_then(|map| map.info()) {
-        Ok(info) if info.max_entries() == expected_entries => {
+        Ok(info)
+            if info.map_type().ok() == Some(expected.kind)
+                && info.key_size() == expected.key_size
+                && info.value_size() == expected.value_size
+                && info.max_entries() == expected.max_entries =>
+        {
             info!(pin = %path.display(), "adopting pinned map");
         }
         Ok(info) => {
             warn!(
                 pin = %path.display(),
-                pinned = info.max_entries(),
-                configured = expected_entries,
-                "pinned map has another size; starting with an empty one"
+                pinned = ?(info.map_type().ok(), info.key_size(), info.value_size(), info.max_entries()),
+                configured = ?expected,
+                "pinned map has another kind, layout or size; starting with an empty one (its flows are lost)"
             );
             let _ = std::fs::remove_file(path);
         }

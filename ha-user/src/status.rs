@@ -25,6 +25,25 @@ pub struct StatusReport {
     /// Why the agent is not ready (empty: ready). What /readyz answers.
     #[serde(default)]
     pub not_ready: Vec<String>,
+    #[serde(default)]
+    pub conntrack: ConntrackStatus,
+}
+
+/// The connection tables, as the agent's sweeps (every 10 s) see them.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConntrackStatus {
+    /// `address:min-max`, the current NAT source first, then earlier ones
+    /// whose flows still live (after a reload changed it).
+    pub nat_sources: Vec<String>,
+    /// Flows in the table after the last sweep.
+    pub flows: u64,
+    pub sweeps: u64,
+    /// Ended flows the sweeps removed.
+    pub expired: u64,
+    /// Reverse entries put back for live flows that had lost theirs.
+    pub reverse_recovered: u64,
+    /// Reverse entries removed because their flow was gone.
+    pub orphans_freed: u64,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -120,6 +139,24 @@ impl StatusReport {
         );
         for reason in &self.not_ready {
             let _ = writeln!(out, "not ready: {reason}");
+        }
+        let ct = &self.conntrack;
+        if !ct.nat_sources.is_empty() {
+            let _ = writeln!(
+                out,
+                "flows {} (last sweep); NAT ports {}{}; sweeps {}: expired {}, reverse recovered {}, orphans freed {}",
+                ct.flows,
+                ct.nat_sources[0],
+                if ct.nat_sources.len() > 1 {
+                    format!(" (earlier, flows live: {})", ct.nat_sources[1..].join(", "))
+                } else {
+                    String::new()
+                },
+                ct.sweeps,
+                ct.expired,
+                ct.reverse_recovered,
+                ct.orphans_freed
+            );
         }
         if let Some(vrrp) = &self.vrrp {
             let _ = writeln!(
@@ -257,8 +294,23 @@ mod tests {
             verdicts: BTreeMap::from([("forward_tx".to_string(), 10)]),
             events: BTreeMap::new(),
             not_ready: vec!["not checked yet: apiserver/10.0.0.12:6443".into()],
+            conntrack: ConntrackStatus {
+                nat_sources: vec!["10.0.0.2:20000-32767".into(), "10.0.0.2:10000-32767".into()],
+                flows: 30,
+                sweeps: 4,
+                expired: 2,
+                reverse_recovered: 1,
+                orphans_freed: 3,
+            },
         };
         let table = report.render();
+        assert!(
+            table.contains(
+                "flows 30 (last sweep); NAT ports 10.0.0.2:20000-32767 (earlier, flows live: 10.0.0.2:10000-32767); \
+                 sweeps 4: expired 2, reverse recovered 1, orphans freed 3"
+            ),
+            "{table}"
+        );
         assert!(
             table.contains("not ready: not checked yet: apiserver/10.0.0.12:6443"),
             "{table}"

@@ -260,6 +260,34 @@ pub fn render_metrics(report: &StatusReport) -> String {
             .get_or_create(&labels(&[("event", event)]))
             .inc_by(*count);
     }
+    let ct = &report.conntrack;
+    let flows = Gauge::<i64>::default();
+    m.registry.register(
+        "conntrack_flows",
+        "Flows in the connection table after the last sweep",
+        flows.clone(),
+    );
+    flows.set(i64::try_from(ct.flows).unwrap_or(i64::MAX));
+    let nat_sources = Gauge::<i64>::default();
+    m.registry.register(
+        "nat_sources",
+        "NAT sources replies are translated for (1 + earlier ones whose flows still live)",
+        nat_sources.clone(),
+    );
+    nat_sources.set(ct.nat_sources.len() as i64);
+    let sweep = m.counters(
+        "sweep",
+        "What the agent's sweeps of the connection tables did",
+    );
+    for (what, count) in [
+        ("expired", ct.expired),
+        ("reverse_recovered", ct.reverse_recovered),
+        ("orphans_freed", ct.orphans_freed),
+    ] {
+        sweep
+            .get_or_create(&labels(&[("action", what)]))
+            .inc_by(count);
+    }
     if let Some(vrrp) = &report.vrrp {
         let state = m.gauges("vrrp_state", "1 for the VRRP instance's current state");
         let priority = m.gauges("vrrp_priority", "Priority advertised now, after tracking");
@@ -339,6 +367,14 @@ mod tests {
             }],
             verdicts: [("tx".to_string(), 9u64)].into(),
             not_ready: vec!["not checked yet: x".into()],
+            conntrack: crate::status::ConntrackStatus {
+                nat_sources: vec!["10.0.0.2:20000-32767".into(), "10.0.0.2:10000-32767".into()],
+                flows: 30,
+                sweeps: 4,
+                expired: 2,
+                reverse_recovered: 1,
+                orphans_freed: 3,
+            },
             ..Default::default()
         }
     }
@@ -356,6 +392,10 @@ mod tests {
             "ha_lb_backend_state{vip=\"apiserver\",backend=\"10.0.0.12:6443\",state=\"up\"} 0",
             "ha_lb_backend_checks_total{vip=\"apiserver\",backend=\"10.0.0.11:6443\"} 7",
             "ha_lb_packets_total{verdict=\"tx\"} 9",
+            "ha_lb_conntrack_flows 30",
+            "ha_lb_nat_sources 2",
+            "ha_lb_sweep_total{action=\"orphans_freed\"} 3",
+            "ha_lb_sweep_total{action=\"reverse_recovered\"} 1",
             "# EOF",
         ] {
             assert!(

@@ -16,8 +16,9 @@ use std::{
 };
 
 use aya::programs::{TestRun, TestRunOptions, Xdp};
-use ha_common::{PROTO_TCP, Settings, addr_to_wire};
+use ha_common::PROTO_TCP;
 use ha_user::{
+    config::DataPlaneConfig,
     dataplane::{DataPlane, DesiredBackend, DesiredVip, LoadOptions},
     maglev::{MaglevBackend, build_table},
 };
@@ -204,19 +205,13 @@ impl Bench {
             maglev_table_size: table_size,
             max_vips: 1,
             max_flows,
+            max_embryonic: DataPlaneConfig::default().conntrack.max_embryonic,
             pin_dir: None,
         })?;
         dataplane.load_pass_program()?;
-        let settings = Settings {
-            lb_addr: addr_to_wire(lb.octets()),
-            nat_port_min: 1024,
-            nat_port_max: 65535,
-            tcp_idle_timeout_ns: 3_600_000_000_000,
-            udp_idle_timeout_ns: 60_000_000_000,
-            fin_linger_ns: 5_000_000_000,
-            flags: 0,
-            _pad: 0,
-        };
+        let mut settings = DataPlaneConfig::default().settings(lb);
+        settings.nat[0].port_min = 1024;
+        settings.nat[0].port_max = 65535;
         let backends: Vec<DesiredBackend> = (0..backends)
             .map(|i| DesiredBackend {
                 address: Ipv4Addr::new(10, 250, (i / 250) as u8, (i % 250 + 1) as u8),

@@ -13,11 +13,14 @@ use std::net::Ipv4Addr;
 use aya::programs::{TestRun, TestRunOptions};
 use etherparse::{PacketBuilder, SlicedPacket, TransportSlice, VlanId};
 use ha_common::{
-    Event, FlowKey, NatKey, PROTO_TCP, PROTO_UDP, Settings, Verdict, addr_to_wire, hash,
+    Event, FlowKey, NatEntry, NatKey, PROTO_TCP, PROTO_UDP, Verdict, addr_to_wire, hash,
     port_to_wire,
 };
 use ha_lab::Lab;
-use ha_user::dataplane::{DataPlane, DesiredBackend, DesiredVip, LoadOptions};
+use ha_user::{
+    config::DataPlaneConfig,
+    dataplane::{DataPlane, DesiredBackend, DesiredVip, LoadOptions},
+};
 
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
@@ -26,8 +29,11 @@ const TABLE_SIZE: u32 = 1009;
 const NAT_MIN: u16 = 20000;
 const NAT_MAX: u16 = 20999;
 const CLIENT_PORT: u16 = 40001;
+/// The virtual clock every packet sees at the start (`Settings::clock_ns`).
+const T0: u64 = 1_000_000 * SECOND;
+const SECOND: u64 = 1_000_000_000;
 
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Debug)]
 enum L4 {
     Tcp {
         syn: bool,
@@ -200,20 +206,16 @@ fn world() -> World {
         maglev_table_size: TABLE_SIZE,
         max_vips: 8,
         max_flows: 4096,
+        max_embryonic: 256,
         pin_dir: None,
     })
     .expect("loading the XDP program");
     let lb = lab.host("lb").addr;
-    let settings = Settings {
-        lb_addr: addr_to_wire(lb.octets()),
-        nat_port_min: NAT_MIN,
-        nat_port_max: NAT_MAX,
-        tcp_idle_timeout_ns: 3_600_000_000_000,
-        udp_idle_timeout_ns: 60_000_000_000,
-        fin_linger_ns: 5_000_000_000,
-        flags: 0,
-        _pad: 0,
-    };
+    // The configuration's default timeouts, this file's NAT range, and a virtual clock.
+    let mut settings = DataPlaneConfig::default().settings(lb);
+    settings.nat[0].port_min = NAT_MIN;
+    settings.nat[0].port_max = NAT_MAX;
+    settings.clock_ns = T0;
     let prefix = lab.vip(0).octets();
     let addr = |last: u8| Ipv4Addr::new(prefix[0], prefix[1], prefix[2], last);
     let (tcp_vip, udp_vip, unresolved_vip, unrouted_vip, local_vip, disabled_vip) = (
@@ -420,15 +422,17 @@ fn run_cases(world: &World, cases: Vec<Case>) {
 
 #[test]
 fn tcp_flow_through_the_vip_syn_established_reply_and_reset() {
-    let w = world();
+    let mut w = world();
     let (backend, hash) = w.expected_backend(w.tcp_vip, 6443, PROTO_TCP);
-    let backend_host = w.lab.host(backend);
+    let backend_host = w.lab.host(backend).clone();
+    let (lb, lb_mac, client, client_mac, tcp_vip) =
+        (w.lb, w.lb_mac, w.client, w.client_mac, w.tcp_vip);
     let nat_port = hash::nat_port_candidate(hash, 0, NAT_MIN, NAT_MAX);
     let to_backend = |l4: L4, payload: &'static [u8]| Frame {
-        src_mac: w.lb_mac,
+        src_mac: lb_mac,
         dst_mac: backend_host.mac,
         vlan: None,
-        src: w.lb,
+        src: lb,
         dst: backend_host.addr,
         sport: nat_port,
         dport: 6443,
@@ -437,21 +441,21 @@ fn tcp_flow_through_the_vip_syn_established_reply_and_reset() {
     };
     let reply = |l4: L4, payload: &'static [u8]| Frame {
         src_mac: backend_host.mac,
-        dst_mac: w.lb_mac,
+        dst_mac: lb_mac,
         vlan: None,
         src: backend_host.addr,
-        dst: w.lb,
+        dst: lb,
         sport: 6443,
         dport: nat_port,
         l4,
         payload,
     };
     let to_client = |l4: L4, payload: &'static [u8]| Frame {
-        src_mac: w.lb_mac,
-        dst_mac: w.client_mac,
+        src_mac: lb_mac,
+        dst_mac: client_mac,
         vlan: None,
-        src: w.tcp_vip,
-        dst: w.client,
+        src: tcp_vip,
+        dst: client,
         sport: 6443,
         dport: CLIENT_PORT,
         l4,
@@ -492,37 +496,52 @@ fn tcp_flow_through_the_vip_syn_established_reply_and_reset() {
     );
     assert_eq!(w.dataplane.flows().unwrap().len(), 1);
 
-    // RST ends the flow: both table entries go, and the NAT port is free again.
+    // RST closes the flow: forwarded, and the entry lingers closed for
+    // `fin_linger`, so the other side's last packets still get through.
     run_cases(
         &w,
         vec![Case {
-            name: "RST from client: forwarded, then the flow is forgotten",
+            name: "RST from client: forwarded, the flow closed",
             input: w.client_frame(w.tcp_vip, 6443, RST).build(),
             verdict: XDP_TX,
             output: to_backend(RST, b"").build(),
             counted_as: Verdict::ForwardTx,
         }],
     );
-    assert!(w.dataplane.flows().unwrap().is_empty());
-    assert!(w.dataplane.reverse_entries().unwrap().is_empty());
+    let flows = w.dataplane.flows().unwrap();
+    assert_eq!(flows.len(), 1);
+    assert_ne!(flows[0].1.flags & ha_common::FLOW_RESET, 0);
     assert_eq!(w.dataplane.event(Event::FlowReset).unwrap(), 1);
-    // A reply after the reset is no longer ours.
-    let late = reply(ACK, b"").build();
     run_cases(
         &w,
         vec![Case {
-            name: "reply after RST: passed untouched",
-            output: late.clone(),
-            input: late,
-            verdict: XDP_PASS,
-            counted_as: Verdict::PassTcp,
+            name: "reply within fin_linger of the RST: still translated",
+            input: reply(ACK, b"").build(),
+            verdict: XDP_TX,
+            output: to_client(ACK, b"").build(),
+            counted_as: Verdict::ReplyTx,
         }],
     );
+    // After fin_linger the flow has ended. A late reply is dropped: handed to
+    // this host's stack, it would be answered with an RST (the old behaviour).
+    w.dataplane.set_clock(T0 + 7 * SECOND).unwrap();
+    run_cases(
+        &w,
+        vec![Case {
+            name: "reply after the flow ended: dropped, not passed to the host",
+            input: reply(ACK, b"").build(),
+            verdict: XDP_DROP,
+            output: Vec::new(),
+            counted_as: Verdict::DropReplyNoFlow,
+        }],
+    );
+    assert!(w.dataplane.flows().unwrap().is_empty());
+    assert!(w.dataplane.reverse_entries().unwrap().is_empty());
     // The same 5-tuple gets the same (freed) NAT port again.
     run_cases(
         &w,
         vec![Case {
-            name: "NAT port reuse: a new SYN after RST gets the freed port",
+            name: "NAT port reuse: a new SYN after the flow ended gets the freed port",
             input: w.client_frame(w.tcp_vip, 6443, SYN).build(),
             verdict: XDP_TX,
             output: to_backend(SYN, b"").build(),
@@ -551,7 +570,27 @@ fn nat_port_collision_takes_the_next_candidate_never_a_shared_port() {
         protocol: PROTO_TCP,
         _pad: [0; 3],
     };
-    w.dataplane.insert_reverse_entry(&taken, &other).unwrap();
+    // An established flow, both halves (an orphan or an embryonic owner would give the port up).
+    let owner = NatEntry {
+        flow: other,
+        backend_id: w.dataplane.backend_id_of(backend_host.addr, 6443).unwrap(),
+        _pad: 0,
+        created_ns: T0,
+    };
+    w.dataplane.insert_reverse_entry(&taken, &owner).unwrap();
+    w.dataplane
+        .insert_flow(
+            &other,
+            &ha_common::Flow {
+                backend_id: owner.backend_id,
+                flags: ha_common::FLOW_SEEN_REPLY | ha_common::FLOW_ASSURED,
+                last_seen_ns: T0,
+                nat_addr: taken.lb_addr,
+                nat_port: taken.nat_port,
+                ..ha_common::Flow::default()
+            },
+        )
+        .unwrap();
     let expected = Frame {
         src_mac: w.lb_mac,
         dst_mac: backend_host.mac,
@@ -576,7 +615,7 @@ fn nat_port_collision_takes_the_next_candidate_never_a_shared_port() {
     assert_eq!(w.dataplane.event(Event::NatPortCollision).unwrap(), 1);
     // The other flow's entry is untouched.
     let entries = w.dataplane.reverse_entries().unwrap();
-    assert!(entries.contains(&(taken, other)), "{entries:?}");
+    assert!(entries.contains(&(taken, owner)), "{entries:?}");
 }
 
 #[test]
@@ -811,61 +850,169 @@ const FIN: L4 = L4::Tcp {
     rst: false,
 };
 
+/// The frames of one TCP flow through the VIP: the client's, and its backend's replies.
+struct Conversation<'a> {
+    w: &'a World,
+    client_port: u16,
+    backend: ha_lab::Host,
+    nat_port: u16,
+}
+
+impl<'a> Conversation<'a> {
+    /// The flow from `client_port`, to the backend Maglev gives it, on its first NAT port candidate.
+    fn new(w: &'a World, client_port: u16) -> Self {
+        let mut key = w.flow(w.tcp_vip, 6443, PROTO_TCP);
+        key.src_port = port_to_wire(client_port);
+        let table = w
+            .dataplane
+            .active_table(w.tcp_vip, 6443, PROTO_TCP)
+            .unwrap();
+        let hash = hash::flow_hash(&key);
+        let id = table[(hash % TABLE_SIZE) as usize];
+        let name = APIS
+            .iter()
+            .find(|n| w.dataplane.backend_id_of(w.lab.host(n).addr, 6443) == Some(id))
+            .unwrap();
+        Conversation {
+            w,
+            client_port,
+            backend: w.lab.host(name).clone(),
+            nat_port: hash::nat_port_candidate(hash, 0, NAT_MIN, NAT_MAX),
+        }
+    }
+
+    fn client(&self, l4: L4) -> (u32, Vec<u8>) {
+        let mut frame = self.w.client_frame(self.w.tcp_vip, 6443, l4);
+        frame.sport = self.client_port;
+        self.w.run(&frame.build())
+    }
+
+    fn backend(&self, l4: L4) -> (u32, Vec<u8>) {
+        let frame = Frame {
+            src_mac: self.backend.mac,
+            dst_mac: self.w.lb_mac,
+            vlan: None,
+            src: self.backend.addr,
+            dst: self.w.lb,
+            sport: 6443,
+            dport: self.nat_port,
+            l4,
+            payload: b"",
+        };
+        self.w.run(&frame.build())
+    }
+
+    /// SYN, SYN+ACK, ACK: established.
+    fn handshake(&self) {
+        assert_eq!(self.client(SYN).0, XDP_TX);
+        assert_eq!(self.backend(SYN_ACK).0, XDP_TX);
+        assert_eq!(self.client(ACK).0, XDP_TX);
+    }
+
+    fn key(&self) -> FlowKey {
+        let mut key = self.w.flow(self.w.tcp_vip, 6443, PROTO_TCP);
+        key.src_port = port_to_wire(self.client_port);
+        key
+    }
+
+    fn flags(&self) -> Option<u32> {
+        let key = self.key();
+        self.w
+            .dataplane
+            .flows()
+            .unwrap()
+            .into_iter()
+            .find(|(k, _)| *k == key)
+            .map(|(_, f)| f.flags)
+    }
+}
+
 #[test]
-fn a_flow_ends_fin_linger_after_both_fins_and_the_next_syn_starts_a_new_one() {
+fn the_flow_state_machine_follows_the_handshake_and_both_fins() {
+    use ha_common::{FLOW_ASSURED, FLOW_FIN_BACKEND, FLOW_FIN_CLIENT, FLOW_SEEN_REPLY};
+    let w = world();
+    let c = Conversation::new(&w, CLIENT_PORT);
+    assert_eq!(c.client(SYN).0, XDP_TX);
+    assert_eq!(c.flags(), Some(0), "new: SYN seen, nothing answered");
+    // A client packet never answers for the backend.
+    assert_eq!(c.client(SYN).0, XDP_TX);
+    assert_eq!(c.flags(), Some(0), "a retransmitted SYN changes nothing");
+    assert_eq!(c.backend(SYN_ACK).0, XDP_TX);
+    assert_eq!(c.flags(), Some(FLOW_SEEN_REPLY), "replied (SYN_RECV)");
+    assert_eq!(c.client(ACK).0, XDP_TX);
+    let established = FLOW_SEEN_REPLY | FLOW_ASSURED;
+    assert_eq!(
+        c.flags(),
+        Some(established),
+        "established by the client's ACK"
+    );
+    assert_eq!(c.client(FIN).0, XDP_TX);
+    assert_eq!(c.flags(), Some(established | FLOW_FIN_CLIENT), "closing");
+    assert_eq!(c.backend(FIN).0, XDP_TX);
+    assert_eq!(
+        c.flags(),
+        Some(established | FLOW_FIN_CLIENT | FLOW_FIN_BACKEND),
+        "closed"
+    );
+    // The last ACK passes within fin_linger.
+    assert_eq!(c.client(ACK).0, XDP_TX);
+}
+
+#[test]
+fn a_syn_on_a_closing_or_closed_flow_starts_a_fresh_one_on_a_fresh_state() {
+    // Issue 12, case 5: a SYN on an entry that was closing neither reopened
+    // nor re-hashed it; the new connection inherited the old FIN state.
+    for close in [&[FIN][..], &[FIN, FIN], &[RST]] {
+        let w = world();
+        let c = Conversation::new(&w, CLIENT_PORT);
+        c.handshake();
+        for (i, l4) in close.iter().enumerate() {
+            // Client FIN first, then the backend's.
+            let sent = if i == 0 {
+                c.client(*l4)
+            } else {
+                c.backend(*l4)
+            };
+            assert_eq!(sent.0, XDP_TX);
+        }
+        let before = w.dataplane.event(Event::NewFlow).unwrap();
+        let (verdict, out) = c.client(SYN);
+        assert_eq!(verdict, XDP_TX);
+        assert_eq!(
+            c.flags(),
+            Some(0),
+            "after {close:?}: a fresh entry, no FIN, not assured"
+        );
+        assert_eq!(w.dataplane.event(Event::SynRestartedFlow).unwrap(), 1);
+        assert_eq!(w.dataplane.event(Event::NewFlow).unwrap(), before + 1);
+        // Re-hashed from scratch: the same backend and port the hash gives (the old ones were freed).
+        assert_eq!(nat_target(&out), (c.backend.addr, c.nat_port));
+        assert_eq!(w.dataplane.reverse_entries().unwrap().len(), 1);
+    }
+}
+
+#[test]
+fn a_closed_flow_ends_fin_linger_after_its_last_packet() {
     let mut w = world();
-    let mut settings = w.dataplane.settings();
-    settings.fin_linger_ns = 0;
-    let vips = vec![vip(
-        "apiserver",
-        w.tcp_vip,
-        6443,
-        PROTO_TCP,
-        backends(&w.lab, 6443),
-    )];
-    w.dataplane.apply(&settings, &vips).unwrap();
-    let (backend, hash) = w.expected_backend(w.tcp_vip, 6443, PROTO_TCP);
-    let b = w.lab.host(backend).clone();
-    let nat_port = hash::nat_port_candidate(hash, 0, NAT_MIN, NAT_MAX);
-    assert_eq!(
-        w.run(&w.client_frame(w.tcp_vip, 6443, SYN).build()).0,
-        XDP_TX
-    );
-    assert_eq!(
-        w.run(&w.client_frame(w.tcp_vip, 6443, FIN).build()).0,
-        XDP_TX
-    );
-    // One FIN: the flow lives on.
-    let flows = w.dataplane.flows().unwrap();
-    assert_eq!(flows.len(), 1);
-    assert_eq!(flows[0].1.flags, ha_common::FLOW_FIN_CLIENT);
-    let backend_fin = Frame {
-        src_mac: b.mac,
-        dst_mac: w.lb_mac,
-        vlan: None,
-        src: b.addr,
-        dst: w.lb,
-        sport: 6443,
-        dport: nat_port,
-        l4: FIN,
-        payload: b"",
-    };
-    assert_eq!(w.run(&backend_fin.build()).0, XDP_TX);
-    let flows = w.dataplane.flows().unwrap();
-    assert_eq!(
-        flows[0].1.flags,
-        ha_common::FLOW_FIN_CLIENT | ha_common::FLOW_FIN_BACKEND
-    );
-    // With a zero linger, the entry has ended once the clock moves on: the
-    // next packet of that 5-tuple is a new flow.
-    std::thread::sleep(std::time::Duration::from_millis(50));
-    assert_eq!(
-        w.run(&w.client_frame(w.tcp_vip, 6443, SYN).build()).0,
-        XDP_TX
-    );
+    {
+        let c = Conversation::new(&w, CLIENT_PORT);
+        c.handshake();
+        c.client(FIN);
+        c.backend(FIN);
+    }
+    // fin_linger is 5 s (plus the 1 s refresh granularity): at 6 s it is still there.
+    w.dataplane.set_clock(T0 + 6 * SECOND).unwrap();
+    let c = Conversation::new(&w, CLIENT_PORT);
+    assert_eq!(c.client(ACK).0, XDP_TX);
+    assert_eq!(w.dataplane.event(Event::ExpiredFlowReplaced).unwrap(), 0);
+    // That ACK refreshed it; 7 s after it, the flow has ended: the next packet
+    // of the 5-tuple is a new flow (a pickup, since it is no SYN).
+    w.dataplane.set_clock(T0 + 13 * SECOND + 1).unwrap();
+    let c = Conversation::new(&w, CLIENT_PORT);
+    assert_eq!(c.client(ACK).0, XDP_TX);
     assert_eq!(w.dataplane.event(Event::ExpiredFlowReplaced).unwrap(), 1);
-    assert_eq!(w.dataplane.event(Event::NewFlow).unwrap(), 2);
-    assert_eq!(w.dataplane.flows().unwrap()[0].1.flags, 0, "a fresh entry");
+    assert_eq!(w.dataplane.event(Event::MidstreamPickup).unwrap(), 1);
+    assert_eq!(c.flags(), Some(0), "a fresh entry");
 }
 
 #[test]
@@ -878,15 +1025,16 @@ fn the_agent_sweep_removes_ended_flows_and_their_reverse_entries() {
     }
     assert_eq!(w.dataplane.flows().unwrap().len(), 5);
     assert_eq!(w.dataplane.reverse_entries().unwrap().len(), 5);
-    let now = ha_user::dataplane::monotonic_coarse_ns();
-    let report = w.dataplane.sweep_flows(now).unwrap();
+    let report = w.dataplane.sweep_flows(T0).unwrap();
     assert_eq!(
         (report.live, report.expired),
         (5, 0),
         "nothing has ended yet"
     );
-    // An hour and a bit later (the TCP idle timeout is 1h), all have ended.
-    let report = w.dataplane.sweep_flows(now + 3_700_000_000_000).unwrap();
+    // Unanswered SYNs end after tcp_syn_timeout (60 s, plus the 1 s granularity).
+    let report = w.dataplane.sweep_flows(T0 + 61 * SECOND).unwrap();
+    assert_eq!((report.live, report.expired), (5, 0));
+    let report = w.dataplane.sweep_flows(T0 + 61 * SECOND + 1).unwrap();
     assert_eq!((report.live, report.expired), (0, 5));
     assert!(w.dataplane.flows().unwrap().is_empty());
     assert!(
@@ -895,13 +1043,12 @@ fn the_agent_sweep_removes_ended_flows_and_their_reverse_entries() {
     );
 }
 
-#[test]
-fn nat_port_exhaustion_is_counted_and_dropped_never_shared() {
+/// One backend and one NAT port: at most one concurrent flow.
+fn one_port_world() -> World {
     let mut w = world();
     let mut settings = w.dataplane.settings();
-    settings.nat_port_min = 30000;
-    settings.nat_port_max = 30000;
-    // One backend, one NAT port: the second concurrent flow cannot get a port.
+    settings.nat[0].port_min = 30000;
+    settings.nat[0].port_max = 30000;
     let one = vec![DesiredBackend {
         address: w.lab.host("api1").addr,
         port: 6443,
@@ -915,22 +1062,64 @@ fn nat_port_exhaustion_is_counted_and_dropped_never_shared() {
             &[vip("apiserver", w.tcp_vip, 6443, PROTO_TCP, one)],
         )
         .unwrap();
-    let first = w.client_frame(w.tcp_vip, 6443, SYN).build();
+    w
+}
+
+#[test]
+fn nat_port_exhaustion_by_established_flows_is_counted_and_dropped_never_shared() {
+    let w = one_port_world();
+    let first = Conversation {
+        nat_port: 30000,
+        ..Conversation::new(&w, CLIENT_PORT)
+    };
+    first.handshake();
     let mut second = w.client_frame(w.tcp_vip, 6443, SYN);
     second.sport = CLIENT_PORT + 1;
     let before = w.dataplane.verdicts().unwrap();
-    assert_eq!(w.run(&first).0, XDP_TX);
+    let collisions = w.dataplane.event(Event::NatPortCollision).unwrap();
     assert_eq!(w.run(&second.build()).0, XDP_DROP);
     assert_eq!(w.delta(Verdict::DropNatExhausted, &before), 1);
     assert_eq!(
-        w.dataplane.event(Event::NatPortCollision).unwrap(),
+        w.dataplane.event(Event::NatPortCollision).unwrap() - collisions,
         ha_common::NAT_PORT_ATTEMPTS as u64
     );
+    let entries = w.dataplane.reverse_entries().unwrap();
+    assert_eq!(entries.len(), 1);
     assert_eq!(
-        w.dataplane.reverse_entries().unwrap().len(),
-        1,
-        "the port stays with the first flow"
+        entries[0].1.flow,
+        first.key(),
+        "the port stays with the established flow"
     );
+    assert_eq!(first.client(ACK).0, XDP_TX, "which carries on");
+}
+
+#[test]
+fn an_unanswered_flow_gives_its_port_to_a_new_one() {
+    // Issue 12, case 1, at its smallest: the only port is held by a SYN that
+    // nobody answered; a new connection takes it instead of being dropped.
+    let w = one_port_world();
+    let spoofed = Conversation {
+        nat_port: 30000,
+        ..Conversation::new(&w, CLIENT_PORT)
+    };
+    assert_eq!(spoofed.client(SYN).0, XDP_TX);
+    assert_eq!(
+        spoofed.backend(SYN_ACK).0,
+        XDP_TX,
+        "even answered: not confirmed"
+    );
+    let real = Conversation {
+        nat_port: 30000,
+        ..Conversation::new(&w, CLIENT_PORT + 1)
+    };
+    let (verdict, out) = real.client(SYN);
+    assert_eq!(verdict, XDP_TX);
+    assert_eq!(nat_target(&out).1, 30000);
+    assert_eq!(w.dataplane.event(Event::EmbryonicEvicted).unwrap(), 1);
+    assert_eq!(spoofed.flags(), None, "the unconfirmed flow is gone");
+    let entries = w.dataplane.reverse_entries().unwrap();
+    assert_eq!(entries.len(), 1);
+    assert_eq!(entries[0].1.flow, real.key());
 }
 
 /// The backend a NATed frame was sent to: (destination address, source port).

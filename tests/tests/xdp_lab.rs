@@ -25,6 +25,7 @@ fn native_xdp_counts_real_packets_sent_by_another_host() {
         maglev_table_size: 1009,
         max_vips: 1,
         max_flows: 1024,
+        max_embryonic: 256,
         pin_dir: None,
     };
     let mut dataplane = DataPlane::load(&options).expect("loading");
@@ -98,5 +99,29 @@ fn native_xdp_counts_real_packets_sent_by_another_host() {
     assert!(
         !String::from_utf8_lossy(&link.stdout).contains("xdp"),
         "detached"
+    );
+}
+
+/// The program must stay well inside what the kernel's verifier accepts:
+/// it walks every path, and a program near its limit of 1,000,000 processed
+/// instructions takes seconds to load and breaks with the next branch added.
+#[test]
+fn the_program_verifies_well_within_the_kernels_limits() {
+    let dataplane = DataPlane::load(&LoadOptions {
+        maglev_table_size: 1009,
+        max_vips: 1,
+        max_flows: 1024,
+        max_embryonic: 256,
+        pin_dir: None,
+    })
+    .expect("loading");
+    let info = dataplane.program().info().expect("program info");
+    let verified = info
+        .verified_instruction_count()
+        .expect("the kernel reports verified instructions (5.16+)");
+    eprintln!("the verifier processed {verified} instructions");
+    assert!(
+        verified < 250_000,
+        "{verified} instructions processed by the verifier (limit 1,000,000)"
     );
 }

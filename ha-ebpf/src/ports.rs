@@ -1,0 +1,215 @@
+//! Room for a new flow: a NAT port claimed in the reverse table, and a slot
+//! in the embryonic ring. When either runs out, flows that are not
+//! established go first; an established flow is never evicted.
+//! docs/data-path.md, 5a and 5b.
+
+use ha_common::{
+    BackendInfo, Event, Flow, FlowKey, NAT_PORT_ATTEMPTS, NatEntry, NatKey, NatRange,
+    ORPHAN_GRACE_NS, Settings, hash::nat_port_candidate, port_to_wire,
+};
+
+use crate::{
+    conntrack::{BPF_NOEXIST, forget},
+    maps::{CONNTRACK, EMBRYONIC, EMBRYONIC_HEAD, REVERSE_NAT, count_event},
+};
+
+/// The backend Maglev picked for a new flow.
+pub struct Selected {
+    pub id: u32,
+    pub info: BackendInfo,
+    /// The flow hash (NAT port candidates derive from it).
+    pub hash: u32,
+}
+
+/// The wire-order port of the `attempt`-th NAT port candidate of a flow.
+#[inline(always)]
+fn candidate(backend: &Selected, range: &NatRange, attempt: u32) -> u16 {
+    port_to_wire(nat_port_candidate(
+        backend.hash,
+        attempt,
+        range.port_min,
+        range.port_max,
+    ))
+}
+
+/// The NAT port for a new flow `key` to `backend` from `settings.nat[0]`,
+/// claimed in the reverse table, or `None` when every candidate belongs to a
+/// live, established flow. docs/data-path.md, 5a:
+///
+/// 1. `pickup` (a first packet that is not a bare SYN: a connection already
+///    under way): a candidate whose reverse entry names this very flow is its
+///    own port, left when its connection-table entry was lost: taken back.
+/// 2. The first free candidate.
+/// 3. All taken: the first whose owner is gone (an orphan), has ended, or
+///    is not established (evicted). An established flow keeps its port.
+///
+/// `entry` is the reverse entry to claim with (its flow, backend, and the
+/// time now); it lives in the per-CPU scratch, off the stack.
+#[inline(always)]
+pub fn claim(
+    entry: &NatEntry,
+    backend: &Selected,
+    settings: &Settings,
+    pickup: bool,
+) -> Option<u16> {
+    let port = claim_port(entry, backend, settings, pickup);
+    (port != NO_PORT).then_some(port as u16)
+}
+
+/// What [`claim_port`] returns when there is no port (a BPF subprogram
+/// returns one register: a port in the low 16 bits, or this).
+const NO_PORT: u32 = u32::MAX;
+
+/// [`claim`] as a BPF subprogram of its own. Each pass ends its loop at the
+/// first match, so the paths that go on are all alike and the verifier's
+/// walk stays linear in the number of candidates; one reverse key is
+/// reused throughout, to keep the frame small.
+#[inline(never)]
+fn claim_port(entry: &NatEntry, backend: &Selected, settings: &Settings, pickup: bool) -> u32 {
+    let (key, now) = (&entry.flow, entry.created_ns);
+    let range = &settings.nat[0];
+    let mut nat_key = NatKey::new(&backend.info, range.addr, 0, key.protocol);
+    if pickup {
+        for attempt in 0..NAT_PORT_ATTEMPTS {
+            nat_key.nat_port = candidate(backend, range, attempt);
+            // SAFETY: compared at once.
+            if unsafe { REVERSE_NAT.get(&nat_key) }.is_some_and(|o| o.flow.same(key)) {
+                count_event(Event::ForwardRecovered);
+                return u32::from(nat_key.nat_port);
+            }
+        }
+    }
+    for attempt in 0..NAT_PORT_ATTEMPTS {
+        nat_key.nat_port = candidate(backend, range, attempt);
+        if REVERSE_NAT.insert(&nat_key, entry, BPF_NOEXIST).is_ok() {
+            return u32::from(nat_key.nat_port);
+        }
+        count_event(Event::NatPortCollision);
+    }
+    for attempt in 0..NAT_PORT_ATTEMPTS {
+        nat_key.nat_port = candidate(backend, range, attempt);
+        if displace(&nat_key, entry, settings, now) {
+            return u32::from(nat_key.nat_port);
+        }
+    }
+    NO_PORT
+}
+
+/// The port of `nat_key`, taken from its owner if that is gone (no flow,
+/// or a flow that uses another port: an orphan), has ended, or is not
+/// established (evicted); false if the owner keeps it. A BPF subprogram:
+/// all its ways of saying no return the same state to the loop.
+#[inline(never)]
+fn displace(nat_key: &NatKey, entry: &NatEntry, settings: &Settings, now: u64) -> bool {
+    displace_owner(nat_key, entry, settings, now).is_some()
+}
+
+#[inline(always)]
+fn displace_owner(nat_key: &NatKey, entry: &NatEntry, settings: &Settings, now: u64) -> Option<()> {
+    // SAFETY: map value pointers, valid for this program run, read in place.
+    let owner = unsafe { REVERSE_NAT.get(nat_key) }?;
+    // The key is copied: forgetting the owner frees the entry it lives in.
+    let (owner_flow, owner_backend, owner_created) =
+        (owner.flow, owner.backend_id, owner.created_ns);
+    // SAFETY: as above.
+    let flow = unsafe { CONNTRACK.get(&owner_flow) }
+        .filter(|f| f.names(nat_key.lb_addr, nat_key.nat_port, owner_backend));
+    let Some(flow) = flow else {
+        // A young entry may be a flow that another CPU is creating
+        // (reverse entry first, then the flow).
+        if now <= owner_created.saturating_add(ORPHAN_GRACE_NS) {
+            return None;
+        }
+        REVERSE_NAT.insert(nat_key, entry, 0).ok()?;
+        count_event(Event::OrphanFreed);
+        return Some(());
+    };
+    let event = if flow.is_expired(owner_flow.protocol, settings, now) {
+        Event::ExpiredFlowReplaced
+    } else if flow.is_evictable() {
+        Event::EmbryonicEvicted
+    } else {
+        return None;
+    };
+    forget(&owner_flow, flow);
+    count_event(event);
+    REVERSE_NAT.insert(nat_key, entry, BPF_NOEXIST).ok()
+}
+
+/// Takes this CPU's next slot of the embryonic ring for `key`. The flow that
+/// held the slot goes if it never got established (or has ended), so at
+/// most `embryonic_slots` flows per CPU are embryonic: under a flood of
+/// unanswered SYNs the oldest goes first, and established flows keep room.
+#[inline(never)]
+pub fn admit(key: &FlowKey, settings: &Settings, now: u64) {
+    let slots = settings.embryonic_slots;
+    if slots == 0 {
+        return;
+    }
+    let Some(head) = EMBRYONIC_HEAD.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: per-CPU values; nothing else on this CPU runs meanwhile.
+    let mut slot = unsafe { *head };
+    if slot >= slots {
+        slot = 0;
+    }
+    let Some(cell) = EMBRYONIC.get_ptr_mut(slot) else {
+        return;
+    };
+    // SAFETY: as above.
+    let old = unsafe { *cell };
+    if !old.same(&FlowKey::EMPTY) && !old.same(key) {
+        // SAFETY: copied out at once.
+        if let Some(flow) = unsafe { CONNTRACK.get(&old) } {
+            if flow.is_expired(old.protocol, settings, now) {
+                forget(&old, flow);
+                count_event(Event::ExpiredFlowReplaced);
+            } else if flow.is_evictable() {
+                forget(&old, flow);
+                count_event(Event::EmbryonicEvicted);
+            }
+        }
+    }
+    // SAFETY: as above.
+    unsafe {
+        *cell = *key;
+        *head = if slot + 1 >= slots { 0 } else { slot + 1 };
+    }
+}
+
+/// Rebuilds a lost connection-table entry from its reverse entry, for a
+/// backend's reply: the flow's backend and NAT port are known, its state
+/// starts as a first reply. `Err` is the verdict to drop the reply with.
+#[inline(always)]
+pub fn recover_forward(
+    nat_key: &NatKey,
+    entry: &NatEntry,
+    settings: &Settings,
+    now: u64,
+) -> Result<*mut Flow, ha_common::Verdict> {
+    use ha_common::Verdict;
+    let backend = crate::maps::BACKENDS
+        .get(entry.backend_id)
+        .ok_or(Verdict::DropReplyNoFlow)?;
+    if backend.addr != nat_key.backend_addr || backend.port != nat_key.backend_port {
+        return Err(Verdict::DropReplyNoFlow);
+    }
+    admit(&entry.flow, settings, now);
+    let flow = Flow {
+        backend_id: entry.backend_id,
+        flags: 0,
+        last_seen_ns: now,
+        nat_addr: nat_key.lb_addr,
+        nat_port: nat_key.nat_port,
+        client_mac: [0; 6],
+        _pad: 0,
+    };
+    if CONNTRACK.insert(&entry.flow, &flow, BPF_NOEXIST).is_err() {
+        return Err(Verdict::DropTableFull);
+    }
+    count_event(Event::ForwardRecovered);
+    CONNTRACK
+        .get_ptr_mut(&entry.flow)
+        .ok_or(Verdict::DropTableFull)
+}
