@@ -9,7 +9,9 @@
 //! - A live flow whose `BACKENDS` record is missing has no nat key: nothing is recovered.
 //! - Step 2 looks only at snapshot entries still present (an entry "removed in 1" is gone).
 
-use ha_common::{FLOW_LOCAL, ORPHAN_GRACE_NS};
+use std::collections::BTreeMap;
+
+use ha_common::{FLOW_LOCAL, NatKey, ORPHAN_GRACE_NS};
 
 use crate::ctx::Update;
 use crate::flow::names;
@@ -21,6 +23,17 @@ impl Ctx<'_> {
         let mut report = SweepReport::default();
         let flows = self.state.conntrack.clone();
         let reverse = self.state.reverse.clone();
+
+        // Live flows per NAT key: a lost reverse entry comes back only for a key one flow names.
+        let mut named: BTreeMap<NatKey, usize> = BTreeMap::new();
+        for (key, flow) in &flows {
+            if !self.expired(key, flow)
+                && flow.flags & FLOW_LOCAL == 0
+                && let Some(nat_key) = self.nat_key_of(key, flow)
+            {
+                *named.entry(nat_key).or_default() += 1;
+            }
+        }
 
         // 1. Each flow: expired ones are forgotten; live ones get their reverse entry back.
         for (key, flow) in &flows {
@@ -35,6 +48,7 @@ impl Ctx<'_> {
             }
             if let Some(nat_key) = self.nat_key_of(key, flow)
                 && !reverse.contains_key(&nat_key)
+                && named.get(&nat_key) == Some(&1)
             {
                 let entry = self.nat_entry(*key, flow.backend_id);
                 if self.put_reverse(nat_key, entry, Update::NoExist) {

@@ -275,6 +275,17 @@ pub fn plan_sweep(
     };
     let mut plan = SweepPlan::default();
     let mut live: HashMap<&FlowKey, &Flow> = HashMap::new();
+    // How many live flows name each NAT key: a lost reverse entry is put back
+    // only for a key that one flow alone names, so the order flows come in
+    // never decides which of two gets it.
+    let mut named: HashMap<NatKey, usize> = HashMap::new();
+    for (key, flow) in flows {
+        if !flow.is_expired(key.protocol, settings, now_ns)
+            && let Some(nat_key) = nat_key_of(key, flow)
+        {
+            *named.entry(nat_key).or_default() += 1;
+        }
+    }
     for (key, flow) in flows {
         let nat_key = nat_key_of(key, flow);
         if flow.is_expired(key.protocol, settings, now_ns) {
@@ -290,6 +301,7 @@ pub fn plan_sweep(
         plan.referenced.insert(flow.backend_id);
         if let Some(nat_key) = nat_key
             && !reverse.contains_key(&nat_key)
+            && named.get(&nat_key) == Some(&1)
         {
             let entry = NatEntry {
                 flow: *key,
@@ -1234,6 +1246,27 @@ impl DataPlane {
         map.set(0, next, 0).map_err(map_error(SETTINGS_MAP))?;
         self.settings = next;
         Ok(())
+    }
+
+    /// The file descriptor of map `name` (the fuzzer dumps whole maps with
+    /// one batch syscall each).
+    ///
+    /// # Errors
+    /// [`DataPlaneError::MissingMap`] if the object has no such map.
+    pub fn map_fd(&self, name: &'static str) -> Result<std::os::fd::BorrowedFd<'_>> {
+        use aya::maps::Map;
+        use std::os::fd::AsFd;
+        match self.ebpf.map(name) {
+            Some(
+                Map::Array(data)
+                | Map::HashMap(data)
+                | Map::LruHashMap(data)
+                | Map::PerCpuArray(data)
+                | Map::PerCpuHashMap(data)
+                | Map::DevMapHash(data),
+            ) => Ok(data.fd().as_fd()),
+            _ => Err(DataPlaneError::MissingMap(name)),
+        }
     }
 
     /// Slots per CPU of the embryonic ring.

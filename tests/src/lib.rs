@@ -30,6 +30,7 @@ pub mod bench;
 pub mod chart;
 pub mod e2e;
 pub mod failover;
+pub mod fuzz;
 pub mod process;
 
 use std::{

@@ -41,6 +41,19 @@ enum Task {
         #[arg(long)]
         quick: bool,
     },
+    /// Differential fuzzing: generated packet sequences through the XDP program and
+    /// the reference model, compared after every packet (root).
+    Fuzz {
+        /// Frames to send through both.
+        #[arg(long, default_value_t = 1_000_000)]
+        packets: u64,
+        /// Seed of the generator: the same seed runs the same cases.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Workers, each with its own lab on its own CPU (default: one per CPU).
+        #[arg(long)]
+        workers: Option<usize>,
+    },
     /// Build a network-namespace lab and show the load balancer working in it (root).
     Demo {
         /// Arguments for the demo program (for example `--duration 30s`).
@@ -69,6 +82,27 @@ fn main() -> Result<()> {
             setup::run(&root)?;
             build_ebpf(&root, true)?;
             bench(&root, quick)
+        }
+        Task::Fuzz {
+            packets,
+            seed,
+            workers,
+        } => {
+            require_root("cargo xtask fuzz")?;
+            setup::run(&root)?;
+            build_ebpf(&root, true)?;
+            let mut command = release_binary(&root, "ha-fuzz")?;
+            command.args([
+                "--packets",
+                &packets.to_string(),
+                "--seed",
+                &seed.to_string(),
+            ]);
+            if let Some(workers) = workers {
+                command.args(["--workers", &workers.to_string()]);
+            }
+            run(&mut command)
+                .context("fuzzing (a divergence is printed above, and written as a fixture)")
         }
         Task::Demo { demo_args } => {
             require_root("cargo xtask demo")?;

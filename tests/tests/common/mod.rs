@@ -155,3 +155,110 @@ pub fn telemetry(lab: &Lab, host: &str, path: &str) -> (u16, String) {
     let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
     (code.trim().parse().unwrap_or(0), body.to_string())
 }
+
+/// `ha-user status --json` on `host`, as an operator would run it there.
+pub fn status_json(lab: &Lab, host: &str) -> serde_json::Value {
+    let out = lab
+        .exec(
+            host,
+            &[
+                ha_lab::bin_path("ha-user").to_str().unwrap(),
+                "status",
+                "--json",
+            ],
+        )
+        .unwrap();
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// `ha-user reload` on `host`: `Ok(stdout)` when it exits 0, `Err(stderr)` otherwise.
+pub fn reload(lab: &Lab, host: &str) -> Result<String, String> {
+    let out = lab
+        .command(host, ha_lab::bin_path("ha-user"))
+        .arg("reload")
+        .output()
+        .unwrap();
+    let text = |bytes: &[u8]| String::from_utf8_lossy(bytes).into_owned();
+    if out.status.success() {
+        Ok(text(&out.stdout))
+    } else {
+        Err(text(&out.stderr))
+    }
+}
+
+/// A keep-alive HTTP/1.1 connection (plain HTTP, as the stand-in serves it
+/// besides HTTPS) through the VIP: one TCP connection, many requests.
+pub struct HttpSession {
+    writer: TcpStream,
+    reader: BufReader<TcpStream>,
+}
+
+impl HttpSession {
+    pub fn open(to: Ipv4Addr, port: u16) -> std::io::Result<HttpSession> {
+        let stream =
+            TcpStream::connect_timeout(&SocketAddr::from((to, port)), Duration::from_secs(2))?;
+        stream.set_read_timeout(Some(Duration::from_secs(3)))?;
+        Ok(HttpSession {
+            writer: stream.try_clone()?,
+            reader: BufReader::new(stream),
+        })
+    }
+
+    /// `GET path` on this connection: (status, body). The connection stays open.
+    pub fn get(&mut self, path: &str) -> std::io::Result<(u16, String)> {
+        use std::io::Read;
+        self.writer
+            .write_all(format!("GET {path} HTTP/1.1\r\nHost: apiserver\r\n\r\n").as_bytes())?;
+        let mut line = String::new();
+        if self.reader.read_line(&mut line)? == 0 {
+            return Err(std::io::Error::other("connection closed"));
+        }
+        let status = line
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| std::io::Error::other(format!("bad status line {line:?}")))?;
+        let mut length = 0;
+        loop {
+            let mut header = String::new();
+            if self.reader.read_line(&mut header)? == 0 {
+                return Err(std::io::Error::other("connection closed in the headers"));
+            }
+            let header = header.trim_end();
+            if header.is_empty() {
+                break;
+            }
+            if let Some((name, value)) = header.split_once(':')
+                && name.eq_ignore_ascii_case("content-length")
+            {
+                length = value.trim().parse().map_err(std::io::Error::other)?;
+            }
+        }
+        let mut body = vec![0; length];
+        self.reader.read_exact(&mut body)?;
+        Ok((status, String::from_utf8_lossy(&body).into_owned()))
+    }
+
+    /// `GET /whoami`: the server's name and the client address it saw.
+    pub fn whoami(&mut self) -> std::io::Result<(String, std::net::SocketAddrV4)> {
+        let (status, body) = self.get("/whoami")?;
+        let parsed = (|| {
+            let mut server = None;
+            let mut client = None;
+            for field in body.split_whitespace() {
+                if let Some(v) = field.strip_prefix("server=") {
+                    server = Some(v.to_string());
+                } else if let Some(v) = field.strip_prefix("client=") {
+                    client = v.parse().ok();
+                }
+            }
+            Some((server?, client?))
+        })();
+        match parsed {
+            Some(answer) if status == 200 => Ok(answer),
+            _ => Err(std::io::Error::other(format!(
+                "unexpected answer {status} {body:?}"
+            ))),
+        }
+    }
+}
