@@ -855,7 +855,8 @@ struct Conversation<'a> {
     w: &'a World,
     client_port: u16,
     backend: ha_lab::Host,
-    nat_port: u16,
+    /// The NAT port the flow is expected on; `handshake` sets it to the one the SYN got.
+    nat_port: std::sync::atomic::AtomicU16,
 }
 
 impl<'a> Conversation<'a> {
@@ -877,7 +878,7 @@ impl<'a> Conversation<'a> {
             w,
             client_port,
             backend: w.lab.host(name).clone(),
-            nat_port: hash::nat_port_candidate(hash, 0, NAT_MIN, NAT_MAX),
+            nat_port: hash::nat_port_candidate(hash, 0, NAT_MIN, NAT_MAX).into(),
         }
     }
 
@@ -895,16 +896,19 @@ impl<'a> Conversation<'a> {
             src: self.backend.addr,
             dst: self.w.lb,
             sport: 6443,
-            dport: self.nat_port,
+            dport: self.nat_port.load(std::sync::atomic::Ordering::Relaxed),
             l4,
             payload: b"",
         };
         self.w.run(&frame.build())
     }
 
-    /// SYN, SYN+ACK, ACK: established.
+    /// SYN, SYN+ACK, ACK: established (on whichever NAT port the SYN got).
     fn handshake(&self) {
-        assert_eq!(self.client(SYN).0, XDP_TX);
+        let (verdict, out) = self.client(SYN);
+        assert_eq!(verdict, XDP_TX);
+        self.nat_port
+            .store(nat_target(&out).1, std::sync::atomic::Ordering::Relaxed);
         assert_eq!(self.backend(SYN_ACK).0, XDP_TX);
         assert_eq!(self.client(ACK).0, XDP_TX);
     }
@@ -986,7 +990,13 @@ fn a_syn_on_a_closing_or_closed_flow_starts_a_fresh_one_on_a_fresh_state() {
         assert_eq!(w.dataplane.event(Event::SynRestartedFlow).unwrap(), 1);
         assert_eq!(w.dataplane.event(Event::NewFlow).unwrap(), before + 1);
         // Re-hashed from scratch: the same backend and port the hash gives (the old ones were freed).
-        assert_eq!(nat_target(&out), (c.backend.addr, c.nat_port));
+        assert_eq!(
+            nat_target(&out),
+            (
+                c.backend.addr,
+                c.nat_port.load(std::sync::atomic::Ordering::Relaxed)
+            )
+        );
         assert_eq!(w.dataplane.reverse_entries().unwrap().len(), 1);
     }
 }
@@ -1068,10 +1078,7 @@ fn one_port_world() -> World {
 #[test]
 fn nat_port_exhaustion_by_established_flows_is_counted_and_dropped_never_shared() {
     let w = one_port_world();
-    let first = Conversation {
-        nat_port: 30000,
-        ..Conversation::new(&w, CLIENT_PORT)
-    };
+    let first = Conversation::new(&w, CLIENT_PORT);
     first.handshake();
     let mut second = w.client_frame(w.tcp_vip, 6443, SYN);
     second.sport = CLIENT_PORT + 1;
@@ -1098,20 +1105,17 @@ fn an_unanswered_flow_gives_its_port_to_a_new_one() {
     // Issue 12, case 1, at its smallest: the only port is held by a SYN that
     // nobody answered; a new connection takes it instead of being dropped.
     let w = one_port_world();
-    let spoofed = Conversation {
-        nat_port: 30000,
-        ..Conversation::new(&w, CLIENT_PORT)
-    };
+    let spoofed = Conversation::new(&w, CLIENT_PORT);
+    spoofed
+        .nat_port
+        .store(30000, std::sync::atomic::Ordering::Relaxed);
     assert_eq!(spoofed.client(SYN).0, XDP_TX);
     assert_eq!(
         spoofed.backend(SYN_ACK).0,
         XDP_TX,
         "even answered: not confirmed"
     );
-    let real = Conversation {
-        nat_port: 30000,
-        ..Conversation::new(&w, CLIENT_PORT + 1)
-    };
+    let real = Conversation::new(&w, CLIENT_PORT + 1);
     let (verdict, out) = real.client(SYN);
     assert_eq!(verdict, XDP_TX);
     assert_eq!(nat_target(&out).1, 30000);
@@ -1238,4 +1242,117 @@ fn a_reply_goes_to_the_clients_learned_mac_when_the_kernel_has_no_neighbour_for_
         }],
     );
     assert_eq!(w.dataplane.event(Event::ReplyToLearnedMac).unwrap(), 1);
+}
+
+/// Issue 12, case 5: FIN flags were set by a plain read-modify-write, so
+/// FINs crossing on two CPUs could lose one and hold the port for an hour.
+/// Two threads, pinned to two CPUs, send the client's and the backend's FIN
+/// of the same established flow at the same moment, thousands of times;
+/// both bits must be set every time.
+#[test]
+fn fins_crossing_on_two_cpus_are_both_recorded() {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    if ha_user::dataplane::possible_cpus() < 2 {
+        eprintln!("one CPU: nothing can cross");
+        return;
+    }
+    // With a plain read-modify-write, about one round in six lost a FIN.
+    const ROUNDS: u16 = 1000;
+    let mut w = world();
+    // 10,000 NAT ports per backend: every SYN finds one.
+    let mut settings = w.dataplane.settings();
+    settings.nat[0].port_max = NAT_MIN + 9999;
+    let vips = vec![vip(
+        "apiserver",
+        w.tcp_vip,
+        6443,
+        PROTO_TCP,
+        backends(&w.lab, 6443),
+    )];
+    w.dataplane.apply(&settings, &vips).unwrap();
+    let w = w;
+    let netns = format!("/run/netns/{}", w.lab.host("lb").netns);
+    // Each round's flow: its own client port, established before the race.
+    let conversations: Vec<Conversation> = (0..ROUNDS)
+        .map(|i| Conversation::new(&w, 30000 + i))
+        .collect();
+    // A spinning barrier: a sleeping one wakes the threads microseconds
+    // apart, and the race is a few nanoseconds wide.
+    let arrived = AtomicU32::new(0);
+    let start = |i: u32| {
+        arrived.fetch_add(1, Ordering::AcqRel);
+        while arrived.load(Ordering::Acquire) < 2 * (i + 1) {
+            std::hint::spin_loop();
+        }
+    };
+    let round = AtomicU32::new(0);
+    let lost = AtomicU32::new(0);
+    let run_on = |cpu: usize, frame: &dyn Fn(&Conversation) -> Vec<u8>| {
+        let file = std::fs::File::open(&netns).unwrap();
+        nix::sched::setns(
+            std::os::fd::AsFd::as_fd(&file),
+            nix::sched::CloneFlags::CLONE_NEWNET,
+        )
+        .unwrap();
+        let mut set = nix::sched::CpuSet::new();
+        set.set(cpu).unwrap();
+        nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set).unwrap();
+        let mut ctx = [0u8; 24];
+        ctx[12..16].copy_from_slice(&w.ifindex.to_ne_bytes());
+        for (i, c) in conversations.iter().enumerate() {
+            let bytes = frame(c);
+            ctx[4..8].copy_from_slice(&(bytes.len() as u32).to_ne_bytes());
+            let mut out = vec![0u8; bytes.len() + 256];
+            // Both threads wait here, then fire together.
+            start(i as u32);
+            let mut options = TestRunOptions::new();
+            options.data_in = Some(&bytes);
+            options.data_out = Some(&mut out);
+            options.ctx_in = Some(&ctx);
+            let result = w.dataplane.program().test_run(options).unwrap();
+            assert_eq!(result.return_value, XDP_TX, "round {i}");
+            if cpu == 0 {
+                round.store(i as u32 + 1, Ordering::Release);
+            }
+        }
+    };
+    // Establish every flow first (single-threaded, on the test's own thread via World::run).
+    for c in &conversations {
+        c.handshake();
+    }
+    let client_fin = |c: &Conversation| {
+        let mut f = c.w.client_frame(c.w.tcp_vip, 6443, FIN);
+        f.sport = c.client_port;
+        f.build()
+    };
+    let backend_fin = |c: &Conversation| {
+        Frame {
+            src_mac: c.backend.mac,
+            dst_mac: c.w.lb_mac,
+            vlan: None,
+            src: c.backend.addr,
+            dst: c.w.lb,
+            sport: 6443,
+            dport: c.nat_port.load(std::sync::atomic::Ordering::Relaxed),
+            l4: FIN,
+            payload: b"",
+        }
+        .build()
+    };
+    std::thread::scope(|s| {
+        s.spawn(|| run_on(0, &client_fin));
+        s.spawn(|| run_on(1, &backend_fin));
+    });
+    let both = ha_common::FLOW_FIN_CLIENT | ha_common::FLOW_FIN_BACKEND;
+    for c in &conversations {
+        if c.flags().unwrap() & both != both {
+            lost.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    assert_eq!(round.load(Ordering::Acquire), ROUNDS as u32);
+    assert_eq!(
+        lost.load(Ordering::Relaxed),
+        0,
+        "flows that lost a FIN out of {ROUNDS}"
+    );
 }
