@@ -1356,3 +1356,128 @@ fn fins_crossing_on_two_cpus_are_both_recorded() {
         "flows that lost a FIN out of {ROUNDS}"
     );
 }
+
+/// Issue 12, case 3: a backend's reply that misses the reverse table was
+/// handed to the LB's own stack, which reset the flow. Now it is dropped
+/// (the backend retransmits), the client's next packet puts the reverse
+/// entry back from the connection table, and the flow carries on.
+#[test]
+fn a_lost_reverse_entry_drops_the_reply_and_comes_back_from_the_flow() {
+    let mut w = world();
+    let (nat_key, reply, client_ack) = {
+        let c = Conversation::new(&w, CLIENT_PORT);
+        c.handshake();
+        let entries = w.dataplane.reverse_entries().unwrap();
+        assert_eq!(entries.len(), 1);
+        let reply = Frame {
+            src_mac: c.backend.mac,
+            dst_mac: w.lb_mac,
+            vlan: None,
+            src: c.backend.addr,
+            dst: w.lb,
+            sport: 6443,
+            dport: c.nat_port.load(std::sync::atomic::Ordering::Relaxed),
+            l4: ACK,
+            payload: b"",
+        }
+        .build();
+        let mut ack = w.client_frame(w.tcp_vip, 6443, ACK);
+        ack.sport = CLIENT_PORT;
+        (entries[0].0, reply, ack.build())
+    };
+    w.dataplane.remove_reverse_entry(&nat_key).unwrap();
+    let before = w.dataplane.verdicts().unwrap();
+    let (verdict, _) = w.run(&reply);
+    assert_eq!(verdict, XDP_DROP, "not passed to the host's stack");
+    assert_eq!(w.delta(Verdict::DropReplyNoFlow, &before), 1);
+    // The client's next packet, a second later (the flow's refresh), restores it.
+    w.dataplane.set_clock(T0 + 2 * SECOND).unwrap();
+    assert_eq!(w.run(&client_ack).0, XDP_TX);
+    assert_eq!(w.dataplane.event(Event::ReverseRecovered).unwrap(), 1);
+    assert_eq!(
+        w.run(&reply).0,
+        XDP_TX,
+        "the backend's retransmission gets through"
+    );
+    assert_eq!(
+        w.dataplane.reverse_entries().unwrap()[0].0,
+        nat_key,
+        "same port"
+    );
+}
+
+/// Issue 12, case 4: a flow whose connection-table entry was lost but whose
+/// reverse entry stayed collided with itself on its old NAT port and moved
+/// to another one mid-connection. Now its next packet, from either side,
+/// rebuilds the entry on the same port and backend.
+#[test]
+fn a_lost_flow_entry_comes_back_on_its_own_port_from_either_side() {
+    for from_client in [true, false] {
+        let mut w = world();
+        let (key, port, backend) = {
+            let c = Conversation::new(&w, CLIENT_PORT);
+            c.handshake();
+            (
+                c.key(),
+                c.nat_port.load(std::sync::atomic::Ordering::Relaxed),
+                c.backend.addr,
+            )
+        };
+        w.dataplane.remove_flow(&key).unwrap();
+        let c = Conversation::new(&w, CLIENT_PORT);
+        c.nat_port.store(port, std::sync::atomic::Ordering::Relaxed);
+        if from_client {
+            // A pickup (no SYN): it finds its own reverse entry among its candidates.
+            let (verdict, out) = c.client(ACK);
+            assert_eq!(verdict, XDP_TX);
+            assert_eq!(nat_target(&out), (backend, port), "same backend, same port");
+        } else {
+            let (verdict, _) = c.backend(ACK);
+            assert_eq!(verdict, XDP_TX, "the reply rebuilds the flow");
+            assert_eq!(c.client(ACK).0, XDP_TX);
+        }
+        assert_eq!(w.dataplane.event(Event::ForwardRecovered).unwrap(), 1);
+        assert_eq!(w.dataplane.event(Event::NatPortCollision).unwrap(), 0);
+        let entries = w.dataplane.reverse_entries().unwrap();
+        assert_eq!(entries.len(), 1, "no second port");
+        assert_eq!(entries[0].1.flow, key);
+        let flows = w.dataplane.flows().unwrap();
+        assert_eq!(flows.len(), 1);
+        assert_eq!(flows[0].1.nat_port, ha_common::port_to_wire(port));
+    }
+}
+
+/// Issue 12, case 4, the other half: reverse entries whose flow is gone were
+/// never swept (the sweep walked the connection table only) and, pinned,
+/// survived restarts. Now the sweep frees them, past a one-second grace.
+#[test]
+fn the_sweep_frees_orphaned_reverse_entries_and_restores_lost_ones() {
+    let mut w = world();
+    let mut keys = Vec::new();
+    for port in [CLIENT_PORT, CLIENT_PORT + 1] {
+        let c = Conversation::new(&w, port);
+        c.handshake();
+        keys.push(c.key());
+    }
+    let entries = w.dataplane.reverse_entries().unwrap();
+    let orphaned = entries.iter().find(|(_, e)| e.flow == keys[0]).unwrap().0;
+    let lost = entries.iter().find(|(_, e)| e.flow == keys[1]).unwrap().0;
+    w.dataplane.remove_flow(&keys[0]).unwrap();
+    w.dataplane.remove_reverse_entry(&lost).unwrap();
+    let report = w.dataplane.sweep_flows(T0).unwrap();
+    assert_eq!(
+        (report.orphans_freed, report.reverse_recovered),
+        (0, 1),
+        "within the grace an entry may be a flow being created"
+    );
+    let report = w.dataplane.sweep_flows(T0 + SECOND + 1).unwrap();
+    assert_eq!((report.orphans_freed, report.reverse_recovered), (1, 0));
+    let entries = w.dataplane.reverse_entries().unwrap();
+    assert!(entries.iter().all(|(k, _)| *k != orphaned), "orphan freed");
+    assert!(
+        entries.iter().any(|(k, e)| *k == lost && e.flow == keys[1]),
+        "lost one restored"
+    );
+    let totals = w.dataplane.sweep_totals();
+    assert_eq!((totals.orphans_freed, totals.reverse_recovered), (1, 1));
+}
