@@ -49,10 +49,12 @@
 //! 7. `VIP_STATS` has [`VIP_STATS_SLOTS`] entries and `BACKEND_STATS` [`BACKEND_STATS_SLOTS`];
 //!    traffic for a slot or id outside them is not counted. `BACKENDS` is missing for an id
 //!    `>= min(config.backends.len(), MAX_BACKENDS)`.
-//! 8. `flow_reset` is never counted: the spec never says "count `flow_reset`".
+//! 8. `flow_reset` is counted when a packet adds `RESET` to a flow that lacked it, and for a
+//!    flow created by an RST (the spec says so since the fuzzer's first runs).
 //! 9. The sweep walks its snapshots in key order (the agent's order is the kernel's hash
-//!    order), and a live flow whose `BACKENDS` record is missing has no nat key, so nothing is
-//!    recovered for it (see [`sweep`]).
+//!    order; the spec makes the result independent of it: a lost reverse entry is restored only
+//!    for a nat key one live flow alone names), and a live flow whose `BACKENDS` record is
+//!    missing has no nat key, so nothing is recovered for it (see [`sweep`]).
 //! 10. The nat key of a flow uses the flow key's protocol.
 //! 11. "Forgetting" removes the reverse entry when its `flow` is the key (its `backend_id` is
 //!     not compared).
@@ -63,12 +65,9 @@
 //! 14. Degenerate NAT ranges are followed literally: `nat[0].addr == 0` still claims ports
 //!     (replies to it are never classified), `port_min > port_max` takes whatever
 //!     `nat_port_candidate` gives (its span wraps).
-//! 15. The 5a victim is forgotten with the flow value read when it was found.
+//! 15. 5a's third pass forgets an expired or evictable owner with the flow value it just read.
 //!
-//! # Deviation from the requested API
-//!
-//! [`Config::vips`] is a `HashMap`, not a `BTreeMap`: `ha_common::VipKey` does not implement
-//! `Ord`. With `Ord` derived there, it can become a `BTreeMap` with no other change.
+//! [`Config::vips`] is a `HashMap` (`ha_common::VipKey` is `Hash`, not `Ord`).
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 

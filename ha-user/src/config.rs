@@ -1119,10 +1119,66 @@ data_plane: {maglev_table_size: 199}
         b.vips[0].backends.pop();
         b.data_plane.conntrack.tcp_idle_timeout = Duration::from_secs(60);
         assert!(a.restart_needed_for(&b).is_empty());
+        b.data_plane.conntrack.tcp_syn_timeout = Duration::from_secs(10);
+        b.data_plane.nat.port_range = PortRange {
+            min: 20000,
+            max: 30000,
+        };
+        assert!(
+            a.restart_needed_for(&b).is_empty(),
+            "timeouts and NAT reload live"
+        );
         b.data_plane.maglev_table_size = 131071;
+        b.data_plane.conntrack.max_embryonic = 1024;
         assert_eq!(
             a.restart_needed_for(&b),
-            vec!["data_plane.maglev_table_size changed"]
+            vec![
+                "data_plane.maglev_table_size changed",
+                "data_plane.conntrack.max_embryonic changed"
+            ]
+        );
+    }
+
+    #[test]
+    fn conntrack_keys_are_validated_and_reach_the_settings_by_state() {
+        let yaml = format!(
+            "{ISSUE_EXAMPLE}data_plane:\n  conntrack:\n    tcp_syn_timeout: 20s\n    tcp_closing_timeout: 0s\n    udp_unreplied_timeout: 500ms\n    max_embryonic: 100\n"
+        );
+        let err = Config::from_yaml(&yaml, "t").unwrap_err().to_string();
+        for key in [
+            "data_plane.conntrack.tcp_closing_timeout: 0s is below 1s",
+            "data_plane.conntrack.udp_unreplied_timeout: 500ms is below 1s",
+            "data_plane.conntrack.max_embryonic: 100 is below the minimum of 256",
+        ] {
+            assert!(err.contains(key), "{key} in {err}");
+        }
+        let config = Config::from_yaml(ISSUE_EXAMPLE, "t").unwrap();
+        let source = Ipv4Addr::new(10, 0, 0, 2);
+        let settings = config.data_plane.settings(source);
+        let ns = |s: u64| s * 1_000_000_000;
+        use ha_common::*;
+        assert_eq!(settings.timeouts_ns[TIMEOUT_TCP_EMBRYONIC], ns(60));
+        assert_eq!(settings.timeouts_ns[TIMEOUT_TCP_ESTABLISHED], ns(3600));
+        assert_eq!(settings.timeouts_ns[TIMEOUT_TCP_CLOSING], ns(120));
+        assert_eq!(settings.timeouts_ns[TIMEOUT_TCP_CLOSED], ns(5));
+        assert_eq!(settings.timeouts_ns[TIMEOUT_UDP_UNREPLIED], ns(30));
+        assert_eq!(settings.timeouts_ns[TIMEOUT_UDP_ESTABLISHED], ns(60));
+        assert_eq!(
+            settings.nat[0],
+            NatRange {
+                addr: addr_to_wire(source.octets()),
+                port_min: 10000,
+                port_max: 32767
+            }
+        );
+        assert_eq!(
+            settings.nat[1],
+            NatRange::default(),
+            "earlier ranges are the data plane's"
+        );
+        assert_eq!(
+            settings.clock_ns, 0,
+            "the agent never sets the virtual clock"
         );
     }
 

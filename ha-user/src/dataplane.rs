@@ -583,38 +583,6 @@ impl DataPlane {
         Ok(())
     }
 
-    /// Sets every counter (verdicts, events, VIP and backend traffic) back to zero (the fuzzer).
-    pub fn clear_counters(&mut self) -> Result<()> {
-        fn zero<T: aya::Pod + Default>(
-            map: &mut PerCpuArray<&mut MapData, T>,
-            entries: u32,
-            name: &'static str,
-        ) -> Result<()> {
-            for index in 0..entries {
-                let values = per_cpu(T::default(), name)?;
-                map.set(index, values, 0).map_err(map_error(name))?;
-            }
-            Ok(())
-        }
-        zero::<Counter>(
-            &mut self.map_mut(VERDICTS_MAP)?,
-            Verdict::COUNT,
-            VERDICTS_MAP,
-        )?;
-        zero::<u64>(&mut self.map_mut(EVENTS_MAP)?, Event::COUNT, EVENTS_MAP)?;
-        zero::<TrafficCounter>(
-            &mut self.map_mut(VIP_STATS_MAP)?,
-            ha_common::MAX_VIPS,
-            VIP_STATS_MAP,
-        )?;
-        zero::<TrafficCounter>(
-            &mut self.map_mut(BACKEND_STATS_MAP)?,
-            ha_common::MAX_BACKENDS,
-            BACKEND_STATS_MAP,
-        )?;
-        Ok(())
-    }
-
     /// Fills both tables with `count` synthetic established flows
     /// (benchmarks of a large table); they name no real client and expire in an hour.
     pub fn fill_flows(&mut self, count: u32) -> Result<()> {
@@ -1200,43 +1168,6 @@ impl DataPlane {
         table.insert(key, flow, 0).map_err(map_error(CONNTRACK_MAP))
     }
 
-    /// CPU `cpu`'s embryonic ring and head (the fuzzer compares them).
-    pub fn embryonic_ring(&self, cpu: usize) -> Result<(Vec<FlowKey>, u32)> {
-        let ring: PerCpuArray<_, FlowKey> = self.map(EMBRYONIC_MAP)?;
-        let mut keys = Vec::with_capacity(self.embryonic_slots as usize);
-        for slot in 0..self.embryonic_slots {
-            let values = ring.get(&slot, 0).map_err(map_error(EMBRYONIC_MAP))?;
-            keys.push(values.get(cpu).copied().unwrap_or_default());
-        }
-        let head: PerCpuArray<_, u32> = self.map(EMBRYONIC_HEAD_MAP)?;
-        let values = head.get(&0, 0).map_err(map_error(EMBRYONIC_HEAD_MAP))?;
-        Ok((keys, values.get(cpu).copied().unwrap_or_default()))
-    }
-
-    /// The configuration maps as the program reads them (the fuzzer's model
-    /// takes them as its input): VIPS, BACKENDS (records of ids in use),
-    /// BACKEND_INDEX and MAGLEV.
-    pub fn config_maps(&self) -> Result<ConfigMaps> {
-        let vips: BpfHashMap<_, VipKey, VipInfo> = self.map(VIPS_MAP)?;
-        let index: BpfHashMap<_, BackendAddr, u32> = self.map(BACKEND_INDEX_MAP)?;
-        let backends: Array<_, BackendInfo> = self.map(BACKENDS_MAP)?;
-        let maglev: Array<_, u32> = self.map(MAGLEV_MAP)?;
-        let mut records = Vec::with_capacity(ha_common::MAX_BACKENDS as usize);
-        for id in 0..ha_common::MAX_BACKENDS {
-            records.push(backends.get(&id, 0).map_err(map_error(BACKENDS_MAP))?);
-        }
-        let mut table = Vec::with_capacity(maglev.len() as usize);
-        for i in 0..maglev.len() {
-            table.push(maglev.get(&i, 0).map_err(map_error(MAGLEV_MAP))?);
-        }
-        Ok(ConfigMaps {
-            vips: vips.iter().filter_map(|e| e.ok()).collect(),
-            backends: records,
-            backend_index: index.iter().filter_map(|e| e.ok()).collect(),
-            maglev: table,
-        })
-    }
-
     /// Sets the time every packet sees (`Settings::clock_ns`, a virtual
     /// clock for BPF_PROG_TEST_RUN); 0 gives them the kernel's clock again.
     pub fn set_clock(&mut self, clock_ns: u64) -> Result<()> {
@@ -1273,16 +1204,6 @@ impl DataPlane {
     pub fn embryonic_slots(&self) -> u32 {
         self.embryonic_slots
     }
-}
-
-/// The configuration maps as the program reads them.
-#[derive(Clone, Debug, Default)]
-pub struct ConfigMaps {
-    pub vips: Vec<(VipKey, VipInfo)>,
-    /// Indexed by backend id (all `MAX_BACKENDS` records).
-    pub backends: Vec<BackendInfo>,
-    pub backend_index: Vec<(BackendAddr, u32)>,
-    pub maglev: Vec<u32>,
 }
 
 /// The same value for every CPU's slot of a per-CPU map.
@@ -1394,4 +1315,165 @@ pub fn monotonic_coarse_ns() -> u64 {
     // SAFETY: valid pointer to a local timespec.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ha_common::{FLOW_ASSURED, FLOW_LOCAL, FLOW_SEEN_REPLY, PROTO_TCP, Timeouts};
+
+    fn range(last: u8, min: u16, max: u16) -> NatRange {
+        NatRange {
+            addr: addr_to_wire([10, 0, 0, last]),
+            port_min: min,
+            port_max: max,
+        }
+    }
+
+    #[test]
+    fn a_changed_nat_source_keeps_the_previous_one_until_four_would_be_needed() {
+        let (a, b, c, d, e) = (
+            range(2, 10000, 32767),
+            range(2, 20000, 32767),
+            range(9, 20000, 32767),
+            range(2, 15000, 19999),
+            range(2, 5000, 9999),
+        );
+        assert_eq!(next_nat_ranges(None, &[], a).unwrap(), vec![]);
+        assert_eq!(
+            next_nat_ranges(Some(a), &[], a).unwrap(),
+            vec![],
+            "unchanged"
+        );
+        let earlier = next_nat_ranges(Some(a), &[], b).unwrap();
+        assert_eq!(earlier, vec![a]);
+        let earlier = next_nat_ranges(Some(b), &earlier, c).unwrap();
+        assert_eq!(earlier, vec![b, a], "the newest earlier one first");
+        let earlier = next_nat_ranges(Some(c), &earlier, d).unwrap();
+        assert_eq!(earlier, vec![c, b, a]);
+        let refused = next_nat_ranges(Some(d), &earlier, e)
+            .unwrap_err()
+            .to_string();
+        assert!(refused.contains("10.0.0.2:5000-9999"), "{refused}");
+        assert!(refused.contains("3 earlier sources"), "{refused}");
+        // Going back to an earlier range takes it out of the earlier ones.
+        assert_eq!(
+            next_nat_ranges(Some(d), &earlier, b).unwrap(),
+            vec![d, c, a]
+        );
+    }
+
+    #[test]
+    fn an_earlier_range_is_in_use_while_an_entry_falls_in_it_and_not_in_the_current_one() {
+        let current = range(2, 20000, 32767);
+        let earlier = [range(2, 10000, 32767), range(9, 20000, 32767)];
+        let key = |last: u8, port: u16| NatKey {
+            lb_addr: addr_to_wire([10, 0, 0, last]),
+            nat_port: port_to_wire(port),
+            ..NatKey::default()
+        };
+        assert_eq!(
+            ranges_in_use(&current, &earlier, &[key(2, 25000)]),
+            vec![false, false]
+        );
+        assert_eq!(
+            ranges_in_use(&current, &earlier, &[key(2, 12000)]),
+            vec![true, false]
+        );
+        assert_eq!(
+            ranges_in_use(&current, &earlier, &[key(9, 25000)]),
+            vec![false, true]
+        );
+    }
+
+    fn settings() -> Settings {
+        let g = 1_000_000_000;
+        Settings {
+            timeouts_ns: Timeouts {
+                tcp_syn_ns: 60 * g,
+                tcp_established_ns: 3600 * g,
+                tcp_closing_ns: 120 * g,
+                tcp_closed_ns: 5 * g,
+                udp_unreplied_ns: 30 * g,
+                udp_established_ns: 60 * g,
+            }
+            .table(),
+            ..Settings::default()
+        }
+    }
+
+    fn flow_key(port: u16) -> FlowKey {
+        FlowKey {
+            src_addr: addr_to_wire([10, 0, 0, 50]),
+            dst_addr: addr_to_wire([10, 0, 0, 254]),
+            src_port: port_to_wire(port),
+            dst_port: port_to_wire(6443),
+            protocol: PROTO_TCP,
+            _pad: [0; 3],
+        }
+    }
+
+    #[test]
+    fn the_sweep_plan_expires_recovers_and_frees_by_the_data_paths_rules() {
+        let now = 10_000 * 1_000_000_000u64;
+        let backend = BackendInfo {
+            addr: addr_to_wire([10, 0, 0, 11]),
+            port: port_to_wire(6443),
+            ..BackendInfo::default()
+        };
+        let backends = HashMap::from([(0, backend)]);
+        let lb = addr_to_wire([10, 0, 0, 2]);
+        let flow = |port: u16, flags: u32, last_seen_ns: u64| Flow {
+            backend_id: 0,
+            flags,
+            last_seen_ns,
+            nat_addr: lb,
+            nat_port: port_to_wire(port),
+            ..Flow::default()
+        };
+        let established = FLOW_SEEN_REPLY | FLOW_ASSURED;
+        let nat = |port: u16| NatKey::new(&backend, lb, port_to_wire(port), PROTO_TCP);
+        let entry = |key: FlowKey, created_ns: u64| NatEntry {
+            flow: key,
+            backend_id: 0,
+            _pad: 0,
+            created_ns,
+        };
+        let flows = vec![
+            // Live, both halves.
+            (flow_key(1), flow(20001, established, now)),
+            // Unanswered for over a minute: expired.
+            (flow_key(2), flow(20002, 0, now - 62 * 1_000_000_000)),
+            // Live, lost its reverse entry: restored.
+            (flow_key(3), flow(20003, established, now)),
+            // Two live flows on one port after a lost entry: neither restored.
+            (flow_key(4), flow(20004, established, now)),
+            (flow_key(5), flow(20004, established, now)),
+            // Local: no reverse entry to have.
+            (
+                flow_key(6),
+                Flow {
+                    flags: FLOW_LOCAL | established,
+                    last_seen_ns: now,
+                    ..Flow::default()
+                },
+            ),
+        ];
+        let entries = vec![
+            (nat(20001), entry(flow_key(1), now)),
+            (nat(20002), entry(flow_key(2), now)),
+            // An orphan past the grace, and one within it.
+            (nat(20007), entry(flow_key(7), now - 2 * ORPHAN_GRACE_NS)),
+            (nat(20008), entry(flow_key(8), now)),
+        ];
+        let plan = plan_sweep(&settings(), &flows, &entries, &backends, now);
+        assert_eq!(plan.remove_flows, vec![flow_key(2)]);
+        assert_eq!(plan.remove_reverse, vec![nat(20002), nat(20007)]);
+        assert_eq!(plan.orphans, 1);
+        assert_eq!(
+            plan.recover_reverse,
+            vec![(nat(20003), entry(flow_key(3), now))]
+        );
+        assert_eq!(plan.referenced, HashSet::from([0]));
+    }
 }

@@ -90,7 +90,11 @@ impl Effort {
 #[derive(Clone, Debug)]
 pub struct PathCost {
     pub name: String,
+    /// The median over runs of each run's trimmed mean.
     pub ns_per_packet: f64,
+    /// The lowest and highest run.
+    pub min_ns: f64,
+    pub max_ns: f64,
     pub above_floor: f64,
     pub calls: u64,
 }
@@ -298,6 +302,7 @@ impl Bench {
             let frames: Vec<Vec<u8>> = (done..done + n).map(&mut next_frame).collect();
             let dataplane = &self.dataplane;
             let measured = self.lab.in_host("lb", || -> Result<Vec<Duration>> {
+                pin_to_measuring_cpu();
                 let program: &Xdp = if floor_program {
                     dataplane.pass_program()
                 } else {
@@ -355,6 +360,16 @@ fn trimmed_mean_ns(durations: &mut [Duration]) -> f64 {
     let cut = durations.len() / 100;
     let kept = &durations[cut..durations.len() - cut];
     kept.iter().map(|d| d.as_nanos() as f64).sum::<f64>() / kept.len().max(1) as f64
+}
+
+/// Pins the calling thread to the last CPU: unpinned, figures scatter by up
+/// to 50% between runs on these VMs (../shared/notes/benchmarking.md).
+fn pin_to_measuring_cpu() {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut set = nix::sched::CpuSet::new();
+    if set.set(cpus - 1).is_ok() {
+        let _ = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set);
+    }
 }
 
 fn median(mut values: Vec<f64>) -> f64 {
@@ -446,13 +461,17 @@ fn per_packet(bench: &mut Bench, effort: Effort, label: &str) -> Result<Vec<Path
         reply_runs.push(bench.measure_steady("backend reply", false, calls, XDP_TX, &reply)?);
         bench.dataplane.clear_flows()?;
     }
-    let floor = median(floor_runs);
     let total = (calls as u64) * effort.runs as u64;
+    let floor_spread = spread(&floor_runs);
+    let floor = median(floor_runs);
     let cost = |name: &str, runs: Vec<f64>| {
+        let (min_ns, max_ns) = spread(&runs);
         let ns = median(runs);
         PathCost {
             name: format!("{name}{label}"),
             ns_per_packet: ns,
+            min_ns,
+            max_ns,
             above_floor: ns - floor,
             calls: total,
         }
@@ -461,6 +480,8 @@ fn per_packet(bench: &mut Bench, effort: Effort, label: &str) -> Result<Vec<Path
         PathCost {
             name: format!("trivial XDP_PASS program (floor){label}"),
             ns_per_packet: floor,
+            min_ns: floor_spread.0,
+            max_ns: floor_spread.1,
             above_floor: 0.0,
             calls: total,
         },
@@ -472,6 +493,12 @@ fn per_packet(bench: &mut Bench, effort: Effort, label: &str) -> Result<Vec<Path
 }
 
 /// Runs every part measured so far.
+/// Part 1 alone: the per-packet cost of each path, 3 backends, M = 65537.
+pub fn per_packet_only(effort: Effort) -> Result<Vec<PathCost>> {
+    let mut bench = Bench::new(3, 65537, 262_144)?;
+    per_packet(&mut bench, effort, "")
+}
+
 pub fn run(effort: Effort, mut progress: impl FnMut(&str)) -> Result<Report> {
     let mut report = Report::default();
     progress("per-packet cost, 3 backends, M = 65537");
@@ -583,14 +610,26 @@ pub fn render(report: &Report, effort: Effort, machine: &str) -> String {
 }
 
 /// A table of per-packet costs.
-fn cost_table(out: &mut String, costs: &[PathCost]) {
+/// The lowest and highest of some runs.
+fn spread(runs: &[f64]) -> (f64, f64) {
+    runs.iter()
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), r| {
+            (lo.min(*r), hi.max(*r))
+        })
+}
+
+/// The Markdown table of per-packet costs: median, spread over runs, and above the floor.
+pub fn cost_table(out: &mut String, costs: &[PathCost]) {
     use std::fmt::Write;
-    let _ = writeln!(out, "| path | ns/packet | above the floor |\n|---|---|---|");
+    let _ = writeln!(
+        out,
+        "| path | ns/packet (median) | min-max over runs | above the floor |\n|---|---|---|---|"
+    );
     for cost in costs {
         let _ = writeln!(
             out,
-            "| {} | {:.0} | {:.0} |",
-            cost.name, cost.ns_per_packet, cost.above_floor
+            "| {} | {:.0} | {:.0}-{:.0} | {:.0} |",
+            cost.name, cost.ns_per_packet, cost.min_ns, cost.max_ns, cost.above_floor
         );
     }
 }

@@ -40,6 +40,9 @@ enum Task {
         /// Run every part briefly (a smoke test of the harness).
         #[arg(long)]
         quick: bool,
+        /// Measure only the per-packet cost of each path, print it, write nothing.
+        #[arg(long)]
+        per_packet_only: bool,
     },
     /// Differential fuzzing: generated packet sequences through the XDP program and
     /// the reference model, compared after every packet (root).
@@ -77,11 +80,14 @@ fn main() -> Result<()> {
             build_ebpf(&root, true)?;
             test(&root, &cargo_test_args)
         }
-        Task::Bench { quick } => {
+        Task::Bench {
+            quick,
+            per_packet_only,
+        } => {
             require_root("cargo xtask bench")?;
             setup::run(&root)?;
             build_ebpf(&root, true)?;
-            bench(&root, quick)
+            bench(&root, quick, per_packet_only)
         }
         Task::Fuzz {
             packets,
@@ -236,8 +242,11 @@ fn release_binary(root: &Path, name: &str) -> Result<Command> {
     Ok(command)
 }
 
-fn bench(root: &Path, quick: bool) -> Result<()> {
+fn bench(root: &Path, quick: bool, per_packet_only: bool) -> Result<()> {
     let mut command = release_binary(root, "ha-bench")?;
+    if per_packet_only {
+        command.arg("--per-packet-only");
+    }
     if quick {
         // A quick run never overwrites the published report and chart.
         command

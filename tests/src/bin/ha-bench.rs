@@ -18,6 +18,10 @@ struct Args {
     /// Where to draw the end-to-end chart (PNG).
     #[arg(long, default_value = "docs/benchmarks.png")]
     chart: PathBuf,
+    /// Measure only the per-packet cost of each path and print its table
+    /// (writes no report): for comparing two builds of the data path.
+    #[arg(long)]
+    per_packet_only: bool,
 }
 
 fn machine() -> String {
@@ -69,6 +73,13 @@ fn main() -> Result<()> {
     } else {
         Effort::FULL
     };
+    if args.per_packet_only {
+        let costs = bench::per_packet_only(effort).context("benchmark")?;
+        let mut table = String::new();
+        bench::cost_table(&mut table, &costs);
+        print!("{table}");
+        return Ok(());
+    }
     let report = bench::run(effort, |part| eprintln!("bench: {part}")).context("benchmark")?;
     ha_lab::chart::draw(&report.e2e, &args.chart)
         .map_err(|e| anyhow::anyhow!("drawing {}: {e}", args.chart.display()))?;
