@@ -360,6 +360,21 @@ pub struct NatEntry {
 }
 const _: () = assert!(core::mem::size_of::<NatEntry>() == 32);
 
+/// The state of a CPU's queue of recently created flows (EMBRYONIC_HEAD):
+/// the slot the next record goes to, and how many records it holds (the
+/// oldest is `len` slots before `next`, wrapping).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct QueueHead {
+    pub next: u32,
+    pub len: u32,
+}
+const _: () = assert!(core::mem::size_of::<QueueHead>() == 8);
+
+/// How many records of the queue a full table looks at, oldest first, for a
+/// flow to evict before it gives up (`drop_table_full`).
+pub const MAKE_ROOM_ATTEMPTS: u32 = 8;
+
 /// Key of the backend index: a backend's address and port (wire order).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -408,7 +423,8 @@ pub struct Settings {
     /// 0: packets see the kernel's clock. Otherwise every packet sees this
     /// time: a virtual clock for BPF_PROG_TEST_RUN (fixtures, the fuzzer).
     pub clock_ns: u64,
-    /// Slots of the embryonic ring per CPU (the size of EMBRYONIC).
+    /// Slots of each CPU's queue of recently created flows (EMBRYONIC),
+    /// where room is made when the connection table is full.
     pub embryonic_slots: u32,
     /// [`SETTINGS_FLAG_DEBUG`] and future switches.
     pub flags: u32,
@@ -683,7 +699,8 @@ indexed_enum! {
         /// neighbour entry for the client on this host).
         ReplyToLearnedMac = 7 => "reply_to_learned_mac",
         /// A flow that was not established (never answered and confirmed, or
-        /// closed) was removed to make room for a new one.
+        /// closed) was removed to make room for a new one: in a full table,
+        /// or for a NAT port.
         EmbryonicEvicted = 8 => "embryonic_evicted",
         /// A reverse entry whose flow was gone was taken over by a new flow.
         OrphanFreed = 9 => "orphan_freed",
@@ -708,6 +725,7 @@ mod pod {
     unsafe impl aya::Pod for NatKey {}
     unsafe impl aya::Pod for NatEntry {}
     unsafe impl aya::Pod for BackendAddr {}
+    unsafe impl aya::Pod for QueueHead {}
     unsafe impl aya::Pod for Settings {}
     unsafe impl aya::Pod for Counter {}
     unsafe impl aya::Pod for TrafficCounter {}

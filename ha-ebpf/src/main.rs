@@ -283,9 +283,8 @@ fn new_flow(
         flow.nat_port = port;
         flow.client_mac = parse::read(ctx, 6).unwrap_or([0; 6]);
     }
-    ports::admit(key, settings, now);
     let flow = &send.flow;
-    if CONNTRACK.insert(key, flow, 0).is_err() {
+    if !ports::insert_flow(key, flow, 0, settings, now) {
         if !local {
             let nat_key = NatKey::new(&backend, flow.nat_addr, flow.nat_port, key.protocol);
             conntrack::release(&nat_key, key);

@@ -11,7 +11,7 @@ use aya_ebpf::{
 };
 use ha_common::{
     BackendAddr, BackendInfo, Counter, Event, Flow, FlowKey, MAX_BACKENDS, MAX_VIPS, NatEntry,
-    NatKey, Settings, TrafficCounter, Verdict, VipInfo, VipKey,
+    NatKey, QueueHead, Settings, TrafficCounter, Verdict, VipInfo, VipKey,
 };
 
 #[map(name = "VIPS")]
@@ -39,13 +39,14 @@ pub static CONNTRACK: HashMap<FlowKey, Flow> = HashMap::with_max_entries(1, 0);
 #[map(name = "REVERSE_NAT")]
 pub static REVERSE_NAT: HashMap<NatKey, NatEntry> = HashMap::with_max_entries(1, 0);
 
-/// Per CPU, the keys of the last flows created, oldest first from the head:
-/// a new flow evicts the one it replaces here if that one never got established.
+/// Per CPU, a queue of the keys of the flows it created, oldest first: where
+/// a full table finds a flow that is not established to evict (size set by
+/// the agent).
 #[map(name = "EMBRYONIC")]
 pub static EMBRYONIC: PerCpuArray<FlowKey> = PerCpuArray::with_max_entries(1, 0);
 
 #[map(name = "EMBRYONIC_HEAD")]
-pub static EMBRYONIC_HEAD: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
+pub static EMBRYONIC_HEAD: PerCpuArray<QueueHead> = PerCpuArray::with_max_entries(1, 0);
 
 #[map(name = "SETTINGS")]
 pub static SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);

@@ -1,11 +1,11 @@
-//! Room for a new flow: a NAT port claimed in the reverse table, and a slot
-//! in the embryonic ring. When either runs out, flows that are not
+//! Room for a new flow: a NAT port claimed in the reverse table, and an
+//! entry in the connection table. When either runs out, flows that are not
 //! established go first; an established flow is never evicted.
 //! docs/data-path.md, 5a and 5b.
 
 use ha_common::{
-    BackendInfo, Event, Flow, FlowKey, NAT_PORT_ATTEMPTS, NatEntry, NatKey, NatRange,
-    ORPHAN_GRACE_NS, Settings, hash::nat_port_candidate, port_to_wire,
+    BackendInfo, Event, Flow, FlowKey, MAKE_ROOM_ATTEMPTS, NAT_PORT_ATTEMPTS, NatEntry, NatKey,
+    NatRange, ORPHAN_GRACE_NS, Settings, hash::nat_port_candidate, port_to_wire,
 };
 
 use crate::{
@@ -136,46 +136,94 @@ fn displace_owner(nat_key: &NatKey, entry: &NatEntry, settings: &Settings, now: 
     REVERSE_NAT.insert(nat_key, entry, BPF_NOEXIST).ok()
 }
 
-/// Takes this CPU's next slot of the embryonic ring for `key`. The flow that
-/// held the slot goes if it never got established (or has ended), so at
-/// most `embryonic_slots` flows per CPU are embryonic: under a flood of
-/// unanswered SYNs the oldest goes first, and established flows keep room.
-#[inline(never)]
-pub fn admit(key: &FlowKey, settings: &Settings, now: u64) {
+/// Records a flow this CPU just created in its queue of recent flows (the
+/// oldest record is overwritten when the queue is full). Two per-CPU array
+/// writes: nothing is looked up on the way of a new flow.
+#[inline(always)]
+pub fn record(key: &FlowKey, settings: &Settings) {
     let slots = settings.embryonic_slots;
-    if slots == 0 {
-        return;
-    }
     let Some(head) = EMBRYONIC_HEAD.get_ptr_mut(0) else {
         return;
     };
     // SAFETY: per-CPU values; nothing else on this CPU runs meanwhile.
-    let mut slot = unsafe { *head };
-    if slot >= slots {
-        slot = 0;
-    }
-    let Some(cell) = EMBRYONIC.get_ptr_mut(slot) else {
+    let head = unsafe { &mut *head };
+    let next = if head.next >= slots { 0 } else { head.next };
+    let Some(cell) = EMBRYONIC.get_ptr_mut(next) else {
         return;
     };
     // SAFETY: as above.
-    let old = unsafe { *cell };
-    if !old.same(&FlowKey::EMPTY) && !old.same(key) {
-        // SAFETY: copied out at once.
-        if let Some(flow) = unsafe { CONNTRACK.get(&old) } {
-            if flow.is_expired(old.protocol, settings, now) {
-                forget(&old, flow);
-                count_event(Event::ExpiredFlowReplaced);
-            } else if flow.is_evictable() {
-                forget(&old, flow);
-                count_event(Event::EmbryonicEvicted);
+    unsafe { *cell = *key };
+    head.next = if next + 1 >= slots { 0 } else { next + 1 };
+    if head.len < slots {
+        head.len += 1;
+    }
+}
+
+/// Inserts a new flow, making room when the table is full: true if it is in.
+/// `flags`: 0 (replace) or [`BPF_NOEXIST`].
+#[inline(always)]
+pub fn insert_flow(key: &FlowKey, flow: &Flow, flags: u64, settings: &Settings, now: u64) -> bool {
+    match CONNTRACK.insert(key, flow, flags) {
+        Ok(()) => {}
+        Err(E2BIG) => {
+            if !make_room(settings, now) || CONNTRACK.insert(key, flow, flags).is_err() {
+                return false;
             }
         }
+        Err(_) => return false,
     }
-    // SAFETY: as above.
-    unsafe {
-        *cell = *key;
-        *head = if slot + 1 >= slots { 0 } else { slot + 1 };
+    record(key, settings);
+    true
+}
+
+/// `-E2BIG`: a map insert found the map full.
+const E2BIG: i32 = -7;
+
+/// Makes room in a full connection table, as Linux conntrack's early drop:
+/// takes records from the oldest end of this CPU's queue, at most
+/// [`MAKE_ROOM_ATTEMPTS`], and forgets the first whose flow has ended or is
+/// not established. Records of flows that are gone or established just leave
+/// the queue. False if none of them could go: an established flow is never
+/// evicted. A BPF subprogram, so its loop's ways of failing rejoin.
+#[inline(never)]
+fn make_room(settings: &Settings, now: u64) -> bool {
+    let slots = settings.embryonic_slots;
+    for _ in 0..MAKE_ROOM_ATTEMPTS {
+        let Some(head) = EMBRYONIC_HEAD.get_ptr_mut(0) else {
+            return false;
+        };
+        // SAFETY: per-CPU values; nothing else on this CPU runs meanwhile.
+        let head = unsafe { &mut *head };
+        if head.len == 0 || head.len > slots || head.next >= slots {
+            return false;
+        }
+        let oldest = if head.next >= head.len {
+            head.next - head.len
+        } else {
+            head.next + slots - head.len
+        };
+        head.len -= 1;
+        let Some(cell) = EMBRYONIC.get_ptr(oldest) else {
+            return false;
+        };
+        // SAFETY: as above; the key is copied, the flow forgotten frees nothing it lives in.
+        let key = unsafe { *cell };
+        // SAFETY: a map value pointer, read in place.
+        let Some(flow) = (unsafe { CONNTRACK.get(&key) }) else {
+            continue;
+        };
+        if flow.is_expired(key.protocol, settings, now) {
+            forget(&key, flow);
+            count_event(Event::ExpiredFlowReplaced);
+            return true;
+        }
+        if flow.is_evictable() {
+            forget(&key, flow);
+            count_event(Event::EmbryonicEvicted);
+            return true;
+        }
     }
+    false
 }
 
 /// Rebuilds a lost connection-table entry from its reverse entry, for a
@@ -195,7 +243,6 @@ pub fn recover_forward(
     if backend.addr != nat_key.backend_addr || backend.port != nat_key.backend_port {
         return Err(Verdict::DropReplyNoFlow);
     }
-    admit(&entry.flow, settings, now);
     let flow = Flow {
         backend_id: entry.backend_id,
         flags: 0,
@@ -205,7 +252,7 @@ pub fn recover_forward(
         client_mac: [0; 6],
         _pad: 0,
     };
-    if CONNTRACK.insert(&entry.flow, &flow, BPF_NOEXIST).is_err() {
+    if !insert_flow(&entry.flow, &flow, BPF_NOEXIST, settings, now) {
         return Err(Verdict::DropTableFull);
     }
     count_event(Event::ForwardRecovered);

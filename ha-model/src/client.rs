@@ -171,7 +171,6 @@ impl Ctx<'_> {
         let midstream = key.protocol == PROTO_TCP && !is_bare_syn(flags);
 
         if backend.flags & BACKEND_FLAG_LOCAL != 0 {
-            self.admit(key);
             let flow = Flow {
                 backend_id,
                 flags: FLOW_LOCAL | initial,
@@ -181,7 +180,7 @@ impl Ctx<'_> {
                 client_mac: [0; 6],
                 _pad: 0,
             };
-            if !self.put_flow(key, flow, Update::Any) {
+            if !self.insert_new_flow(key, flow, Update::Any) {
                 return (XDP_DROP, Verdict::DropTableFull);
             }
             self.count_created(midstream, initial);
@@ -192,7 +191,6 @@ impl Ctx<'_> {
         let Some(nat_key) = self.claim_nat_port(key, hash, backend_id, backend, midstream) else {
             return (XDP_DROP, Verdict::DropNatExhausted);
         };
-        self.admit(key);
         let mut client_mac = [0u8; 6];
         if let Some(mac) = frame.get(6..12) {
             client_mac.copy_from_slice(mac);
@@ -206,7 +204,7 @@ impl Ctx<'_> {
             client_mac,
             _pad: 0,
         };
-        if !self.put_flow(key, flow, Update::Any) {
+        if !self.insert_new_flow(key, flow, Update::Any) {
             if self
                 .state
                 .reverse

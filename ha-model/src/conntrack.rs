@@ -4,10 +4,11 @@
 
 use ha_common::{
     BACKEND_FLAG_DOWN, Event, FLOW_ASSURED, FLOW_FIN_BACKEND, FLOW_FIN_CLIENT, FLOW_LOCAL,
-    FLOW_RESET, Flow, FlowKey, NatKey,
+    FLOW_RESET, Flow, FlowKey, MAKE_ROOM_ATTEMPTS, NatKey, QueueHead,
 };
 
 use crate::Ctx;
+use crate::ctx::{Refused, Update};
 use crate::flow::{is_bare_syn, is_evictable, is_expired};
 use crate::parse::Packet;
 
@@ -69,41 +70,75 @@ impl Ctx<'_> {
         None
     }
 
-    /// **5b. Admitting a new entry to the embryonic ring** for `key`.
-    ///
-    /// Skipped when `Settings.embryonic_slots` is 0. The slot `s` is `EMBRYONIC_HEAD`, taken as 0
-    /// when `>= embryonic_slots`; if `s` is beyond the `EMBRYONIC` array (the setting is larger
-    /// than the array), the array lookup fails and the whole step is skipped (no eviction, no
-    /// head update). The occupant, if not empty, not `key`, and in `CONNTRACK`, is forgotten if
-    /// expired (`expired_flow_replaced`), else if evictable (`embryonic_evicted`). Then
-    /// `EMBRYONIC[s] = key` and the head moves on, wrapping at `embryonic_slots`.
-    pub fn admit(&mut self, key: FlowKey) {
+    /// **5b, recording**: `key` goes into this CPU's queue of recent flows at `next` (taken
+    /// as 0 when `>= embryonic_slots`); `next` moves on, wrapping at `embryonic_slots`, and the
+    /// length grows up to `embryonic_slots` (the oldest record is then overwritten). A `next`
+    /// beyond the `EMBRYONIC` array skips the whole step (the array lookup fails).
+    pub fn record(&mut self, key: FlowKey) {
         let slots = self.config.settings.embryonic_slots;
-        if slots == 0 {
-            return;
-        }
         let head = self.state.embryonic_head;
-        let s = if head >= slots { 0 } else { head };
-        let Some(occupant) = self.state.embryonic.get(s as usize).copied() else {
+        let next = if head.next >= slots { 0 } else { head.next };
+        let Some(cell) = self.state.embryonic.get_mut(next as usize) else {
             return;
         };
-        if occupant != FlowKey::EMPTY
-            && occupant != key
-            && let Some(flow) = self.flow(&occupant)
-        {
-            if self.expired(&occupant, &flow) {
-                self.forget(&occupant, &flow);
+        *cell = key;
+        let after = next + 1;
+        self.state.embryonic_head = QueueHead {
+            next: if after >= slots { 0 } else { after },
+            len: if head.len < slots {
+                head.len + 1
+            } else {
+                head.len
+            },
+        };
+    }
+
+    /// **5b, making room** in a full `CONNTRACK`: up to `MAKE_ROOM_ATTEMPTS` records are taken
+    /// from the oldest end of the queue (the length shrinks by one each); the first whose flow
+    /// is expired (`expired_flow_replaced`) or evictable (`embryonic_evicted`) is forgotten and
+    /// `true` returned. A record without a flow, or of an established one, is passed over.
+    /// `false` when the queue is empty, its head is out of range, or nothing could go.
+    pub fn make_room(&mut self) -> bool {
+        let slots = self.config.settings.embryonic_slots;
+        for _ in 0..MAKE_ROOM_ATTEMPTS {
+            let head = self.state.embryonic_head;
+            if head.len == 0 || head.len > slots || head.next >= slots {
+                return false;
+            }
+            let oldest = (head.next + slots - head.len) % slots;
+            self.state.embryonic_head.len -= 1;
+            let Some(key) = self.state.embryonic.get(oldest as usize).copied() else {
+                return false;
+            };
+            let Some(flow) = self.flow(&key) else {
+                continue;
+            };
+            if self.expired(&key, &flow) {
+                self.forget(&key, &flow);
                 self.count_event(Event::ExpiredFlowReplaced);
-            } else if is_evictable(flow.flags) {
-                self.forget(&occupant, &flow);
+                return true;
+            }
+            if is_evictable(flow.flags) {
+                self.forget(&key, &flow);
                 self.count_event(Event::EmbryonicEvicted);
+                return true;
             }
         }
-        if let Some(slot) = self.state.embryonic.get_mut(s as usize) {
-            *slot = key;
+        false
+    }
+
+    /// Inserts a new flow (`mode`: replace, or only if absent), making room once if the table
+    /// is full, and records it in the queue if it went in.
+    pub fn insert_new_flow(&mut self, key: FlowKey, flow: Flow, mode: Update) -> bool {
+        let inserted = match self.put_flow(key, flow, mode) {
+            Ok(()) => true,
+            Err(Refused::Full) => self.make_room() && self.put_flow(key, flow, mode).is_ok(),
+            Err(Refused::Exists) => false,
+        };
+        if inserted {
+            self.record(key);
         }
-        let next = s + 1;
-        self.state.embryonic_head = if next >= slots { 0 } else { next };
+        inserted
     }
 }
 
@@ -196,7 +231,7 @@ mod tests {
             },
         );
         state.reverse.insert(nat_key(5), entry(key(5)));
-        let mut ctx = Ctx::new(&config, &mut state, 10, 0);
+        let mut ctx = Ctx::new(&config, &mut state, crate::Capacity::both(10), 0);
         for n in [1, 2, 4, 5] {
             let f = ctx.flow(&key(n)).unwrap();
             ctx.forget(&key(n), &f);
@@ -210,72 +245,73 @@ mod tests {
     }
 
     #[test]
-    fn the_ring_evicts_the_oldest_unassured_and_spares_established() {
-        let config = config(2);
-        let mut state = State::empty(2);
-        let now = 5 * G;
+    fn a_full_table_evicts_the_oldest_unestablished_record_and_spares_established_ones() {
+        use crate::Capacity;
+        let config = config(4);
+        let mut state = State::empty(4);
+        let now = 1000 * G;
         {
-            let mut ctx = Ctx::new(&config, &mut state, 10, now);
-            ctx.state.conntrack.insert(key(1), flow(0, now, 1));
-            ctx.state.reverse.insert(nat_key(1), entry(key(1)));
-            ctx.admit(key(1));
-            ctx.state
-                .conntrack
-                .insert(key(2), flow(FLOW_SEEN_REPLY | FLOW_ASSURED, now, 2));
-            ctx.admit(key(2));
-            assert_eq!(ctx.state.embryonic_head, 0);
-            // Slot 0 holds key 1 (embryonic): evicted with its reverse entry.
-            ctx.admit(key(3));
-            assert!(ctx.flow(&key(1)).is_none());
-            assert!(ctx.state.reverse.is_empty());
+            let mut ctx = Ctx::new(&config, &mut state, Capacity::both(3), now);
+            // Three flows: the first established, the second embryonic, the third embryonic.
+            assert!(ctx.insert_new_flow(
+                key(1),
+                flow(FLOW_SEEN_REPLY | FLOW_ASSURED, now, 1),
+                Update::Any
+            ));
+            assert!(ctx.insert_new_flow(key(2), flow(0, now, 2), Update::Any));
+            assert!(ctx.insert_new_flow(key(3), flow(FLOW_SEEN_REPLY, now, 3), Update::Any));
+            assert_eq!(ctx.state.embryonic_head, QueueHead { next: 3, len: 3 });
+            // Full: the oldest record (established) is passed over, the next goes.
+            assert!(ctx.insert_new_flow(key(4), flow(0, now, 4), Update::Any));
+            assert!(
+                ctx.flow(&key(1)).is_some(),
+                "established flows are never evicted"
+            );
+            assert!(ctx.flow(&key(2)).is_none());
             assert_eq!(ctx.state.event(Event::EmbryonicEvicted), 1);
-            // Slot 1 holds key 2 (established): kept, slot overwritten.
-            ctx.admit(key(4));
-            assert!(ctx.flow(&key(2)).is_some());
-            assert_eq!(ctx.state.embryonic, vec![key(3), key(4)]);
-            // A slot holding the key itself, or a key not in the table: nothing happens.
-            ctx.state.conntrack.insert(key(3), flow(0, now, 3));
-            ctx.admit(key(3));
-            assert!(ctx.flow(&key(3)).is_some());
-            ctx.admit(key(6));
-            assert_eq!(ctx.state.event(Event::EmbryonicEvicted), 1);
+            assert_eq!(ctx.state.embryonic_head, QueueHead { next: 0, len: 2 });
+            assert_eq!(ctx.state.embryonic, vec![key(1), key(2), key(3), key(4)]);
         }
-        // An expired occupant (even established) is forgotten as expired.
-        state
-            .conntrack
-            .insert(key(6), flow(FLOW_SEEN_REPLY | FLOW_ASSURED, 0, 6));
-        assert_eq!(state.embryonic_head, 0);
-        let mut ctx = Ctx::new(&config, &mut state, 10, 200 * G);
-        ctx.admit(key(7)); // slot 0 holds key 3 (expired by now)
-        ctx.admit(key(8)); // slot 1 holds key 6 (expired)
-        assert_eq!(ctx.state.event(Event::ExpiredFlowReplaced), 2);
-        assert!(ctx.flow(&key(3)).is_none() && ctx.flow(&key(6)).is_none());
+        // Only established flows left to look at: nothing goes, the new one is refused.
+        state.conntrack.get_mut(&key(3)).unwrap().flags = FLOW_SEEN_REPLY | FLOW_ASSURED;
+        state.conntrack.get_mut(&key(4)).unwrap().flags = FLOW_SEEN_REPLY | FLOW_ASSURED;
+        let mut ctx = Ctx::new(&config, &mut state, Capacity::both(3), now);
+        assert!(!ctx.insert_new_flow(key(5), flow(0, now, 5), Update::Any));
+        assert_eq!(
+            ctx.state.embryonic_head.len, 0,
+            "every record was looked at"
+        );
+        assert_eq!(ctx.state.conntrack.len(), 3);
+        // An expired record goes as expired; the queue refills as flows are made.
+        let later = now + 10_000 * G;
+        let mut ctx = Ctx::new(&config, &mut state, Capacity::both(3), later);
+        assert!(
+            !ctx.insert_new_flow(key(5), flow(0, later, 5), Update::Any),
+            "queue empty"
+        );
+        ctx.record(key(4));
+        assert!(ctx.insert_new_flow(key(5), flow(0, later, 5), Update::Any));
+        assert_eq!(ctx.state.event(Event::ExpiredFlowReplaced), 1);
     }
 
     #[test]
-    fn the_ring_bound() {
-        // The setting is 0: skipped entirely.
+    fn the_queue_wraps_and_keeps_the_newest() {
+        use crate::Capacity;
         let mut state = State::empty(2);
-        Ctx::new(&config(0), &mut state, 10, 0).admit(key(1));
-        assert_eq!(state.embryonic, vec![FlowKey::EMPTY; 2]);
-        // A head at or beyond the setting starts at 0.
-        let mut state = State::empty(3);
-        state.embryonic_head = 7;
-        Ctx::new(&config(2), &mut state, 10, 0).admit(key(1));
-        assert_eq!(state.embryonic[0], key(1));
-        assert_eq!(state.embryonic_head, 1);
-        // The head wraps at the setting, not at the array size.
-        Ctx::new(&config(2), &mut state, 10, 0).admit(key(2));
-        assert_eq!(state.embryonic_head, 0);
-        assert_eq!(state.embryonic[2], FlowKey::EMPTY);
-        // A setting larger than the array: slots beyond it are skipped.
-        let mut state = State::empty(1);
-        let config = config(3);
-        for n in 1..=4 {
-            Ctx::new(&config, &mut state, 10, 0).admit(key(n));
+        let two = config(2);
+        let mut ctx = Ctx::new(&two, &mut state, Capacity::both(10), 0);
+        for n in 1..=5 {
+            ctx.record(key(n));
         }
-        // head: 0 -> 1 (slot 0 = key 1), slot 1 missing: skipped (head stays 1) ...
-        assert_eq!(state.embryonic, vec![key(1)]);
-        assert_eq!(state.embryonic_head, 1);
+        assert_eq!(ctx.state.embryonic, vec![key(5), key(4)]);
+        assert_eq!(ctx.state.embryonic_head, QueueHead { next: 1, len: 2 });
+        // A head beyond the array skips the step; slots 0 still writes slot 0.
+        let mut state = State::empty(1);
+        let config0 = config(0);
+        let mut ctx = Ctx::new(&config0, &mut state, Capacity::both(10), 0);
+        ctx.record(key(1));
+        assert_eq!(ctx.state.embryonic, vec![key(1)]);
+        assert_eq!(ctx.state.embryonic_head, QueueHead { next: 0, len: 0 });
+        assert!(!ctx.make_room(), "no slots: nothing to look at");
     }
 }

@@ -6,7 +6,9 @@ use std::collections::BTreeMap;
 use ha_common::{BackendInfo, Event, Flow, FlowKey, NatEntry, NatKey, TrafficCounter, Verdict};
 
 use crate::classify::Class;
-use crate::{BACKEND_STATS_SLOTS, Config, Fib, State, VIP_STATS_SLOTS, XDP_DROP, XDP_PASS};
+use crate::{
+    BACKEND_STATS_SLOTS, Capacity, Config, Fib, State, VIP_STATS_SLOTS, XDP_DROP, XDP_PASS,
+};
 
 /// How a hash-map update treats an existing key (`bpf_map_update_elem` flags).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -17,6 +19,15 @@ pub enum Update {
     Any,
 }
 
+/// Why a hash-map update was refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refused {
+    /// `EEXIST`: the key is there and the update was "only if absent".
+    Exists,
+    /// `E2BIG`: a new key, and the map is full.
+    Full,
+}
+
 /// A plain (non-LRU) BPF hash map update: replacing an existing key always works (unless
 /// `NoExist`); a new key fails when the map already holds `capacity` entries.
 pub fn map_update<K: Ord, V>(
@@ -25,20 +36,20 @@ pub fn map_update<K: Ord, V>(
     key: K,
     value: V,
     mode: Update,
-) -> bool {
+) -> Result<(), Refused> {
     if map.contains_key(&key) {
         match mode {
-            Update::NoExist => false,
+            Update::NoExist => Err(Refused::Exists),
             Update::Any => {
                 map.insert(key, value);
-                true
+                Ok(())
             }
         }
     } else if map.len() >= capacity {
-        false
+        Err(Refused::Full)
     } else {
         map.insert(key, value);
-        true
+        Ok(())
     }
 }
 
@@ -52,14 +63,14 @@ pub struct Ctx<'a> {
     /// The data-path-written maps.
     pub state: &'a mut State,
     /// Max entries of `CONNTRACK` and of `REVERSE_NAT`.
-    pub capacity: usize,
+    pub capacity: Capacity,
     /// `now` of this run.
     pub now: u64,
 }
 
 impl<'a> Ctx<'a> {
     /// A context over `config` and `state` at `now`.
-    pub fn new(config: &'a Config, state: &'a mut State, capacity: usize, now: u64) -> Ctx<'a> {
+    pub fn new(config: &'a Config, state: &'a mut State, capacity: Capacity, now: u64) -> Ctx<'a> {
         Ctx {
             config,
             state,
@@ -96,13 +107,26 @@ impl<'a> Ctx<'a> {
     }
 
     /// `CONNTRACK` update.
-    pub fn put_flow(&mut self, key: FlowKey, flow: Flow, mode: Update) -> bool {
-        map_update(&mut self.state.conntrack, self.capacity, key, flow, mode)
+    pub fn put_flow(&mut self, key: FlowKey, flow: Flow, mode: Update) -> Result<(), Refused> {
+        map_update(
+            &mut self.state.conntrack,
+            self.capacity.conntrack,
+            key,
+            flow,
+            mode,
+        )
     }
 
     /// `REVERSE_NAT` update.
     pub fn put_reverse(&mut self, key: NatKey, entry: NatEntry, mode: Update) -> bool {
-        map_update(&mut self.state.reverse, self.capacity, key, entry, mode)
+        map_update(
+            &mut self.state.reverse,
+            self.capacity.reverse,
+            key,
+            entry,
+            mode,
+        )
+        .is_ok()
     }
 
     /// A reverse entry for `flow` to `backend_id`, created now.
@@ -163,18 +187,31 @@ mod tests {
     #[test]
     fn bounded_map_updates_like_a_bpf_hash_map() {
         let mut map = BTreeMap::new();
-        assert!(map_update(&mut map, 2, 1, 'a', Update::NoExist));
-        assert!(!map_update(&mut map, 2, 1, 'b', Update::NoExist), "exists");
+        assert_eq!(map_update(&mut map, 2, 1, 'a', Update::NoExist), Ok(()));
+        assert_eq!(
+            map_update(&mut map, 2, 1, 'b', Update::NoExist),
+            Err(Refused::Exists)
+        );
         assert_eq!(map[&1], 'a');
-        assert!(map_update(&mut map, 2, 2, 'c', Update::Any));
-        assert!(!map_update(&mut map, 2, 3, 'd', Update::Any), "full");
-        assert!(!map_update(&mut map, 2, 3, 'd', Update::NoExist), "full");
-        assert!(
+        assert_eq!(map_update(&mut map, 2, 2, 'c', Update::Any), Ok(()));
+        assert_eq!(
+            map_update(&mut map, 2, 3, 'd', Update::Any),
+            Err(Refused::Full)
+        );
+        assert_eq!(
+            map_update(&mut map, 2, 3, 'd', Update::NoExist),
+            Err(Refused::Full)
+        );
+        assert_eq!(
             map_update(&mut map, 2, 2, 'e', Update::Any),
+            Ok(()),
             "replacing when full"
         );
         assert_eq!(map.len(), 2);
         assert_eq!(map[&2], 'e');
-        assert!(!map_update(&mut map, 0, 9, 'z', Update::Any));
+        assert_eq!(
+            map_update(&mut map, 0, 9, 'z', Update::Any),
+            Err(Refused::Full)
+        );
     }
 }

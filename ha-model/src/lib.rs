@@ -75,7 +75,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use ha_common::{
     BackendAddr, BackendInfo, Counter, Event, Flow, FlowKey, MAX_BACKENDS, MAX_VIPS, NatEntry,
-    NatKey, Settings, TrafficCounter, Verdict, VipInfo, VipKey,
+    NatKey, QueueHead, Settings, TrafficCounter, Verdict, VipInfo, VipKey,
 };
 
 pub mod classify;
@@ -192,10 +192,11 @@ pub struct State {
     pub conntrack: BTreeMap<FlowKey, Flow>,
     /// `REVERSE_NAT`.
     pub reverse: BTreeMap<NatKey, NatEntry>,
-    /// EMBRYONIC: exactly `embryonic_slots` entries (FlowKey::EMPTY = empty).
+    /// EMBRYONIC, the CPU's queue of recent flows: exactly `embryonic_slots` entries
+    /// (FlowKey::EMPTY = never written).
     pub embryonic: Vec<FlowKey>,
-    /// `EMBRYONIC_HEAD[0]`.
-    pub embryonic_head: u32,
+    /// `EMBRYONIC_HEAD[0]`: the next slot and the queue's length.
+    pub embryonic_head: QueueHead,
     /// VERDICTS, indexed by `Verdict as usize`.
     pub verdicts: Vec<Counter>,
     /// EVENTS, indexed by `Event as usize`.
@@ -256,6 +257,26 @@ pub struct SweepReport {
     pub orphans_freed: usize,
 }
 
+/// The max entries of the two tables (plain BPF hash maps: inserting a NEW key fails when one
+/// already holds this many; replacing an existing key always works).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Capacity {
+    /// `CONNTRACK`.
+    pub conntrack: usize,
+    /// `REVERSE_NAT`.
+    pub reverse: usize,
+}
+
+impl Capacity {
+    /// Both tables of the same size.
+    pub const fn both(entries: usize) -> Capacity {
+        Capacity {
+            conntrack: entries,
+            reverse: entries,
+        }
+    }
+}
+
 /// The data path's model: configuration, map state and table sizes.
 #[derive(Clone, Debug)]
 pub struct Model {
@@ -263,20 +284,18 @@ pub struct Model {
     pub config: Config,
     /// The data-path-written maps.
     pub state: State,
-    /// Max entries of `CONNTRACK` and of `REVERSE_NAT` (each).
-    pub table_capacity: usize,
+    /// Max entries of the two tables.
+    pub capacity: Capacity,
 }
 
 impl Model {
-    /// `table_capacity`: max entries of CONNTRACK and of REVERSE_NAT (each; a plain BPF hash map:
-    /// inserting a NEW key fails when it already holds this many; replacing an existing key always
-    /// works). `embryonic_slots`: size of the EMBRYONIC array (the program uses
+    /// `embryonic_slots`: size of the EMBRYONIC array (the program uses
     /// `config.settings.embryonic_slots`, bounded by the array).
-    pub fn new(config: Config, table_capacity: usize, embryonic_slots: u32) -> Model {
+    pub fn new(config: Config, capacity: Capacity, embryonic_slots: u32) -> Model {
         Model {
             config,
             state: State::empty(embryonic_slots),
-            table_capacity,
+            capacity,
         }
     }
 
@@ -298,7 +317,7 @@ impl Model {
         fib: &dyn Fib,
     ) -> Outcome {
         let now = self.now(kernel_now_ns);
-        let mut ctx = Ctx::new(&self.config, &mut self.state, self.table_capacity, now);
+        let mut ctx = Ctx::new(&self.config, &mut self.state, self.capacity, now);
         let mut output = frame.to_vec();
         let (action, verdict) = ctx.run(&mut output, ingress_ifindex, fib);
         ctx.count_verdict(verdict, frame.len());
@@ -318,7 +337,7 @@ impl Model {
     /// The agent's sweep, steps 1 and 2 of "The agent's sweep" in the spec (not NAT-range pruning
     /// or backend freeing).
     pub fn sweep(&mut self, now_ns: u64) -> SweepReport {
-        let mut ctx = Ctx::new(&self.config, &mut self.state, self.table_capacity, now_ns);
+        let mut ctx = Ctx::new(&self.config, &mut self.state, self.capacity, now_ns);
         ctx.sweep()
     }
 }

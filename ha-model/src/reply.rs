@@ -37,7 +37,6 @@ impl Ctx<'_> {
                 if !source_matches {
                     return (XDP_DROP, Verdict::DropReplyNoFlow);
                 }
-                self.admit(client);
                 let rebuilt = Flow {
                     backend_id: entry.backend_id,
                     flags: 0,
@@ -47,7 +46,7 @@ impl Ctx<'_> {
                     client_mac: [0; 6],
                     _pad: 0,
                 };
-                if !self.put_flow(client, rebuilt, Update::NoExist) {
+                if !self.insert_new_flow(client, rebuilt, Update::NoExist) {
                     return (XDP_DROP, Verdict::DropTableFull);
                 }
                 self.count_event(Event::ForwardRecovered);

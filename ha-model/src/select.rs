@@ -245,7 +245,7 @@ mod tests {
     }
 
     fn claim(config: &Config, state: &mut State, k: FlowKey, capacity: usize) -> Option<u16> {
-        let mut ctx = Ctx::new(config, state, capacity, NOW);
+        let mut ctx = Ctx::new(config, state, crate::Capacity::both(capacity), NOW);
         ctx.claim_nat_port(k, flow_hash(&k), 0, backend(), false)
             .map(|nat_key| ha_common::port_from_wire(nat_key.nat_port))
     }
@@ -254,7 +254,7 @@ mod tests {
     fn maglev_slots() {
         let config = config(1, 1);
         let mut state = State::empty(0);
-        let ctx = Ctx::new(&config, &mut state, 1, 0);
+        let ctx = Ctx::new(&config, &mut state, crate::Capacity::both(1), 0);
         let vip = |table_offset, table_size| VipInfo {
             slot: 0,
             table_offset,
@@ -324,7 +324,7 @@ mod tests {
             },
         );
         // A pickup (a connection under way) takes its own port back as it is.
-        let mut ctx = Ctx::new(&config, &mut state, 10, NOW);
+        let mut ctx = Ctx::new(&config, &mut state, crate::Capacity::both(10), NOW);
         let claimed = ctx.claim_nat_port(key(1), flow_hash(&key(1)), 0, backend(), true);
         assert_eq!(claimed, Some(nk(20000)));
         assert_eq!(state.reverse[&nk(20000)].created_ns, 5, "not rewritten");

@@ -124,7 +124,7 @@ mod tests {
             }],
             ..Config::default()
         };
-        Model::new(config, 2, 0)
+        Model::new(config, crate::Capacity::both(2), 0)
     }
 
     fn flow(backend_id: u32, flags: u32, port: u16) -> Flow {

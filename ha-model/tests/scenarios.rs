@@ -739,21 +739,23 @@ fn the_sweep_expires_recovers_and_frees() {
 }
 
 #[test]
-fn the_embryonic_ring_bounds_unanswered_flows() {
-    let mut r = Run::new(16);
-    let mut keys = Vec::new();
-    for sport in 40000..40020 {
+fn a_syn_flood_in_a_full_table_evicts_unanswered_flows_and_never_established_ones() {
+    // Room for 4 flows; one of them established first.
+    let mut r = Run::new(4);
+    let sport = port_to(&r.m, 0, PROTO_TCP, 0);
+    let established = key(0, sport, PROTO_TCP);
+    r.send(&client_tcp(0, sport, SYN).build());
+    let port = r.nat_port(&established);
+    r.send(&backend_tcp(0, LB, port, SYN_ACK).build());
+    r.send(&client_tcp(0, sport, ACK).build());
+    assert_eq!(r.flow(&established).unwrap().flags, EST);
+    // Twenty unanswered SYNs from other ports: the table fills and the oldest
+    // unanswered flows make room, one at a time.
+    for sport in 41000..41020 {
         let out = r.send(&client_tcp(0, sport, SYN).build());
-        if out.verdict != Verdict::DropNatExhausted {
-            keys.push(key(0, sport, PROTO_TCP));
-        }
-        let unassured =
-            r.m.state
-                .conntrack
-                .values()
-                .filter(|f| f.flags & FLOW_ASSURED == 0)
-                .count();
-        assert!(unassured <= 3);
+        assert_ne!(out.verdict, Verdict::DropTableFull, "port {sport}");
+        assert!(r.m.state.conntrack.len() <= 4);
+        assert!(r.flow(&established).is_some(), "the established flow stays");
     }
     assert!(r.event(Event::EmbryonicEvicted) > 0);
 }

@@ -192,7 +192,6 @@ pub async fn run(options: AttachOptions) -> Result<()> {
         maglev_table_size: dp.maglev_table_size,
         max_vips: dp.max_vips,
         max_flows: dp.conntrack.max_flows,
-        max_embryonic: dp.conntrack.max_embryonic,
         pin_dir,
     })
     .context("loading the XDP program")?;

@@ -496,11 +496,9 @@ impl Default for DataPlaneConfig {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ConntrackConfig {
-    /// Room for this many flows besides the embryonic ones.
+    /// Entries in the connection table. When it is full, the oldest flows
+    /// that are not established make room; established ones never do.
     pub max_flows: u32,
-    /// At most this many flows are embryonic (not yet answered and
-    /// confirmed) at once; when more arrive the oldest embryonic one goes.
-    pub max_embryonic: u32,
     /// A TCP flow not yet established (SYN_SENT, SYN_RECV) ends after this long without a packet.
     #[serde(with = "humantime_serde")]
     pub tcp_syn_timeout: Duration,
@@ -525,7 +523,6 @@ impl Default for ConntrackConfig {
     fn default() -> Self {
         Self {
             max_flows: 262_144,
-            max_embryonic: 65_536,
             tcp_syn_timeout: Duration::from_secs(60),
             tcp_idle_timeout: Duration::from_secs(3600),
             tcp_closing_timeout: Duration::from_secs(120),
@@ -676,12 +673,6 @@ impl Config {
             problems.push(format!(
                 "data_plane.conntrack.max_flows: {} is below the minimum of 1024",
                 dp.conntrack.max_flows
-            ));
-        }
-        if dp.conntrack.max_embryonic < 256 {
-            problems.push(format!(
-                "data_plane.conntrack.max_embryonic: {} is below the minimum of 256",
-                dp.conntrack.max_embryonic
             ));
         }
         let ct = &dp.conntrack;
@@ -845,9 +836,6 @@ impl Config {
         }
         if a.conntrack.max_flows != b.conntrack.max_flows {
             reasons.push("data_plane.conntrack.max_flows changed".to_string());
-        }
-        if a.conntrack.max_embryonic != b.conntrack.max_embryonic {
-            reasons.push("data_plane.conntrack.max_embryonic changed".to_string());
         }
         if self.vrrp != next.vrrp {
             reasons.push("the vrrp section changed".to_string());
@@ -1129,12 +1117,12 @@ data_plane: {maglev_table_size: 199}
             "timeouts and NAT reload live"
         );
         b.data_plane.maglev_table_size = 131071;
-        b.data_plane.conntrack.max_embryonic = 1024;
+        b.data_plane.conntrack.max_flows = 1024;
         assert_eq!(
             a.restart_needed_for(&b),
             vec![
                 "data_plane.maglev_table_size changed",
-                "data_plane.conntrack.max_embryonic changed"
+                "data_plane.conntrack.max_flows changed"
             ]
         );
     }
@@ -1142,13 +1130,12 @@ data_plane: {maglev_table_size: 199}
     #[test]
     fn conntrack_keys_are_validated_and_reach_the_settings_by_state() {
         let yaml = format!(
-            "{ISSUE_EXAMPLE}data_plane:\n  conntrack:\n    tcp_syn_timeout: 20s\n    tcp_closing_timeout: 0s\n    udp_unreplied_timeout: 500ms\n    max_embryonic: 100\n"
+            "{ISSUE_EXAMPLE}data_plane:\n  conntrack:\n    tcp_syn_timeout: 20s\n    tcp_closing_timeout: 0s\n    udp_unreplied_timeout: 500ms\n"
         );
         let err = Config::from_yaml(&yaml, "t").unwrap_err().to_string();
         for key in [
             "data_plane.conntrack.tcp_closing_timeout: 0s is below 1s",
             "data_plane.conntrack.udp_unreplied_timeout: 500ms is below 1s",
-            "data_plane.conntrack.max_embryonic: 100 is below the minimum of 256",
         ] {
             assert!(err.contains(key), "{key} in {err}");
         }

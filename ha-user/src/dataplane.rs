@@ -118,25 +118,29 @@ impl AttachedMode {
 pub struct LoadOptions {
     pub maglev_table_size: u32,
     pub max_vips: u32,
-    /// Room for this many flows besides the embryonic ones.
+    /// Entries of the connection table.
     pub max_flows: u32,
-    /// At most this many flows are embryonic (not established) at once,
-    /// over all CPUs (rounded up to a multiple of the CPU count).
-    pub max_embryonic: u32,
     /// Pin (and adopt) the connection, reverse NAT and backend tables here.
     pub pin_dir: Option<PathBuf>,
 }
 
 impl LoadOptions {
-    /// Slots of the per-CPU embryonic ring.
+    /// Slots of each CPU's queue of recently created flows, where a full
+    /// table makes room: together the CPUs' queues cover the whole table.
     pub fn embryonic_slots(&self) -> u32 {
-        self.max_embryonic.div_ceil(possible_cpus()).max(1)
+        self.max_flows.div_ceil(possible_cpus()).max(1)
     }
 
-    /// Entries of the connection and of the reverse NAT table.
+    /// Entries of the connection table.
     pub fn table_entries(&self) -> u32 {
         self.max_flows
-            .saturating_add(self.embryonic_slots().saturating_mul(possible_cpus()))
+    }
+
+    /// Entries of the reverse NAT table: one per NATed flow, and a margin,
+    /// so that a full connection table (where room is made) fills first.
+    pub fn reverse_entries(&self) -> u32 {
+        self.max_flows
+            .saturating_add((self.max_flows / 16).max(1024))
     }
 }
 
@@ -412,13 +416,12 @@ impl DataPlane {
     pub fn load(options: &LoadOptions) -> Result<Self> {
         raise_memlock_limit();
         let maglev_entries = options.maglev_table_size * 2 * options.max_vips;
-        let table_entries = options.table_entries();
         let embryonic_slots = options.embryonic_slots();
         let mut loader = EbpfLoader::new();
         loader
             .map_max_entries(MAGLEV_MAP, maglev_entries)
-            .map_max_entries(CONNTRACK_MAP, table_entries)
-            .map_max_entries(REVERSE_NAT_MAP, table_entries)
+            .map_max_entries(CONNTRACK_MAP, options.table_entries())
+            .map_max_entries(REVERSE_NAT_MAP, options.reverse_entries())
             .map_max_entries(EMBRYONIC_MAP, embryonic_slots);
         let pin_paths: Vec<(&str, PathBuf)> = match &options.pin_dir {
             Some(dir) => {
@@ -434,7 +437,7 @@ impl DataPlane {
             None => Vec::new(),
         };
         for (name, path) in &pin_paths {
-            drop_incompatible_pin(path, &pinned_layout(name, table_entries));
+            drop_incompatible_pin(path, &pinned_layout(name, options));
             loader.map_pin_path(name, path.as_path());
         }
         let mut ebpf = loader.load(EBPF_OBJECT)?;
@@ -568,7 +571,7 @@ impl DataPlane {
         Ok(())
     }
 
-    /// Empties every CPU's embryonic ring (the fuzzer between cases).
+    /// Empties every CPU's queue of recent flows (the fuzzer between cases).
     pub fn clear_embryonic_ring(&mut self) -> Result<()> {
         let slots = self.embryonic_slots;
         let mut ring: PerCpuArray<_, FlowKey> = self.map_mut(EMBRYONIC_MAP)?;
@@ -576,8 +579,8 @@ impl DataPlane {
             let empty = per_cpu(FlowKey::EMPTY, EMBRYONIC_MAP)?;
             ring.set(slot, empty, 0).map_err(map_error(EMBRYONIC_MAP))?;
         }
-        let mut head: PerCpuArray<_, u32> = self.map_mut(EMBRYONIC_HEAD_MAP)?;
-        let zero = per_cpu(0u32, EMBRYONIC_HEAD_MAP)?;
+        let mut head: PerCpuArray<_, ha_common::QueueHead> = self.map_mut(EMBRYONIC_HEAD_MAP)?;
+        let zero = per_cpu(ha_common::QueueHead::default(), EMBRYONIC_HEAD_MAP)?;
         head.set(0, zero, 0)
             .map_err(map_error(EMBRYONIC_HEAD_MAP))?;
         Ok(())
@@ -1200,7 +1203,7 @@ impl DataPlane {
         }
     }
 
-    /// Slots per CPU of the embryonic ring.
+    /// Slots of each CPU's queue of recent flows.
     pub fn embryonic_slots(&self) -> u32 {
         self.embryonic_slots
     }
@@ -1231,7 +1234,7 @@ struct PinLayout {
     max_entries: u32,
 }
 
-fn pinned_layout(name: &str, table_entries: u32) -> PinLayout {
+fn pinned_layout(name: &str, options: &LoadOptions) -> PinLayout {
     use aya::maps::MapType;
     use std::mem::size_of;
     let size = |n: usize| n as u32;
@@ -1246,13 +1249,13 @@ fn pinned_layout(name: &str, table_entries: u32) -> PinLayout {
             kind: MapType::Hash,
             key_size: size(size_of::<NatKey>()),
             value_size: size(size_of::<NatEntry>()),
-            max_entries: table_entries,
+            max_entries: options.reverse_entries(),
         },
         _ => PinLayout {
             kind: MapType::Hash,
             key_size: size(size_of::<FlowKey>()),
             value_size: size(size_of::<Flow>()),
-            max_entries: table_entries,
+            max_entries: options.table_entries(),
         },
     }
 }

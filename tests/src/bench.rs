@@ -209,7 +209,6 @@ impl Bench {
             maglev_table_size: table_size,
             max_vips: 1,
             max_flows,
-            max_embryonic: DataPlaneConfig::default().conntrack.max_embryonic,
             pin_dir: None,
         })?;
         dataplane.load_pass_program()?;

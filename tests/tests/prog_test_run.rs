@@ -206,7 +206,6 @@ fn world() -> World {
         maglev_table_size: TABLE_SIZE,
         max_vips: 8,
         max_flows: 4096,
-        max_embryonic: 256,
         pin_dir: None,
     })
     .expect("loading the XDP program");

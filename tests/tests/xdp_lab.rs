@@ -25,7 +25,6 @@ fn native_xdp_counts_real_packets_sent_by_another_host() {
         maglev_table_size: 1009,
         max_vips: 1,
         max_flows: 1024,
-        max_embryonic: 256,
         pin_dir: None,
     };
     let mut dataplane = DataPlane::load(&options).expect("loading");
@@ -111,7 +110,6 @@ fn the_program_verifies_well_within_the_kernels_limits() {
         maglev_table_size: 1009,
         max_vips: 1,
         max_flows: 1024,
-        max_embryonic: 256,
         pin_dir: None,
     })
     .expect("loading");

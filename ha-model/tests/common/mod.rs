@@ -145,7 +145,7 @@ pub fn config() -> Config {
 }
 
 pub fn model(capacity: usize) -> Model {
-    Model::new(config(), capacity, 3)
+    Model::new(config(), ha_model::Capacity::both(capacity), 3)
 }
 
 /// The FIB of the world: backend 0 and client .50 through ifindex 1; backend 1 through 2;

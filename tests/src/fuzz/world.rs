@@ -31,8 +31,7 @@ use crate::{HOST_IFACE, Lab};
 /// The virtual clock at the start of every case.
 pub const T0: u64 = 1_000_000_000_000_000;
 /// Small tables, so that they fill, evict and collide within a case.
-const MAX_FLOWS: u32 = 4;
-const MAX_EMBRYONIC: u32 = 8;
+const MAX_FLOWS: u32 = 8;
 const TABLE_SIZE: u32 = 101;
 const MAX_VIPS: u32 = 8;
 /// How many backend ids and VIP slots the counters are compared for.
@@ -49,7 +48,7 @@ pub struct Harness {
     ctx: [u8; 24],
     cpu: usize,
     cpus: usize,
-    table_entries: usize,
+    capacity: ha_model::Capacity,
     pools: Pools,
     // The case in progress.
     model: Model,
@@ -259,7 +258,6 @@ impl Harness {
             maglev_table_size: TABLE_SIZE,
             max_vips: MAX_VIPS,
             max_flows: MAX_FLOWS,
-            max_embryonic: MAX_EMBRYONIC,
             pin_dir: None,
         };
         let dataplane = DataPlane::load(&options)?;
@@ -337,9 +335,12 @@ impl Harness {
             ctx,
             cpu,
             cpus: ha_user::dataplane::possible_cpus() as usize,
-            table_entries: options.table_entries() as usize,
+            capacity: ha_model::Capacity {
+                conntrack: options.table_entries() as usize,
+                reverse: options.reverse_entries() as usize,
+            },
             pools,
-            model: Model::new(Config::default(), 0, 0),
+            model: Model::new(Config::default(), ha_model::Capacity::both(0), 0),
             now: T0,
             baseline: Counters::default(),
             backends: [BackendState::Up; 3],
@@ -411,7 +412,7 @@ impl Harness {
         }
         self.dataplane.set_clock(T0)?;
         let config = self.read_config()?;
-        self.model = Model::new(config, self.table_entries, self.dataplane.embryonic_slots());
+        self.model = Model::new(config, self.capacity, self.dataplane.embryonic_slots());
         self.baseline = self.read_counters()?;
         self.dirty = false;
         Ok(())
@@ -733,7 +734,7 @@ impl Harness {
                 .map_err(|e| fail("CONNTRACK", &e))?,
             16,
             32,
-            self.table_entries,
+            self.capacity.conntrack,
         )
         .map_err(|e| fail("CONNTRACK", &e))?
         .iter()
@@ -744,7 +745,7 @@ impl Harness {
                 .map_err(|e| fail("REVERSE_NAT", &e))?,
             16,
             32,
-            self.table_entries,
+            self.capacity.reverse,
         )
         .map_err(|e| fail("REVERSE_NAT", &e))?
         .iter()
@@ -766,20 +767,20 @@ impl Harness {
         .iter()
         .map(|(_, v)| batch::per_cpu(v, self.cpu))
         .collect();
-        let head: u32 = batch::dump(
+        let head: ha_common::QueueHead = batch::dump(
             dp.map_fd(EMBRYONIC_HEAD_MAP)
                 .map_err(|e| fail("EMBRYONIC_HEAD", &e))?,
             4,
-            batch::per_cpu_size::<u32>(self.cpus),
+            batch::per_cpu_size::<ha_common::QueueHead>(self.cpus),
             1,
         )
         .map_err(|e| fail("EMBRYONIC_HEAD", &e))?
         .first()
-        .map_or(0, |(_, v)| batch::per_cpu(v, self.cpu));
+        .map_or_else(Default::default, |(_, v)| batch::per_cpu(v, self.cpu));
         if ring != m.embryonic || head != m.embryonic_head {
             let _ = writeln!(
                 diff,
-                "EMBRYONIC: XDP head {head} {:?}\n           model head {} {:?}",
+                "EMBRYONIC: XDP head {head:?} {:?}\n           model head {:?} {:?}",
                 ring, m.embryonic_head, m.embryonic
             );
         }
