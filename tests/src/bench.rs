@@ -577,10 +577,13 @@ pub fn render(report: &Report, effort: Effort, machine: &str) -> String {
         "## 1. Per-packet cost of the XDP program (BPF_PROG_TEST_RUN)\n\n\
          Method (../shared/notes/benchmarking.md, method 1): the NAT paths rewrite the packet, so every run is a \
          call with `repeat = 1` on a fresh buffer, in a lab namespace whose FIB and neighbours are real; the \
-         kernel-measured duration of each call is kept; a path's figure is the median over {} runs of the \
-         trimmed mean (middle 98%) of {} calls; the floor is the trivial `ha_xdp_pass` program measured the \
-         same way in the same run. Every call's verdict is checked (XDP_TX for the NAT paths). The SYN path \
-         uses a new source address and port on every call, so every call inserts a flow and claims a NAT port.\n",
+         kernel-measured duration of each call is kept, on a thread pinned to one CPU; a path's figure is the \
+         median over {} runs of the trimmed mean (middle 98%) of {} calls, with the lowest and highest run \
+         beside it; the floor is the trivial `ha_xdp_pass` program measured the same way in the same run. \
+         Every call's verdict is checked (XDP_TX for the NAT paths). The SYN path uses a new source address \
+         and port on every call, so every call inserts a flow and claims a NAT port; the established path \
+         repeats one flow's ACK. How these compare with the data path before its state machine: design.md, \
+         \"What the state machine costs\".\n",
         effort.runs, effort.calls
     );
     cost_table(&mut out, &report.per_packet);

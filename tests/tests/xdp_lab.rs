@@ -106,6 +106,7 @@ fn native_xdp_counts_real_packets_sent_by_another_host() {
 /// instructions takes seconds to load and breaks with the next branch added.
 #[test]
 fn the_program_verifies_well_within_the_kernels_limits() {
+    let started = std::time::Instant::now();
     let dataplane = DataPlane::load(&LoadOptions {
         maglev_table_size: 1009,
         max_vips: 1,
@@ -117,7 +118,10 @@ fn the_program_verifies_well_within_the_kernels_limits() {
     let verified = info
         .verified_instruction_count()
         .expect("the kernel reports verified instructions (5.16+)");
-    eprintln!("the verifier processed {verified} instructions");
+    eprintln!(
+        "the verifier processed {verified} instructions; loading took {:.2} s",
+        started.elapsed().as_secs_f64()
+    );
     assert!(
         verified < 250_000,
         "{verified} instructions processed by the verifier (limit 1,000,000)"
