@@ -145,7 +145,7 @@ impl FlowKey {
         (a[0] ^ b[0]) | (a[1] ^ b[1]) == 0
     }
 
-    /// The all-zero key marks an empty slot of the embryonic ring (a real
+    /// The all-zero key marks a slot of a queue of recent flows never written (a real
     /// key never has destination 0: it is a VIP).
     pub const EMPTY: FlowKey = FlowKey {
         src_addr: 0,

@@ -1,6 +1,6 @@
 //! Connection-table operations of section 3 (docs/data-path.md, "3. A client packet to a VIP"):
 //! **forgetting** a flow, the *nat key of a flow*, step 3 (when an existing entry is dropped),
-//! and step **5b** (admitting a new entry to the embryonic ring).
+//! and step **5b** (the queue of recent flows, and making room in a full table).
 
 use ha_common::{
     BACKEND_FLAG_DOWN, Event, FLOW_ASSURED, FLOW_FIN_BACKEND, FLOW_FIN_CLIENT, FLOW_LOCAL,

@@ -208,7 +208,7 @@ pub struct State {
 }
 
 impl State {
-    /// Empty tables, an all-empty ring of `embryonic_slots`, zeroed counters of the right sizes.
+    /// Empty tables, an empty queue of `embryonic_slots`, zeroed counters of the right sizes.
     pub fn empty(embryonic_slots: u32) -> State {
         State {
             embryonic: vec![FlowKey::EMPTY; embryonic_slots as usize],

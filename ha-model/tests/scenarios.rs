@@ -355,7 +355,7 @@ fn a_lost_forward_entry_is_rebuilt_by_the_reply() {
     assert_eq!(flow.client_mac, [0; 6]);
     assert_eq!(flow.last_seen_ns, r.now);
     assert_eq!(flow.nat_port, port_to_wire(port));
-    // The ring slot was taken again (slot 1: the SYN took slot 0).
+    // The rebuilt flow was recorded in the queue (slot 1: the SYN took slot 0).
     assert_eq!(r.m.state.embryonic[1], k);
     // A reverse entry whose backend does not match the packet's source: dropped.
     r.m.state.conntrack.clear();

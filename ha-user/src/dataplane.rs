@@ -402,7 +402,7 @@ pub struct DataPlane {
     backend_ids: BTreeMap<(Ipv4Addr, u16), u32>,
     /// Ids of backends no VIP uses any more; kept until no flow names them.
     retired: HashSet<u32>,
-    /// What SETTINGS holds (with the earlier NAT ranges and the ring size filled in).
+    /// What SETTINGS holds (with the earlier NAT ranges and the queue size filled in).
     settings: Settings,
     /// Earlier NAT sources whose flows may still live (`settings.nat[1..]`).
     earlier_nat: Vec<NatRange>,
@@ -574,10 +574,12 @@ impl DataPlane {
     /// Empties every CPU's queue of recent flows (the fuzzer between cases).
     pub fn clear_embryonic_ring(&mut self) -> Result<()> {
         let slots = self.embryonic_slots;
-        let mut ring: PerCpuArray<_, FlowKey> = self.map_mut(EMBRYONIC_MAP)?;
+        let mut queue: PerCpuArray<_, FlowKey> = self.map_mut(EMBRYONIC_MAP)?;
         for slot in 0..slots {
             let empty = per_cpu(FlowKey::EMPTY, EMBRYONIC_MAP)?;
-            ring.set(slot, empty, 0).map_err(map_error(EMBRYONIC_MAP))?;
+            queue
+                .set(slot, empty, 0)
+                .map_err(map_error(EMBRYONIC_MAP))?;
         }
         let mut head: PerCpuArray<_, ha_common::QueueHead> = self.map_mut(EMBRYONIC_HEAD_MAP)?;
         let zero = per_cpu(ha_common::QueueHead::default(), EMBRYONIC_HEAD_MAP)?;
@@ -721,13 +723,13 @@ impl DataPlane {
     }
 
     /// What SETTINGS holds: the last settings applied, with the earlier NAT
-    /// ranges that still have flows and the embryonic ring's size.
+    /// ranges that still have flows and the size of the queues of recent flows.
     pub fn settings(&self) -> Settings {
         self.settings
     }
 
     /// The settings `settings` would become: `nat[0]` as given, the earlier
-    /// ranges this data plane keeps for live flows, the ring size.
+    /// ranges this data plane keeps for live flows, the queue size.
     ///
     /// # Errors
     /// [`DataPlaneError::TooManyNatRanges`] when the NAT source changes while

@@ -1,7 +1,7 @@
 //! The differential fuzzer: generated packet sequences through the XDP
 //! program (BPF_PROG_TEST_RUN, on a lab host's real interface) and through
 //! the reference model (`ha-model`), compared after every step: verdict,
-//! output bytes, the connection and reverse NAT tables, the embryonic ring
+//! output bytes, the connection and reverse NAT tables, the queue of recent flows
 //! and every counter. docs/data-path.md is what both implement;
 //! docs/development.md says how to run it and what to do with a divergence.
 //!
