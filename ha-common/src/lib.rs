@@ -28,6 +28,7 @@ pub const MAGLEV_MAP: &str = "MAGLEV";
 pub const CONNTRACK_MAP: &str = "CONNTRACK";
 pub const REVERSE_NAT_MAP: &str = "REVERSE_NAT";
 pub const SETTINGS_MAP: &str = "SETTINGS";
+pub const SETTINGS_ACTIVE_MAP: &str = "SETTINGS_ACTIVE";
 pub const TX_PORTS_MAP: &str = "TX_PORTS";
 pub const VERDICTS_MAP: &str = "VERDICTS";
 pub const EVENTS_MAP: &str = "EVENTS";
@@ -244,8 +245,14 @@ impl Flow {
         }
     }
 
-    /// Not established (embryonic, or a closed flow lingering): may be evicted
-    /// to make room. An established or closing flow never is.
+    /// May be evicted to make room: not established (embryonic, or a closed
+    /// flow lingering), or local. A NATed established or closing flow never is.
+    ///
+    /// A local flow's `ASSURED` comes from the client alone (its backend's
+    /// answers never pass XDP), so two blind packets would make it
+    /// unevictable for `tcp_idle_timeout`; it holds no NAT port, and the
+    /// Maglev table sends its next packet back to the same backend while the
+    /// backends are unchanged, so evicting it costs the flow nothing then.
     ///
     /// Computed without a branch (as is [`Flow::timeout_class`]): the BPF
     /// verifier keeps apart every path that tested a different bit of the
@@ -255,7 +262,8 @@ impl Flow {
         let f = self.flags;
         let assured = (f >> 1) & 1;
         let closed = ((f >> 4) & 1) | ((f >> 2) & (f >> 3) & 1);
-        (closed | (assured ^ 1)) != 0
+        let local = (f >> 5) & 1;
+        (closed | local | (assured ^ 1)) != 0
     }
 
     /// Which of `Settings::timeouts_ns` applies to the flow now (a `TIMEOUT_*` index).
@@ -822,6 +830,14 @@ mod tests {
             }
             .is_evictable()
         );
+        // Local: assured by the client alone, so never kept against eviction.
+        assert!(
+            Flow {
+                flags: FLOW_SEEN_REPLY | FLOW_ASSURED | FLOW_LOCAL,
+                ..Flow::default()
+            }
+            .is_evictable()
+        );
     }
 
     #[test]
@@ -834,10 +850,11 @@ mod tests {
             let state = flow.state();
             assert_eq!(
                 flow.is_evictable(),
-                matches!(
-                    state,
-                    FlowState::Closed | FlowState::New | FlowState::Replied
-                ),
+                flags & FLOW_LOCAL != 0
+                    || matches!(
+                        state,
+                        FlowState::Closed | FlowState::New | FlowState::Replied
+                    ),
                 "{flags:#x}"
             );
             let tcp = match state {

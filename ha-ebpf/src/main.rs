@@ -31,7 +31,10 @@ use ha_common::{
 
 use crate::{
     classify::{Class, Owner},
-    maps::{BACKEND_STATS, BACKENDS, CONNTRACK, SETTINGS, VIP_STATS, count_event, count_traffic},
+    maps::{
+        BACKEND_STATS, BACKENDS, CONNTRACK, SETTINGS, SETTINGS_ACTIVE, VIP_STATS, count_event,
+        count_traffic,
+    },
     nat::Rewrite,
     parse::{Fragment, IPPROTO_ICMP, Packet, Parsed},
 };
@@ -115,7 +118,9 @@ fn process(ctx: &XdpContext) -> (u32, Verdict) {
         Parsed::LaterFragment => return pass(Verdict::PassFragment),
     }
     let packet: &Packet = packet;
-    let Some(settings) = SETTINGS.get(0) else {
+    // SAFETY: copied out at once.
+    let slot = SETTINGS_ACTIVE.get(0).map_or(0, |s| *s & 1);
+    let Some(settings) = SETTINGS.get(slot) else {
         return pass_by_protocol(packet.protocol);
     };
     let result = match classify::classify(packet, settings) {
@@ -369,7 +374,11 @@ fn reply_path(
         return verdict;
     }
     let now = conntrack::now_ns(settings);
-    let flow_ptr = match CONNTRACK.get_ptr_mut(&entry.flow) {
+    // Copied once: a preallocated hash element that another CPU deletes is
+    // reused by the next insert, so the entry must not be read after a
+    // delete (ours below, or a concurrent one).
+    let client = entry.flow;
+    let flow_ptr = match CONNTRACK.get_ptr_mut(&client) {
         None => match ports::recover_forward(nat_key, entry, settings, now) {
             Ok(flow) => flow,
             Err(verdict) => return drop(verdict),
@@ -381,8 +390,8 @@ fn reply_path(
                 // A stale reverse entry: the flow uses another port now.
                 return drop(Verdict::DropReplyNoFlow);
             }
-            if flow.is_expired(entry.flow.protocol, settings, now) {
-                conntrack::forget(&entry.flow, flow);
+            if flow.is_expired(client.protocol, settings, now) {
+                conntrack::forget(&client, flow);
                 count_event(Event::ExpiredFlowReplaced);
                 return drop(Verdict::DropReplyNoFlow);
             }
@@ -392,7 +401,6 @@ fn reply_path(
     conntrack::track_backend(flow_ptr, packet.tcp_flags(ctx), now);
     // SAFETY: map value pointer, valid for this run.
     let mac = unsafe { (*flow_ptr).client_mac };
-    let client = &entry.flow;
     let to = Rewrite {
         src_addr: client.dst_addr,
         dst_addr: client.src_addr,

@@ -48,8 +48,14 @@ pub static EMBRYONIC: PerCpuArray<FlowKey> = PerCpuArray::with_max_entries(1, 0)
 #[map(name = "EMBRYONIC_HEAD")]
 pub static EMBRYONIC_HEAD: PerCpuArray<QueueHead> = PerCpuArray::with_max_entries(1, 0);
 
+/// Two slots: the agent writes the idle one, then flips [`SETTINGS_ACTIVE`]
+/// to it, so a packet never reads a value half written.
 #[map(name = "SETTINGS")]
-pub static SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);
+pub static SETTINGS: Array<Settings> = Array::with_max_entries(2, 0);
+
+/// Which slot of [`SETTINGS`] is live (0 or 1).
+#[map(name = "SETTINGS_ACTIVE")]
+pub static SETTINGS_ACTIVE: Array<u32> = Array::with_max_entries(1, 0);
 
 /// Interfaces a packet may be redirected to, keyed by ifindex.
 #[map(name = "TX_PORTS")]

@@ -52,9 +52,9 @@ impl Phase {
     }
 }
 
-/// *Evictable*: not `ASSURED`, or closed.
+/// *Evictable*: not `ASSURED`, or closed, or local (its `ASSURED` is the client's word alone).
 pub fn is_evictable(flags: u32) -> bool {
-    flags & FLOW_ASSURED == 0 || Phase::of(flags) == Phase::Closed
+    flags & FLOW_ASSURED == 0 || Phase::of(flags) == Phase::Closed || flags & FLOW_LOCAL != 0
 }
 
 /// **Timeout** of a flow of `protocol` with `flags`, from the table in the spec.
@@ -264,16 +264,18 @@ mod tests {
     }
 
     #[test]
-    fn evictable_is_unassured_or_closed() {
+    fn evictable_is_unassured_or_closed_or_local() {
         for flags in 0..64u32 {
-            let expected = matches!(
-                Phase::of(flags),
-                Phase::New | Phase::Replied | Phase::Closed
-            );
+            let expected = flags & FLOW_LOCAL != 0
+                || matches!(
+                    Phase::of(flags),
+                    Phase::New | Phase::Replied | Phase::Closed
+                );
             assert_eq!(is_evictable(flags), expected, "{flags:#x}");
         }
         assert!(!is_evictable(EST | FLOW_FIN_CLIENT));
         assert!(is_evictable(EST | FLOW_RESET));
+        assert!(is_evictable(EST | FLOW_LOCAL));
     }
 
     #[test]

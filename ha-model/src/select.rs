@@ -77,7 +77,8 @@ impl Ctx<'_> {
     /// 2. the first free candidate (each one taken counts `nat_port_collision`);
     /// 3. the first candidate whose owner gives the port up: an orphan past its grace
     ///    (overwritten, `orphan_freed`), an expired flow (`expired_flow_replaced`) or an
-    ///    evictable one (`embryonic_evicted`), forgotten and then inserted only if absent.
+    ///    evictable one (`embryonic_evicted`), forgotten and then inserted only if absent (if
+    ///    that fails, the next candidate).
     pub fn claim_nat_port(
         &mut self,
         key: FlowKey,
@@ -145,9 +146,9 @@ impl Ctx<'_> {
             };
             self.forget(&owner_key, &owner_flow);
             self.count_event(event);
-            return self
-                .put_reverse(*nat_key, mine, Update::NoExist)
-                .then_some(*nat_key);
+            if self.put_reverse(*nat_key, mine, Update::NoExist) {
+                return Some(*nat_key);
+            }
         }
         None
     }

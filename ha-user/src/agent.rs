@@ -193,6 +193,9 @@ pub async fn run(options: AttachOptions) -> Result<()> {
         max_vips: dp.max_vips,
         max_flows: dp.conntrack.max_flows,
         pin_dir,
+        host_ports: system::local_port_range()
+            .ok()
+            .map(|range| (range.min, range.max)),
     })
     .context("loading the XDP program")?;
     let mut logger = if dp.debug {
@@ -200,11 +203,16 @@ pub async fn run(options: AttachOptions) -> Result<()> {
     } else {
         None
     };
+    // Settings before the program sees a packet: a restart's adopted flows
+    // get their replies translated from the first one.
+    dataplane
+        .write_settings(&dp.settings(lb_addr))
+        .context("writing the data plane settings")?;
+    dataplane.set_tx_ports(&netlink.interface_indexes().await?)?;
     let mode = dataplane
         .attach(&iface, options.xdp_mode)
         .with_context(|| format!("attaching to interface {iface}"))?;
     info!(%iface, mode = mode.label(), %lb_addr, "XDP program attached");
-    dataplane.set_tx_ports(&netlink.interface_indexes().await?)?;
 
     let (health_tx, mut health_rx) = mpsc::channel::<HealthReport>(256);
     let (vrrp_tx, mut vrrp_rx) = mpsc::channel::<announcer::Event>(16);
@@ -267,6 +275,14 @@ async fn nat_source(
                 anyhow::bail!(
                     "data_plane.nat.source_address: {address} is not an address of this host; \
                      the backends' replies to it would never reach the data path"
+                );
+            }
+            if !netlink.has_address(ifindex, address).await? {
+                warn!(
+                    %address, %iface,
+                    "data_plane.nat.source_address is not on the interface the data path is attached to: \
+                     the backends' replies reach the data path only if they arrive on it (this host \
+                     answers ARP for it there, unless arp_ignore says otherwise)"
                 );
             }
             Ok(address)
@@ -672,12 +688,26 @@ impl Agent {
         if lb_addr != self.lb_addr {
             info!(from = %self.lb_addr, to = %lb_addr, "NAT source address changes; open flows keep theirs");
         }
+        let (previous, previous_lb_addr) = (self.config.clone(), self.lb_addr);
         self.lb_addr = lb_addr;
-        self.apply_config(&next, probers).await.map_err(|e| {
-            let message = format!("reload failed part-way: {e:#}");
+        if let Err(e) = self.apply_config(&next, probers).await {
+            // Put the running config back whole: the data plane, probes and
+            // addresses must not stay half way between the two.
+            self.lb_addr = previous_lb_addr;
+            let restored = match build_probers(&previous) {
+                Ok(probers) => self.apply_config(&previous, probers).await,
+                Err(e) => Err(e),
+            };
+            let message = match restored {
+                Ok(()) => format!("reload failed, the running config was put back: {e:#}"),
+                Err(again) => format!(
+                    "reload failed part-way ({e:#}), and putting the running config back failed too ({again:#}); \
+                     restart the agent"
+                ),
+            };
             error!("{message}");
-            message
-        })?;
+            return Err(message);
+        }
         info!(path = %path.display(), "reload applied");
         Ok(format!("reload applied from {}", path.display()))
     }

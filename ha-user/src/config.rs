@@ -703,6 +703,16 @@ impl Config {
                 "data_plane.nat.source_address: {source} is not a unicast address"
             ));
         }
+        if let Some(source) = dp.nat.source_address
+            && let Some(vip) = self.vips.iter().find(|v| v.address == source)
+        {
+            problems.push(format!(
+                "data_plane.nat.source_address: {source} is the address of VIP {}; the NAT source \
+                 must be an address of this host that is not a VIP (a VIP moves with VRRP, and \
+                 its packets are the clients')",
+                vip.name
+            ));
+        }
 
         if self.vips.is_empty() {
             problems.push("vips: at least one VIP is required".to_string());
@@ -1045,6 +1055,7 @@ data_plane:
   maglev_table_size: 65536
   nat:
     port_range: 40000-30000
+    source_address: 10.0.0.1
 "#,
         );
         let text = problems.join("\n");
@@ -1057,6 +1068,7 @@ data_plane:
             "vips[1] (api).backends[1]: 10.0.0.2:6443 is listed twice",
             "data_plane.maglev_table_size: 65536 must be a prime",
             "data_plane.nat.port_range: 40000-30000",
+            "data_plane.nat.source_address: 10.0.0.1 is the address of VIP api",
         ] {
             assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
         }

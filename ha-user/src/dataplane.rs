@@ -24,9 +24,9 @@ use ha_common::{
     BACKEND_FLAG_DOWN, BACKEND_FLAG_LOCAL, BACKEND_INDEX_MAP, BACKEND_STATS_MAP, BACKENDS_MAP,
     BackendAddr, BackendInfo, CONNTRACK_MAP, Counter, EMBRYONIC_HEAD_MAP, EMBRYONIC_MAP,
     EVENTS_MAP, Event, Flow, FlowKey, MAGLEV_MAP, NAT_RANGES, NatEntry, NatKey, NatRange,
-    ORPHAN_GRACE_NS, REVERSE_NAT_MAP, SETTINGS_MAP, Settings, TX_PORTS_MAP, TrafficCounter,
-    VERDICTS_MAP, VIP_FLAG_ENABLED, VIP_STATS_MAP, VIPS_MAP, Verdict, VipInfo, VipKey,
-    XDP_PROGRAM_NAME, addr_from_wire, addr_to_wire, port_to_wire,
+    ORPHAN_GRACE_NS, REVERSE_NAT_MAP, SETTINGS_ACTIVE_MAP, SETTINGS_MAP, Settings, TX_PORTS_MAP,
+    TrafficCounter, VERDICTS_MAP, VIP_FLAG_ENABLED, VIP_STATS_MAP, VIPS_MAP, Verdict, VipInfo,
+    VipKey, XDP_PROGRAM_NAME, addr_from_wire, addr_to_wire, port_to_wire,
 };
 use tracing::{debug, info, warn};
 
@@ -57,6 +57,12 @@ pub enum DataPlaneError {
         map: &'static str,
         #[source]
         source: MapError,
+    },
+    #[error("walking map {map}: {source}")]
+    Dump {
+        map: &'static str,
+        #[source]
+        source: std::io::Error,
     },
     #[error("adding interface index {ifindex} to {TX_PORTS_MAP}: {source}")]
     TxPort {
@@ -122,6 +128,9 @@ pub struct LoadOptions {
     pub max_flows: u32,
     /// Pin (and adopt) the connection, reverse NAT and backend tables here.
     pub pin_dir: Option<PathBuf>,
+    /// The host's own ephemeral ports (`net.ipv4.ip_local_port_range`), as
+    /// `(min, max)`: a NAT source adopted from pinned flows never spans them.
+    pub host_ports: Option<(u16, u16)>,
 }
 
 impl LoadOptions {
@@ -243,14 +252,25 @@ impl SweepTotals {
 pub struct SweepPlan {
     /// Ended flows to remove (their reverse entries are in `remove_reverse`).
     pub remove_flows: Vec<FlowKey>,
-    /// Reverse entries to remove: those of ended flows, and orphans.
-    pub remove_reverse: Vec<NatKey>,
-    /// How many of `remove_reverse` are orphans.
-    pub orphans: usize,
+    /// Reverse entries of ended flows to remove, as the snapshot had them.
+    pub remove_reverse: Vec<(NatKey, NatEntry)>,
+    /// Orphans to remove (reverse entries no live flow names, past the
+    /// grace), as the snapshot had them.
+    pub orphans: Vec<(NatKey, NatEntry)>,
     /// Reverse entries to put back for live flows that lost theirs.
     pub recover_reverse: Vec<(NatKey, NatEntry)>,
     /// Backend ids that live flows name.
     pub referenced: HashSet<u32>,
+}
+
+/// A sweep decided and not yet applied ([`DataPlane::plan_sweep`]).
+#[derive(Debug)]
+pub struct PlannedSweep {
+    settings: Settings,
+    now_ns: u64,
+    flows: Vec<(FlowKey, Flow)>,
+    entries: Vec<(NatKey, NatEntry)>,
+    pub plan: SweepPlan,
 }
 
 /// Decides a sweep (docs/data-path.md, "The agent's sweep") from snapshots
@@ -295,9 +315,9 @@ pub fn plan_sweep(
         if flow.is_expired(key.protocol, settings, now_ns) {
             plan.remove_flows.push(*key);
             if let Some(nat_key) = nat_key
-                && reverse.get(&nat_key).is_some_and(|e| e.flow == *key)
+                && let Some(entry) = reverse.get(&nat_key).filter(|e| e.flow == *key)
             {
-                plan.remove_reverse.push(nat_key);
+                plan.remove_reverse.push((nat_key, **entry));
             }
             continue;
         }
@@ -316,7 +336,7 @@ pub fn plan_sweep(
             plan.recover_reverse.push((nat_key, entry));
         }
     }
-    let removed: HashSet<NatKey> = plan.remove_reverse.iter().copied().collect();
+    let removed: HashSet<NatKey> = plan.remove_reverse.iter().map(|(k, _)| *k).collect();
     for (nat_key, entry) in entries {
         if removed.contains(nat_key) {
             continue;
@@ -325,11 +345,42 @@ pub fn plan_sweep(
             .get(&entry.flow)
             .is_some_and(|f| f.names(nat_key.lb_addr, nat_key.nat_port, entry.backend_id));
         if !owned && now_ns > entry.created_ns.saturating_add(ORPHAN_GRACE_NS) {
-            plan.remove_reverse.push(*nat_key);
-            plan.orphans += 1;
+            plan.orphans.push((*nat_key, *entry));
         }
     }
     plan
+}
+
+/// Whether a flow the sweep planned to remove may still go: the table holds
+/// it still (`current`), still expired at `now_ns`. The snapshot is a walk of
+/// the whole table; meanwhile a packet may have refreshed the flow, or a SYN
+/// made a new one under the same key.
+pub fn flow_still_expired(
+    key: &FlowKey,
+    current: Option<&Flow>,
+    settings: &Settings,
+    now_ns: u64,
+) -> bool {
+    current.is_some_and(|flow| flow.is_expired(key.protocol, settings, now_ns))
+}
+
+/// Whether a reverse entry the sweep planned to remove may still go: the
+/// table holds the very entry the snapshot had (`current`; not a new flow's
+/// claim of the same port), and its flow (`owner`, looked up now) does not
+/// name it while live.
+pub fn reverse_still_removable(
+    nat_key: &NatKey,
+    planned: &NatEntry,
+    current: Option<&NatEntry>,
+    owner: Option<&Flow>,
+    settings: &Settings,
+    now_ns: u64,
+) -> bool {
+    current == Some(planned)
+        && !owner.is_some_and(|flow| {
+            flow.names(nat_key.lb_addr, nat_key.nat_port, planned.backend_id)
+                && !flow.is_expired(planned.flow.protocol, settings, now_ns)
+        })
 }
 
 /// The NAT sources after the current one becomes `next`: the previous
@@ -344,9 +395,13 @@ pub fn next_nat_ranges(
     earlier: &[NatRange],
     next: NatRange,
 ) -> Result<Vec<NatRange>, DataPlaneError> {
-    let mut ranges: Vec<NatRange> = earlier.iter().copied().filter(|r| *r != next).collect();
+    // A range the next one covers needs no slot of its own: its flows' replies are in `next`.
+    let covered = |r: &NatRange| {
+        r.addr == next.addr && r.port_min >= next.port_min && r.port_max <= next.port_max
+    };
+    let mut ranges: Vec<NatRange> = earlier.iter().copied().filter(|r| !covered(r)).collect();
     if let Some(current) = current
-        && current != next
+        && !covered(&current)
         && current.addr != 0
         && !ranges.contains(&current)
     {
@@ -361,6 +416,66 @@ pub fn next_nat_ranges(
     Ok(ranges)
 }
 
+/// The NAT sources a set of reverse entries uses: per NAT address, the
+/// range from its lowest to its highest port, split around `host_ports`
+/// (`(min, max)`, the host's own ephemeral ports, which a NAT source must
+/// never cover: their replies would be taken for NAT replies; ports inside
+/// them, only possible if the host's range changed, are left out); the
+/// [`NAT_RANGES`] - 1 sources with the most entries, most used first.
+pub fn nat_sources_of(keys: &[NatKey], host_ports: Option<(u16, u16)>) -> Vec<NatRange> {
+    // (address, side of the host's ports: 0 below, 1 inside, 2 above)
+    let mut by_addr: BTreeMap<(u32, u8), (usize, u16, u16)> = BTreeMap::new();
+    for key in keys {
+        let port = ha_common::port_from_wire(key.nat_port);
+        let side = match host_ports {
+            Some((min, _)) if port < min => 0,
+            Some((_, max)) if port > max => 2,
+            Some(_) => 1,
+            None => 0,
+        };
+        let entry = by_addr
+            .entry((key.lb_addr, side))
+            .or_insert((0, port, port));
+        entry.0 += 1;
+        entry.1 = entry.1.min(port);
+        entry.2 = entry.2.max(port);
+    }
+    let mut sources: Vec<(usize, NatRange)> = by_addr
+        .into_iter()
+        .filter(|((addr, side), (count, _, _))| {
+            if *side == 1 {
+                warn!(
+                    flows = count,
+                    "adopted flows use NAT ports inside net.ipv4.ip_local_port_range; they are not kept as a NAT source"
+                );
+            }
+            *addr != 0 && *side != 1
+        })
+        .map(|((addr, _), (count, port_min, port_max))| {
+            (
+                count,
+                NatRange {
+                    addr,
+                    port_min,
+                    port_max,
+                },
+            )
+        })
+        .collect();
+    sources.sort_by_key(|s| std::cmp::Reverse(s.0));
+    if sources.len() > NAT_RANGES - 1 {
+        warn!(
+            sources = sources.len(),
+            "adopted flows use more NAT addresses than can stay live; those of the least used are lost"
+        );
+    }
+    sources
+        .into_iter()
+        .take(NAT_RANGES - 1)
+        .map(|(_, range)| range)
+        .collect()
+}
+
 /// `address:min-max` of a NAT range.
 pub fn describe_range(range: &NatRange) -> String {
     format!(
@@ -371,20 +486,21 @@ pub fn describe_range(range: &NatRange) -> String {
     )
 }
 
-/// Which of the `earlier` ranges a reverse entry keeps alive: those holding
-/// its NAT address and port, unless the current range holds them too.
-pub fn ranges_in_use<'a>(
+/// Which of the `earlier` ranges the NAT sources in use keep alive (each
+/// `(address, port)` in wire order, of a reverse entry or a flow): those
+/// holding one, unless the current range holds it too.
+pub fn ranges_in_use(
     current: &NatRange,
     earlier: &[NatRange],
-    entries: impl IntoIterator<Item = &'a NatKey>,
+    in_use: impl IntoIterator<Item = (u32, u16)>,
 ) -> Vec<bool> {
     let mut used = vec![false; earlier.len()];
-    for key in entries {
-        if current.contains(key.lb_addr, key.nat_port) {
+    for (addr, port) in in_use {
+        if current.contains(addr, port) {
             continue;
         }
         for (i, range) in earlier.iter().enumerate() {
-            if range.contains(key.lb_addr, key.nat_port) {
+            if range.contains(addr, port) {
                 used[i] = true;
             }
         }
@@ -408,6 +524,8 @@ pub struct DataPlane {
     earlier_nat: Vec<NatRange>,
     embryonic_slots: u32,
     sweep_totals: SweepTotals,
+    /// The live slot of SETTINGS (0 or 1; the other is written next).
+    settings_slot: u32,
 }
 
 impl DataPlane {
@@ -436,8 +554,19 @@ impl DataPlane {
             }
             None => Vec::new(),
         };
+        // All or nothing: flows name backends by id and pair with reverse
+        // entries, so one table adopted without the others is misread.
+        let compatible: Vec<bool> = pin_paths
+            .iter()
+            .map(|(name, path)| pin_compatible(path, &pinned_layout(name, options)))
+            .collect();
+        if compatible.contains(&false) {
+            for (_, path) in pin_paths.iter().filter(|(_, path)| path.exists()) {
+                warn!(pin = %path.display(), "dropped with the other pinned tables; starting empty (flows are lost)");
+                let _ = std::fs::remove_file(path);
+            }
+        }
         for (name, path) in &pin_paths {
-            drop_incompatible_pin(path, &pinned_layout(name, options));
             loader.map_pin_path(name, path.as_path());
         }
         let mut ebpf = loader.load(EBPF_OBJECT)?;
@@ -459,9 +588,39 @@ impl DataPlane {
             earlier_nat: Vec::new(),
             embryonic_slots,
             sweep_totals: SweepTotals::default(),
+            settings_slot: 0,
         };
         dataplane.adopt_backends()?;
+        dataplane.adopt_nat_sources(options.host_ports)?;
         Ok(dataplane)
+    }
+
+    /// The NAT sources adopted flows use, kept as earlier ranges: a restart
+    /// that also changed `nat.port_range` or `nat.source_address` must not
+    /// hand their replies to the host's stack. The first sweep drops those
+    /// the new current range covers, and the rest as their flows end.
+    fn adopt_nat_sources(&mut self, host_ports: Option<(u16, u16)>) -> Result<()> {
+        // The reverse entries' sources, and those of flows that lost theirs.
+        let mut keys: Vec<NatKey> = self
+            .reverse_entries()?
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
+        keys.extend(
+            self.flows()?
+                .into_iter()
+                .filter(|(_, f)| f.flags & ha_common::FLOW_LOCAL == 0)
+                .map(|(_, f)| NatKey {
+                    lb_addr: f.nat_addr,
+                    nat_port: f.nat_port,
+                    ..NatKey::default()
+                }),
+        );
+        self.earlier_nat = nat_sources_of(&keys, host_ports);
+        for range in &self.earlier_nat {
+            info!(range = %describe_range(range), "adopted flows use this NAT source");
+        }
+        Ok(())
     }
 
     /// Backend ids from a pinned table: flows adopted with the connection
@@ -745,6 +904,26 @@ impl DataPlane {
         Ok((planned, earlier))
     }
 
+    /// Writes `settings` as [`DataPlane::plan_settings`] plans them. The
+    /// agent does so before it attaches the program, so that the first
+    /// packets already see the NAT ranges (with those of adopted flows) and
+    /// the timeouts, not a zeroed SETTINGS.
+    ///
+    /// # Errors
+    /// As [`DataPlane::plan_settings`], or the map write failing.
+    pub fn write_settings(&mut self, settings: &Settings) -> Result<()> {
+        let (planned, earlier) = self.plan_settings(settings)?;
+        {
+            self.store_settings(&planned)?;
+        }
+        for range in earlier.iter().filter(|r| !self.earlier_nat.contains(r)) {
+            info!(range = %describe_range(range), "earlier NAT source kept for the flows that use it");
+        }
+        self.settings = planned;
+        self.earlier_nat = earlier;
+        Ok(())
+    }
+
     /// Writes `settings` and makes the VIP and backend tables match `vips`:
     /// new and changed VIPs get a freshly built Maglev table swapped in
     /// atomically; unchanged ones are not touched; removed ones disappear.
@@ -762,16 +941,7 @@ impl DataPlane {
                 max_vips: self.max_vips,
             });
         }
-        let (planned, earlier) = self.plan_settings(settings)?;
-        {
-            let mut map: Array<_, Settings> = self.map_mut(SETTINGS_MAP)?;
-            map.set(0, planned, 0).map_err(map_error(SETTINGS_MAP))?;
-        }
-        for range in earlier.iter().filter(|r| !self.earlier_nat.contains(r)) {
-            info!(range = %describe_range(range), "earlier NAT source kept for the flows that use it");
-        }
-        self.settings = planned;
-        self.earlier_nat = earlier;
+        self.write_settings(settings)?;
 
         // Backends first, so a table never names an id without a record. A
         // backend in several VIPs has one record: it is local if it is in any,
@@ -952,7 +1122,21 @@ impl DataPlane {
     /// ended flows with their reverse entries, puts back a live flow's lost
     /// reverse entry, frees reverse entries whose flow is gone, drops earlier
     /// NAT ranges no flow uses, and frees retired backends no flow names.
+    ///
+    /// # Errors
+    /// A map that cannot be walked or written: the sweep stops there (what
+    /// it removed so far was checked entry by entry).
     pub fn sweep_flows(&mut self, now_ns: u64) -> Result<SweepReport> {
+        let planned = self.plan_sweep(now_ns)?;
+        self.apply_sweep(planned)
+    }
+
+    /// The first half of [`DataPlane::sweep_flows`]: snapshots of the
+    /// tables and what to change, decided from them.
+    ///
+    /// # Errors
+    /// A map that cannot be walked: nothing is decided from part of a table.
+    pub fn plan_sweep(&self, now_ns: u64) -> Result<PlannedSweep> {
         let settings = self.settings;
         let flows: Vec<(FlowKey, Flow)> = self.flows()?;
         let entries: Vec<(NatKey, NatEntry)> = self.reverse_entries()?;
@@ -964,16 +1148,71 @@ impl DataPlane {
                 .collect()
         };
         let plan = plan_sweep(&settings, &flows, &entries, &backends, now_ns);
-        {
-            let mut reverse: BpfHashMap<_, NatKey, NatEntry> = self.map_mut(REVERSE_NAT_MAP)?;
-            for key in &plan.remove_reverse {
-                let _ = reverse.remove(key);
-            }
-        }
+        Ok(PlannedSweep {
+            settings,
+            now_ns,
+            flows,
+            entries,
+            plan,
+        })
+    }
+
+    /// The second half of [`DataPlane::sweep_flows`]: applies a plan, each
+    /// removal checked again against the tables as they are now.
+    ///
+    /// # Errors
+    /// As [`DataPlane::sweep_flows`].
+    pub fn apply_sweep(&mut self, planned: PlannedSweep) -> Result<SweepReport> {
+        let PlannedSweep {
+            settings,
+            now_ns,
+            flows,
+            entries,
+            plan,
+        } = planned;
+        // Each removal is checked again against the maps as they are now: the
+        // data path kept running while the snapshots were taken. (What is
+        // left is the moment between that check and the delete.)
+        let mut removed_flows: HashSet<FlowKey> = HashSet::new();
         {
             let mut table: BpfHashMap<_, FlowKey, Flow> = self.map_mut(CONNTRACK_MAP)?;
             for key in &plan.remove_flows {
-                let _ = table.remove(key);
+                let current = table.get(key, 0).ok();
+                if flow_still_expired(key, current.as_ref(), &settings, now_ns)
+                    && table.remove(key).is_ok()
+                {
+                    removed_flows.insert(*key);
+                }
+            }
+        }
+        let expired = removed_flows.len();
+        let mut removed_reverse: HashSet<NatKey> = HashSet::new();
+        let mut orphans_freed = 0;
+        {
+            let table: BpfHashMap<_, FlowKey, Flow> = self.map(CONNTRACK_MAP)?;
+            let owners: Vec<Option<Flow>> = plan
+                .remove_reverse
+                .iter()
+                .chain(&plan.orphans)
+                .map(|(_, entry)| table.get(&entry.flow, 0).ok())
+                .collect();
+            let mut reverse: BpfHashMap<_, NatKey, NatEntry> = self.map_mut(REVERSE_NAT_MAP)?;
+            let planned = plan.remove_reverse.iter().map(|p| (p, false));
+            let planned = planned.chain(plan.orphans.iter().map(|p| (p, true)));
+            for (((nat_key, entry), orphan), owner) in planned.zip(&owners) {
+                let current = reverse.get(nat_key, 0).ok();
+                if reverse_still_removable(
+                    nat_key,
+                    entry,
+                    current.as_ref(),
+                    owner.as_ref(),
+                    &settings,
+                    now_ns,
+                ) && reverse.remove(nat_key).is_ok()
+                {
+                    removed_reverse.insert(*nat_key);
+                    orphans_freed += usize::from(orphan);
+                }
             }
         }
         let mut reverse_recovered = 0;
@@ -987,23 +1226,30 @@ impl DataPlane {
             }
         }
         let report = SweepReport {
-            live: flows.len() - plan.remove_flows.len(),
-            expired: plan.remove_flows.len(),
+            live: flows.len() - expired,
+            expired,
             reverse_recovered,
-            orphans_freed: plan.orphans,
+            orphans_freed,
         };
         self.sweep_totals.add(&report);
 
-        // Earlier NAT ranges that no reverse entry uses any more.
+        // Earlier NAT ranges that nothing uses any more: no reverse entry
+        // left, and no flow left (a flow that lost its reverse entry still
+        // needs its range, or its replies would reach the host's stack).
         if !self.earlier_nat.is_empty() {
-            let removed: HashSet<&NatKey> = plan.remove_reverse.iter().collect();
+            let reverse_left = entries
+                .iter()
+                .map(|(k, _)| k)
+                .filter(|k| !removed_reverse.contains(k))
+                .map(|k| (k.lb_addr, k.nat_port));
+            let flows_left = flows
+                .iter()
+                .filter(|(k, f)| f.flags & ha_common::FLOW_LOCAL == 0 && !removed_flows.contains(k))
+                .map(|(_, f)| (f.nat_addr, f.nat_port));
             let used = ranges_in_use(
                 &settings.nat[0],
                 &self.earlier_nat,
-                entries
-                    .iter()
-                    .map(|(k, _)| k)
-                    .filter(|k| !removed.contains(k)),
+                reverse_left.chain(flows_left),
             );
             if used.iter().any(|u| !u) {
                 let mut keep = Vec::new();
@@ -1018,8 +1264,7 @@ impl DataPlane {
                 for (i, slot) in next.nat.iter_mut().enumerate().skip(1) {
                     *slot = keep.get(i - 1).copied().unwrap_or_default();
                 }
-                let mut map: Array<_, Settings> = self.map_mut(SETTINGS_MAP)?;
-                map.set(0, next, 0).map_err(map_error(SETTINGS_MAP))?;
+                self.store_settings(&next)?;
                 self.settings = next;
                 self.earlier_nat = keep;
             }
@@ -1135,16 +1380,36 @@ impl DataPlane {
         Ok(snapshot)
     }
 
-    /// Live entries in the connection table (walks it: for tests and status, not hot paths).
+    /// The entries of the connection table, in one batched walk (for the
+    /// sweep, status and tests; not a hot path).
+    ///
+    /// # Errors
+    /// [`DataPlaneError::Dump`]: the walk failed; no partial table is returned.
     pub fn flows(&self) -> Result<Vec<(FlowKey, Flow)>> {
-        let table: BpfHashMap<_, FlowKey, Flow> = self.map(CONNTRACK_MAP)?;
-        Ok(table.iter().filter_map(|e| e.ok()).collect())
+        self.dump(CONNTRACK_MAP)
     }
 
-    /// Reverse NAT entries (walks the table: for the sweep and tests).
+    /// The entries of the reverse NAT table, as [`DataPlane::flows`].
+    ///
+    /// # Errors
+    /// As [`DataPlane::flows`].
     pub fn reverse_entries(&self) -> Result<Vec<(NatKey, NatEntry)>> {
-        let table: BpfHashMap<_, NatKey, NatEntry> = self.map(REVERSE_NAT_MAP)?;
-        Ok(table.iter().filter_map(|e| e.ok()).collect())
+        self.dump(REVERSE_NAT_MAP)
+    }
+
+    /// Every (key, value) of hash map `name` (`BPF_MAP_LOOKUP_BATCH`).
+    fn dump<K: Copy, V: Copy>(&self, name: &'static str) -> Result<Vec<(K, V)>> {
+        let pairs = crate::batch::dump(
+            self.map_fd(name)?,
+            std::mem::size_of::<K>(),
+            std::mem::size_of::<V>(),
+            usize::MAX,
+        )
+        .map_err(|source| DataPlaneError::Dump { map: name, source })?;
+        Ok(pairs
+            .iter()
+            .map(|(k, v)| (crate::batch::read::<K>(k), crate::batch::read::<V>(v)))
+            .collect())
     }
 
     /// Inserts or replaces a reverse NAT entry (tests: occupy a port).
@@ -1178,9 +1443,26 @@ impl DataPlane {
     pub fn set_clock(&mut self, clock_ns: u64) -> Result<()> {
         let mut next = self.settings;
         next.clock_ns = clock_ns;
-        let mut map: Array<_, Settings> = self.map_mut(SETTINGS_MAP)?;
-        map.set(0, next, 0).map_err(map_error(SETTINGS_MAP))?;
+        self.store_settings(&next)?;
         self.settings = next;
+        Ok(())
+    }
+
+    /// Writes `settings` into SETTINGS' idle slot, then makes it the live
+    /// one: the data path reads whole values, old or new, never a mix (a map
+    /// update of an array copies into the live value in place).
+    fn store_settings(&mut self, settings: &Settings) -> Result<()> {
+        let idle = 1 - self.settings_slot;
+        {
+            let mut map: Array<_, Settings> = self.map_mut(SETTINGS_MAP)?;
+            map.set(idle, settings, 0)
+                .map_err(map_error(SETTINGS_MAP))?;
+        }
+        let mut active: Array<_, u32> = self.map_mut(SETTINGS_ACTIVE_MAP)?;
+        active
+            .set(0, idle, 0)
+            .map_err(map_error(SETTINGS_ACTIVE_MAP))?;
+        self.settings_slot = idle;
         Ok(())
     }
 
@@ -1262,12 +1544,13 @@ fn pinned_layout(name: &str, options: &LoadOptions) -> PinLayout {
     }
 }
 
-/// Removes a pinned table whose kind, entry layout or size no longer matches
-/// (aya would otherwise reuse it as it is, and the program would misread
-/// it). Its flows are lost, which such a change needs anyway; the warning says so.
-fn drop_incompatible_pin(path: &Path, expected: &PinLayout) {
+/// Whether a pinned table (if there is one) can be adopted: its kind, entry
+/// layout and size match (aya would otherwise reuse it as it is, and the
+/// program would misread it). A change that needs another layout loses the
+/// flows anyway; the warning says so.
+fn pin_compatible(path: &Path, expected: &PinLayout) -> bool {
     if !path.exists() {
-        return;
+        return true;
     }
     match MapData::from_pin(path).and_then(|map| map.info()) {
         Ok(info)
@@ -1277,19 +1560,20 @@ fn drop_incompatible_pin(path: &Path, expected: &PinLayout) {
                 && info.max_entries() == expected.max_entries =>
         {
             info!(pin = %path.display(), "adopting pinned map");
+            true
         }
         Ok(info) => {
             warn!(
                 pin = %path.display(),
                 pinned = ?(info.map_type().ok(), info.key_size(), info.value_size(), info.max_entries()),
                 configured = ?expected,
-                "pinned map has another kind, layout or size; starting with an empty one (its flows are lost)"
+                "pinned map has another kind, layout or size; the pinned tables are not adopted (their flows are lost)"
             );
-            let _ = std::fs::remove_file(path);
+            false
         }
         Err(e) => {
-            warn!(pin = %path.display(), error = %e, "unreadable pin; replacing it");
-            let _ = std::fs::remove_file(path);
+            warn!(pin = %path.display(), error = %e, "unreadable pin; the pinned tables are not adopted");
+            false
         }
     }
 }
@@ -1366,6 +1650,49 @@ mod tests {
             next_nat_ranges(Some(d), &earlier, b).unwrap(),
             vec![d, c, a]
         );
+        // A wider range on the same address covers the previous one (and any
+        // earlier one inside it): no slot is kept for them.
+        assert_eq!(next_nat_ranges(Some(b), &[], a).unwrap(), vec![]);
+        assert_eq!(next_nat_ranges(Some(d), &[b, c], a).unwrap(), vec![c]);
+    }
+
+    #[test]
+    fn adopted_reverse_entries_give_their_nat_sources_most_used_first() {
+        let key = |last: u8, port: u16| NatKey {
+            lb_addr: addr_to_wire([10, 0, 0, last]),
+            nat_port: port_to_wire(port),
+            ..NatKey::default()
+        };
+        let keys = [
+            key(2, 12000),
+            key(2, 31000),
+            key(2, 15000),
+            key(9, 20000),
+            key(7, 20000),
+            key(7, 20005),
+            key(5, 40000),
+        ];
+        assert_eq!(
+            nat_sources_of(&keys, None),
+            vec![
+                range(2, 12000, 31000),
+                range(7, 20000, 20005),
+                range(5, 40000, 40000)
+            ]
+        );
+        assert!(nat_sources_of(&[], None).is_empty());
+        // Never across the host's own ports: one source on each side.
+        assert_eq!(
+            nat_sources_of(&keys[..3], Some((13000, 20000))),
+            vec![range(2, 12000, 12000), range(2, 31000, 31000)]
+        );
+        // They become the earlier ranges of the first settings applied.
+        let earlier = next_nat_ranges(
+            None,
+            &nat_sources_of(&keys[..3], None),
+            range(2, 20000, 32767),
+        );
+        assert_eq!(earlier.unwrap(), vec![range(2, 12000, 31000)]);
     }
 
     #[test]
@@ -1377,16 +1704,17 @@ mod tests {
             nat_port: port_to_wire(port),
             ..NatKey::default()
         };
+        let at = |key: NatKey| (key.lb_addr, key.nat_port);
         assert_eq!(
-            ranges_in_use(&current, &earlier, &[key(2, 25000)]),
+            ranges_in_use(&current, &earlier, [at(key(2, 25000))]),
             vec![false, false]
         );
         assert_eq!(
-            ranges_in_use(&current, &earlier, &[key(2, 12000)]),
+            ranges_in_use(&current, &earlier, [at(key(2, 12000))]),
             vec![true, false]
         );
         assert_eq!(
-            ranges_in_use(&current, &earlier, &[key(9, 25000)]),
+            ranges_in_use(&current, &earlier, [at(key(9, 25000))]),
             vec![false, true]
         );
     }
@@ -1473,12 +1801,81 @@ mod tests {
         ];
         let plan = plan_sweep(&settings(), &flows, &entries, &backends, now);
         assert_eq!(plan.remove_flows, vec![flow_key(2)]);
-        assert_eq!(plan.remove_reverse, vec![nat(20002), nat(20007)]);
-        assert_eq!(plan.orphans, 1);
+        assert_eq!(
+            plan.remove_reverse,
+            vec![(nat(20002), entry(flow_key(2), now))]
+        );
+        assert_eq!(
+            plan.orphans,
+            vec![(nat(20007), entry(flow_key(7), now - 2 * ORPHAN_GRACE_NS))]
+        );
         assert_eq!(
             plan.recover_reverse,
             vec![(nat(20003), entry(flow_key(3), now))]
         );
         assert_eq!(plan.referenced, HashSet::from([0]));
+
+        // Checked again at delete time: a flow refreshed since the snapshot,
+        // or made anew by a SYN, stays.
+        let s = settings();
+        let stale = flow(20002, 0, now - 62 * 1_000_000_000);
+        assert!(flow_still_expired(&flow_key(2), Some(&stale), &s, now));
+        let refreshed = flow(20002, 0, now - 1_000_000_000);
+        assert!(!flow_still_expired(&flow_key(2), Some(&refreshed), &s, now));
+        assert!(!flow_still_expired(&flow_key(2), None, &s, now));
+        // A reverse entry goes only if it is the one planned and no live flow names it.
+        let orphan = entry(flow_key(7), now - 2 * ORPHAN_GRACE_NS);
+        let k = nat(20007);
+        assert!(reverse_still_removable(
+            &k,
+            &orphan,
+            Some(&orphan),
+            None,
+            &s,
+            now
+        ));
+        let claimed = entry(flow_key(9), now);
+        assert!(!reverse_still_removable(
+            &k,
+            &orphan,
+            Some(&claimed),
+            None,
+            &s,
+            now
+        ));
+        assert!(!reverse_still_removable(&k, &orphan, None, None, &s, now));
+        let owner = flow(20007, established, now);
+        assert!(!reverse_still_removable(
+            &k,
+            &orphan,
+            Some(&orphan),
+            Some(&owner),
+            &s,
+            now
+        ));
+        let elsewhere = flow(20008, established, now);
+        assert!(reverse_still_removable(
+            &k,
+            &orphan,
+            Some(&orphan),
+            Some(&elsewhere),
+            &s,
+            now
+        ));
+        assert!(reverse_still_removable(
+            &k,
+            &orphan,
+            Some(&orphan),
+            Some(&stale_owner(&owner)),
+            &s,
+            now
+        ));
+    }
+
+    fn stale_owner(flow: &Flow) -> Flow {
+        Flow {
+            last_seen_ns: flow.last_seen_ns - 4000 * 1_000_000_000,
+            ..*flow
+        }
     }
 }

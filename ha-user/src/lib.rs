@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod agent;
+pub mod batch;
 pub mod config;
 pub mod dataplane;
 pub mod ebpf_object;

@@ -206,6 +206,7 @@ impl Bench {
             ],
         )?;
         let mut dataplane = DataPlane::load(&LoadOptions {
+            host_ports: None,
             maglev_table_size: table_size,
             max_vips: 1,
             max_flows,

@@ -276,6 +276,99 @@ fn a_spoofed_syn_flood_does_not_take_the_control_plane_down() {
         .expect("a connection after the flood's flows ended");
 }
 
+/// A flood that overflows the connection table itself (1,024 entries, NAT
+/// ports to spare): new flows make room by evicting the oldest unanswered
+/// ones (early drop), so real clients get in during and after the flood, and
+/// an established connection opened before it is never the one evicted.
+#[test]
+fn a_flood_that_fills_the_table_leaves_room_for_real_clients_and_keeps_established_ones() {
+    const FLOOD: usize = 4000;
+    const REAL: usize = 20;
+    let lab = Lab::new(&HOSTS).unwrap();
+    let _apis = start_apiservers(&lab, &BACKENDS);
+    let yaml = format!(
+        "{}data_plane:\n  conntrack:\n    max_flows: 1024\n",
+        vip_config(&lab, &BACKENDS)
+    );
+    let config = write_config(&lab, "config.yaml", &yaml);
+    let _agent = start_agent(&lab, "lb", &config, &[]);
+    let vip = lab.vip(0);
+    let before = status_json(&lab, "lb");
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
+        | 1;
+    eprintln!("table-filling SYN flood: seed {seed:#x}");
+    let frames = spoofed_syns(&lab, FLOOD, 6443, &mut Rng(seed));
+    let (during, after_flood, sent) = lab
+        .in_host("client", || {
+            let mut session = Session::open(vip);
+            assert_eq!(session.exchange("before"), "before\n");
+            // Real clients connect while the flood runs (this thread is in
+            // the client's namespace; the one it spawns is too).
+            let (during, sent) = std::thread::scope(|scope| {
+                let flood = scope.spawn(|| send_raw_frames(&frames));
+                let mut during = Vec::new();
+                while !flood.is_finished() {
+                    during.push(
+                        whoami(vip, 6443)
+                            .map(|(name, _)| name)
+                            .map_err(|e| e.to_string()),
+                    );
+                }
+                (during, flood.join().unwrap())
+            });
+            let after_flood: Vec<Result<String, String>> = (0..REAL)
+                .map(|_| {
+                    whoami(vip, 6443)
+                        .map(|(name, _)| name)
+                        .map_err(|e| e.to_string())
+                })
+                .collect();
+            for i in 0..5 {
+                let text = format!("after {i}");
+                assert_eq!(
+                    session.exchange(&text),
+                    format!("{text}\n"),
+                    "the connection established before the flood"
+                );
+            }
+            (during, after_flood, sent)
+        })
+        .unwrap();
+    let after = status_json(&lab, "lb");
+    let delta =
+        |group: &str, name: &str| counter(&after, group, name) - counter(&before, group, name);
+    let failed = |results: &[Result<String, String>]| results.iter().filter(|r| r.is_err()).count();
+    eprintln!(
+        "measured: {sent} SYNs into a 1024-flow table; real connections during the flood {} of {} failed, after {} of {REAL}; \
+         new_flow {}, embryonic_evicted {}, drop_table_full {}, flows {}",
+        failed(&during),
+        during.len(),
+        failed(&after_flood),
+        delta("events", "new_flow"),
+        delta("events", "embryonic_evicted"),
+        delta("verdicts", "drop_table_full"),
+        after["conntrack"]["flows"],
+    );
+    assert_eq!(sent, FLOOD, "the kernel refused some frames");
+    assert!(!during.is_empty());
+    assert_eq!(failed(&during), 0, "{during:?}");
+    assert_eq!(failed(&after_flood), 0, "{after_flood:?}");
+    // The table did fill, and room was made rather than flows refused.
+    assert!(
+        delta("events", "embryonic_evicted") >= (FLOOD as u64 - 1024) * 9 / 10,
+        "room made {} times",
+        delta("events", "embryonic_evicted")
+    );
+    assert!(
+        delta("verdicts", "drop_table_full") <= FLOOD as u64 / 100,
+        "{} new flows refused",
+        delta("verdicts", "drop_table_full")
+    );
+}
+
 fn nat_config(lab: &Lab, range: &str, source: Option<Ipv4Addr>) -> String {
     let mut yaml = format!(
         "{}data_plane:\n  nat:\n    port_range: {range}\n",

@@ -338,6 +338,66 @@ fn an_established_connection_survives_an_agent_restart_through_the_pinned_tables
     .unwrap();
 }
 
+/// A restart that also moves `nat.port_range` away from an established
+/// connection's NAT port: the adopted flow's port stays a live NAT source
+/// (seeded from the pinned reverse table), so the backend's replies are still
+/// translated, not handed to the host's stack and reset.
+#[test]
+fn an_established_connection_survives_a_restart_that_moves_the_nat_range() {
+    let lab = Lab::new(&HOSTS[..5]).unwrap();
+    let _apis = start_apiservers(&lab, &["api1", "api2", "api3"]);
+    let yaml = vip_config(&lab, &["api1", "api2", "api3"]);
+    let config = write_config(&lab, "config.yaml", &yaml);
+    let pins = lab.bpffs().unwrap().join("lb");
+    let pin_arg = ["--pin-dir", pins.to_str().unwrap()];
+    let mut agent = start_agent(&lab, "lb", &config, &pin_arg);
+    let vip = lab.vip(0);
+    lab.in_host("client", || {
+        let mut session = Session::open(vip);
+        let mut exchange = |text: &str| session.exchange(text);
+        let first = exchange("whoami");
+        // "<server> <lb address>:<NAT port>"
+        let port: u16 = first.trim().rsplit(':').next().unwrap().parse().unwrap();
+        let moved = if port < 20000 {
+            "20000-32767"
+        } else {
+            "10000-19999"
+        };
+        agent.stop(Duration::from_secs(10)).unwrap();
+        let moved_config = write_config(
+            &lab,
+            "moved.yaml",
+            &format!("{yaml}data_plane:\n  nat:\n    port_range: {moved}\n"),
+        );
+        let mut restarted = start_agent(&lab, "lb", &moved_config, &pin_arg);
+        assert!(
+            restarted
+                .log()
+                .contains("adopted flows use this NAT source"),
+            "{}",
+            restarted.log()
+        );
+        for i in 0..10 {
+            assert_eq!(
+                exchange(&format!("after restart {i}")),
+                format!("after restart {i}\n"),
+                "NAT port {port}, new range {moved}"
+            );
+        }
+        assert_eq!(exchange("whoami"), first, "same backend, same NAT port");
+        // New connections take the new range.
+        let (_, seen) = whoami(vip, 6443).unwrap();
+        let new_port: u16 = seen.rsplit(':').next().unwrap().parse().unwrap();
+        let (lo, hi) = moved.split_once('-').unwrap();
+        assert!(
+            (lo.parse().unwrap()..=hi.parse().unwrap()).contains(&new_port),
+            "{new_port} in {moved}"
+        );
+        restarted.stop(Duration::from_secs(10)).unwrap();
+    })
+    .unwrap();
+}
+
 /// Receives ARP frames on the host's eth0 for `window` (an AF_PACKET socket
 /// in that host's namespace: real frames off the wire).
 fn capture_arp(window: Duration) -> Vec<Vec<u8>> {

@@ -203,6 +203,7 @@ fn world() -> World {
     lab.pin_neighbours("lb", &["client", "api1", "api2", "api3"])
         .unwrap();
     let mut dataplane = DataPlane::load(&LoadOptions {
+        host_ports: None,
         maglev_table_size: TABLE_SIZE,
         max_vips: 8,
         max_flows: 4096,
@@ -1050,6 +1051,40 @@ fn the_agent_sweep_removes_ended_flows_and_their_reverse_entries() {
         w.dataplane.reverse_entries().unwrap().is_empty(),
         "NAT ports freed"
     );
+}
+
+/// The sweep decides from a walk of both tables, and the data path keeps
+/// running meanwhile: a flow made anew (a SYN on its expired entry) between
+/// the walk and the deletes must stay, with its reverse entry.
+#[test]
+fn the_sweep_keeps_a_flow_renewed_after_its_snapshot() {
+    let mut w = world();
+    for port in [42000u16, 42001] {
+        let mut syn = w.client_frame(w.tcp_vip, 6443, SYN);
+        syn.sport = port;
+        assert_eq!(w.run(&syn.build()).0, XDP_TX);
+    }
+    let later = T0 + 61 * SECOND + 1;
+    let planned = w.dataplane.plan_sweep(later).unwrap();
+    assert_eq!(
+        planned.plan.remove_flows.len(),
+        2,
+        "both unanswered SYNs ended"
+    );
+    // Meanwhile the first client tries again.
+    w.dataplane.set_clock(later).unwrap();
+    let mut syn = w.client_frame(w.tcp_vip, 6443, SYN);
+    syn.sport = 42000;
+    assert_eq!(w.run(&syn.build()).0, XDP_TX);
+    let report = w.dataplane.apply_sweep(planned).unwrap();
+    assert_eq!((report.live, report.expired), (1, 1));
+    let flows = w.dataplane.flows().unwrap();
+    assert_eq!(flows.len(), 1);
+    assert_eq!(flows[0].0.src_port, 42000u16.to_be());
+    assert_eq!(flows[0].1.last_seen_ns, later, "the renewed flow");
+    let entries = w.dataplane.reverse_entries().unwrap();
+    assert_eq!(entries.len(), 1, "with its reverse entry");
+    assert_eq!(entries[0].1.flow, flows[0].0);
 }
 
 /// One backend and one NAT port: at most one concurrent flow.

@@ -22,6 +22,7 @@ fn native_xdp_counts_real_packets_sent_by_another_host() {
     let lab = Lab::new(&["client", "lb"]).unwrap();
     let lb = lab.host("lb").addr;
     let options = LoadOptions {
+        host_ports: None,
         maglev_table_size: 1009,
         max_vips: 1,
         max_flows: 1024,
@@ -108,6 +109,7 @@ fn native_xdp_counts_real_packets_sent_by_another_host() {
 fn the_program_verifies_well_within_the_kernels_limits() {
     let started = std::time::Instant::now();
     let dataplane = DataPlane::load(&LoadOptions {
+        host_ports: None,
         maglev_table_size: 1009,
         max_vips: 1,
         max_flows: 1024,
@@ -125,5 +127,78 @@ fn the_program_verifies_well_within_the_kernels_limits() {
     assert!(
         verified < 250_000,
         "{verified} instructions processed by the verifier (limit 1,000,000)"
+    );
+}
+
+/// The pinned tables go together: flows name backends by id and pair with
+/// reverse entries, so when one of them cannot be adopted (here the
+/// connection table, after `max_flows` changed) none is.
+#[test]
+fn pinned_tables_are_adopted_together_or_not_at_all() {
+    use ha_common::{FLOW_ASSURED, Flow, FlowKey, PROTO_TCP};
+    use ha_user::{
+        config::DataPlaneConfig,
+        dataplane::{DesiredBackend, DesiredVip},
+    };
+    use std::net::Ipv4Addr;
+
+    let lab = Lab::new(&["lb"]).unwrap();
+    let pins = lab.bpffs().unwrap().join("pins");
+    let options = |max_flows| LoadOptions {
+        host_ports: None,
+        maglev_table_size: 1009,
+        max_vips: 1,
+        max_flows,
+        pin_dir: Some(pins.clone()),
+    };
+    let backend = (Ipv4Addr::new(10, 99, 0, 11), 6443);
+    let key = FlowKey {
+        src_addr: u32::from_ne_bytes([10, 99, 0, 50]),
+        dst_addr: u32::from_ne_bytes([10, 99, 0, 100]),
+        src_port: 40000u16.to_be(),
+        dst_port: 6443u16.to_be(),
+        protocol: PROTO_TCP,
+        ..FlowKey::default()
+    };
+    {
+        let mut dataplane = DataPlane::load(&options(1024)).unwrap();
+        let vip = DesiredVip {
+            name: "api".into(),
+            address: Ipv4Addr::new(10, 99, 0, 100),
+            port: 6443,
+            protocol: PROTO_TCP,
+            enabled: true,
+            backends: vec![DesiredBackend {
+                address: backend.0,
+                port: backend.1,
+                weight: 1,
+                local: false,
+                down: false,
+            }],
+        };
+        let settings = DataPlaneConfig::default().settings(Ipv4Addr::new(10, 99, 0, 2));
+        dataplane.apply(&settings, &[vip]).unwrap();
+        let id = dataplane.backend_id_of(backend.0, backend.1).unwrap();
+        let flow = Flow {
+            backend_id: id,
+            flags: FLOW_ASSURED,
+            ..Flow::default()
+        };
+        dataplane.insert_flow(&key, &flow).unwrap();
+    }
+    {
+        let dataplane = DataPlane::load(&options(1024)).unwrap();
+        assert_eq!(dataplane.flows().unwrap().len(), 1, "same size: adopted");
+        assert!(dataplane.backend_id_of(backend.0, backend.1).is_some());
+    }
+    let dataplane = DataPlane::load(&options(2048)).unwrap();
+    assert!(
+        dataplane.flows().unwrap().is_empty(),
+        "another size: not adopted"
+    );
+    assert_eq!(
+        dataplane.backend_id_of(backend.0, backend.1),
+        None,
+        "nor the backend table that went with it"
     );
 }

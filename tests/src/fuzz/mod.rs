@@ -9,7 +9,7 @@
 //! minimal one, which is written as a JSON fixture; `tests/fuzz-fixtures/`
 //! holds those that were found and fixed, replayed by `cargo xtask test`.
 
-pub mod batch;
+pub use ha_user::batch;
 pub mod steps;
 pub mod world;
 

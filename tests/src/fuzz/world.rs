@@ -255,6 +255,7 @@ impl Harness {
         cpus.set(cpu)?;
         sched_setaffinity(nix::unistd::Pid::from_raw(0), &cpus)?;
         let options = LoadOptions {
+            host_ports: None,
             maglev_table_size: TABLE_SIZE,
             max_vips: MAX_VIPS,
             max_flows: MAX_FLOWS,
@@ -532,6 +533,12 @@ impl Harness {
             }
         }
         out
+    }
+
+    /// The model's maps and counters after the last case: the program's
+    /// too, as long as that case ran without a divergence.
+    pub fn state(&self) -> &ha_model::State {
+        &self.model.state
     }
 
     /// Packets (frames) in a case.

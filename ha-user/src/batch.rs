@@ -1,6 +1,8 @@
 //! Whole-map dumps with `BPF_MAP_LOOKUP_BATCH` (kernel 5.6+): one syscall
 //! per map instead of two per entry, so the fuzzer can compare every map
-//! after every packet. aya 0.14 does not expose batch operations, so this is
+//! after every packet, and the agent sweeps from a consistent walk (a
+//! `get_next_key` walk starts over whenever the key it stands on is deleted).
+//! aya 0.14 does not expose batch operations, so this is
 //! the raw syscall (include/uapi/linux/bpf.h, `struct { ... } batch`).
 
 use std::{io, os::fd::AsRawFd};
