@@ -648,7 +648,9 @@ fn render_e2e(out: &mut String, report: &Report, effort: Effort) {
          connections, {} s) with `Connection: close` (a new connection per request) and with keep-alive; \
          latency percentiles of new connections (connect to last byte) at {} per second from a paced \
          client, measured first, before the wrk bursts; CPU is the whole machine's (client, LB and \
-         backends share its cores), in seconds per 100,000 requests.\n",
+         backends share its cores), in seconds per 100,000 requests. The last row has no balancer: \
+         the client talks to one of the three backends itself, the direct path's figures on this \
+         machine (one backend instead of three, so not a like-for-like rival).\n",
         effort.e2e.seconds, effort.e2e.latency_rate
     );
     let _ = writeln!(

@@ -13,6 +13,7 @@ fn short(balancer: Balancer) -> &'static str {
         Balancer::HaLb => "ha-lb",
         Balancer::Haproxy => "haproxy",
         Balancer::Nftables => "nftables",
+        Balancer::Direct => "direct",
     }
 }
 
@@ -21,6 +22,7 @@ fn color(balancer: Balancer) -> RGBColor {
         Balancer::HaLb => RGBColor(31, 119, 180),
         Balancer::Haproxy => RGBColor(255, 127, 14),
         Balancer::Nftables => RGBColor(44, 160, 44),
+        Balancer::Direct => RGBColor(127, 127, 127),
     }
 }
 

@@ -23,16 +23,26 @@ pub enum Balancer {
     HaLb,
     Haproxy,
     Nftables,
+    /// No balancer: the client talks to one backend (web1) itself. The
+    /// ceiling of this machine, not a like-for-like rival: one backend
+    /// instead of three, and no LB host on the way.
+    Direct,
 }
 
 impl Balancer {
-    pub const ALL: [Balancer; 3] = [Balancer::HaLb, Balancer::Haproxy, Balancer::Nftables];
+    pub const ALL: [Balancer; 4] = [
+        Balancer::HaLb,
+        Balancer::Haproxy,
+        Balancer::Nftables,
+        Balancer::Direct,
+    ];
 
     pub fn label(self) -> &'static str {
         match self {
             Balancer::HaLb => "ha-lb (XDP, full NAT)",
             Balancer::Haproxy => "haproxy 2.6 (mode tcp, roundrobin)",
             Balancer::Nftables => "nftables (DNAT + masquerade)",
+            Balancer::Direct => "direct, no balancer (client to one backend)",
         }
     }
 }
@@ -259,6 +269,7 @@ fn start_balancer(lab: &Lab, balancer: Balancer) -> Result<Option<LabProcess>> {
             })?;
             Ok(Some(process))
         }
+        Balancer::Direct => Ok(None),
         Balancer::Nftables => {
             lab.exec(
                 "lb",
@@ -299,7 +310,7 @@ fn stop_balancer(lab: &Lab, balancer: Balancer, guard: Option<LabProcess>) -> Re
     }
     let vip = format!("{}/32", lab.vip(0));
     match balancer {
-        Balancer::HaLb => {}
+        Balancer::HaLb | Balancer::Direct => {}
         Balancer::Haproxy => {
             lab.exec("lb", &["ip", "addr", "del", &vip, "dev", HOST_IFACE])?;
         }
@@ -325,10 +336,13 @@ pub fn run(effort: E2eEffort, mut progress: impl FnMut(&str)) -> Result<Vec<E2eR
         .iter()
         .map(|w| start_nginx(&lab, w))
         .collect::<Result<_>>()?;
-    let vip = lab.vip(0);
     let mut results = Vec::new();
     for balancer in Balancer::ALL {
         progress(&format!("end to end: {}", balancer.label()));
+        let vip = match balancer {
+            Balancer::Direct => lab.host(WEBS[0]).addr,
+            _ => lab.vip(0),
+        };
         let guard = start_balancer(&lab, balancer)?;
         // Warm up (ARP, first checks) before measuring.
         let _ = latencies(&lab, vip, 50, 1)?;

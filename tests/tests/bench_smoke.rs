@@ -18,7 +18,7 @@ fn every_benchmark_part_produces_numbers() {
             .all(|(_, _, time)| !time.is_zero())
     );
     assert_eq!(report.scale.len(), 5, "{:?}", report.scale);
-    assert_eq!(report.e2e.len(), 3, "ha-lb, haproxy, nftables");
+    assert_eq!(report.e2e.len(), 4, "ha-lb, haproxy, nftables, direct");
     for result in &report.e2e {
         assert!(
             result.connections_per_second > 0.0
@@ -46,7 +46,8 @@ fn every_benchmark_part_produces_numbers() {
         "{markdown}"
     );
     assert!(
-        markdown.contains("| trivial XDP_PASS program (floor) |"),
+        markdown.contains("| trivial XDP_PASS program (floor) |")
+            && markdown.contains("| direct, no balancer"),
         "{markdown}"
     );
 }
