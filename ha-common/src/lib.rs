@@ -666,7 +666,8 @@ indexed_enum! {
         /// The next hop's MAC is not resolved yet: dropped (the client retransmits;
         /// the agent keeps backends' neighbours resolved).
         DropNoNeighbour = 16 => "drop_no_neighbour",
-        /// No route to the backend, or another FIB failure: dropped.
+        /// A FIB answer without a verdict of its own (an unsupported lightweight
+        /// tunnel, no source address): dropped.
         DropFibFailure = 17 => "drop_fib_failure",
         /// The route leaves through an interface not in TX_PORTS: dropped.
         DropNoTxPort = 18 => "drop_no_tx_port",
@@ -681,6 +682,35 @@ indexed_enum! {
         DropTableFull = 22 => "drop_table_full",
         /// TCP flags no real TCP sends together (SYN+FIN, none, ...): dropped.
         DropInvalidTcpFlags = 23 => "drop_invalid_tcp_flags",
+        /// An ICMP error about a client's flow (from the client's side, about a
+        /// packet the VIP sent) translated to the flow's backend (RFC 5508) and sent.
+        IcmpForwardTx = 24 => "icmp_forward_tx",
+        IcmpForwardRedirect = 25 => "icmp_forward_redirect",
+        /// An ICMP error from the backend's side about a packet sent from a NAT
+        /// port, translated back to the flow's client and sent.
+        IcmpReplyTx = 26 => "icmp_reply_tx",
+        IcmpReplyRedirect = 27 => "icmp_reply_redirect",
+        /// A packet to forward arrived with TTL 0 or 1: answered with ICMP time
+        /// exceeded (from the address it was sent to) instead.
+        IcmpTimeExceededTx = 28 => "icmp_time_exceeded_tx",
+        /// A packet with DF set is larger than the route's MTU: answered with ICMP
+        /// fragmentation needed carrying that MTU instead.
+        IcmpFragNeededTx = 29 => "icmp_frag_needed_tx",
+        /// Larger than the route's MTU and not to be answered (no DF, or itself an
+        /// ICMP error): dropped.
+        DropFragNeeded = 30 => "drop_frag_needed",
+        /// An ICMP error to translate whose TTL ran out: dropped (no error about an error).
+        DropTtlExceeded = 31 => "drop_ttl_exceeded",
+        /// The FIB has no route to the destination, or it is local or broadcast: dropped.
+        DropNoRoute = 32 => "drop_no_route",
+        /// The route is a blackhole: dropped.
+        DropRouteBlackhole = 33 => "drop_route_blackhole",
+        /// The route is unreachable: dropped.
+        DropRouteUnreachable = 34 => "drop_route_unreachable",
+        /// The route is prohibit: dropped.
+        DropRouteProhibit = 35 => "drop_route_prohibit",
+        /// IPv4 forwarding is off on the interface the frame came in on: dropped.
+        DropForwardingDisabled = 36 => "drop_forwarding_disabled",
     }
 }
 

@@ -16,6 +16,7 @@
 mod classify;
 mod conntrack;
 mod forward;
+mod icmp;
 mod maps;
 mod nat;
 mod parse;
@@ -80,7 +81,10 @@ fn pass_by_protocol(protocol: u8) -> (u32, Verdict) {
 /// forward step's frame then sits on top of `process`'s, not of the path's
 /// (the whole call chain shares 512 bytes of stack).
 pub struct Send {
+    /// New addresses and ports (of an ICMP error: its outer addresses).
     to: Rewrite,
+    /// An ICMP error's embedded packet: its new addresses and ports.
+    inner: Rewrite,
     exits: forward::Exits,
     /// A new flow's entry, built here before it is inserted (off the stack).
     flow: Flow,
@@ -110,33 +114,49 @@ fn process(ctx: &XdpContext) -> (u32, Verdict) {
     };
     // SAFETY: this CPU's scratch; nothing else runs on it meanwhile.
     let (packet, send) = unsafe { (&mut (*scratch).packet, &mut (*scratch).send) };
-    match parse::parse(ctx, packet) {
-        Parsed::Ipv4 => {}
+    let icmp_error = match parse::parse(ctx, packet) {
+        Parsed::Ipv4 => false,
+        Parsed::IcmpError => true,
         Parsed::NotIpv4 => return pass(Verdict::PassNonIpv4),
         Parsed::Malformed => return pass(Verdict::PassMalformed),
         Parsed::OtherIpv4(protocol) => return pass_by_protocol(protocol),
         Parsed::LaterFragment => return pass(Verdict::PassFragment),
-    }
+    };
     let packet: &Packet = packet;
     // SAFETY: copied out at once.
     let slot = SETTINGS_ACTIVE.get(0).map_or(0, |s| *s & 1);
     let Some(settings) = SETTINGS.get(slot) else {
-        return pass_by_protocol(packet.protocol);
+        return pass_by_protocol(if icmp_error {
+            IPPROTO_ICMP
+        } else {
+            packet.protocol
+        });
     };
-    let result = match classify::classify(packet, settings) {
-        Class::ToVip(vip) => to_vip(ctx, packet, &vip, settings, send),
-        Class::Reply(owner) => reply(ctx, packet, &owner, settings, send),
-        Class::ReplyNoFlow => return drop(Verdict::DropReplyNoFlow),
-        Class::NotOurs => return pass_by_protocol(packet.protocol),
+    let result = if icmp_error {
+        icmp_path(packet, settings, send)
+    } else {
+        match classify::classify(packet, settings) {
+            Class::ToVip(vip) => to_vip(ctx, packet, &vip, settings, send),
+            Class::Reply(owner) => reply(ctx, packet, &owner, settings, send),
+            Class::ReplyNoFlow => return drop(Verdict::DropReplyNoFlow),
+            Class::NotOurs => return pass_by_protocol(packet.protocol),
+        }
     };
     let (action, verdict) = decode(result);
     if action != SEND {
         return (action, Verdict::from_index(verdict));
     }
-    if nat::rewrite(ctx, packet, &send.to).is_none() {
-        return pass(Verdict::PassMalformed);
+    forward::forward(ctx, packet, send)
+}
+
+/// An ICMP error: translated if it is about one of our flows, else passed.
+/// Sent by the same forward step as every other packet (one call to verify).
+#[inline(never)]
+fn icmp_path(packet: &Packet, settings: &Settings, send: &mut Send) -> u64 {
+    match icmp::classify(packet, settings, send) {
+        Some(verdict) => encode((SEND, verdict)),
+        None => encode(pass(Verdict::PassIcmp)),
     }
-    forward::forward(ctx, packet, &send.to, &send.exits)
 }
 
 /// What neither direction handles: IP options (which may carry addresses a

@@ -7,7 +7,7 @@ use ha_common::{
 };
 
 use crate::parse::{
-    IP_CHECK, IP_DST, IP_SRC, L4_DPORT, L4_SPORT, Packet, TCP_CHECK, UDP_CHECK, read, write,
+    IP_CHECK, IP_DST, IP_SRC, IP_TTL, L4_DPORT, L4_SPORT, Packet, TCP_CHECK, UDP_CHECK, read, write,
 };
 
 /// New source and destination (wire order) for a packet.
@@ -50,4 +50,17 @@ pub fn rewrite(ctx: &XdpContext, packet: &Packet, to: &Rewrite) -> Option<()> {
     write(ctx, l4 + L4_DPORT, to.dst_port)?;
     write(ctx, check_at, check)?;
     Some(())
+}
+
+/// Takes one from the TTL (the caller checked it is above 1) and updates
+/// the IPv4 header checksum for the word it shares with the protocol.
+#[inline(always)]
+pub fn decrement_ttl(ctx: &XdpContext, packet: &Packet) -> Option<()> {
+    let l3 = packet.l3();
+    let old: [u8; 2] = read(ctx, l3 + IP_TTL)?;
+    let new = [old[0].wrapping_sub(1), old[1]];
+    let check: u16 = read(ctx, l3 + IP_CHECK)?;
+    let check = replace_u16(check, u16::from_ne_bytes(old), u16::from_ne_bytes(new));
+    write(ctx, l3 + IP_TTL, new)?;
+    write(ctx, l3 + IP_CHECK, check)
 }

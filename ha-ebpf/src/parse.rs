@@ -14,10 +14,18 @@ const IPV4_HDR_LEN: usize = 20;
 const TCP_HDR_LEN: usize = 20;
 const UDP_HDR_LEN: usize = 8;
 pub const IPPROTO_ICMP: u8 = 1;
+/// ICMP header, and the most of the embedded packet an error needs: its
+/// IPv4 header (without options) and the first 8 bytes of its L4 header.
+pub const ICMP_HDR_LEN: usize = 8;
+pub const ICMP_ERROR_MIN: usize = IPV4_HDR_LEN + ICMP_HDR_LEN + IPV4_HDR_LEN + 8;
+pub const ICMP_DEST_UNREACH: u8 = 3;
+pub const ICMP_TIME_EXCEEDED: u8 = 11;
+pub const ICMP_PARAMETER_PROBLEM: u8 = 12;
 
 // Offsets inside the IPv4 header.
 pub const IP_TOT_LEN: usize = 2;
-const IP_FRAG: usize = 6;
+pub const IP_FRAG: usize = 6;
+pub const IP_TTL: usize = 8;
 const IP_PROTO: usize = 9;
 pub const IP_CHECK: usize = 10;
 pub const IP_SRC: usize = 12;
@@ -28,6 +36,10 @@ pub const L4_DPORT: usize = 2;
 const TCP_FLAGS: usize = 13;
 pub const TCP_CHECK: usize = 16;
 pub const UDP_CHECK: usize = 6;
+/// The ICMP checksum, inside the ICMP header.
+pub const ICMP_CHECK: usize = 2;
+/// DF in the fragment field (host order).
+pub const IP_DF: u16 = 0x4000;
 
 /// A pointer to a `T` at `offset` bytes into the frame, or `None` if it
 /// would run past the end.
@@ -94,6 +106,15 @@ pub struct Packet {
     pub fragment: Fragment,
     /// IPv4 total length, host order (for the FIB lookup's MTU check).
     pub ip_total_len: u16,
+    /// An ICMP error ([`Parsed::IcmpError`]): `protocol`, the addresses and
+    /// ports above are those of the packet it embeds (the one it is about),
+    /// found at [`Packet::inner`]; `l4` is the ICMP header.
+    pub icmp_error: bool,
+    /// Offset of the embedded IPv4 header of an ICMP error.
+    inner: usize,
+    /// The outer addresses of an ICMP error (wire order).
+    pub outer_src: u32,
+    pub outer_dst: u32,
 }
 
 /// Every header ends within the frame's first 128 bytes (Ethernet, one tag,
@@ -108,10 +129,16 @@ impl Packet {
         self.l3 & HEADER_OFFSET_MASK
     }
 
-    /// Offset of the TCP/UDP header.
+    /// Offset of the TCP/UDP header (of an ICMP error: the ICMP header).
     #[inline(always)]
     pub fn l4(&self) -> usize {
         self.l4 & HEADER_OFFSET_MASK
+    }
+
+    /// Offset of an ICMP error's embedded IPv4 header.
+    #[inline(always)]
+    pub fn inner(&self) -> usize {
+        self.inner & HEADER_OFFSET_MASK
     }
 
     /// The TCP flags byte (0 for UDP), read from the frame each time it is
@@ -135,6 +162,9 @@ pub enum Parsed {
     OtherIpv4(u8),
     /// A non-first fragment: no ports.
     LaterFragment,
+    /// An ICMP error (destination unreachable, time exceeded, parameter
+    /// problem) about a TCP or UDP packet: the `Packet` holds the embedded one.
+    IcmpError,
     /// TCP or UDP over IPv4: the `Packet` given to [`parse`] is filled in.
     Ipv4,
 }
@@ -185,6 +215,13 @@ pub fn parse(ctx: &XdpContext, packet: &mut Packet) -> Parsed {
     let l4_min = match protocol {
         PROTO_TCP => TCP_HDR_LEN,
         PROTO_UDP => UDP_HDR_LEN,
+        IPPROTO_ICMP => {
+            let plain = header_len == IPV4_HDR_LEN && matches!(fragment, Fragment::No);
+            if plain && ip_total_len as usize >= ICMP_ERROR_MIN {
+                return icmp_error(ctx, l3, vlan_tagged, &header, packet);
+            }
+            return Parsed::OtherIpv4(IPPROTO_ICMP);
+        }
         other => return Parsed::OtherIpv4(other),
     };
     let l4 = l3 + header_len;
@@ -225,6 +262,68 @@ pub fn parse(ctx: &XdpContext, packet: &mut Packet) -> Parsed {
         has_ip_options: header_len != IPV4_HDR_LEN,
         fragment,
         ip_total_len,
+        icmp_error: false,
+        inner: 0,
+        outer_src: 0,
+        outer_dst: 0,
     };
     Parsed::Ipv4
+}
+
+fn addr_at(header: &[u8; IPV4_HDR_LEN], at: usize) -> u32 {
+    u32::from_ne_bytes([header[at], header[at + 1], header[at + 2], header[at + 3]])
+}
+
+/// An ICMP packet of at least [`ICMP_ERROR_MIN`] bytes, without options and
+/// not a fragment: an error about a TCP or UDP packet whose IPv4 header has no
+/// options and which is not a later fragment, or `OtherIpv4(ICMP)`.
+#[inline(always)]
+fn icmp_error(
+    ctx: &XdpContext,
+    l3: usize,
+    vlan_tagged: bool,
+    outer: &[u8; IPV4_HDR_LEN],
+    packet: &mut Packet,
+) -> Parsed {
+    let l4 = l3 + IPV4_HDR_LEN;
+    let not_an_error = Parsed::OtherIpv4(IPPROTO_ICMP);
+    let Some(icmp_type) = read::<u8>(ctx, l4) else {
+        return not_an_error;
+    };
+    if icmp_type != ICMP_DEST_UNREACH
+        && icmp_type != ICMP_TIME_EXCEEDED
+        && icmp_type != ICMP_PARAMETER_PROBLEM
+    {
+        return not_an_error;
+    }
+    let inner = l4 + ICMP_HDR_LEN;
+    let Some(header) = read::<[u8; IPV4_HDR_LEN]>(ctx, inner) else {
+        return not_an_error;
+    };
+    let frag = u16::from_be_bytes([header[IP_FRAG], header[IP_FRAG + 1]]);
+    let protocol = header[IP_PROTO];
+    if header[0] != 0x45 || frag & 0x1fff != 0 || (protocol != PROTO_TCP && protocol != PROTO_UDP) {
+        return not_an_error;
+    }
+    let Some(ports) = read::<[u16; 2]>(ctx, inner + IPV4_HDR_LEN) else {
+        return not_an_error;
+    };
+    *packet = Packet {
+        l3,
+        l4,
+        vlan_tagged,
+        protocol,
+        src_addr: addr_at(&header, IP_SRC),
+        dst_addr: addr_at(&header, IP_DST),
+        src_port: ports[0],
+        dst_port: ports[1],
+        has_ip_options: false,
+        fragment: Fragment::No,
+        ip_total_len: u16::from_be_bytes([outer[IP_TOT_LEN], outer[IP_TOT_LEN + 1]]),
+        icmp_error: true,
+        inner,
+        outer_src: addr_at(outer, IP_SRC),
+        outer_dst: addr_at(outer, IP_DST),
+    };
+    Parsed::IcmpError
 }

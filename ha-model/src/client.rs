@@ -20,8 +20,8 @@ use ha_common::{
 
 use crate::ctx::Update;
 use crate::flow::{client_bits, first_packet_bits, is_bare_syn, refresh, tcp_flags_valid};
-use crate::forward::Sent;
-use crate::nat::{Rewrite, rewrite};
+use crate::forward::{Hop, Sent, Translate};
+use crate::nat::Rewrite;
 use crate::parse::Packet;
 use crate::{Ctx, Fib, XDP_DROP, XDP_PASS};
 
@@ -57,7 +57,7 @@ impl Ctx<'_> {
         &mut self,
         packet: &Packet,
         vip: VipInfo,
-        frame: &mut [u8],
+        frame: &mut Vec<u8>,
         ingress: u32,
         fib: &dyn Fib,
     ) -> (u32, Verdict) {
@@ -91,7 +91,7 @@ impl Ctx<'_> {
         packet: &Packet,
         vip: VipInfo,
         key: FlowKey,
-        frame: &mut [u8],
+        frame: &mut Vec<u8>,
         ingress: u32,
         fib: &dyn Fib,
     ) -> (u32, Verdict) {
@@ -137,7 +137,7 @@ impl Ctx<'_> {
         packet: &Packet,
         flow: &Flow,
         backend: &BackendInfo,
-        frame: &mut [u8],
+        frame: &mut Vec<u8>,
         ingress: u32,
         fib: &dyn Fib,
     ) -> (u32, Verdict) {
@@ -147,9 +147,15 @@ impl Ctx<'_> {
             src_port: flow.nat_port,
             dst_port: backend.port,
         };
-        // Cannot fail on a frame `packet` was parsed from.
-        let _ = rewrite(frame, packet, &to);
-        self.forward(frame, packet, &to, ingress, fib, None, Sent::FORWARD)
+        self.forward(
+            frame,
+            &Hop::of(packet),
+            &Translate::Packet(*packet, to),
+            ingress,
+            fib,
+            None,
+            Sent::FORWARD,
+        )
     }
 
     /// Step 5, **new flow**.
@@ -158,7 +164,7 @@ impl Ctx<'_> {
         packet: &Packet,
         vip: VipInfo,
         key: FlowKey,
-        frame: &mut [u8],
+        frame: &mut Vec<u8>,
         ingress: u32,
         fib: &dyn Fib,
     ) -> (u32, Verdict) {

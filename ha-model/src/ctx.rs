@@ -79,11 +79,15 @@ impl<'a> Ctx<'a> {
         }
     }
 
-    /// Runs the frame in `frame` (rewritten in place) through steps 1 to 6; returns the action
-    /// and the verdict (not yet counted).
-    pub fn run(&mut self, frame: &mut [u8], ingress: u32, fib: &dyn Fib) -> (u32, Verdict) {
+    /// Runs the frame in `frame` (rewritten in place, or replaced by an ICMP error) through
+    /// steps 1 to 6; returns the action and the verdict (not yet counted).
+    pub fn run(&mut self, frame: &mut Vec<u8>, ingress: u32, fib: &dyn Fib) -> (u32, Verdict) {
         let packet = match crate::parse::parse(frame) {
             Ok(packet) => packet,
+            Err(Verdict::PassIcmp) => match crate::icmp::parse_error(frame) {
+                Some(error) => return self.icmp_error(&error, frame, ingress, fib),
+                None => return (XDP_PASS, Verdict::PassIcmp),
+            },
             Err(verdict) => return (XDP_PASS, verdict),
         };
         match self.classify(&packet) {

@@ -358,9 +358,50 @@ impl FrameSpec {
     }
 }
 
+impl FrameSpec {
+    /// An ICMP message built on this spec (its MACs, tag, addresses, id, fragment field,
+    /// options, padding; the transport is ignored): `icmp_type`, `code`, the 4 bytes `rest`,
+    /// then `quote` (for an error, the packet it is about from its IPv4 header on). The IPv4
+    /// and ICMP checksums are complete.
+    pub fn build_icmp(&self, icmp_type: u8, code: u8, rest: [u8; 4], quote: &[u8]) -> Vec<u8> {
+        let mut spec = self.clone();
+        spec.transport = Transport::Icmp;
+        spec.payload = quote.len();
+        let mut f = spec.build();
+        let l3 = if spec.vlan.is_some() { 18 } else { 14 };
+        let l4 = l3 + 20 + spec.options.min(40) / 4 * 4;
+        let end = l4 + 8 + quote.len();
+        f[l4] = icmp_type;
+        f[l4 + 1] = code;
+        f[l4 + 2..l4 + 4].copy_from_slice(&[0, 0]);
+        f[l4 + 4..l4 + 8].copy_from_slice(&rest);
+        f[l4 + 8..end].copy_from_slice(quote);
+        let checksum = internet_checksum(&f[l4..end]);
+        f[l4 + 2..l4 + 4].copy_from_slice(&checksum.to_be_bytes());
+        f
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn icmp_messages_verify() {
+        let quote = FrameSpec::udp([10, 0, 0, 2], 53, [10, 0, 0, 1], 1234).build()[14..].to_vec();
+        let f = FrameSpec::icmp([10, 0, 0, 9], [10, 0, 0, 2])
+            .vlan(4)
+            .build_icmp(3, 3, [0; 4], &quote);
+        assert_eq!(f.len(), 18 + 20 + 8 + quote.len());
+        assert_eq!(ipv4_checksum_ok(&f), Some(true));
+        assert_eq!(
+            internet_checksum(&f[38..]),
+            0,
+            "the ICMP checksum covers the message"
+        );
+        assert_eq!(&f[38..40], &[3, 3]);
+        assert_eq!(&f[46..], &quote[..]);
+    }
 
     #[test]
     fn built_frames_verify() {

@@ -21,6 +21,7 @@
 //! | 3. A client packet to a VIP | [`client`] |
 //! | 4. A backend reply | [`reply`] |
 //! | 5. Rewrite | [`nat`] |
+//! | ICMP (errors translated and answered) | [`icmp`] |
 //! | 6. Forward | [`forward`] |
 //! | The agent's sweep | [`sweep`] |
 //!
@@ -84,6 +85,7 @@ pub mod conntrack;
 pub mod flow;
 pub mod forward;
 pub mod frame;
+pub mod icmp;
 pub mod nat;
 pub mod parse;
 pub mod reply;
@@ -152,7 +154,22 @@ pub enum FibAnswer {
     },
     /// `BPF_FIB_LKUP_RET_NO_NEIGH`.
     NoNeighbour,
-    /// Any other answer (no route, local or broadcast destination, MTU exceeded, ...).
+    /// `BPF_FIB_LKUP_RET_FRAG_NEEDED`: `tot_len` is above the route's MTU (`mtu_result`).
+    FragNeeded {
+        /// The route's MTU.
+        mtu: u16,
+    },
+    /// `BPF_FIB_LKUP_RET_NOT_FWDED`: no route, or a local or broadcast destination.
+    NoRoute,
+    /// `BPF_FIB_LKUP_RET_BLACKHOLE`.
+    Blackhole,
+    /// `BPF_FIB_LKUP_RET_UNREACHABLE`.
+    Unreachable,
+    /// `BPF_FIB_LKUP_RET_PROHIBIT`.
+    Prohibit,
+    /// `BPF_FIB_LKUP_RET_FWD_DISABLED`: forwarding is off on the ingress interface.
+    ForwardingDisabled,
+    /// Any other answer (an unsupported lightweight tunnel, no source address).
     Failure,
 }
 

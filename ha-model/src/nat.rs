@@ -54,12 +54,12 @@ pub struct Rewrite {
     pub dst_port: u16,
 }
 
-fn read_be16(frame: &[u8], at: usize) -> Option<u16> {
+pub(crate) fn read_be16(frame: &[u8], at: usize) -> Option<u16> {
     let b = frame.get(at..at.checked_add(2)?)?;
     Some(u16::from_be_bytes([b[0], b[1]]))
 }
 
-fn write_bytes(frame: &mut [u8], at: usize, bytes: &[u8]) -> Option<()> {
+pub(crate) fn write_bytes(frame: &mut [u8], at: usize, bytes: &[u8]) -> Option<()> {
     frame
         .get_mut(at..at.checked_add(bytes.len())?)?
         .copy_from_slice(bytes);
@@ -117,6 +117,16 @@ pub fn rewrite(frame: &mut [u8], packet: &Packet, to: &Rewrite) -> Option<()> {
     write_bytes(frame, l4, &to.src_port.to_ne_bytes())?;
     write_bytes(frame, l4 + 2, &to.dst_port.to_ne_bytes())?;
     Some(())
+}
+
+/// Takes one from the TTL at `f[l3+8]` and updates the IPv4 header checksum for the word it
+/// shares with the protocol (eqn. 3). `None` if the frame is too short.
+pub fn decrement_ttl(frame: &mut [u8], l3: usize) -> Option<()> {
+    let old = read_be16(frame, l3 + 8)?;
+    let new = old.wrapping_sub(0x100);
+    let check = csum_update(read_be16(frame, l3 + 10)?, old, new);
+    write_bytes(frame, l3 + 8, &new.to_be_bytes())?;
+    write_bytes(frame, l3 + 10, &check.to_be_bytes())
 }
 
 #[cfg(test)]

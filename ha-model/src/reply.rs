@@ -6,8 +6,8 @@ use ha_common::{Event, FLOW_LOCAL, FLOW_RESET, Flow, NatEntry, NatKey, Verdict};
 use crate::client::screen;
 use crate::ctx::Update;
 use crate::flow::{backend_bits, names, refresh};
-use crate::forward::Sent;
-use crate::nat::{Rewrite, rewrite};
+use crate::forward::{Hop, Sent, Translate};
+use crate::nat::Rewrite;
 use crate::parse::Packet;
 use crate::{Ctx, Fib, XDP_DROP};
 
@@ -19,7 +19,7 @@ impl Ctx<'_> {
         packet: &Packet,
         nat_key: NatKey,
         entry: NatEntry,
-        frame: &mut [u8],
+        frame: &mut Vec<u8>,
         ingress: u32,
         fib: &dyn Fib,
     ) -> (u32, Verdict) {
@@ -82,9 +82,15 @@ impl Ctx<'_> {
             src_port: client.dst_port,
             dst_port: client.src_port,
         };
-        // Cannot fail on a frame `packet` was parsed from.
-        let _ = rewrite(frame, packet, &to);
         let learned = (client_mac != [0; 6]).then_some(client_mac);
-        self.forward(frame, packet, &to, ingress, fib, learned, Sent::REPLY)
+        self.forward(
+            frame,
+            &Hop::of(packet),
+            &Translate::Packet(*packet, to),
+            ingress,
+            fib,
+            learned,
+            Sent::REPLY,
+        )
     }
 }

@@ -136,8 +136,10 @@ fn a_tcp_connection_from_syn_to_close() {
     assert_eq!(ipv4_checksum_ok(&out.output), Some(true));
     assert_eq!(l4_checksum_ok(&out.output), Some(true));
     assert_eq!(out.output.len(), syn.len());
-    // Only addresses, ports, checksums and MACs changed.
-    assert_eq!(&out.output[12..24], &syn[12..24]);
+    // Only addresses, ports, the TTL (one less), checksums and MACs changed.
+    assert_eq!(&out.output[12..22], &syn[12..22]);
+    assert_eq!(out.output[22], syn[22] - 1);
+    assert_eq!(out.output[23], syn[23]);
     assert_eq!(&out.output[34 + 4..34 + 16], &syn[34 + 4..34 + 16]);
     assert_eq!(&out.output[34 + 18..], &syn[34 + 18..]);
     let stats = r.m.state.vip_stats[&0];

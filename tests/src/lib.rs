@@ -258,6 +258,74 @@ impl Lab {
         self.slot
     }
 
+    /// Adds a host `name` behind the lab host `router`, on a network of its
+    /// own (10.202.SLOT.0/24: the router .1 on its interface `r-NAME`, the
+    /// host .2 on eth0, its default route via the router, the router
+    /// forwarding). The link has `router_mtu` on the router's side and the
+    /// LAN's 1500 on the host's: a path MTU smaller than the LAN's, as behind
+    /// a tunnel or a WAN link. The LAN reaches the network only through a
+    /// route each host adds itself. Removed with the lab.
+    pub fn add_routed_host(&mut self, name: &str, router: &str, router_mtu: u32) -> Result<Host> {
+        let router = self.try_host(router)?.clone();
+        let host = Host {
+            name: name.to_string(),
+            netns: format!("{NS_PREFIX}{}-{name}", self.slot),
+            addr: Ipv4Addr::new(10, 202, self.slot as u8, 2),
+            mac: [0x02, 0x00, 0x0a, 0xca, self.slot as u8, 2],
+            switch_port: String::new(),
+        };
+        run(Command::new("ip").args(["netns", "add", &host.netns]))?;
+        // From here on, Drop removes it.
+        self.hosts.push(host.clone());
+        let side = format!("r-{name}");
+        ip(&host.netns, &["link", "set", "lo", "up"])?;
+        ip(
+            &router.netns,
+            &[
+                "link",
+                "add",
+                &side,
+                "mtu",
+                &router_mtu.to_string(),
+                "type",
+                "veth",
+                "peer",
+                "name",
+                HOST_IFACE,
+                "address",
+                &host.mac_string(),
+                "netns",
+                &host.netns,
+            ],
+        )?;
+        ethtool(&router.netns, &side, &["-K", "tx", "off"])?;
+        ethtool(&host.netns, HOST_IFACE, &["-K", "tx", "off"])?;
+        let net = format!("10.202.{}", self.slot);
+        ip(
+            &router.netns,
+            &["addr", "add", &format!("{net}.1/24"), "dev", &side],
+        )?;
+        ip(&router.netns, &["link", "set", &side, "up"])?;
+        ip(
+            &host.netns,
+            &["addr", "add", &format!("{net}.2/24"), "dev", HOST_IFACE],
+        )?;
+        ip(&host.netns, &["link", "set", HOST_IFACE, "up"])?;
+        ip(
+            &host.netns,
+            &["route", "add", "default", "via", &format!("{net}.1")],
+        )?;
+        run(Command::new("ip").args([
+            "netns",
+            "exec",
+            &router.netns,
+            "sysctl",
+            "-qw",
+            "net.ipv4.ip_forward=1",
+        ]))?;
+        Ok(host)
+    }
+
     pub fn hosts(&self) -> &[Host] {
         &self.hosts
     }

@@ -48,13 +48,19 @@ fn a_short_fixed_seed_campaign_finds_no_divergence() {
     }
     // A campaign that agrees proves something only where it went: every
     // path the fuzz world can reach was reached (all but redirects to
-    // other interfaces, which its one interface has none of, and a backend
-    // record vanishing mid-packet, which takes a concurrent agent).
+    // other interfaces, which its one interface has none of; a backend
+    // record vanishing mid-packet, which takes a concurrent agent; forwarding
+    // switched off, and the FIB's rarer refusals (a lightweight tunnel, no
+    // source address), which its routing table has none of).
     let unreachable = [
         Verdict::ForwardRedirect,
         Verdict::ReplyRedirect,
+        Verdict::IcmpForwardRedirect,
+        Verdict::IcmpReplyRedirect,
         Verdict::DropNoTxPort,
         Verdict::DropStaleBackend,
+        Verdict::DropForwardingDisabled,
+        Verdict::DropFibFailure,
     ];
     let missed: Vec<&str> = (0..Verdict::COUNT)
         .map(Verdict::from_index)

@@ -89,8 +89,20 @@ struct Frame {
     payload: &'static [u8],
 }
 
+/// The TTL of every input frame; a forwarded frame leaves with one less.
+const TTL: u8 = 64;
+
 impl Frame {
     fn build(&self) -> Vec<u8> {
+        self.build_with_ttl(TTL)
+    }
+
+    /// As the balancer sends it on: one hop later.
+    fn forwarded(&self) -> Vec<u8> {
+        self.build_with_ttl(TTL - 1)
+    }
+
+    fn build_with_ttl(&self, ttl: u8) -> Vec<u8> {
         let eth = PacketBuilder::ethernet2(self.src_mac, self.dst_mac);
         let mut out = Vec::new();
         macro_rules! finish {
@@ -124,9 +136,9 @@ impl Frame {
             Some(id) => finish!(eth.single_vlan(VlanId::try_new(id).unwrap()).ipv4(
                 self.src.octets(),
                 self.dst.octets(),
-                64
+                ttl
             )),
-            None => finish!(eth.ipv4(self.src.octets(), self.dst.octets(), 64)),
+            None => finish!(eth.ipv4(self.src.octets(), self.dst.octets(), ttl)),
         }
         if let L4::Udp {
             zero_checksum: true,
@@ -470,21 +482,21 @@ fn tcp_flow_through_the_vip_syn_established_reply_and_reset() {
                 name: "SYN to VIP: Maglev backend, NAT to LB address and port",
                 input: w.client_frame(w.tcp_vip, 6443, SYN).build(),
                 verdict: XDP_TX,
-                output: to_backend(SYN, b"").build(),
+                output: to_backend(SYN, b"").forwarded(),
                 counted_as: Verdict::ForwardTx,
             },
             Case {
                 name: "established packet with payload: same backend and port",
                 input: established.build(),
                 verdict: XDP_TX,
-                output: to_backend(ACK, b"GET /readyz HTTP/1.1\r\n\r\n").build(),
+                output: to_backend(ACK, b"GET /readyz HTTP/1.1\r\n\r\n").forwarded(),
                 counted_as: Verdict::ForwardTx,
             },
             Case {
                 name: "reply from backend: back to VIP -> client",
                 input: reply(SYN_ACK, b"").build(),
                 verdict: XDP_TX,
-                output: to_client(SYN_ACK, b"").build(),
+                output: to_client(SYN_ACK, b"").forwarded(),
                 counted_as: Verdict::ReplyTx,
             },
         ],
@@ -504,7 +516,7 @@ fn tcp_flow_through_the_vip_syn_established_reply_and_reset() {
             name: "RST from client: forwarded, the flow closed",
             input: w.client_frame(w.tcp_vip, 6443, RST).build(),
             verdict: XDP_TX,
-            output: to_backend(RST, b"").build(),
+            output: to_backend(RST, b"").forwarded(),
             counted_as: Verdict::ForwardTx,
         }],
     );
@@ -518,7 +530,7 @@ fn tcp_flow_through_the_vip_syn_established_reply_and_reset() {
             name: "reply within fin_linger of the RST: still translated",
             input: reply(ACK, b"").build(),
             verdict: XDP_TX,
-            output: to_client(ACK, b"").build(),
+            output: to_client(ACK, b"").forwarded(),
             counted_as: Verdict::ReplyTx,
         }],
     );
@@ -544,7 +556,7 @@ fn tcp_flow_through_the_vip_syn_established_reply_and_reset() {
             name: "NAT port reuse: a new SYN after the flow ended gets the freed port",
             input: w.client_frame(w.tcp_vip, 6443, SYN).build(),
             verdict: XDP_TX,
-            output: to_backend(SYN, b"").build(),
+            output: to_backend(SYN, b"").forwarded(),
             counted_as: Verdict::ForwardTx,
         }],
     );
@@ -608,7 +620,7 @@ fn nat_port_collision_takes_the_next_candidate_never_a_shared_port() {
             name: "SYN whose first NAT port is taken",
             input: w.client_frame(w.tcp_vip, 6443, SYN).build(),
             verdict: XDP_TX,
-            output: expected.build(),
+            output: expected.forwarded(),
             counted_as: Verdict::ForwardTx,
         }],
     );
@@ -660,21 +672,21 @@ fn vlan_tagged_and_udp_frames_are_rewritten_with_correct_checksums() {
                 name: "802.1Q-tagged SYN to VIP: rewritten, tag kept, sent back out",
                 input: tagged.build(),
                 verdict: XDP_TX,
-                output: tagged_out.build(),
+                output: tagged_out.forwarded(),
                 counted_as: Verdict::ForwardTx,
             },
             Case {
                 name: "UDP with checksum to VIP",
                 input: udp_in.build(),
                 verdict: XDP_TX,
-                output: udp_out(UDP).build(),
+                output: udp_out(UDP).forwarded(),
                 counted_as: Verdict::ForwardTx,
             },
             Case {
                 name: "UDP without checksum to VIP: the checksum stays zero",
                 input: udp_zero_in.build(),
                 verdict: XDP_TX,
-                output: udp_out(UDP_NO_CHECKSUM).build(),
+                output: udp_out(UDP_NO_CHECKSUM).forwarded(),
                 counted_as: Verdict::ForwardTx,
             },
         ],
@@ -733,7 +745,7 @@ fn frames_that_are_not_ours_or_cannot_be_handled_pass_or_drop_untouched() {
             input: w.client_frame(w.unrouted_vip, 6443, SYN).build(),
             verdict: XDP_DROP,
             output: Vec::new(),
-            counted_as: Verdict::DropFibFailure,
+            counted_as: Verdict::DropNoRoute,
         },
     ];
     // Truncated at and around every header boundary: Ethernet (14), IPv4 (34), TCP (54).
@@ -1271,7 +1283,7 @@ fn a_reply_goes_to_the_clients_learned_mac_when_the_kernel_has_no_neighbour_for_
             name: "reply with no neighbour entry for the client",
             input: reply.build(),
             verdict: XDP_TX,
-            output: to_client.build(),
+            output: to_client.forwarded(),
             counted_as: Verdict::ReplyTx,
         }],
     );
@@ -1514,4 +1526,376 @@ fn the_sweep_frees_orphaned_reverse_entries_and_restores_lost_ones() {
     );
     let totals = w.dataplane.sweep_totals();
     assert_eq!((totals.orphans_freed, totals.reverse_recovered), (1, 1));
+}
+
+/// An ICMP message in a frame, built by etherparse (which computes the IPv4
+/// and ICMP checksums). `generated`: as the balancer builds its own errors
+/// (no DF, precedence "internetwork control").
+#[allow(clippy::too_many_arguments)]
+fn icmp_frame(
+    src_mac: [u8; 6],
+    dst_mac: [u8; 6],
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    ttl: u8,
+    generated: bool,
+    icmp: etherparse::Icmpv4Type,
+    quote: &[u8],
+) -> Vec<u8> {
+    let mut ip = etherparse::Ipv4Header::new(
+        0,
+        ttl,
+        etherparse::IpNumber::ICMP,
+        src.octets(),
+        dst.octets(),
+    )
+    .unwrap();
+    if generated {
+        ip.dont_fragment = false;
+        ip.dscp = etherparse::Ipv4Dscp::try_new(0xc0 >> 2).unwrap();
+    }
+    let mut out = Vec::new();
+    PacketBuilder::ethernet2(src_mac, dst_mac)
+        .ip(etherparse::IpHeaders::Ipv4(ip, Default::default()))
+        .icmpv4(icmp)
+        .write(&mut out, quote)
+        .unwrap();
+    out
+}
+
+/// The IPv4 packet in a frame, cut to its header and `l4_bytes` after it (what an ICMP error quotes).
+fn quote(frame: &[u8], l4_bytes: usize) -> Vec<u8> {
+    frame[14..14 + 20 + l4_bytes].to_vec()
+}
+
+/// Checks an ICMP frame's checksums with etherparse, and those of the IPv4
+/// header it quotes.
+fn assert_icmp_checksums_valid(name: &str, frame: &[u8]) {
+    let packet = SlicedPacket::from_ethernet(frame)
+        .unwrap_or_else(|e| panic!("{name}: output does not parse: {e}"));
+    let Some(etherparse::NetSlice::Ipv4(ip)) = &packet.net else {
+        panic!("{name}: no IPv4")
+    };
+    let header = ip.header().to_header();
+    assert_eq!(
+        header.header_checksum,
+        header.calc_header_checksum(),
+        "{name}: IPv4"
+    );
+    let Some(TransportSlice::Icmpv4(icmp)) = &packet.transport else {
+        panic!("{name}: no ICMP")
+    };
+    let mut expected = icmp.header();
+    expected.update_checksum(icmp.payload());
+    assert_eq!(icmp.checksum(), expected.checksum, "{name}: ICMP checksum");
+    let inner = etherparse::Ipv4HeaderSlice::from_slice(icmp.payload())
+        .unwrap_or_else(|e| panic!("{name}: quoted IPv4 header: {e}"))
+        .to_header();
+    assert_eq!(
+        inner.header_checksum,
+        inner.calc_header_checksum(),
+        "{name}: quoted IPv4"
+    );
+}
+
+/// RFC 5508 section 3 and RFC 1812 section 4.3, byte for byte: ICMP errors
+/// about a flow are translated to the other side (outer and quoted headers,
+/// every checksum), and what the balancer cannot forward it answers as a
+/// router would (time exceeded, fragmentation needed with the MTU).
+#[test]
+fn icmp_errors_are_translated_both_ways_and_the_balancer_answers_what_it_cannot_forward() {
+    use etherparse::{
+        Icmpv4Type,
+        icmpv4::{DestUnreachableHeader, TimeExceededCode},
+    };
+    let w = world();
+    let (backend, hash) = w.expected_backend(w.tcp_vip, 6443, PROTO_TCP);
+    let b = w.lab.host(backend).clone();
+    let nat_port = hash::nat_port_candidate(hash, 0, NAT_MIN, NAT_MAX);
+    let (udp_backend, udp_hash) = w.expected_backend(w.udp_vip, 53, PROTO_UDP);
+    let ub = w.lab.host(udp_backend).clone();
+    let udp_nat_port = hash::nat_port_candidate(udp_hash, 0, NAT_MIN, NAT_MAX);
+    let mut udp_in = w.client_frame(w.udp_vip, 53, UDP);
+    udp_in.payload = b"\x12\x34 query";
+    // The flows: a TCP connection, a UDP query.
+    for (input, verdict) in [
+        (w.client_frame(w.tcp_vip, 6443, SYN).build(), XDP_TX),
+        (udp_in.build(), XDP_TX),
+    ] {
+        assert_eq!(w.run(&input).0, verdict);
+    }
+    // What the VIP sent the client, and what the backend had sent it.
+    let vip_to_client = Frame {
+        src_mac: w.lb_mac,
+        dst_mac: w.client_mac,
+        vlan: None,
+        src: w.tcp_vip,
+        dst: w.client,
+        sport: 6443,
+        dport: CLIENT_PORT,
+        l4: SYN_ACK,
+        payload: b"",
+    };
+    let backend_to_nat = Frame {
+        src_mac: b.mac,
+        dst_mac: w.lb_mac,
+        src: b.addr,
+        dst: w.lb,
+        sport: 6443,
+        dport: nat_port,
+        ..vip_to_client
+    };
+    // What the NAT port sent the UDP backend, and what the client had sent.
+    let nat_to_udp_backend = Frame {
+        src_mac: w.lb_mac,
+        dst_mac: ub.mac,
+        vlan: None,
+        src: w.lb,
+        dst: ub.addr,
+        sport: udp_nat_port,
+        dport: 5353,
+        l4: UDP,
+        payload: b"\x12\x34 query",
+    };
+    // A router on the client's side: an address of the LAN no host owns.
+    let router = Ipv4Addr::new(10, 201, w.lb.octets()[2], 150);
+    let router_mac = [0x02, 0, 0, 0, 0x96, 1];
+    let frag_needed =
+        Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::FragmentationNeeded {
+            next_hop_mtu: 1400,
+        });
+    let port_unreachable = Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::Port);
+    let whole = |f: &Frame| quote(&f.build(), 20);
+    let eight = |f: &Frame| quote(&f.build(), 8);
+    let cases = vec![
+        Case {
+            name: "fragmentation needed from the client's side, quoting the VIP's segment with its whole TCP header: \
+                   to the backend, from the NAT address, quoting the backend's segment",
+            input: icmp_frame(
+                router_mac,
+                w.lb_mac,
+                router,
+                w.tcp_vip,
+                64,
+                false,
+                frag_needed.clone(),
+                &whole(&vip_to_client),
+            ),
+            verdict: XDP_TX,
+            output: icmp_frame(
+                w.lb_mac,
+                b.mac,
+                w.lb,
+                b.addr,
+                63,
+                false,
+                frag_needed.clone(),
+                &whole(&backend_to_nat),
+            ),
+            counted_as: Verdict::IcmpForwardTx,
+        },
+        Case {
+            name: "the same quoting only 8 bytes of TCP: ports translated, the TCP checksum not quoted",
+            input: icmp_frame(
+                router_mac,
+                w.lb_mac,
+                router,
+                w.tcp_vip,
+                64,
+                false,
+                frag_needed.clone(),
+                &eight(&vip_to_client),
+            ),
+            verdict: XDP_TX,
+            output: icmp_frame(
+                w.lb_mac,
+                b.mac,
+                w.lb,
+                b.addr,
+                63,
+                false,
+                frag_needed.clone(),
+                &eight(&backend_to_nat),
+            ),
+            counted_as: Verdict::IcmpForwardTx,
+        },
+        Case {
+            name: "port unreachable from the UDP backend about the NAT port's datagram: to the client, from the VIP, \
+                   quoting the client's datagram (UDP checksum translated)",
+            input: icmp_frame(
+                ub.mac,
+                w.lb_mac,
+                ub.addr,
+                w.lb,
+                64,
+                false,
+                port_unreachable.clone(),
+                &quote(&nat_to_udp_backend.build(), 8 + 7),
+            ),
+            verdict: XDP_TX,
+            output: icmp_frame(
+                w.lb_mac,
+                w.client_mac,
+                w.udp_vip,
+                w.client,
+                63,
+                false,
+                port_unreachable.clone(),
+                &quote(&udp_in.build(), 8 + 7),
+            ),
+            counted_as: Verdict::IcmpReplyTx,
+        },
+        Case {
+            name: "time exceeded from a router on the backend's side about the NAT port's segment: to the client",
+            input: icmp_frame(
+                b.mac,
+                w.lb_mac,
+                b.addr,
+                w.lb,
+                64,
+                false,
+                Icmpv4Type::TimeExceeded(TimeExceededCode::TtlExceededInTransit),
+                &whole(&Frame {
+                    src_mac: w.lb_mac,
+                    dst_mac: b.mac,
+                    src: w.lb,
+                    dst: b.addr,
+                    sport: nat_port,
+                    dport: 6443,
+                    l4: ACK,
+                    ..vip_to_client
+                }),
+            ),
+            verdict: XDP_TX,
+            output: icmp_frame(
+                w.lb_mac,
+                w.client_mac,
+                w.tcp_vip,
+                w.client,
+                63,
+                false,
+                Icmpv4Type::TimeExceeded(TimeExceededCode::TtlExceededInTransit),
+                &whole(&w.client_frame(w.tcp_vip, 6443, ACK)),
+            ),
+            counted_as: Verdict::IcmpReplyTx,
+        },
+        Case {
+            name: "an error about a flow the tables do not hold: passed to the host",
+            input: icmp_frame(
+                router_mac,
+                w.lb_mac,
+                router,
+                w.tcp_vip,
+                64,
+                false,
+                frag_needed.clone(),
+                &whole(&Frame {
+                    dport: CLIENT_PORT + 1,
+                    ..vip_to_client
+                }),
+            ),
+            verdict: XDP_PASS,
+            output: icmp_frame(
+                router_mac,
+                w.lb_mac,
+                router,
+                w.tcp_vip,
+                64,
+                false,
+                frag_needed.clone(),
+                &whole(&Frame {
+                    dport: CLIENT_PORT + 1,
+                    ..vip_to_client
+                }),
+            ),
+            counted_as: Verdict::PassIcmp,
+        },
+        Case {
+            name: "an error about our flow with its TTL run out: dropped, never answered",
+            input: icmp_frame(
+                router_mac,
+                w.lb_mac,
+                router,
+                w.tcp_vip,
+                1,
+                false,
+                frag_needed.clone(),
+                &whole(&vip_to_client),
+            ),
+            verdict: XDP_DROP,
+            output: Vec::new(),
+            counted_as: Verdict::DropTtlExceeded,
+        },
+        Case {
+            name: "a segment of the flow with TTL 1: answered with time exceeded from the VIP, quoting it as it came",
+            input: w.client_frame(w.tcp_vip, 6443, ACK).build_with_ttl(1),
+            verdict: XDP_TX,
+            output: icmp_frame(
+                w.lb_mac,
+                w.client_mac,
+                w.tcp_vip,
+                w.client,
+                64,
+                true,
+                Icmpv4Type::TimeExceeded(TimeExceededCode::TtlExceededInTransit),
+                &quote(&w.client_frame(w.tcp_vip, 6443, ACK).build_with_ttl(1), 8),
+            ),
+            counted_as: Verdict::IcmpTimeExceededTx,
+        },
+        Case {
+            name: "a DF segment larger than the route to the backend allows: answered with fragmentation needed, MTU 1500",
+            input: Frame {
+                payload: &[0x5a; 1500],
+                ..w.client_frame(w.tcp_vip, 6443, ACK)
+            }
+            .build(),
+            verdict: XDP_TX,
+            output: icmp_frame(
+                w.lb_mac,
+                w.client_mac,
+                w.tcp_vip,
+                w.client,
+                64,
+                true,
+                Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::FragmentationNeeded {
+                    next_hop_mtu: 1500,
+                }),
+                &quote(
+                    &Frame {
+                        payload: &[0x5a; 1500],
+                        ..w.client_frame(w.tcp_vip, 6443, ACK)
+                    }
+                    .build(),
+                    8,
+                ),
+            ),
+            counted_as: Verdict::IcmpFragNeededTx,
+        },
+    ];
+    for case in &cases {
+        if case.verdict == XDP_TX {
+            assert_icmp_checksums_valid(case.name, &case.output);
+        }
+    }
+    run_icmp_cases(&w, cases);
+}
+
+/// `run_cases` for ICMP outputs (their checksums are checked by
+/// `assert_icmp_checksums_valid` on the expected frames).
+fn run_icmp_cases(world: &World, cases: Vec<Case>) {
+    for case in cases {
+        let before = world.dataplane.verdicts().unwrap();
+        let (verdict, out) = world.run(&case.input);
+        assert_eq!(verdict, case.verdict, "{}: verdict", case.name);
+        if case.verdict != XDP_DROP {
+            assert_eq!(out, case.output, "{}: output bytes", case.name);
+        }
+        assert_eq!(
+            world.delta(case.counted_as, &before),
+            1,
+            "{}: counted as {}",
+            case.name,
+            case.counted_as.label()
+        );
+    }
 }

@@ -74,6 +74,22 @@ pub enum Kind {
     ReplyOfFlow { index: u8 },
     /// Another protocol to a VIP: ICMP, a protocol number, or not IPv4 at all.
     Other { protocol: u8 },
+    /// An ICMP message about the `index`-th flow (modulo the table's size): from the client's
+    /// side about a packet the VIP sent it (from a router `source` of the client pool), or from
+    /// the backend's side about a packet a NAT port sent (the `index`-th reverse entry). It
+    /// quotes `quote` bytes of the packet's L4 header and payload (8 is the minimum an error
+    /// carries; 20 a whole TCP header). `misaddressed`: to another address than the quoted
+    /// packet's source.
+    Icmp {
+        index: u8,
+        from_backend: bool,
+        icmp_type: u8,
+        code: u8,
+        quote: u8,
+        source: u8,
+        misaddressed: bool,
+        udp: bool,
+    },
 }
 
 /// Damage done to the frame once it is built.
@@ -109,6 +125,10 @@ pub enum Mutation {
         offset: u8,
         xor: u8,
     },
+    /// The IPv4 TTL (the header checksum kept right).
+    Ttl(u8),
+    /// DF cleared.
+    NoDf,
 }
 
 /// Clock steps that matter: none, sub-granularity, around the 1 s refresh,
@@ -171,6 +191,8 @@ fn mutation() -> impl Strategy<Value = Mutation> {
         1 => Just(Mutation::ZeroUdpChecksum),
         1 => Just(Mutation::QinQ),
         1 => (any::<u8>(), 1u8..=255).prop_map(|(offset, xor)| Mutation::Flip { offset: offset % 64, xor }),
+        2 => prop_oneof![Just(0u8), Just(1u8), Just(2u8), any::<u8>()].prop_map(Mutation::Ttl),
+        1 => Just(Mutation::NoDf),
     ]
 }
 
@@ -183,6 +205,19 @@ fn kind() -> impl Strategy<Value = Kind> {
             .prop_map(|(source, dst, port, udp)| Kind::Backend { source, dst, port, udp }),
         6 => any::<u8>().prop_map(|index| Kind::ReplyOfFlow { index }),
         1 => any::<u8>().prop_map(|protocol| Kind::Other { protocol }),
+        4 => (
+            any::<u8>(),
+            any::<bool>(),
+            prop_oneof![6 => Just(3u8), 2 => Just(11u8), 1 => Just(12u8), 1 => Just(0u8), 1 => Just(8u8), 1 => any::<u8>()],
+            prop_oneof![3 => Just(4u8), 2 => Just(3u8), 1 => Just(0u8), 1 => 0u8..16],
+            prop_oneof![4 => Just(8u8), 3 => Just(20u8), 2 => 0u8..64],
+            any::<u8>(),
+            prop::bool::weighted(0.1),
+            prop::bool::weighted(0.2),
+        )
+            .prop_map(|(index, from_backend, icmp_type, code, quote, source, misaddressed, udp)| Kind::Icmp {
+                index, from_backend, icmp_type, code, quote, source, misaddressed, udp,
+            }),
     ]
 }
 

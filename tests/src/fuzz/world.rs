@@ -28,6 +28,14 @@ use super::{
 };
 use crate::{HOST_IFACE, Lab};
 
+/// Routes of the lb host that refuse (`ip route add KIND ADDR/32`), to
+/// client addresses of the pool.
+const REFUSING_ROUTES: [(&str, Ipv4Addr); 3] = [
+    ("blackhole", Ipv4Addr::new(198, 51, 100, 8)),
+    ("unreachable", Ipv4Addr::new(198, 51, 100, 9)),
+    ("prohibit", Ipv4Addr::new(198, 51, 100, 10)),
+];
+
 /// The virtual clock at the start of every case.
 pub const T0: u64 = 1_000_000_000_000_000;
 /// Small tables, so that they fill, evict and collide within a case.
@@ -121,7 +129,8 @@ struct Pools {
     lb: Ipv4Addr,
     lb_mac: [u8; 6],
     /// Client addresses: the lab's client (resolved), two spoofed ones on
-    /// the LAN (no neighbour: replies use the learned MAC), one with no route.
+    /// the LAN (no neighbour: replies use the learned MAC), one with no route,
+    /// three behind refusing routes.
     clients: Vec<(Ipv4Addr, [u8; 6])>,
     client_ports: Vec<u16>,
     /// (address, port): the VIPs and some addresses and ports that are not.
@@ -201,14 +210,20 @@ impl ha_model::Fib for LabFib<'_> {
     fn lookup(&self, _ingress: u32, _src: Ipv4Addr, dst: Ipv4Addr, tot_len: u16) -> FibAnswer {
         let p = self.pools;
         let o = dst.octets();
+        match REFUSING_ROUTES.iter().position(|(_, a)| *a == dst) {
+            Some(0) => return FibAnswer::Blackhole,
+            Some(1) => return FibAnswer::Unreachable,
+            Some(_) => return FibAnswer::Prohibit,
+            None => {}
+        }
         // The subnet's broadcast address and the host's own are not
         // forwarded; the network address (.0) is an ordinary neighbour to
         // this kernel (found by the fuzzer).
         if o[..3] != p.subnet || o[3] == 255 || dst == p.lb {
-            return FibAnswer::Failure;
+            return FibAnswer::NoRoute;
         }
         if tot_len > 1500 {
-            return FibAnswer::Failure;
+            return FibAnswer::FragNeeded { mtu: 1500 };
         }
         let resolved = std::iter::once(&p.client_host)
             .chain(&p.apis)
@@ -249,6 +264,10 @@ impl Harness {
             ],
         )?;
         lab.pin_neighbours("lb", &["client", "api1", "api2", "api3"])?;
+        // Routes that refuse: each FIB answer has its verdict.
+        for (kind, addr) in REFUSING_ROUTES {
+            lab.exec("lb", &["ip", "route", "add", kind, &format!("{addr}/32")])?;
+        }
         let netns = File::open(format!("/run/netns/{}", lab.host("lb").netns))?;
         setns(netns.as_fd(), CloneFlags::CLONE_NEWNET)?;
         let mut cpus = CpuSet::new();
@@ -278,6 +297,9 @@ impl Harness {
                 (on_lan(150), [0x02, 0, 0, 0, 0x96, 1]),
                 (on_lan(151), [0x02, 0, 0, 0, 0x97, 1]),
                 (Ipv4Addr::new(198, 51, 100, 7), [0x02, 0, 0, 0, 0x98, 1]),
+                (REFUSING_ROUTES[0].1, [0x02, 0, 0, 0, 0x98, 2]),
+                (REFUSING_ROUTES[1].1, [0x02, 0, 0, 0, 0x98, 3]),
+                (REFUSING_ROUTES[2].1, [0x02, 0, 0, 0, 0x98, 4]),
             ],
             // A few ports, often met again, then many: enough flows to fill the tables.
             client_ports: [40000, 40001, 40002, 40003, 50000, 1024, 65535]
@@ -969,6 +991,20 @@ impl Harness {
                 spec.id = u16::from(*protocol);
                 (spec, mac)
             }
+            Kind::Icmp {
+                source,
+                from_backend,
+                ..
+            } => {
+                let (addr, mac) = if *from_backend {
+                    let (addr, _, mac) = p.sources[pick(*source, p.sources.len())];
+                    (addr, mac)
+                } else {
+                    p.clients[pick(*source, p.clients.len())]
+                };
+                // The destination is filled in below, with the message.
+                (FrameSpec::icmp(ip(addr), ip(p.lb)), mac)
+            }
         };
         spec = spec.macs(src_mac, p.lb_mac).payload(frame.payload as usize);
         if frame.vlan || frame.mutation == Mutation::QinQ {
@@ -982,7 +1018,14 @@ impl Harness {
             Mutation::ZeroUdpChecksum => spec = spec.zero_udp_checksum(),
             _ => {}
         }
-        let mut bytes = spec.build();
+        if let Mutation::NoDf = frame.mutation {
+            let field = spec.fragment & !0x4000;
+            spec = spec.fragment(field);
+        }
+        let mut bytes = match &frame.kind {
+            Kind::Icmp { .. } => self.icmp_message(&mut spec, frame),
+            _ => spec.build(),
+        };
         let l3 = if spec.vlan.is_some() { 18 } else { 14 };
         let l4 = l3 + 20 + spec.options.min(40) / 4 * 4;
         if let Kind::Other { protocol } = frame.kind {
@@ -1019,9 +1062,89 @@ impl Harness {
                 let at = offset as usize % bytes.len();
                 bytes[at] ^= xor;
             }
+            Mutation::Ttl(ttl) => {
+                let old = u16::from_be_bytes([bytes[l3 + 8], bytes[l3 + 9]]);
+                let new = u16::from_be_bytes([ttl, bytes[l3 + 9]]);
+                let check = u16::from_be_bytes([bytes[l3 + 10], bytes[l3 + 11]]);
+                let check = ha_model::nat::csum_update(check, old, new);
+                bytes[l3 + 8] = ttl;
+                bytes[l3 + 10..l3 + 12].copy_from_slice(&check.to_be_bytes());
+            }
             _ => {}
         }
         bytes
+    }
+
+    /// An ICMP message about a flow of the tables (or a made-up one when they are empty):
+    /// the quoted packet is the one the balancer sent, VIP -> client or NAT port -> backend;
+    /// `spec` gets its destination (the quoted packet's source, unless misaddressed).
+    fn icmp_message(&self, spec: &mut FrameSpec, frame: &Frame) -> Vec<u8> {
+        let Kind::Icmp {
+            index,
+            from_backend,
+            icmp_type,
+            code,
+            quote,
+            misaddressed,
+            udp,
+            ..
+        } = frame.kind
+        else {
+            return spec.build();
+        };
+        let p = &self.pools;
+        let state = &self.model.state;
+        let at = |len: usize| index as usize % len.max(1);
+        let wire_ip = |a: u32| Ipv4Addr::from(addr_from_wire(a)).octets();
+        // The quoted packet: (src, sport, dst, dport, udp).
+        let quoted = if from_backend {
+            match state.reverse.keys().nth(at(state.reverse.len())) {
+                Some(k) => (
+                    wire_ip(k.lb_addr),
+                    port_from_wire(k.nat_port),
+                    wire_ip(k.backend_addr),
+                    port_from_wire(k.backend_port),
+                    k.protocol == PROTO_UDP,
+                ),
+                None => (p.lb.octets(), 20000, p.apis[0].0.octets(), 6443, udp),
+            }
+        } else {
+            match state.conntrack.keys().nth(at(state.conntrack.len())) {
+                Some(k) => (
+                    wire_ip(k.dst_addr),
+                    port_from_wire(k.dst_port),
+                    wire_ip(k.src_addr),
+                    port_from_wire(k.src_port),
+                    k.protocol == PROTO_UDP,
+                ),
+                None => (
+                    p.vips[0].octets(),
+                    6443,
+                    p.clients[0].0.octets(),
+                    40000,
+                    udp,
+                ),
+            }
+        };
+        let (src, sport, dst, dport, quoted_udp) = quoted;
+        let payload = usize::from(quote).saturating_sub(if quoted_udp { 8 } else { 20 });
+        let inner = l4_spec(quoted_udp, src, sport, dst, dport, 0x18)
+            .payload(payload)
+            .build();
+        let keep = (20 + usize::from(quote)).min(inner.len() - 14);
+        let quoted_bytes = &inner[14..14 + keep];
+        spec.dst = if misaddressed { p.lb.octets() } else { src };
+        if misaddressed && spec.dst == src {
+            spec.dst = p.vips[1].octets();
+        }
+        spec.fragment &= !0x4000;
+        let mtu = if icmp_type == 3 && code == 4 {
+            1400u16
+        } else {
+            0
+        };
+        let m = mtu.to_be_bytes();
+        spec.build_icmp(icmp_type, code, [0, 0, m[0], m[1]], quoted_bytes)
     }
 }
 

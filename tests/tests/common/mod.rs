@@ -42,7 +42,16 @@ pub fn start_agent(lab: &Lab, host: &str, config: &Path, extra: &[&str]) -> LabP
 
 /// One line-protocol exchange through a fresh connection: `(server name, client address it saw)`.
 pub fn whoami(to: Ipv4Addr, port: u16) -> std::io::Result<(String, String)> {
-    let stream = TcpStream::connect_timeout(&SocketAddr::from((to, port)), Duration::from_secs(2))?;
+    whoami_within(to, port, Duration::from_secs(2))
+}
+
+/// [`whoami`], with `connect` time to connect.
+pub fn whoami_within(
+    to: Ipv4Addr,
+    port: u16,
+    connect: Duration,
+) -> std::io::Result<(String, String)> {
+    let stream = TcpStream::connect_timeout(&SocketAddr::from((to, port)), connect)?;
     stream.set_read_timeout(Some(Duration::from_secs(2)))?;
     let mut writer = stream.try_clone()?;
     writer.write_all(b"whoami\n")?;
