@@ -247,7 +247,7 @@ pub fn answer(ctx: &XdpContext, packet: &Packet, icmp_type: u8, code: u8, mtu: u
     write(ctx, icmp, [icmp_type, code, 0, 0, 0, 0, m[0], m[1]])?;
     let body = checksum::<{ ERROR_LEN - 20 }>(ctx, icmp)?;
     write(ctx, icmp + ICMP_CHECK, body)?;
-    let len = (ctx.data_end() - ctx.data()) as i32;
+    let len = crate::parse::frame_len(ctx) as i32;
     let cut = (l3 + ERROR_LEN) as i32 - len;
     // SAFETY: shrinks the frame; the helper checks the bounds.
     if cut < 0 && unsafe { bpf_xdp_adjust_tail(ctx.ctx, cut) } != 0 {

@@ -40,9 +40,11 @@ use crate::{
     parse::{Fragment, IPPROTO_ICMP, Packet, Parsed},
 };
 
-#[xdp]
+/// Multi-buffer aware (`xdp.frags`): a driver may attach it to an
+/// interface whose MTU is larger than a page (jumbo frames) in native mode.
+#[xdp(frags)]
 pub fn ha_xdp(ctx: XdpContext) -> u32 {
-    let frame_len = ctx.data_end() - ctx.data();
+    let frame_len = parse::frame_len(&ctx);
     let (action, verdict) = process(&ctx);
     maps::count_verdict(verdict, frame_len);
     action
@@ -52,7 +54,7 @@ pub fn ha_xdp(ctx: XdpContext) -> u32 {
 /// measure the data path against, and the lab attaches it to the far end of
 /// each veth, because veth delivers XDP_TX frames promptly only to a peer
 /// that runs an XDP program.
-#[xdp]
+#[xdp(frags)]
 pub fn ha_xdp_pass(_ctx: XdpContext) -> u32 {
     xdp_action::XDP_PASS
 }
@@ -198,7 +200,7 @@ fn client_path(
     settings: &Settings,
     send: &mut Send,
 ) -> (u32, Verdict) {
-    let frame_len = ctx.data_end() - ctx.data();
+    let frame_len = parse::frame_len(ctx);
     if vip.flags & VIP_FLAG_ENABLED == 0 {
         return pass(Verdict::PassVipDisabled);
     }

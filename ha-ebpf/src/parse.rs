@@ -64,6 +64,15 @@ pub fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {
     Some((start + offset) as *mut T)
 }
 
+/// The frame's length, all its buffers: with multi-buffer XDP (a frame
+/// larger than a page, as with a jumbo MTU) `data_end` ends the first buffer
+/// only, which always holds the headers.
+#[inline(always)]
+pub fn frame_len(ctx: &XdpContext) -> usize {
+    // SAFETY: ctx.ctx is the kernel's xdp_md for this run.
+    unsafe { aya_ebpf::helpers::bpf_xdp_get_buff_len(ctx.ctx) as usize }
+}
+
 /// Reads a `T` (a plain integer or byte array) at `offset`.
 #[inline(always)]
 pub fn read<T: Copy>(ctx: &XdpContext, offset: usize) -> Option<T> {
@@ -199,7 +208,7 @@ pub fn parse(ctx: &XdpContext, packet: &mut Packet) -> Parsed {
     if version != 4
         || header_len < IPV4_HDR_LEN
         || (ip_total_len as usize) < header_len
-        || ctx.data() + l3 + ip_total_len as usize > ctx.data_end()
+        || l3 + ip_total_len as usize > frame_len(ctx)
     {
         return Parsed::Malformed;
     }

@@ -26,6 +26,7 @@ use std::{
 };
 
 use anyhow::{Context, Result};
+use ha_common::Verdict;
 use tokio::{
     signal::unix::{SignalKind, signal},
     sync::mpsc,
@@ -35,6 +36,7 @@ use tracing::{error, info, warn};
 
 use crate::{
     admin::{self, Request, Response},
+    blackhole,
     config::{CheckConfig, Config, Listen, TrackAction, VrrpConfig, VrrpVersion},
     dataplane::{
         AttachMode, DataPlane, DesiredBackend, DesiredVip, LoadOptions, monotonic_coarse_ns,
@@ -69,6 +71,8 @@ pub enum PinLocation {
 const SWEEP_INTERVAL: Duration = Duration::from_secs(10);
 /// How often VRRP tracking looks at the interface and the XDP attachment.
 const LINK_CHECK_INTERVAL: Duration = Duration::from_millis(500);
+/// How often the black-hole detector samples the data path's counters.
+const DATA_PATH_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 
 /// The running VRRP instance, as the reconciler sees it.
 struct Vrrp {
@@ -153,16 +157,26 @@ struct Agent {
     /// as VRRP master otherwise.
     holding: bool,
     vrrp: Option<Vrrp>,
-    _forwarding: system::ForwardingGuard,
+    forwarding: system::ForwardingGuard,
+    /// Whether the data path's packets are answered (docs/operations.md).
+    blackhole: blackhole::Detector,
+    /// The attach interface is a veth (the remedies differ).
+    veth: bool,
 }
 
 pub async fn run(options: AttachOptions) -> Result<()> {
     let config = Config::load(&options.config_path)?;
     let iface = options.iface.clone();
+    if options.xdp_mode == AttachMode::Generic {
+        // Before anything on the host changes.
+        return Err(crate::dataplane::DataPlaneError::GenericRefused { iface }.into());
+    }
     system::check_nat_port_range(config.data_plane.nat.port_range)?;
     let probers = build_probers(&config)?;
     let netlink = Netlink::connect()?;
     let ifindex = netlink.interface_index(&iface).await?;
+    let kind = netlink.link_kind(ifindex).await?;
+    system::check_attach_kind(&iface, kind.as_deref())?;
     let mac = netlink.interface_mac(ifindex).await?;
     let lb_addr = nat_source(&netlink, &iface, ifindex, &config).await?;
     let telemetry = match config.telemetry.listen {
@@ -213,6 +227,7 @@ pub async fn run(options: AttachOptions) -> Result<()> {
         .attach(&iface, options.xdp_mode)
         .with_context(|| format!("attaching to interface {iface}"))?;
     info!(%iface, mode = mode.label(), %lb_addr, "XDP program attached");
+    let veth = kind.as_deref() == Some("veth");
 
     let (health_tx, mut health_rx) = mpsc::channel::<HealthReport>(256);
     let (vrrp_tx, mut vrrp_rx) = mpsc::channel::<announcer::Event>(16);
@@ -243,7 +258,9 @@ pub async fn run(options: AttachOptions) -> Result<()> {
         local_backends: HashSet::new(),
         holding: vrrp.is_none(),
         vrrp,
-        _forwarding: forwarding,
+        forwarding,
+        blackhole: blackhole::Detector::default(),
+        veth,
     };
     let result = async {
         agent.apply_config(&config, probers).await?;
@@ -386,6 +403,7 @@ impl Agent {
         let mut stats = tokio::time::interval(stats_every);
         let mut log_flush = tokio::time::interval(Duration::from_millis(200));
         let mut link_check = tokio::time::interval(LINK_CHECK_INTERVAL);
+        let mut data_path_check = tokio::time::interval(DATA_PATH_CHECK_INTERVAL);
         let refresh = self.config.garp.refresh;
         let mut garp_refresh = tokio::time::interval(if refresh.is_zero() {
             Duration::from_secs(3600)
@@ -404,6 +422,7 @@ impl Agent {
                 Some(report) = health_rx.recv() => self.on_health(report).await,
                 Some(event) = vrrp_rx.recv() => self.on_vrrp(event).await,
                 _ = link_check.tick(), if self.vrrp.is_some() => self.check_link().await,
+                _ = data_path_check.tick() => self.check_data_path(),
                 _ = garp_refresh.tick(), if !refresh.is_zero() && self.holding => self.announce_vips(),
                 Some((request, reply)) = admin_rx.recv() => {
                     let response = self.on_request(request).await;
@@ -1060,6 +1079,7 @@ impl Agent {
             .collect();
         StatusReport {
             not_ready: self.not_ready(),
+            data_path_unanswered: self.blackhole.finding().is_some(),
             vrrp: self
                 .vrrp
                 .as_ref()
@@ -1135,7 +1155,79 @@ impl Agent {
         if !unchecked.is_empty() {
             reasons.push(format!("not checked yet: {}", unchecked.join(", ")));
         }
+        if self.forwarding.still_on() == Some(false) {
+            reasons.push(format!(
+                "IPv4 forwarding is off on {iface}: the kernel's FIB refuses to answer the data \
+                 path, which drops every packet it would forward (drop_forwarding_disabled); \
+                 the agent switched it on at start and something switched it off since \
+                 (sysctl -w net.ipv4.conf.{iface}.forwarding=1)"
+            ));
+        }
+        if let Some(finding) = self.blackhole.finding() {
+            reasons.push(blackhole::reason(
+                iface,
+                &finding,
+                Instant::now(),
+                self.veth,
+            ));
+        }
         reasons
+    }
+
+    /// Feeds the black-hole detector a sample of the data path's counters
+    /// and says what changed (docs/operations.md, "The data path is not answered").
+    fn check_data_path(&mut self) {
+        let Ok(verdicts) = self.dataplane.verdicts() else {
+            return;
+        };
+        let count = |wanted: &[Verdict]| -> u64 {
+            verdicts
+                .iter()
+                .filter(|(v, _)| wanted.contains(v))
+                .map(|(_, c)| c.packets)
+                .sum()
+        };
+        let Ok(traffic) = self.dataplane.traffic() else {
+            return;
+        };
+        let tcp_backends: HashSet<(Ipv4Addr, u16)> = self
+            .config
+            .vips
+            .iter()
+            .filter(|v| v.protocol == crate::config::Protocol::Tcp)
+            .flat_map(|v| v.backends.iter().map(|b| (b.address, b.port())))
+            .filter(|(address, _)| !self.local_backends.contains(address))
+            .collect();
+        let new_flows = traffic
+            .backends
+            .iter()
+            .filter(|(key, _)| tcp_backends.contains(key))
+            .map(|(_, c)| c.new_flows)
+            .sum();
+        let counters = blackhole::Counters {
+            new_flows,
+            answered: count(&[
+                Verdict::ReplyTx,
+                Verdict::ReplyRedirect,
+                Verdict::IcmpReplyTx,
+                Verdict::IcmpReplyRedirect,
+                Verdict::DropReplyNoFlow,
+            ]),
+        };
+        let pass_checks = self.health.iter().any(|(key, h)| {
+            h.health == Health::Up && h.checks > 0 && !self.local_backends.contains(&key.address)
+        });
+        let now = Instant::now();
+        match self.blackhole.observe(now, counters, pass_checks) {
+            Some(blackhole::Change::Found(finding)) => {
+                let reason = blackhole::reason(&self.options.iface, &finding, now, self.veth);
+                error!(iface = %self.options.iface, "{reason}");
+            }
+            Some(blackhole::Change::Cleared) => {
+                info!(iface = %self.options.iface, "the data path is answered again");
+            }
+            None => {}
+        }
     }
 
     fn print_stats(&self) {

@@ -45,7 +45,17 @@ pub enum DataPlaneError {
     MissingMap(&'static str),
     #[error("the kernel rejected the XDP program: {0}")]
     Verify(#[source] ProgramError),
-    #[error("attaching XDP to interface {iface} in {mode} mode: {source}")]
+    #[error(
+        "generic (skb) XDP is not supported (interface {iface}): in generic mode the program is \
+         handed GRO-merged packets of up to 64 KiB and checksums the kernel has not completed, \
+         which a NAT cannot rewrite correctly. Use an interface whose driver runs XDP natively \
+         (most NIC drivers, virtio_net, ena, vmxnet3 on kernel 6.6+, veth, bonding)"
+    )]
+    GenericRefused { iface: String },
+    #[error(
+        "attaching XDP to interface {iface} in {mode} mode: {source} (ha-lb needs native XDP: \
+         check that the driver supports it, `ethtool -i {iface}`; generic mode is not a fallback)"
+    )]
     Attach {
         iface: String,
         mode: &'static str,
@@ -95,8 +105,10 @@ fn map_error(map: &'static str) -> impl FnOnce(MapError) -> DataPlaneError {
     move |source| DataPlaneError::Map { map, source }
 }
 
-/// How attach should pick the XDP mode. `Auto` is what operators want:
-/// native (driver) mode where the driver supports it, generic with a warning otherwise.
+/// How attach should pick the XDP mode. Only native (driver) mode is
+/// supported: `Auto` and `Native` attach in it or fail with an error that
+/// says so; `Generic` is refused with the reason (docs/design.md, "Generic
+/// mode, jumbo frames"). Never a silent fallback.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum AttachMode {
     Auto,
@@ -107,14 +119,12 @@ pub enum AttachMode {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AttachedMode {
     Native,
-    Generic,
 }
 
 impl AttachedMode {
     pub fn label(self) -> &'static str {
         match self {
             AttachedMode::Native => "native",
-            AttachedMode::Generic => "generic",
         }
     }
 }
@@ -818,41 +828,27 @@ impl DataPlane {
             .ok()
     }
 
-    /// Attaches to `iface` (resolved in the calling thread's network namespace).
+    /// Attaches to `iface` (resolved in the calling thread's network namespace)
+    /// in native mode.
+    ///
+    /// # Errors
+    /// [`DataPlaneError::GenericRefused`] for [`AttachMode::Generic`];
+    /// [`DataPlaneError::Attach`] when the driver refuses native mode.
     pub fn attach(&mut self, iface: &str, mode: AttachMode) -> Result<AttachedMode> {
-        let attach_as = |program: &mut Xdp, attached: AttachedMode| {
-            let xdp_mode = match attached {
-                AttachedMode::Native => XdpMode::Driver,
-                AttachedMode::Generic => XdpMode::Skb,
-            };
-            program
-                .attach(iface, xdp_mode)
-                .map_err(|source| DataPlaneError::Attach {
-                    iface: iface.to_string(),
-                    mode: attached.label(),
-                    source,
-                })
-        };
-        let (link, attached) = match mode {
-            AttachMode::Native => (
-                attach_as(self.program_mut(), AttachedMode::Native)?,
-                AttachedMode::Native,
-            ),
-            AttachMode::Generic => (
-                attach_as(self.program_mut(), AttachedMode::Generic)?,
-                AttachedMode::Generic,
-            ),
-            AttachMode::Auto => match attach_as(self.program_mut(), AttachedMode::Native) {
-                Ok(link) => (link, AttachedMode::Native),
-                Err(native_error) => {
-                    warn!(%iface, error = %native_error, "native XDP unavailable, falling back to generic mode (slower)");
-                    (
-                        attach_as(self.program_mut(), AttachedMode::Generic)?,
-                        AttachedMode::Generic,
-                    )
-                }
-            },
-        };
+        if mode == AttachMode::Generic {
+            return Err(DataPlaneError::GenericRefused {
+                iface: iface.to_string(),
+            });
+        }
+        let link = self
+            .program_mut()
+            .attach(iface, XdpMode::Driver)
+            .map_err(|source| DataPlaneError::Attach {
+                iface: iface.to_string(),
+                mode: AttachedMode::Native.label(),
+                source,
+            })?;
+        let attached = AttachedMode::Native;
         debug!(%iface, mode = attached.label(), "XDP attached");
         self.attachment = Some((link, iface.to_string(), attached));
         Ok(attached)

@@ -8,11 +8,12 @@ mod tests {
     use object::{Object, ObjectSection};
 
     #[test]
-    fn embedded_object_is_bpf_elf_with_an_xdp_section() {
+    fn embedded_object_is_bpf_elf_with_a_multi_buffer_xdp_section() {
         let file = object::File::parse(super::EBPF_OBJECT).expect("embedded object parses as ELF");
         assert_eq!(file.architecture(), object::Architecture::Bpf);
         let sections: Vec<&str> = file.sections().filter_map(|s| s.name().ok()).collect();
-        assert!(sections.contains(&"xdp"), "sections: {sections:?}");
+        // `xdp.frags`: the program is multi-buffer aware (jumbo frames in native mode).
+        assert!(sections.contains(&"xdp.frags"), "sections: {sections:?}");
         assert!(sections.contains(&"license"), "sections: {sections:?}");
     }
 }

@@ -4,6 +4,7 @@
 pub mod admin;
 pub mod agent;
 pub mod batch;
+pub mod blackhole;
 pub mod config;
 pub mod dataplane;
 pub mod ebpf_object;

@@ -31,7 +31,8 @@ enum Command {
         iface: String,
         #[arg(long, default_value = DEFAULT_CONFIG_PATH)]
         config: PathBuf,
-        /// `auto` tries native (driver) mode first and falls back to generic.
+        /// `auto` and `native` attach in native (driver) mode or fail; `generic` is refused
+        /// (a NAT cannot rewrite generic mode's GRO-merged packets correctly).
         #[arg(long, value_enum, default_value = "auto")]
         xdp_mode: AttachMode,
         /// Print per-VIP, per-backend and per-verdict counters this often (0s: never).

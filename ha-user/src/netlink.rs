@@ -116,6 +116,20 @@ impl Netlink {
         Ok((admin_up && oper_up, xdp))
     }
 
+    /// The interface's link kind as rtnetlink names it (`veth`, `vlan`,
+    /// `bond`, ...); `None` for a physical NIC, which has none.
+    pub async fn link_kind(&self, ifindex: u32) -> Result<Option<String>> {
+        use rtnetlink::packet_route::link::LinkInfo;
+        let link = self.link(ifindex).await?;
+        Ok(link.attributes.iter().find_map(|a| match a {
+            LinkAttribute::LinkInfo(infos) => infos.iter().find_map(|i| match i {
+                LinkInfo::Kind(kind) => Some(kind.to_string()),
+                _ => None,
+            }),
+            _ => None,
+        }))
+    }
+
     /// Every interface except loopback: where the data path may redirect to.
     pub async fn interface_indexes(&self) -> Result<Vec<u32>> {
         let links: Vec<_> = self

@@ -27,6 +27,10 @@ pub struct StatusReport {
     pub not_ready: Vec<String>,
     #[serde(default)]
     pub conntrack: ConntrackStatus,
+    /// The data path forwards packets that no backend answers although the
+    /// health checks reach them (the reason is in `not_ready`).
+    #[serde(default)]
+    pub data_path_unanswered: bool,
 }
 
 /// The connection tables, as the agent's sweeps (every 10 s) see them.
@@ -302,6 +306,7 @@ mod tests {
                 reverse_recovered: 1,
                 orphans_freed: 3,
             },
+            data_path_unanswered: false,
         };
         let table = report.render();
         assert!(

@@ -24,6 +24,14 @@ pub enum SystemError {
          host's own connections could be taken for NAT replies; choose a NAT range outside it"
     )]
     PortRangeOverlap { nat: PortRange, local: PortRange },
+    #[error(
+        "interface {iface} is a VLAN device: not supported. XDP runs natively only on the \
+         parent interface, and the VIP's address and gratuitous ARP must be on the VLAN the \
+         clients are on. Serve the VIP on an untagged interface (a NIC, or a bond), e.g. an \
+         access port on that VLAN; tagged frames that reach an untagged interface are served \
+         there and answered on their own VLAN (one tag deep)"
+    )]
+    VlanDevice { iface: String },
     #[error("mounting bpffs on {path}: {source}")]
     Mount {
         path: String,
@@ -46,6 +54,20 @@ fn write(path: &str, value: &str) -> Result<()> {
         path: path.to_string(),
         source,
     })
+}
+
+/// Whether the agent can serve on an interface of this link kind (rtnetlink's
+/// name; `None` for a physical NIC).
+///
+/// # Errors
+/// [`SystemError::VlanDevice`] for a VLAN device (802.1Q or 802.1ad).
+pub fn check_attach_kind(iface: &str, kind: Option<&str>) -> Result<()> {
+    match kind {
+        Some("vlan") => Err(SystemError::VlanDevice {
+            iface: iface.to_string(),
+        }),
+        _ => Ok(()),
+    }
 }
 
 /// The host's ephemeral port range for its own outgoing connections.
@@ -80,6 +102,12 @@ pub struct ForwardingGuard {
 }
 
 impl ForwardingGuard {
+    /// Whether the interface still forwards (something else may have switched
+    /// it off since): `None` if the sysctl cannot be read.
+    pub fn still_on(&self) -> Option<bool> {
+        read(&self.path).ok().map(|v| v.trim() == "1")
+    }
+
     pub fn enable(iface: &str) -> Result<Self> {
         let path = format!("/proc/sys/net/ipv4/conf/{iface}/forwarding");
         let previous = read(&path)?.trim().to_string();
@@ -154,4 +182,21 @@ fn ensure_bpffs(path: &Path) -> Result<()> {
     })?;
     info!(path = %path.display(), "mounted bpffs");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vlan_devices_are_refused_with_what_to_do_and_other_kinds_accepted() {
+        let error = check_attach_kind("eth0.100", Some("vlan"))
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("eth0.100 is a VLAN device"), "{error}");
+        assert!(error.contains("untagged interface"), "{error}");
+        for kind in [None, Some("veth"), Some("bond")] {
+            assert!(check_attach_kind("eth0", kind).is_ok(), "{kind:?}");
+        }
+    }
 }

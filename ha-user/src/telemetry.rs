@@ -184,6 +184,13 @@ pub fn render_metrics(report: &StatusReport) -> String {
     let ready = Gauge::<i64>::default();
     m.registry
         .register("ready", "1 when /readyz answers ok", ready.clone());
+    let unanswered = Gauge::<i64>::default();
+    m.registry.register(
+        "data_path_unanswered",
+        "1 while the data path forwards packets that no backend answers although the health checks reach them (a black hole: see the not-ready reason)",
+        unanswered.clone(),
+    );
+    let xdp_mode = m.gauges("xdp_mode", "1 for the mode the XDP program is attached in");
     let uptime = Gauge::<f64, AtomicU64>::default();
     m.registry.register(
         "uptime_seconds",
@@ -211,6 +218,10 @@ pub fn render_metrics(report: &StatusReport) -> String {
     let events = m.counters("events", "Data-plane slow-path events");
 
     ready.set(i64::from(report.not_ready.is_empty()));
+    unanswered.set(i64::from(report.data_path_unanswered));
+    xdp_mode
+        .get_or_create(&vec![("mode".to_string(), report.xdp_mode.clone())])
+        .set(1);
     uptime.set(report.uptime_seconds);
     for vip in &report.vips {
         let at = labels(&[("vip", &vip.name)]);
@@ -375,6 +386,8 @@ mod tests {
                 reverse_recovered: 1,
                 orphans_freed: 3,
             },
+            data_path_unanswered: true,
+            xdp_mode: "native".into(),
             ..Default::default()
         }
     }
@@ -384,6 +397,8 @@ mod tests {
         let text = render_metrics(&report());
         for line in [
             "ha_lb_ready 0",
+            "ha_lb_data_path_unanswered 1",
+            "ha_lb_xdp_mode{mode=\"native\"} 1",
             "ha_lb_uptime_seconds 12.5",
             "ha_lb_vip_flows_total{vip=\"apiserver\"} 2",
             "ha_lb_backend_up{vip=\"apiserver\",backend=\"10.0.0.11:6443\"} 1",

@@ -121,6 +121,8 @@ pub struct Lab {
     log_dir: PathBuf,
     /// The pass-everything program on every switch port (see `attach_switch_xdp`).
     switch_xdp: Option<aya::Ebpf>,
+    /// Its attachments, by switch port.
+    switch_links: Vec<(String, aya::programs::xdp::XdpLinkId)>,
     _slot_lock: Flock<File>,
 }
 
@@ -165,10 +167,13 @@ impl Lab {
             hosts,
             log_dir,
             switch_xdp: None,
+            switch_links: Vec::new(),
             _slot_lock: lock,
         };
         lab.build()?;
-        lab.switch_xdp = Some(lab.attach_switch_xdp()?);
+        let (ebpf, links) = lab.attach_switch_xdp()?;
+        lab.switch_xdp = Some(ebpf);
+        lab.switch_links = links;
         Ok(lab)
     }
 
@@ -219,7 +224,10 @@ impl Lab {
     /// until other traffic wakes it). The switch ports are those peers, so
     /// each gets a program that passes everything, as a NIC would deliver
     /// to the wire. Real NICs need nothing of the kind.
-    fn attach_switch_xdp(&self) -> Result<aya::Ebpf> {
+    #[allow(clippy::type_complexity)]
+    fn attach_switch_xdp(
+        &self,
+    ) -> Result<(aya::Ebpf, Vec<(String, aya::programs::xdp::XdpLinkId)>)> {
         use aya::programs::{Xdp, XdpMode};
         let mut ebpf = aya::EbpfLoader::new()
             .load(ha_user::ebpf_object::EBPF_OBJECT)
@@ -234,28 +242,71 @@ impl Lab {
         let path = format!("/run/netns/{}", self.switch_ns);
         let netns = File::open(&path).map_err(io_error(format!("opening {path}")))?;
         let ports: Vec<String> = self.hosts.iter().map(|h| h.switch_port.clone()).collect();
-        std::thread::scope(|scope| {
+        let links = std::thread::scope(|scope| {
             scope
-                .spawn(|| -> Result<()> {
+                .spawn(|| -> Result<Vec<(String, aya::programs::xdp::XdpLinkId)>> {
                     setns(netns.as_fd(), CloneFlags::CLONE_NEWNET)
                         .map_err(|e| io_error(format!("entering {path}"))(e.into()))?;
+                    let mut links = Vec::new();
                     for port in &ports {
-                        program.attach(port, XdpMode::Driver).map_err(|e| {
+                        let link = program.attach(port, XdpMode::Driver).map_err(|e| {
                             io_error(format!("attaching XDP to switch port {port}"))(
                                 std::io::Error::other(e),
                             )
                         })?;
+                        links.push((port.clone(), link));
                     }
-                    Ok(())
+                    Ok(links)
                 })
                 .join()
                 .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
         })?;
-        Ok(ebpf)
+        Ok((ebpf, links))
     }
 
     pub fn slot(&self) -> u32 {
         self.slot
+    }
+
+    /// Sets the MTU of every host's eth0 and of the switch's ports and bridge
+    /// (jumbo frames on the whole LAN).
+    pub fn set_mtu(&self, mtu: u32) -> Result<()> {
+        let mtu = mtu.to_string();
+        for host in self.hosts.iter().filter(|h| !h.switch_port.is_empty()) {
+            ip(
+                &self.switch_ns,
+                &["link", "set", "dev", &host.switch_port, "mtu", &mtu],
+            )?;
+            ip(
+                &host.netns,
+                &["link", "set", "dev", HOST_IFACE, "mtu", &mtu],
+            )?;
+        }
+        ip(&self.switch_ns, &["link", "set", "dev", "br0", "mtu", &mtu])?;
+        Ok(())
+    }
+
+    /// Removes the pass-everything XDP program from `host`'s switch port:
+    /// that host's link then behaves as a plain veth does (frames it sends
+    /// with XDP_TX wait in the peer's queue; see `attach_switch_xdp`).
+    pub fn remove_switch_xdp(&mut self, host: &str) -> Result<()> {
+        use aya::programs::Xdp;
+        let port = self.try_host(host)?.switch_port.clone();
+        let Some(at) = self.switch_links.iter().position(|(p, _)| *p == port) else {
+            return Ok(());
+        };
+        let (_, link) = self.switch_links.remove(at);
+        let program: &mut Xdp = self
+            .switch_xdp
+            .as_mut()
+            .and_then(|e| e.program_mut(ha_common::XDP_PASS_PROGRAM_NAME))
+            .and_then(|p| p.try_into().ok())
+            .ok_or_else(|| {
+                io_error("the switch's XDP object")(std::io::Error::other("no pass program"))
+            })?;
+        program.detach(link).map_err(|e| {
+            io_error(format!("detaching XDP from switch port {port}"))(std::io::Error::other(e))
+        })
     }
 
     /// Adds a host `name` behind the lab host `router`, on a network of its

@@ -13,57 +13,16 @@ use std::{
     time::Duration,
 };
 
-use common::{start_agent, start_apiservers, status_json, write_config};
+use common::{
+    DOWNLOAD, start_agent, start_apiservers, start_file_server, status_json, write_config,
+};
 use ha_lab::{Lab, LabProcess};
 use serde_json::Value;
 
 const BACKENDS: [&str; 3] = ["api1", "api2", "api3"];
-const DOWNLOAD: usize = 2 * 1024 * 1024;
 
 fn verdict(status: &Value, name: &str) -> u64 {
     status["verdicts"][name].as_u64().unwrap_or(0)
-}
-
-/// nginx on `host`:8080 serving `/big`, `DOWNLOAD` bytes.
-fn start_file_server(lab: &Lab, host: &str) -> LabProcess {
-    let dir = lab.log_dir().join(format!("nginx-{host}"));
-    std::fs::create_dir_all(dir.join("www")).unwrap();
-    std::fs::write(dir.join("www/big"), vec![b'x'; DOWNLOAD]).unwrap();
-    let conf = dir.join("nginx.conf");
-    std::fs::write(
-        &conf,
-        format!(
-            "worker_processes 1;\ndaemon off;\npid {dir}/nginx.pid;\nerror_log {dir}/error.log;\n\
-             events {{ worker_connections 64; }}\n\
-             http {{\n  access_log off;\n  client_body_temp_path {dir};\n  proxy_temp_path {dir};\n  fastcgi_temp_path {dir};\n  uwsgi_temp_path {dir};\n  scgi_temp_path {dir};\n\
-               server {{ listen {}:8080; root {dir}/www; }}\n}}\n",
-            lab.host(host).addr,
-            dir = dir.display()
-        ),
-    )
-    .unwrap();
-    let mut process = lab
-        .spawn(
-            host,
-            &[
-                "nginx",
-                "-c",
-                conf.to_str().unwrap(),
-                "-p",
-                dir.to_str().unwrap(),
-            ],
-        )
-        .unwrap();
-    let addr = std::net::SocketAddr::from((lab.host(host).addr, 8080));
-    lab.wait_until(Duration::from_secs(10), "nginx listening", || {
-        lab.in_host("client", || {
-            std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
-        })
-        .unwrap_or(false)
-    })
-    .unwrap();
-    process.wait_timeout(Duration::ZERO).unwrap();
-    process
 }
 
 /// The issue's path MTU black hole: the client sits behind a router whose

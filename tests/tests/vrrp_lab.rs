@@ -544,6 +544,11 @@ fn interop(version: u8) {
     let kept = keepalived(&lab, "lb2", 200, version);
     let _agent = start_agent(&lab, "lb1", &config(&lab, "lb1", &agent_vrrp(100)), &[]);
     wait_for_single_holder(&lab, "lb2", settle);
+    // The agent started as backup; it names the master once an advert of
+    // keepalived's reached it (one advert interval, longer on a loaded host).
+    let _ = lab.wait_until(settle, "the agent names the master", || {
+        vrrp_status(&lab, "lb1")["master"].is_string()
+    });
     let status = vrrp_status(&lab, "lb1");
     assert_eq!(status["state"], "backup", "{status}");
     assert_eq!(
