@@ -1878,6 +1878,36 @@ fn icmp_errors_are_translated_both_ways_and_the_balancer_answers_what_it_cannot_
         }
     }
     run_icmp_cases(&w, cases);
+    // Fragments of a reply are never half translated: the first (MF set,
+    // with the ports) is dropped, a later one (no ports) passed untouched.
+    let mut first = Frame {
+        payload: b"0123456789abcdef",
+        ..backend_to_nat
+    }
+    .build();
+    first[20] = 0x20;
+    let mut later = first.clone();
+    later[20] = 0x00;
+    later[21] = 0x02;
+    run_cases(
+        &w,
+        vec![
+            Case {
+                name: "first fragment of a backend's reply to its flow's NAT port: dropped",
+                input: first,
+                verdict: XDP_DROP,
+                output: Vec::new(),
+                counted_as: Verdict::DropVipFragment,
+            },
+            Case {
+                name: "later fragment of a reply: passed untouched (no ports to know it by)",
+                output: later.clone(),
+                input: later,
+                verdict: XDP_PASS,
+                counted_as: Verdict::PassFragment,
+            },
+        ],
+    );
 }
 
 /// `run_cases` for ICMP outputs (their checksums are checked by
