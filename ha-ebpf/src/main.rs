@@ -44,8 +44,12 @@ use crate::{
 /// interface whose MTU is larger than a page (jumbo frames) in native mode.
 #[xdp(frags)]
 pub fn ha_xdp(ctx: XdpContext) -> u32 {
-    let frame_len = parse::frame_len(&ctx);
     let (action, verdict) = process(&ctx);
+    // As `process` measured it, before any answer replaced the frame.
+    let frame_len = maps::SCRATCH.get_ptr(0).map_or(0, |s| {
+        // SAFETY: this CPU's scratch, written by `process` for this frame.
+        unsafe { (*s).frame_len }
+    });
     maps::count_verdict(verdict, frame_len);
     action
 }
@@ -115,7 +119,17 @@ fn process(ctx: &XdpContext) -> (u32, Verdict) {
         return pass(Verdict::PassMalformed);
     };
     // SAFETY: this CPU's scratch; nothing else runs on it meanwhile.
-    let (packet, send) = unsafe { (&mut (*scratch).packet, &mut (*scratch).send) };
+    let (packet, send, frame_len) = unsafe {
+        (
+            &mut (*scratch).packet,
+            &mut (*scratch).send,
+            &mut (*scratch).frame_len,
+        )
+    };
+    // The first buffer: all of a frame that is not parsed as IPv4 is
+    // counted by it (measuring a multi-buffer frame costs a helper call,
+    // which only a parsed packet that reaches past its first buffer pays).
+    *frame_len = ctx.data_end() - ctx.data();
     let icmp_error = match parse::parse(ctx, packet) {
         Parsed::Ipv4 => false,
         Parsed::IcmpError => true,
@@ -124,6 +138,7 @@ fn process(ctx: &XdpContext) -> (u32, Verdict) {
         Parsed::OtherIpv4(protocol) => return pass_by_protocol(protocol),
         Parsed::LaterFragment => return pass(Verdict::PassFragment),
     };
+    *frame_len = packet.frame_len;
     let packet: &Packet = packet;
     // SAFETY: copied out at once.
     let slot = SETTINGS_ACTIVE.get(0).map_or(0, |s| *s & 1);
@@ -200,7 +215,7 @@ fn client_path(
     settings: &Settings,
     send: &mut Send,
 ) -> (u32, Verdict) {
-    let frame_len = parse::frame_len(ctx);
+    let frame_len = packet.frame_len;
     if vip.flags & VIP_FLAG_ENABLED == 0 {
         return pass(Verdict::PassVipDisabled);
     }

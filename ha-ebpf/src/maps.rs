@@ -69,6 +69,8 @@ pub static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
 pub struct Scratch {
     pub packet: crate::parse::Packet,
     pub send: crate::Send,
+    /// The frame's length as counted (see `process`).
+    pub frame_len: usize,
 }
 
 #[map(name = "VERDICTS")]

@@ -73,6 +73,16 @@ pub fn frame_len(ctx: &XdpContext) -> usize {
     unsafe { aya_ebpf::helpers::bpf_xdp_get_buff_len(ctx.ctx) as usize }
 }
 
+/// The frame's length as far as a packet that ends at `end` needs to know
+/// it: the first buffer's, measured directly, unless the packet reaches past
+/// it (multi-buffer, rare), which alone costs the helper call that measures
+/// all of them.
+#[inline(always)]
+fn length_for(ctx: &XdpContext, end: usize) -> usize {
+    let linear = ctx.data_end() - ctx.data();
+    if end > linear { frame_len(ctx) } else { linear }
+}
+
 /// Reads a `T` (a plain integer or byte array) at `offset`.
 #[inline(always)]
 pub fn read<T: Copy>(ctx: &XdpContext, offset: usize) -> Option<T> {
@@ -121,6 +131,8 @@ pub struct Packet {
     pub icmp_error: bool,
     /// Offset of the embedded IPv4 header of an ICMP error.
     inner: usize,
+    /// The frame's length, all its buffers (what the counters count).
+    pub frame_len: usize,
     /// The outer addresses of an ICMP error (wire order).
     pub outer_src: u32,
     pub outer_dst: u32,
@@ -205,11 +217,11 @@ pub fn parse(ctx: &XdpContext, packet: &mut Packet) -> Parsed {
     let version = header[0] >> 4;
     let header_len = ((header[0] & 0x0f) as usize) * 4;
     let ip_total_len = u16::from_be_bytes([header[IP_TOT_LEN], header[IP_TOT_LEN + 1]]);
-    if version != 4
-        || header_len < IPV4_HDR_LEN
-        || (ip_total_len as usize) < header_len
-        || l3 + ip_total_len as usize > frame_len(ctx)
-    {
+    if version != 4 || header_len < IPV4_HDR_LEN || (ip_total_len as usize) < header_len {
+        return Parsed::Malformed;
+    }
+    let frame_len = length_for(ctx, l3 + ip_total_len as usize);
+    if l3 + ip_total_len as usize > frame_len {
         return Parsed::Malformed;
     }
     let frag = u16::from_be_bytes([header[IP_FRAG], header[IP_FRAG + 1]]);
@@ -227,7 +239,7 @@ pub fn parse(ctx: &XdpContext, packet: &mut Packet) -> Parsed {
         IPPROTO_ICMP => {
             let plain = header_len == IPV4_HDR_LEN && matches!(fragment, Fragment::No);
             if plain && ip_total_len as usize >= ICMP_ERROR_MIN {
-                return icmp_error(ctx, l3, vlan_tagged, &header, packet);
+                return icmp_error(ctx, l3, vlan_tagged, &header, frame_len, packet);
             }
             return Parsed::OtherIpv4(IPPROTO_ICMP);
         }
@@ -273,6 +285,7 @@ pub fn parse(ctx: &XdpContext, packet: &mut Packet) -> Parsed {
         ip_total_len,
         icmp_error: false,
         inner: 0,
+        frame_len,
         outer_src: 0,
         outer_dst: 0,
     };
@@ -292,6 +305,7 @@ fn icmp_error(
     l3: usize,
     vlan_tagged: bool,
     outer: &[u8; IPV4_HDR_LEN],
+    frame_len: usize,
     packet: &mut Packet,
 ) -> Parsed {
     let l4 = l3 + IPV4_HDR_LEN;
@@ -331,6 +345,7 @@ fn icmp_error(
         ip_total_len: u16::from_be_bytes([outer[IP_TOT_LEN], outer[IP_TOT_LEN + 1]]),
         icmp_error: true,
         inner,
+        frame_len,
         outer_src: addr_at(outer, IP_SRC),
         outer_dst: addr_at(outer, IP_DST),
     };
