@@ -86,6 +86,17 @@ fn verdict_if_unanswered(icmp_type: u8) -> Verdict {
     }
 }
 
+/// Whether a packet may be answered with an ICMP error (RFC 1812 section
+/// 4.3.2.7): not one sent to a link-layer broadcast or multicast address,
+/// nor one whose source is not a unicast host (0/8, 127/8, multicast,
+/// 240/4 and the limited broadcast).
+#[inline(always)]
+fn answerable(ctx: &XdpContext, packet: &Packet) -> bool {
+    let group_mac = read::<[u8; 2]>(ctx, 0).is_none_or(|mac| mac[0] & 1 != 0);
+    let first = packet.src_addr.to_ne_bytes()[0];
+    !group_mac && first != 0 && first != 127 && first < 224
+}
+
 /// An ICMP error to answer with: type, code and MTU in one word.
 #[inline(always)]
 fn error(icmp_type: u8, code: u8, mtu: u16) -> u32 {
@@ -104,7 +115,7 @@ fn route(ctx: &XdpContext, packet: &Packet, send: &Send) -> (u32, Verdict, u32) 
     // becomes a `>=` bounds test that the verifier cannot follow.
     let ttl = read::<[u8; 2]>(ctx, l3 + IP_TTL).map_or(0, |w| w[0]);
     if ttl <= 1 {
-        if packet.icmp_error {
+        if packet.icmp_error || !answerable(ctx, packet) {
             return (xdp_action::XDP_DROP, Verdict::DropTtlExceeded, 0);
         }
         let answer = error(icmp::TIME_EXCEEDED, 0, 0);
@@ -147,7 +158,7 @@ fn route(ctx: &XdpContext, packet: &Packet, send: &Send) -> (u32, Verdict, u32) 
         }
         BPF_FIB_LKUP_RET_FRAG_NEEDED => {
             let frag = read::<[u8; 2]>(ctx, l3 + IP_FRAG).map_or(0, u16::from_be_bytes);
-            if packet.icmp_error || frag & IP_DF == 0 {
+            if packet.icmp_error || frag & IP_DF == 0 || !answerable(ctx, packet) {
                 return refused(Verdict::DropFragNeeded);
             }
             // SAFETY: the helper set mtu_result for this answer.

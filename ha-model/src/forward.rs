@@ -119,6 +119,14 @@ impl Translate {
     }
 }
 
+/// "An answer" may be sent (RFC 1812 section 4.3.2.7): the destination MAC is not a group
+/// address (`f[0] & 1 == 0`) and the source address's first octet is not 0, 127 or 224 and above.
+fn answerable(frame: &[u8], l3: usize) -> bool {
+    let unicast_mac = frame.first().is_some_and(|b| b & 1 == 0);
+    let first = frame.get(l3 + 12).copied().unwrap_or(0);
+    unicast_mac && first != 0 && first != 127 && first < 224
+}
+
 fn set_macs(frame: &mut [u8], dst: [u8; 6], src: [u8; 6]) {
     if let Some(d) = frame.get_mut(0..6) {
         d.copy_from_slice(&dst);
@@ -132,17 +140,18 @@ impl Ctx<'_> {
     /// Step 6 for `frame` (described by `hop`), which came in on `ingress`; step 5
     /// (`translate`) is applied only when the frame is sent on.
     ///
-    /// - TTL (`f[l3+8]`) 0 or 1: an ICMP error being translated is dropped
-    ///   (`drop_ttl_exceeded`); any other packet is answered with time exceeded
-    ///   (`icmp_time_exceeded_tx`, `XDP_TX`);
+    /// - TTL (`f[l3+8]`) 0 or 1: an ICMP error being translated, or a packet that may not be
+    ///   answered, is dropped (`drop_ttl_exceeded`); any other packet is answered with time
+    ///   exceeded (`icmp_time_exceeded_tx`, `XDP_TX`);
     /// - success: translated, the TTL taken one from, the lookup's MACs; `XDP_TX` when the
     ///   egress is `ingress` or the frame is tagged, else `XDP_REDIRECT` if the egress is in
     ///   `TX_PORTS`, else `drop_no_tx_port`;
     /// - no neighbour: with `learned_mac`, translated, destination MAC = it, source MAC = the
     ///   frame's original destination MAC, `reply_to_learned_mac`, `XDP_TX`; without,
     ///   `drop_no_neighbour`;
-    /// - fragmentation needed: with DF and not an ICMP error, answered with fragmentation
-    ///   needed and the MTU (`icmp_frag_needed_tx`, `XDP_TX`); else `drop_frag_needed`;
+    /// - fragmentation needed: with DF, not an ICMP error and answerable, answered with
+    ///   fragmentation needed and the MTU (`icmp_frag_needed_tx`, `XDP_TX`); else
+    ///   `drop_frag_needed`;
     /// - the other answers: their own drop verdicts.
     #[allow(clippy::too_many_arguments)]
     pub fn forward(
@@ -157,7 +166,7 @@ impl Ctx<'_> {
     ) -> (u32, Verdict) {
         let ttl = frame.get(hop.l3 + 8).copied().unwrap_or(0);
         if ttl <= 1 {
-            if hop.icmp_error {
+            if hop.icmp_error || !answerable(frame, hop.l3) {
                 return (XDP_DROP, Verdict::DropTtlExceeded);
             }
             icmp::answer(frame, hop.l3, icmp::TIME_EXCEEDED, 0, 0);
@@ -197,7 +206,7 @@ impl Ctx<'_> {
             },
             FibAnswer::FragNeeded { mtu } => {
                 let df = frame.get(hop.l3 + 6).is_some_and(|b| b & 0x40 != 0);
-                if hop.icmp_error || !df {
+                if hop.icmp_error || !df || !answerable(frame, hop.l3) {
                     return (XDP_DROP, Verdict::DropFragNeeded);
                 }
                 icmp::answer(frame, hop.l3, icmp::DEST_UNREACH, icmp::FRAG_NEEDED, mtu);

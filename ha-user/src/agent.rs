@@ -160,6 +160,8 @@ struct Agent {
     forwarding: system::ForwardingGuard,
     /// Whether the data path's packets are answered (docs/operations.md).
     blackhole: blackhole::Detector,
+    /// What the detector counts as new flows, from the backends' totals.
+    new_flow_totals: blackhole::Accumulator<(Ipv4Addr, u16)>,
     /// The attach interface is a veth (the remedies differ).
     veth: bool,
 }
@@ -260,6 +262,7 @@ pub async fn run(options: AttachOptions) -> Result<()> {
         vrrp,
         forwarding,
         blackhole: blackhole::Detector::default(),
+        new_flow_totals: blackhole::Accumulator::default(),
         veth,
     };
     let result = async {
@@ -1164,12 +1167,7 @@ impl Agent {
             ));
         }
         if let Some(finding) = self.blackhole.finding() {
-            reasons.push(blackhole::reason(
-                iface,
-                &finding,
-                Instant::now(),
-                self.veth,
-            ));
+            reasons.push(blackhole::reason(iface, &finding, self.veth));
         }
         reasons
     }
@@ -1190,22 +1188,42 @@ impl Agent {
         let Ok(traffic) = self.dataplane.traffic() else {
             return;
         };
-        let tcp_backends: HashSet<(Ipv4Addr, u16)> = self
+        let Ok(pickups) = self.dataplane.event(ha_common::Event::MidstreamPickup) else {
+            return;
+        };
+        // New flows count only for backends that are expected to answer:
+        // of a TCP VIP, not this host, up by their checks, not drained.
+        let eligible: HashSet<(Ipv4Addr, u16)> = self
             .config
             .vips
             .iter()
             .filter(|v| v.protocol == crate::config::Protocol::Tcp)
-            .flat_map(|v| v.backends.iter().map(|b| (b.address, b.port())))
-            .filter(|(address, _)| !self.local_backends.contains(address))
+            .flat_map(|v| {
+                v.backends.iter().map(|b| BackendKey {
+                    vip: v.name.clone(),
+                    address: b.address,
+                    port: b.port(),
+                })
+            })
+            .filter(|key| {
+                !self.local_backends.contains(&key.address)
+                    && !self.maintenance.contains(key)
+                    && self
+                        .health
+                        .get(key)
+                        .is_some_and(|h| h.health == Health::Up && h.checks > 0)
+            })
+            .map(|key| (key.address, key.port))
             .collect();
-        let new_flows = traffic
+        let totals: Vec<((Ipv4Addr, u16), u64)> = traffic
             .backends
             .iter()
-            .filter(|(key, _)| tcp_backends.contains(key))
-            .map(|(_, c)| c.new_flows)
-            .sum();
+            .map(|(key, c)| (*key, c.new_flows))
+            .collect();
+        let new_flows = self.new_flow_totals.add(&totals, &eligible, pickups);
         let counters = blackhole::Counters {
             new_flows,
+            forwarded: count(&[Verdict::ForwardTx, Verdict::ForwardRedirect]),
             answered: count(&[
                 Verdict::ReplyTx,
                 Verdict::ReplyRedirect,
@@ -1214,13 +1232,11 @@ impl Agent {
                 Verdict::DropReplyNoFlow,
             ]),
         };
-        let pass_checks = self.health.iter().any(|(key, h)| {
-            h.health == Health::Up && h.checks > 0 && !self.local_backends.contains(&key.address)
-        });
+        let pass_checks = !eligible.is_empty();
         let now = Instant::now();
         match self.blackhole.observe(now, counters, pass_checks) {
             Some(blackhole::Change::Found(finding)) => {
-                let reason = blackhole::reason(&self.options.iface, &finding, now, self.veth);
+                let reason = blackhole::reason(&self.options.iface, &finding, self.veth);
                 error!(iface = %self.options.iface, "{reason}");
             }
             Some(blackhole::Change::Cleared) => {

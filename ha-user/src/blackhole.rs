@@ -23,6 +23,11 @@ pub struct Counters {
     /// backends' `new_flows`): each one's SYN is answered by a healthy
     /// path, with a SYN-ACK or an RST, within a round trip.
     pub new_flows: u64,
+    /// Client packets sent on to backends (`forward_tx`, `forward_redirect`):
+    /// a new flow whose first packet the balancer answered itself (TTL run
+    /// out, too large) or dropped was never sent, and is not expected to be
+    /// answered.
+    pub forwarded: u64,
     /// Backend packets that reached a NAT port: translated back
     /// (`reply_tx`, `reply_redirect`, `icmp_reply_*`) or dropped for want of
     /// a flow (`drop_reply_no_flow`). Any of them shows the path works.
@@ -37,6 +42,10 @@ pub struct Finding {
     pub since: Instant,
     pub new_flows: u64,
     pub answered: u64,
+    /// The window the counts were taken over.
+    pub over: Duration,
+    /// When the counts last showed it (an idle path shows nothing).
+    pub confirmed: Instant,
 }
 
 /// What one observation changed.
@@ -56,6 +65,10 @@ pub struct Detector {
     samples: VecDeque<(Instant, Counters)>,
     finding: Option<Finding>,
 }
+
+/// A finding that nothing has confirmed for this long (no new connection
+/// at all) is dropped: the cause may be gone, and nothing says otherwise.
+pub const IDLE_CLEAR: Duration = Duration::from_secs(60);
 
 /// Defaults: 5 s and 3 new flows. Unanswered connection attempts (a client
 /// that gives up after 2 s and tries again) are found about 5 s after the
@@ -116,16 +129,20 @@ impl Detector {
         }
         let (since, oldest) = *self.samples.front()?;
         let new_flows = counters.new_flows - oldest.new_flows;
+        let forwarded = counters.forwarded.saturating_sub(oldest.forwarded);
         let answered = counters.answered - oldest.answered;
-        let unanswered = new_flows >= self.min_new_flows && answered < new_flows;
+        let unanswered =
+            new_flows >= self.min_new_flows && answered < new_flows && forwarded >= new_flows;
         let healthy = answered > 0 && answered >= new_flows;
+        let finding = Finding {
+            since,
+            new_flows,
+            answered,
+            over: now.duration_since(since),
+            confirmed: now,
+        };
         match self.finding {
             None if unanswered && backends_pass_checks => {
-                let finding = Finding {
-                    since,
-                    new_flows,
-                    answered,
-                };
                 self.finding = Some(finding);
                 Some(Change::Found(finding))
             }
@@ -134,22 +151,77 @@ impl Detector {
                 Some(Change::Cleared)
             }
             Some(_) if unanswered => {
-                self.finding = Some(Finding {
-                    since,
-                    new_flows,
-                    answered,
-                });
+                self.finding = Some(finding);
                 None
+            }
+            Some(last) if now.duration_since(last.confirmed) >= IDLE_CLEAR => {
+                self.finding = None;
+                Some(Change::Cleared)
             }
             _ => None,
         }
     }
 }
 
+/// Turns the data path's per-backend totals of new flows into the
+/// detector's `new_flows`: only backends that are `eligible` now count (up
+/// and checked, not local, of a TCP VIP), each from the second sample it is
+/// seen in, so a backend id reused with an earlier backend's counts, or a
+/// backend that just became eligible, adds nothing at once; a total that
+/// went back (the maps were replaced) adds nothing. First packets that were
+/// not SYNs (`midstream_pickup`: an RST, a packet of a connection picked up
+/// after a restart) are taken off: nothing obliges a backend to answer them.
+#[derive(Clone, Debug)]
+pub struct Accumulator<K> {
+    previous: std::collections::HashMap<K, u64>,
+    previous_pickups: Option<u64>,
+    new_flows: u64,
+}
+
+impl<K> Default for Accumulator<K> {
+    fn default() -> Self {
+        Accumulator {
+            previous: std::collections::HashMap::new(),
+            previous_pickups: None,
+            new_flows: 0,
+        }
+    }
+}
+
+impl<K: std::hash::Hash + Eq + Clone> Accumulator<K> {
+    /// One sample: every backend's total of new flows, the eligible ones,
+    /// and the data path's total of midstream pickups. Returns the running
+    /// total of counted new flows.
+    pub fn add(
+        &mut self,
+        totals: &[(K, u64)],
+        eligible: &std::collections::HashSet<K>,
+        pickups: u64,
+    ) -> u64 {
+        let mut added = 0u64;
+        let mut next = std::collections::HashMap::with_capacity(totals.len());
+        for (key, total) in totals {
+            if eligible.contains(key)
+                && let Some(before) = self.previous.get(key)
+            {
+                added += total.saturating_sub(*before);
+            }
+            next.insert(key.clone(), *total);
+        }
+        self.previous = next;
+        let picked_up = self
+            .previous_pickups
+            .map_or(0, |before| pickups.saturating_sub(before));
+        self.previous_pickups = Some(pickups);
+        self.new_flows += added.saturating_sub(picked_up);
+        self.new_flows
+    }
+}
+
 /// The operator-facing reason for a finding on `iface`; `veth` names the
 /// remedies for that driver.
-pub fn reason(iface: &str, finding: &Finding, now: Instant, veth: bool) -> String {
-    let secs = now.duration_since(finding.since).as_secs();
+pub fn reason(iface: &str, finding: &Finding, veth: bool) -> String {
+    let secs = finding.over.as_secs();
     let mut text = format!(
         "the data path is not answered: {} new connections sent to backends over the last {secs} s \
          and {} of their packets came back, while the health checks reach them",
@@ -178,9 +250,11 @@ mod tests {
         t0 + Duration::from_secs(secs)
     }
 
+    /// Every new flow's first packet forwarded.
     fn c(new_flows: u64, answered: u64) -> Counters {
         Counters {
             new_flows,
+            forwarded: new_flows * 2,
             answered,
         }
     }
@@ -199,10 +273,12 @@ mod tests {
             Some(Change::Found(Finding {
                 since: t0,
                 new_flows: 3,
-                answered: 0
+                answered: 0,
+                over: Duration::from_secs(5),
+                confirmed: at(t0, 5),
             }))
         );
-        // Still broken, then idle: kept.
+        // Still broken, then idle for a while: kept.
         assert_eq!(d.observe(at(t0, 7), c(104, 900), true), None);
         assert_eq!(d.observe(at(t0, 30), c(104, 900), true), None);
         assert!(d.finding().is_some());
@@ -212,6 +288,34 @@ mod tests {
             Some(Change::Cleared)
         );
         assert_eq!(d.finding(), None);
+    }
+
+    #[test]
+    fn a_finding_nothing_confirms_for_a_minute_is_dropped() {
+        let t0 = Instant::now();
+        let mut d = Detector::default();
+        for s in 0..6 {
+            d.observe(at(t0, s), c(s, 0), true);
+        }
+        assert!(d.finding().is_some());
+        assert_eq!(d.observe(at(t0, 60), c(5, 0), true), None);
+        assert_eq!(d.observe(at(t0, 66), c(5, 0), true), Some(Change::Cleared));
+    }
+
+    #[test]
+    fn flows_the_balancer_answered_or_dropped_itself_are_not_expected_answered() {
+        // mtr-style probes whose TTL runs out at the balancer: new flows,
+        // answered by time exceeded, never forwarded.
+        let t0 = Instant::now();
+        let mut d = Detector::default();
+        for s in 0..20 {
+            let probes = Counters {
+                new_flows: 3 * s,
+                forwarded: 0,
+                answered: 0,
+            };
+            assert_eq!(d.observe(at(t0, s), probes, true), None);
+        }
     }
 
     #[test]
@@ -288,12 +392,34 @@ mod tests {
             since: t0,
             new_flows: 7,
             answered: 1,
+            over: Duration::from_secs(6),
+            confirmed: at(t0, 6),
         };
-        let text = reason("eth0", &f, at(t0, 6), true);
+        let text = reason("eth0", &f, true);
         assert!(text.contains("7 new connections"), "{text}");
         assert!(text.contains("last 6 s and 1 of"), "{text}");
         assert!(text.contains("XDP program to the peer"), "{text}");
         assert!(text.contains("tx off"), "{text}");
-        assert!(!reason("ens33", &f, at(t0, 6), false).contains("veth"));
+        assert!(!reason("ens33", &f, false).contains("veth"));
+    }
+
+    #[test]
+    fn the_accumulator_counts_eligible_backends_from_their_second_sample() {
+        let mut a = Accumulator::default();
+        let eligible: std::collections::HashSet<&str> = ["b1", "b2"].into();
+        assert_eq!(a.add(&[("b1", 100), ("b2", 50)], &eligible, 0), 0);
+        assert_eq!(a.add(&[("b1", 103), ("b2", 51)], &eligible, 0), 4);
+        // b3 not eligible (down, local or UDP); b2 removed; b4 appears with
+        // an earlier backend's counts (a reused id): nothing at once.
+        assert_eq!(
+            a.add(&[("b1", 104), ("b3", 900), ("b4", 7000)], &eligible, 0),
+            5
+        );
+        let eligible: std::collections::HashSet<&str> = ["b1", "b4"].into();
+        assert_eq!(a.add(&[("b1", 104), ("b4", 7002)], &eligible, 0), 7);
+        // The maps were replaced: totals went back, nothing added.
+        assert_eq!(a.add(&[("b1", 0), ("b4", 0)], &eligible, 0), 7);
+        // Three new flows, one of them a midstream pickup (an RST).
+        assert_eq!(a.add(&[("b1", 3), ("b4", 0)], &eligible, 1), 9);
     }
 }

@@ -29,7 +29,8 @@ pub enum SystemError {
          parent interface, and the VIP's address and gratuitous ARP must be on the VLAN the \
          clients are on. Serve the VIP on an untagged interface (a NIC, or a bond), e.g. an \
          access port on that VLAN; tagged frames that reach an untagged interface are served \
-         there and answered on their own VLAN (one tag deep)"
+         there and answered on their own VLAN, one tag deep, when the NIC passes the tag to \
+         XDP (ethtool -K IF rxvlan off rx-vlan-filter off)"
     )]
     VlanDevice { iface: String },
     #[error("mounting bpffs on {path}: {source}")]

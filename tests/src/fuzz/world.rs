@@ -130,7 +130,7 @@ struct Pools {
     lb_mac: [u8; 6],
     /// Client addresses: the lab's client (resolved), two spoofed ones on
     /// the LAN (no neighbour: replies use the learned MAC), one with no route,
-    /// three behind refusing routes.
+    /// three behind refusing routes, one from 127/8.
     clients: Vec<(Ipv4Addr, [u8; 6])>,
     client_ports: Vec<u16>,
     /// (address, port): the VIPs and some addresses and ports that are not.
@@ -300,6 +300,8 @@ impl Harness {
                 (REFUSING_ROUTES[0].1, [0x02, 0, 0, 0, 0x98, 2]),
                 (REFUSING_ROUTES[1].1, [0x02, 0, 0, 0, 0x98, 3]),
                 (REFUSING_ROUTES[2].1, [0x02, 0, 0, 0, 0x98, 4]),
+                // A source that is never answered with an ICMP error.
+                (Ipv4Addr::new(127, 0, 0, 9), [0x02, 0, 0, 0, 0x98, 5]),
             ],
             // A few ports, often met again, then many: enough flows to fill the tables.
             client_ports: [40000, 40001, 40002, 40003, 50000, 1024, 65535]
