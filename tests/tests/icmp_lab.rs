@@ -14,9 +14,9 @@ use std::{
 };
 
 use common::{
-    DOWNLOAD, start_agent, start_apiservers, start_file_server, status_json, write_config,
+    DOWNLOAD, download, start_agent, start_apiservers, start_file_vip, status_json, write_config,
 };
-use ha_lab::{Lab, LabProcess};
+use ha_lab::Lab;
 use serde_json::Value;
 
 const BACKENDS: [&str; 3] = ["api1", "api2", "api3"];
@@ -42,43 +42,9 @@ fn a_client_behind_a_smaller_path_mtu_downloads_through_the_vip() {
         &["ip", "route", "add", &far_net, "via", &router.to_string()],
     )
     .unwrap();
-    let _servers: Vec<LabProcess> = BACKENDS
-        .iter()
-        .map(|b| start_file_server(&lab, b))
-        .collect();
-    let vip = lab.vip(0);
-    let mut yaml =
-        format!("vips:\n  - name: files\n    address: {vip}\n    port: 8080\n    backends:\n");
-    for name in BACKENDS {
-        yaml.push_str(&format!("      - address: {}\n", lab.host(name).addr));
-    }
-    let config = write_config(&lab, "config.yaml", &yaml);
-    let _agent = start_agent(&lab, "lb", &config, &[]);
+    let (_servers, _agent) = start_file_vip(&lab, &BACKENDS);
     let before = status_json(&lab, "lb");
-
-    let url = format!("http://{vip}:8080/big");
-    let sizes: Vec<String> = (0..5)
-        .map(|_| {
-            let out = lab
-                .exec(
-                    "far",
-                    &[
-                        "curl",
-                        "-s",
-                        "-o",
-                        "/dev/null",
-                        "--max-time",
-                        "20",
-                        "-w",
-                        "%{size_download}",
-                        &url,
-                    ],
-                )
-                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-                .unwrap_or_else(|e| format!("failed: {e}"));
-            out.trim().to_string()
-        })
-        .collect();
+    let sizes: Vec<String> = (0..5).map(|_| download(&lab, "far")).collect();
     let after = status_json(&lab, "lb");
     let delta = |name: &str| verdict(&after, name) - verdict(&before, name);
     eprintln!(

@@ -17,8 +17,8 @@ use std::{
 };
 
 use common::{
-    DOWNLOAD, host_state, start_agent, start_apiservers, start_file_server, status_json, telemetry,
-    vip_config, whoami, write_config,
+    DOWNLOAD, download, host_state, start_agent, start_apiservers, start_file_vip, status_json,
+    telemetry, vip_config, whoami, write_config,
 };
 use ha_lab::Lab;
 
@@ -182,40 +182,9 @@ fn a_vlan_device_and_generic_mode_are_refused_at_start_with_what_to_do() {
 fn jumbo_frames_are_served_in_native_mode() {
     let lab = Lab::new(&["client", "lb", "api1", "api2", "api3"]).unwrap();
     lab.set_mtu(9000).unwrap();
-    let _servers: Vec<_> = BACKENDS
-        .iter()
-        .map(|b| start_file_server(&lab, b))
-        .collect();
-    let vip = lab.vip(0);
-    let mut yaml =
-        format!("vips:\n  - name: files\n    address: {vip}\n    port: 8080\n    backends:\n");
-    for name in BACKENDS {
-        yaml.push_str(&format!("      - address: {}\n", lab.host(name).addr));
-    }
-    let config = write_config(&lab, "config.yaml", &yaml);
-    let _agent = start_agent(&lab, "lb", &config, &[]);
+    let (_servers, _agent) = start_file_vip(&lab, &BACKENDS);
     let before = status_json(&lab, "lb");
-    let url = format!("http://{vip}:8080/big");
-    let sizes: Vec<String> = (0..3)
-        .map(|_| {
-            lab.exec(
-                "client",
-                &[
-                    "curl",
-                    "-s",
-                    "-o",
-                    "/dev/null",
-                    "--max-time",
-                    "20",
-                    "-w",
-                    "%{size_download}",
-                    &url,
-                ],
-            )
-            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-            .unwrap_or_else(|e| format!("failed: {e}"))
-        })
-        .collect();
+    let sizes: Vec<String> = (0..3).map(|_| download(&lab, "client")).collect();
     let after = status_json(&lab, "lb");
     let reply = |s: &serde_json::Value| s["verdicts"]["reply_tx"].as_u64().unwrap_or(0);
     let replies = reply(&after) - reply(&before);

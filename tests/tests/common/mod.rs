@@ -316,3 +316,40 @@ pub fn start_file_server(lab: &Lab, host: &str) -> LabProcess {
     process.wait_timeout(Duration::ZERO).unwrap();
     process
 }
+
+/// nginx on every one of `backends` serving `/big`, and an agent on `lb`
+/// with one VIP on port 8080 in front of them.
+pub fn start_file_vip(lab: &Lab, backends: &[&str]) -> (Vec<LabProcess>, LabProcess) {
+    let servers = backends.iter().map(|b| start_file_server(lab, b)).collect();
+    let vip = lab.vip(0);
+    let mut yaml =
+        format!("vips:\n  - name: files\n    address: {vip}\n    port: 8080\n    backends:\n");
+    for name in backends {
+        yaml.push_str(&format!("      - address: {}\n", lab.host(name).addr));
+    }
+    let config = write_config(lab, "config.yaml", &yaml);
+    let agent = start_agent(lab, "lb", &config, &[]);
+    (servers, agent)
+}
+
+/// Downloads `/big` from the file VIP on `host` with curl: the bytes it got,
+/// or why it failed.
+pub fn download(lab: &Lab, host: &str) -> String {
+    let url = format!("http://{}:8080/big", lab.vip(0));
+    lab.exec(
+        host,
+        &[
+            "curl",
+            "-s",
+            "-o",
+            "/dev/null",
+            "--max-time",
+            "20",
+            "-w",
+            "%{size_download}",
+            &url,
+        ],
+    )
+    .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+    .unwrap_or_else(|e| format!("failed: {e}"))
+}
