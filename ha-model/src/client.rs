@@ -20,7 +20,7 @@ use ha_common::{
 
 use crate::ctx::Update;
 use crate::flow::{client_bits, first_packet_bits, is_bare_syn, refresh, tcp_flags_valid};
-use crate::forward::{Hop, Sent, Translate};
+use crate::forward::Sent;
 use crate::nat::Rewrite;
 use crate::parse::Packet;
 use crate::{Ctx, Fib, XDP_DROP, XDP_PASS};
@@ -147,15 +147,7 @@ impl Ctx<'_> {
             src_port: flow.nat_port,
             dst_port: backend.port,
         };
-        self.forward(
-            frame,
-            &Hop::of(packet),
-            &Translate::Packet(*packet, to),
-            ingress,
-            fib,
-            None,
-            Sent::FORWARD,
-        )
+        self.forward_packet(frame, packet, to, ingress, fib, None, Sent::FORWARD)
     }
 
     /// Step 5, **new flow**.

@@ -137,6 +137,31 @@ fn set_macs(frame: &mut [u8], dst: [u8; 6], src: [u8; 6]) {
 }
 
 impl Ctx<'_> {
+    /// Step 6 for a TCP/UDP `packet` to be rewritten to `to` (steps 5 and 6 of sections 3
+    /// and 4).
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_packet(
+        &mut self,
+        frame: &mut Vec<u8>,
+        packet: &Packet,
+        to: Rewrite,
+        ingress: u32,
+        fib: &dyn Fib,
+        learned_mac: Option<[u8; 6]>,
+        sent: Sent,
+    ) -> (u32, Verdict) {
+        let translate = Translate::Packet(*packet, to);
+        self.forward(
+            frame,
+            &Hop::of(packet),
+            &translate,
+            ingress,
+            fib,
+            learned_mac,
+            sent,
+        )
+    }
+
     /// Step 6 for `frame` (described by `hop`), which came in on `ingress`; step 5
     /// (`translate`) is applied only when the frame is sent on.
     ///

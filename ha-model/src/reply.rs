@@ -6,7 +6,7 @@ use ha_common::{Event, FLOW_LOCAL, FLOW_RESET, Flow, NatEntry, NatKey, Verdict};
 use crate::client::screen;
 use crate::ctx::Update;
 use crate::flow::{backend_bits, names, refresh};
-use crate::forward::{Hop, Sent, Translate};
+use crate::forward::Sent;
 use crate::nat::Rewrite;
 use crate::parse::Packet;
 use crate::{Ctx, Fib, XDP_DROP};
@@ -83,14 +83,6 @@ impl Ctx<'_> {
             dst_port: client.src_port,
         };
         let learned = (client_mac != [0; 6]).then_some(client_mac);
-        self.forward(
-            frame,
-            &Hop::of(packet),
-            &Translate::Packet(*packet, to),
-            ingress,
-            fib,
-            learned,
-            Sent::REPLY,
-        )
+        self.forward_packet(frame, packet, to, ingress, fib, learned, Sent::REPLY)
     }
 }

@@ -39,6 +39,17 @@ fn nat_sources(status: &Value) -> Vec<String> {
 struct Rng(u64);
 
 impl Rng {
+    /// Seeded from the clock; the seed is printed under `what`.
+    fn seeded(what: &str) -> Rng {
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as u64
+            | 1;
+        eprintln!("{what}: seed {seed:#x}");
+        Rng(seed)
+    }
+
     fn next(&mut self) -> u64 {
         self.0 ^= self.0 >> 12;
         self.0 ^= self.0 << 25;
@@ -141,13 +152,7 @@ fn a_spoofed_syn_flood_does_not_take_the_control_plane_down() {
     let vip = lab.vip(0);
     let before = status_json(&lab, "lb");
 
-    let seed = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as u64
-        | 1;
-    eprintln!("spoofed SYN flood: seed {seed:#x}");
-    let frames = spoofed_syns(&lab, FLOOD, 6443, &mut Rng(seed));
+    let frames = spoofed_syns(&lab, FLOOD, 6443, &mut Rng::seeded("spoofed SYN flood"));
     let flood_started = Instant::now();
     let sent = lab.in_host("client", || send_raw_frames(&frames)).unwrap();
     let flood_took = flood_started.elapsed();
@@ -307,13 +312,12 @@ fn a_flood_that_fills_the_table_leaves_room_for_real_clients_and_keeps_establish
     let _agent = start_agent(&lab, "lb", &config, &[]);
     let vip = lab.vip(0);
     let before = status_json(&lab, "lb");
-    let seed = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as u64
-        | 1;
-    eprintln!("table-filling SYN flood: seed {seed:#x}");
-    let frames = spoofed_syns(&lab, FLOOD, 6443, &mut Rng(seed));
+    let frames = spoofed_syns(
+        &lab,
+        FLOOD,
+        6443,
+        &mut Rng::seeded("table-filling SYN flood"),
+    );
     let (during, after_flood, sent) = lab
         .in_host("client", || {
             let mut session = Session::open(vip);

@@ -1651,6 +1651,20 @@ fn icmp_errors_are_translated_both_ways_and_the_balancer_answers_what_it_cannot_
     let port_unreachable = Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::Port);
     let whole = |f: &Frame| quote(&f.build(), 20);
     let eight = |f: &Frame| quote(&f.build(), 8);
+    // About a client port no flow of the tables uses.
+    let no_flow_error = icmp_frame(
+        router_mac,
+        w.lb_mac,
+        router,
+        w.tcp_vip,
+        64,
+        false,
+        frag_needed.clone(),
+        &whole(&Frame {
+            dport: CLIENT_PORT + 1,
+            ..vip_to_client
+        }),
+    );
     let cases = vec![
         Case {
             name: "fragmentation needed from the client's side, quoting the VIP's segment with its whole TCP header: \
@@ -1765,33 +1779,9 @@ fn icmp_errors_are_translated_both_ways_and_the_balancer_answers_what_it_cannot_
         },
         Case {
             name: "an error about a flow the tables do not hold: passed to the host",
-            input: icmp_frame(
-                router_mac,
-                w.lb_mac,
-                router,
-                w.tcp_vip,
-                64,
-                false,
-                frag_needed.clone(),
-                &whole(&Frame {
-                    dport: CLIENT_PORT + 1,
-                    ..vip_to_client
-                }),
-            ),
+            input: no_flow_error.clone(),
             verdict: XDP_PASS,
-            output: icmp_frame(
-                router_mac,
-                w.lb_mac,
-                router,
-                w.tcp_vip,
-                64,
-                false,
-                frag_needed.clone(),
-                &whole(&Frame {
-                    dport: CLIENT_PORT + 1,
-                    ..vip_to_client
-                }),
-            ),
+            output: no_flow_error,
             counted_as: Verdict::PassIcmp,
         },
         Case {
