@@ -32,8 +32,15 @@ const PREPENDED: usize = 20 + ICMP_HDR_LEN;
 pub const TIME_EXCEEDED: u8 = 11;
 pub const DEST_UNREACH: u8 = 3;
 pub const FRAG_NEEDED: u8 = 4;
-/// IPv4 TTL of a generated error (Linux's `ip_default_ttl`).
-const ERROR_TTL: u8 = 64;
+/// IPv4 TTL of a generated error (Linux's `ip_default_ttl`). The upgrade
+/// test build (`cargo xtask build-ebpf --variant`, `HA_EBPF_VARIANT` set at
+/// build time) uses 63: another program, another tag, the same behaviour
+/// otherwise.
+const ERROR_TTL: u8 = if option_env!("HA_EBPF_VARIANT").is_some() {
+    63
+} else {
+    64
+};
 /// TOS of a generated error: precedence "internetwork control", as Linux sends.
 const ERROR_TOS: u8 = 0xc0;
 /// An embedded TCP header is whole, and its checksum updated, only when

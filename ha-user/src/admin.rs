@@ -56,6 +56,10 @@ pub enum Request {
         backend: String,
     },
     Reload,
+    /// Stop the agent with this intent (`ha-user stop`).
+    Stop {
+        intent: crate::handover::StopIntent,
+    },
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]

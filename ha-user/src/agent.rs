@@ -42,6 +42,7 @@ use crate::{
         AttachMode, DataPlane, DesiredBackend, DesiredVip, LoadOptions, monotonic_coarse_ns,
     },
     garp,
+    handover::{self, BackendRecord, BackendRef, Record, StopIntent, VrrpRecord, VrrpStart},
     health::{Checker, Health, Timing},
     netlink::Netlink,
     probe::{Outcome, Prober},
@@ -58,6 +59,10 @@ pub struct AttachOptions {
     pub stats_interval: Duration,
     /// Where to pin the connection tables so a restart adopts them.
     pub pin: PinLocation,
+    /// What SIGTERM and SIGINT mean.
+    pub on_stop: StopIntent,
+    /// Replace pinned flow tables this build cannot adopt (their flows are lost).
+    pub accept_flow_loss: bool,
 }
 
 pub enum PinLocation {
@@ -73,6 +78,9 @@ const SWEEP_INTERVAL: Duration = Duration::from_secs(10);
 const LINK_CHECK_INTERVAL: Duration = Duration::from_millis(500);
 /// How often the black-hole detector samples the data path's counters.
 const DATA_PATH_CHECK_INTERVAL: Duration = Duration::from_secs(1);
+/// Time a restarted agent may still need, after deciding, to send its first
+/// VRRP advertisement (it decides before loading the program).
+const VRRP_RESUME_MARGIN: Duration = Duration::from_millis(500);
 
 /// The running VRRP instance, as the reconciler sees it.
 struct Vrrp {
@@ -83,6 +91,8 @@ struct Vrrp {
     tracked: (u8, bool),
     /// From the last link check: interface up, XDP attached.
     link: (bool, bool),
+    /// Started as master, resuming the previous agent's mastership.
+    resumed: bool,
 }
 
 /// One backend of one VIP: what a probe task checks and the reconciler tracks.
@@ -164,6 +174,8 @@ struct Agent {
     new_flow_totals: blackhole::Accumulator<(Ipv4Addr, u16)>,
     /// The attach interface is a veth (the remedies differ).
     veth: bool,
+    /// Health the last agent recorded, for the probes that start now.
+    seeded: HashMap<BackendKey, Health>,
 }
 
 pub async fn run(options: AttachOptions) -> Result<()> {
@@ -191,18 +203,8 @@ pub async fn run(options: AttachOptions) -> Result<()> {
         telemetry::serve(listener, admin_tx.clone());
     }
     admin::serve(&iface, admin_tx)?;
-    let forwarding = system::ForwardingGuard::enable(&iface)?;
-    let pin_dir = match &options.pin {
-        PinLocation::Off => None,
-        PinLocation::Dir(dir) => Some(dir.clone()),
-        PinLocation::Auto => match system::pin_dir(&iface) {
-            Ok(dir) => Some(dir),
-            Err(e) => {
-                warn!(error = %e, "cannot pin the connection tables; a restart will start with empty ones");
-                None
-            }
-        },
-    };
+    let mut forwarding = system::ForwardingGuard::enable(&iface)?;
+    let pin_dir = resolve_pin_dir(&iface, &options.pin);
     let dp = &config.data_plane;
     let mut dataplane = DataPlane::load(&LoadOptions {
         maglev_table_size: dp.maglev_table_size,
@@ -212,6 +214,7 @@ pub async fn run(options: AttachOptions) -> Result<()> {
         host_ports: system::local_port_range()
             .ok()
             .map(|range| (range.min, range.max)),
+        accept_flow_loss: options.accept_flow_loss,
     })
     .context("loading the XDP program")?;
     let mut logger = if dp.debug {
@@ -225,27 +228,32 @@ pub async fn run(options: AttachOptions) -> Result<()> {
         .write_settings(&dp.settings(lb_addr))
         .context("writing the data plane settings")?;
     dataplane.set_tx_ports(&netlink.interface_indexes().await?)?;
-    let mode = dataplane
-        .attach(&iface, options.xdp_mode)
-        .with_context(|| format!("attaching to interface {iface}"))?;
-    info!(%iface, mode = mode.label(), %lb_addr, "XDP program attached");
     let veth = kind.as_deref() == Some("veth");
+    let record = dataplane.found_record().cloned().unwrap_or_default();
+    forwarding.remember_previous(record.forwarding_was);
 
     let (health_tx, mut health_rx) = mpsc::channel::<HealthReport>(256);
     let (vrrp_tx, mut vrrp_rx) = mpsc::channel::<announcer::Event>(16);
     let vrrp = match &config.vrrp {
         Some(vrrp_config) => {
-            Some(start_vrrp(&netlink, &iface, vrrp_config, &config, vrrp_tx).await?)
+            let start = handover::vrrp_start(
+                record.vrrp,
+                monotonic_coarse_ns(),
+                vrrp_config.advert_interval,
+                VRRP_RESUME_MARGIN,
+            );
+            Some(start_vrrp(&netlink, &iface, vrrp_config, &config, vrrp_tx, start).await?)
         }
         None => None,
     };
+    let resumed = vrrp.as_ref().is_some_and(|v| v.resumed);
     let mut agent = Agent {
         options,
         netlink,
         ifindex,
         mac,
         lb_addr,
-        xdp_mode: mode.label(),
+        xdp_mode: "none",
         started: Instant::now(),
         dataplane,
         config: config.clone(),
@@ -258,17 +266,43 @@ pub async fn run(options: AttachOptions) -> Result<()> {
         added_addresses: BTreeSet::new(),
         added_neighbours: BTreeSet::new(),
         local_backends: HashSet::new(),
-        holding: vrrp.is_none(),
+        holding: vrrp.is_none() || resumed,
         vrrp,
         forwarding,
         blackhole: blackhole::Detector::default(),
         new_flow_totals: blackhole::Accumulator::default(),
         veth,
+        seeded: HashMap::new(),
     };
+    agent.seed(&record);
     let result = async {
+        // The whole desired state is in the new program's maps before it
+        // sees a packet; then one switch (a new attachment, or the pinned
+        // link pointed at it); then the addresses that draw traffic.
         agent.apply_config(&config, probers).await?;
+        let mode = agent
+            .dataplane
+            .attach(&agent.options.iface, agent.options.xdp_mode)
+            .with_context(|| format!("attaching to interface {}", agent.options.iface))?;
+        agent.xdp_mode = mode.label();
+        let (start, replaced) = agent.dataplane.start_kind();
+        info!(
+            iface = %agent.options.iface,
+            mode = mode.label(),
+            %lb_addr,
+            start = start.label(),
+            tag = %handover::tag_hex(agent.dataplane.program_tag()),
+            replaced = ?replaced.map(handover::tag_hex),
+            "XDP program attached"
+        );
+        if resumed {
+            agent.make_vips_permanent().await;
+        }
+        agent.sync_vip_addresses().await?;
+        agent.save_record();
         info!(
             vips = config.vips.len(),
+            on_stop = agent.options.on_stop.label(),
             "serving; SIGHUP reloads the config, SIGTERM stops"
         );
         agent
@@ -276,8 +310,12 @@ pub async fn run(options: AttachOptions) -> Result<()> {
             .await
     }
     .await;
-    agent.shut_down().await;
-    result
+    let intent = match &result {
+        Ok(intent) => *intent,
+        Err(_) => agent.options.on_stop,
+    };
+    agent.shut_down(intent).await;
+    result.map(|_| ())
 }
 
 /// The NAT source address for `config`: `nat.source_address`, which must be
@@ -318,6 +356,7 @@ async fn start_vrrp(
     vrrp: &VrrpConfig,
     config: &Config,
     events: mpsc::Sender<announcer::Event>,
+    start: VrrpStart,
 ) -> Result<Vrrp> {
     let iface = vrrp
         .interface
@@ -356,13 +395,22 @@ async fn start_vrrp(
                 local_address,
             },
             fault: false,
+            resume_master: start == VrrpStart::ResumeMaster,
         },
         events,
         status.clone(),
     )
     .with_context(|| format!("opening the VRRP socket on {iface}"))?;
-    info!(%iface, vrid = vrrp.vrid, priority = vrrp.priority, %local_address, "VRRP started as backup");
+    info!(
+        %iface,
+        vrid = vrrp.vrid,
+        priority = vrrp.priority,
+        %local_address,
+        "VRRP started as {}",
+        if start == VrrpStart::ResumeMaster { "master (resumed)" } else { "backup" }
+    );
     Ok(Vrrp {
+        resumed: start == VrrpStart::ResumeMaster,
         commands,
         status,
         config: vrrp.clone(),
@@ -391,7 +439,7 @@ impl Agent {
         admin_rx: &mut mpsc::Receiver<admin::Command>,
         vrrp_rx: &mut mpsc::Receiver<announcer::Event>,
         logger: &mut Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
-    ) -> Result<()> {
+    ) -> Result<StopIntent> {
         let mut sigterm =
             signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
         let mut sigint =
@@ -415,8 +463,14 @@ impl Agent {
         });
         loop {
             tokio::select! {
-                _ = sigterm.recv() => { info!("SIGTERM: stopping"); return Ok(()); }
-                _ = sigint.recv() => { info!("SIGINT: stopping"); return Ok(()); }
+                _ = sigterm.recv() => {
+                    info!(intent = self.options.on_stop.label(), "SIGTERM: stopping");
+                    return Ok(self.options.on_stop);
+                }
+                _ = sigint.recv() => {
+                    info!(intent = self.options.on_stop.label(), "SIGINT: stopping");
+                    return Ok(self.options.on_stop);
+                }
                 _ = sighup.recv() => {
                     if let Err(e) = self.reload().await {
                         error!("{e}");
@@ -424,10 +478,19 @@ impl Agent {
                 }
                 Some(report) = health_rx.recv() => self.on_health(report).await,
                 Some(event) = vrrp_rx.recv() => self.on_vrrp(event).await,
-                _ = link_check.tick(), if self.vrrp.is_some() => self.check_link().await,
+                _ = link_check.tick(), if self.vrrp.is_some() => {
+                    self.check_link().await;
+                    // The VRRP state's time: how fresh a restart finds it.
+                    self.save_record();
+                }
                 _ = data_path_check.tick() => self.check_data_path(),
                 _ = garp_refresh.tick(), if !refresh.is_zero() && self.holding => self.announce_vips(),
                 Some((request, reply)) = admin_rx.recv() => {
+                    if let Request::Stop { intent } = request {
+                        info!(intent = intent.label(), "stop requested");
+                        let _ = reply.send(Response::ok(format!("stopping ({})", intent.label())));
+                        return Ok(intent);
+                    }
                     let response = self.on_request(request).await;
                     let _ = reply.send(response);
                 }
@@ -466,6 +529,7 @@ impl Agent {
             },
             Request::Drain { vip, backend } => self.set_maintenance(&vip, &backend, true).await,
             Request::Undrain { vip, backend } => self.set_maintenance(&vip, &backend, false).await,
+            Request::Stop { .. } => Response::error("handled by the event loop".to_string()),
         }
     }
 
@@ -827,14 +891,32 @@ impl Agent {
                 rise: check.rise,
                 fall: check.fall,
             };
+            let initial = self.seeded.remove(key);
             let handle = tokio::spawn(probe_loop(
                 key.clone(),
                 generation,
                 prober,
                 timing,
+                initial.unwrap_or(Health::Up),
                 self.health_tx.clone(),
             ));
-            self.health.remove(key);
+            match initial {
+                // What the last agent knew, until this one's checks say otherwise.
+                Some(health) => {
+                    self.health.insert(
+                        key.clone(),
+                        BackendHealth {
+                            health,
+                            since: Instant::now(),
+                            last: None,
+                            checks: 0,
+                        },
+                    );
+                }
+                None => {
+                    self.health.remove(key);
+                }
+            }
             self.probes.insert(
                 key.clone(),
                 ProbeTask {
@@ -925,15 +1007,28 @@ impl Agent {
             info!(vip = %name, "a backend is up again: no longer failing open");
         }
         self.failing_open = failing_open;
-        self.dataplane
+        let applied = self
+            .dataplane
             .apply(&settings, &vips)
-            .context("writing the data plane's maps")
+            .context("writing the data plane's maps");
+        self.save_record();
+        applied
     }
 
     /// Adds the VIP addresses while holding them (and announces each one
     /// added), removes them otherwise. Under VRRP the agent owns every VIP
     /// address, so one left on the interface by a killed agent goes too.
     async fn sync_vip_addresses(&mut self) -> Result<()> {
+        if !self.dataplane.is_attached() {
+            // Start-up: the addresses come after the program (see `run`).
+            return Ok(());
+        }
+        let synced = self.sync_vip_addresses_now().await;
+        self.save_record();
+        synced
+    }
+
+    async fn sync_vip_addresses_now(&mut self) -> Result<()> {
         let configured: BTreeSet<Ipv4Addr> = self.config.vips.iter().map(|v| v.address).collect();
         let wanted: BTreeSet<Ipv4Addr> = if self.holding {
             configured.clone()
@@ -1083,6 +1178,15 @@ impl Agent {
         StatusReport {
             not_ready: self.not_ready(),
             data_path_unanswered: self.blackhole.finding().is_some(),
+            program: {
+                let (start, replaced) = self.dataplane.start_kind();
+                crate::status::ProgramStatus {
+                    start: start.label().to_string(),
+                    tag: handover::tag_hex(self.dataplane.program_tag()),
+                    replaced_tag: replaced.map(handover::tag_hex),
+                    on_stop: self.options.on_stop.label().to_string(),
+                }
+            },
             vrrp: self
                 .vrrp
                 .as_ref()
@@ -1274,8 +1378,37 @@ impl Agent {
 
     /// Undoes what the agent added: VIP addresses, neighbour entries, the
     /// XDP attachment; the forwarding sysctl is restored when the guard drops.
-    async fn shut_down(&mut self) {
+    /// Stops as `intent` says (docs/operations.md, "Stopping: release or keep").
+    async fn shut_down(&mut self, intent: StopIntent) {
         self.probes.clear();
+        if !self.dataplane.is_attached() {
+            // The start failed before this agent took the data path over:
+            // what an earlier agent left goes on serving, untouched.
+            if let Some(vrrp) = &self.vrrp {
+                let (done, wait) = tokio::sync::oneshot::channel();
+                let stop = announcer::Command::Stop {
+                    hold_cs: None,
+                    done,
+                };
+                if vrrp.commands.send(stop).await.is_ok() {
+                    let _ = tokio::time::timeout(Duration::from_secs(1), wait).await;
+                }
+            }
+            if self.dataplane.found_link() {
+                self.forwarding.keep();
+            }
+            warn!(iface = %self.options.iface, "the start failed before the program was attached; nothing on the host was changed");
+            return;
+        }
+        match intent {
+            StopIntent::Release => self.release().await,
+            StopIntent::Keep => self.keep().await,
+        }
+    }
+
+    /// The host goes out of service: priority 0, addresses and neighbours
+    /// removed, program detached, pins removed, forwarding as it was.
+    async fn release(&mut self) {
         if let Some(vrrp) = &self.vrrp {
             // Priority 0 first: the backup takes over after its skew time.
             let (done, wait) = tokio::sync::oneshot::channel();
@@ -1298,9 +1431,191 @@ impl Agent {
             let _ = self.netlink.remove_neighbour(self.ifindex, address).await;
         }
         if let Err(e) = self.dataplane.detach() {
-            error!(error = %e, iface = %self.options.iface, "detaching XDP");
+            error!(error = %e, iface = %self.options.iface, "detaching XDP and removing the pins");
         }
-        info!(iface = %self.options.iface, "detached; exiting");
+        info!(iface = %self.options.iface, "released: detached, VIP addresses removed; exiting");
+    }
+
+    /// A restart or upgrade in place: program, flow tables, VIP addresses,
+    /// neighbours and forwarding stay; the next agent adopts them. Under VRRP
+    /// no priority 0 is sent, and a held VIP address gets a lifetime that ends
+    /// when a backup has surely taken over, so a host whose agent does not
+    /// come back stops answering for it.
+    async fn keep(&mut self) {
+        let mut announced = None;
+        if let Some(vrrp) = &self.vrrp {
+            let hold = vrrp.config.restart_hold;
+            let hold_cs = (!hold.is_zero()).then_some((hold.as_millis() / 10) as u16);
+            let (done, wait) = tokio::sync::oneshot::channel();
+            if vrrp
+                .commands
+                .send(announcer::Command::Stop { hold_cs, done })
+                .await
+                .is_ok()
+            {
+                let _ = tokio::time::timeout(Duration::from_secs(1), wait).await;
+            }
+            let told = hold.max(vrrp.config.advert_interval);
+            announced = Some(told);
+            if self.holding {
+                let lifetime = handover::kept_address_lifetime(told);
+                let addresses: BTreeSet<Ipv4Addr> =
+                    self.config.vips.iter().map(|v| v.address).collect();
+                for address in addresses {
+                    if let Err(e) = self
+                        .netlink
+                        .set_vip_lifetime(self.ifindex, address, Some(lifetime))
+                        .await
+                    {
+                        warn!(vip = %address, error = %e, "limiting the kept VIP address's lifetime");
+                    }
+                }
+                info!(
+                    seconds = lifetime,
+                    "VIP addresses kept for the next agent; they expire unless it resumes as VRRP master"
+                );
+            }
+        }
+        self.save_record_with(announced);
+        self.forwarding.keep();
+        if let Err(e) = self.dataplane.keep() {
+            error!(error = %e, iface = %self.options.iface, "leaving the data path in place");
+        }
+        info!(
+            iface = %self.options.iface,
+            "kept: the program stays attached with its flow tables and VIP addresses; the next agent adopts them"
+        );
+    }
+
+    /// Health and drains the last agent recorded, for the configured backends.
+    fn seed(&mut self, record: &Record) {
+        for vip in &self.config.vips {
+            for backend in &vip.backends {
+                let reference = BackendRef {
+                    vip: vip.address,
+                    vip_port: vip.port,
+                    protocol: vip.protocol.number(),
+                    address: backend.address,
+                    port: backend.port(),
+                };
+                let Some(recorded) = record.backends.get(&reference) else {
+                    continue;
+                };
+                let key = BackendKey {
+                    vip: vip.name.clone(),
+                    address: backend.address,
+                    port: backend.port(),
+                };
+                if recorded.drained {
+                    self.maintenance.insert(key.clone());
+                }
+                self.seeded.insert(key, recorded.health);
+            }
+        }
+        if !self.seeded.is_empty() {
+            info!(
+                backends = self.seeded.len(),
+                drained = self.maintenance.len(),
+                "health and drains adopted from the last agent until the checks say otherwise"
+            );
+        }
+        self.added_addresses
+            .extend(record.addresses.iter().copied());
+        self.added_neighbours
+            .extend(record.neighbours.iter().copied());
+    }
+
+    /// Makes the configured VIP addresses permanent again (a resumed master's
+    /// predecessor gave them a lifetime).
+    async fn make_vips_permanent(&mut self) {
+        let addresses: BTreeSet<Ipv4Addr> = self.config.vips.iter().map(|v| v.address).collect();
+        for address in addresses {
+            match self.netlink.has_address(self.ifindex, address).await {
+                Ok(true) => {
+                    if let Err(e) = self
+                        .netlink
+                        .set_vip_lifetime(self.ifindex, address, None)
+                        .await
+                    {
+                        warn!(vip = %address, error = %e, "making the VIP address permanent");
+                    }
+                }
+                Ok(false) => {}
+                Err(e) => warn!(error = %e, "listing addresses"),
+            }
+        }
+    }
+
+    /// Writes what a restart must not forget to the pinned record.
+    fn save_record(&mut self) {
+        self.save_record_with(None);
+    }
+
+    /// [`Agent::save_record`], with the interval the last VRRP advert told
+    /// the backups when it was not the configured one.
+    fn save_record_with(&mut self, announced: Option<Duration>) {
+        let record = record_of(
+            &self.config,
+            &self.health,
+            &self.maintenance,
+            &self.added_addresses,
+            &self.added_neighbours,
+            self.vrrp.as_ref().map(|vrrp| VrrpRecord {
+                master: self.holding,
+                at_ns: monotonic_coarse_ns(),
+                announced: announced.unwrap_or(vrrp.config.advert_interval),
+            }),
+            self.forwarding.was_on(),
+        );
+        if let Err(e) = self.dataplane.store_record(&record) {
+            warn!(error = %e, "writing the agent record (a restart may forget health, drains or addresses)");
+        }
+    }
+}
+
+/// The record of the agent's state: every configured backend's health (up
+/// when unchecked) and drain, the VIP addresses it added, VRRP, forwarding.
+fn record_of(
+    config: &Config,
+    health: &BTreeMap<BackendKey, BackendHealth>,
+    maintenance: &BTreeSet<BackendKey>,
+    added_addresses: &BTreeSet<Ipv4Addr>,
+    added_neighbours: &BTreeSet<Ipv4Addr>,
+    vrrp: Option<VrrpRecord>,
+    forwarding_was_on: bool,
+) -> Record {
+    let mut backends = BTreeMap::new();
+    for vip in &config.vips {
+        for backend in &vip.backends {
+            let key = BackendKey {
+                vip: vip.name.clone(),
+                address: backend.address,
+                port: backend.port(),
+            };
+            backends.insert(
+                BackendRef {
+                    vip: vip.address,
+                    vip_port: vip.port,
+                    protocol: vip.protocol.number(),
+                    address: backend.address,
+                    port: backend.port(),
+                },
+                BackendRecord {
+                    health: health.get(&key).map_or(Health::Up, |h| h.health),
+                    drained: maintenance.contains(&key),
+                },
+            );
+        }
+    }
+    Record {
+        layout: Some(handover::LAYOUT_VERSION),
+        vrrp,
+        addresses: added_addresses.clone(),
+        neighbours: added_neighbours.clone(),
+        forwarding_was: Some(forwarding_was_on),
+        backends,
+        // The data plane keeps the program's entry.
+        program: None,
     }
 }
 
@@ -1311,10 +1626,11 @@ async fn probe_loop(
     generation: u64,
     prober: Arc<Prober>,
     timing: Timing,
+    initial: Health,
     reports: mpsc::Sender<HealthReport>,
 ) {
     let target = SocketAddr::from((key.address, key.port));
-    let mut checker = Checker::new(timing);
+    let mut checker = Checker::starting(timing, initial);
     loop {
         let outcome = prober.check(target).await;
         checker.record(outcome.result);
@@ -1331,9 +1647,129 @@ async fn probe_loop(
     }
 }
 
-/// `ha-user check-config`: the normalized config, or every problem with it.
-pub fn check_config(path: &std::path::Path) -> Result<String> {
+/// The pin directory `pin` names for `iface` (`None`: pinning off or impossible).
+pub fn resolve_pin_dir(iface: &str, pin: &PinLocation) -> Option<PathBuf> {
+    match pin {
+        PinLocation::Off => None,
+        PinLocation::Dir(dir) => Some(dir.clone()),
+        PinLocation::Auto => match system::pin_dir(iface) {
+            Ok(dir) => Some(dir),
+            Err(e) => {
+                warn!(error = %e, "cannot pin the data path; it will not outlive the agent");
+                None
+            }
+        },
+    }
+}
+
+/// `ha-user detach`: removes everything ha-lb put on `iface`. A running
+/// agent is asked to stop with the release intent; otherwise the pinned
+/// record names the VIP addresses to remove, and removing the pins detaches
+/// the program.
+pub async fn detach(iface: &str, pin: &PinLocation) -> Result<String> {
+    if admin::running_agents().iter().any(|a| a == iface) {
+        let response = admin::request(
+            Some(iface),
+            &Request::Stop {
+                intent: StopIntent::Release,
+            },
+        )?;
+        return Ok(format!(
+            "the agent on {iface} releases everything and exits: {}",
+            response.message.unwrap_or_default()
+        ));
+    }
+    let dir = resolve_pin_dir(iface, pin).context("no pin directory to look in")?;
+    if !dir.exists() {
+        return Ok(format!(
+            "nothing pinned in {}: nothing to detach",
+            dir.display()
+        ));
+    }
+    let state = crate::dataplane::inspect_pins(
+        &dir,
+        &LoadOptions {
+            maglev_table_size: 0,
+            max_vips: 0,
+            max_flows: 0,
+            pin_dir: None,
+            host_ports: None,
+            accept_flow_loss: false,
+        },
+    )
+    .or_else(|e| {
+        // A link that is not ours is left alone, but our own pins still go.
+        warn!(error = %e, "the pinned link");
+        Ok::<_, anyhow::Error>(crate::dataplane::PinnedState::default())
+    })?;
+    let record = state.record.unwrap_or_default();
+    let netlink = Netlink::connect()?;
+    let mut removed = Vec::new();
+    if let Ok(ifindex) = netlink.interface_index(iface).await {
+        for address in &record.addresses {
+            if netlink.has_address(ifindex, *address).await? {
+                netlink
+                    .remove_vip(ifindex, *address)
+                    .await
+                    .with_context(|| format!("removing VIP address {address} from {iface}"))?;
+                removed.push(address.to_string());
+            }
+        }
+        for address in &record.neighbours {
+            let _ = netlink.remove_neighbour(ifindex, *address).await;
+        }
+        if record.forwarding_was == Some(false) {
+            let path = format!("/proc/sys/net/ipv4/conf/{iface}/forwarding");
+            if let Err(e) = std::fs::write(&path, "0") {
+                warn!(%path, error = %e, "restoring forwarding");
+            }
+        }
+    }
+    crate::dataplane::remove_pins(&dir)
+        .with_context(|| format!("removing the pins in {}", dir.display()))?;
+    Ok(format!(
+        "detached from {iface}: pins in {} removed (the program goes with its link){}",
+        dir.display(),
+        if removed.is_empty() {
+            String::new()
+        } else {
+            format!(", VIP addresses removed: {}", removed.join(", "))
+        }
+    ))
+}
+
+/// `ha-user check-config`: the normalized config, or every problem with it;
+/// with an interface, also what an agent started now would do with what is
+/// pinned for it (adopt, replace, refuse), changing nothing.
+pub fn check_config(
+    path: &std::path::Path,
+    pinned_for: Option<(&str, &PinLocation)>,
+    accept_flow_loss: bool,
+) -> Result<(String, Option<String>)> {
     let config = Config::load(path)?;
     build_probers(&config)?;
-    Ok(config.to_yaml())
+    let pinned = match pinned_for {
+        Some((iface, pin)) => match resolve_pin_dir(iface, pin) {
+            Some(dir) if dir.exists() => {
+                let dp = &config.data_plane;
+                let options = LoadOptions {
+                    maglev_table_size: dp.maglev_table_size,
+                    max_vips: dp.max_vips,
+                    max_flows: dp.conntrack.max_flows,
+                    pin_dir: Some(dir.clone()),
+                    host_ports: None,
+                    accept_flow_loss,
+                };
+                let state = crate::dataplane::inspect_pins(&dir, &options)?;
+                Some(state.describe(&dir, accept_flow_loss))
+            }
+            Some(dir) => Some(format!(
+                "nothing pinned in {}: an agent starts fresh",
+                dir.display()
+            )),
+            None => Some("pinning is off: an agent starts fresh".to_string()),
+        },
+        None => None,
+    };
+    Ok((config.to_yaml(), pinned))
 }

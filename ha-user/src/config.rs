@@ -193,6 +193,13 @@ pub struct VrrpConfig {
     pub preempt: bool,
     #[serde(default, with = "humantime_serde")]
     pub preempt_delay: Duration,
+    /// A master that stops with the keep intent (a restart or upgrade in
+    /// place) sends a last advert announcing this interval, so the backups
+    /// wait three of it before taking over, and its VIP address lives four
+    /// of it: the time a restarted agent has to resume as master. 0s: the
+    /// backups keep their normal Master_Down_Interval. docs/operations.md.
+    #[serde(default = "default_restart_hold", with = "humantime_serde")]
+    pub restart_hold: Duration,
     /// Send adverts to these addresses instead of 224.0.0.18; adverts from
     /// other sources are dropped and counted.
     #[serde(default)]
@@ -213,6 +220,10 @@ fn default_vrrp_version() -> VrrpVersion {
 
 fn default_advert_interval() -> Duration {
     Duration::from_millis(100)
+}
+
+fn default_restart_hold() -> Duration {
+    Duration::from_secs(10)
 }
 
 fn default_true() -> bool {
@@ -891,6 +902,23 @@ fn vrrp_problems(vrrp: &VrrpConfig) -> Vec<String> {
         }
         _ => {}
     }
+    let hold = vrrp.restart_hold;
+    if !hold.is_zero() {
+        let fits = match vrrp.version {
+            VrrpVersion::V3 => {
+                (10..=40_950).contains(&hold.as_millis())
+                    && hold.subsec_nanos().is_multiple_of(10_000_000)
+            }
+            VrrpVersion::V2 => hold.subsec_nanos() == 0 && (1..=255).contains(&hold.as_secs()),
+        };
+        if !fits || hold < vrrp.advert_interval {
+            problems.push(format!(
+                "vrrp.restart_hold: {} must be 0s, or at least advert_interval and an interval an advert can carry \
+                 (version 3: up to 40.95s in steps of 10ms; version 2: whole seconds up to 255)",
+                humantime::format_duration(hold)
+            ));
+        }
+    }
     for peer in &vrrp.unicast_peers {
         if !is_unicast(*peer) {
             problems.push(format!(
@@ -1283,6 +1311,7 @@ vrrp:
   advert_interval: 100ms
   preempt: true
   preempt_delay: 0s
+  restart_hold: 10s           # 0s: none
   unicast_peers: [192.168.205.253]   # empty: multicast
   checksum: pseudo-header     # pseudo-header | rfc9568
   track:
@@ -1335,6 +1364,21 @@ vrrp:
             ("{vrid: 0}", true),
             ("{vrid: 1, priority: 0}", true),
             ("{vrid: 1, track: {no_healthy_backend: maybe}}", true),
+            ("{vrid: 1, restart_hold: 0s}", false),
+            ("{vrid: 1, restart_hold: 41s}", true),
+            ("{vrid: 1, restart_hold: 50ms}", true),
+            (
+                "{vrid: 1, version: 2, advert_interval: 1s, restart_hold: 1500ms}",
+                true,
+            ),
+            (
+                "{vrid: 1, version: 2, advert_interval: 2s, restart_hold: 1s}",
+                true,
+            ),
+            (
+                "{vrid: 1, version: 2, advert_interval: 1s, restart_hold: 30s}",
+                false,
+            ),
         ] {
             let result = Config::from_yaml(&format!("{base}vrrp: {vrrp}\n"), "t");
             assert_eq!(result.is_err(), bad, "{vrrp}: {result:?}");

@@ -18,7 +18,11 @@ use aya::{
     maps::{
         Array, DevMapHash, HashMap as BpfHashMap, MapData, MapError, PerCpuArray, PerCpuValues,
     },
-    programs::{ProgramError, Xdp, XdpMode, xdp::XdpLinkId},
+    programs::{
+        ProgramError, Xdp, XdpMode,
+        links::{FdLink, PinnedLink},
+        xdp::{XdpLink, XdpLinkId},
+    },
 };
 use ha_common::{
     BACKEND_FLAG_DOWN, BACKEND_FLAG_LOCAL, BACKEND_INDEX_MAP, BACKEND_STATS_MAP, BACKENDS_MAP,
@@ -32,6 +36,10 @@ use tracing::{debug, info, warn};
 
 use crate::{
     ebpf_object::EBPF_OBJECT,
+    handover::{
+        self, LINK_PIN, RECORD_ENTRIES, RECORD_PIN, Record, RecordKey, RecordValue, StartKind,
+        TablesFound, TablesPlan, WouldDropFlows,
+    },
     maglev::{MaglevBackend, build_table},
 };
 
@@ -82,6 +90,18 @@ pub enum DataPlaneError {
     },
     #[error("pin directory {path}: {source}")]
     PinDir {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    WouldDropFlows(#[from] WouldDropFlows),
+    #[error("pinned link {path}: {reason}")]
+    PinnedLink { path: String, reason: String },
+    #[error("pinning {path}: {reason}")]
+    Pin { path: String, reason: String },
+    #[error("reading the XDP object {path} (HA_LB_XDP_OBJECT): {source}")]
+    Object {
         path: String,
         #[source]
         source: std::io::Error,
@@ -141,6 +161,9 @@ pub struct LoadOptions {
     /// The host's own ephemeral ports (`net.ipv4.ip_local_port_range`), as
     /// `(min, max)`: a NAT source adopted from pinned flows never spans them.
     pub host_ports: Option<(u16, u16)>,
+    /// Replace pinned flow tables this build cannot adopt even when they hold
+    /// flows (those connections are lost); without it, loading refuses.
+    pub accept_flow_loss: bool,
 }
 
 impl LoadOptions {
@@ -518,10 +541,331 @@ pub fn ranges_in_use(
     used
 }
 
-/// The loaded program and its maps. Dropping it detaches the program.
+/// A flow table being migrated to a new size, held open by this agent.
+enum OldTable {
+    Flows(BpfHashMap<MapData, FlowKey, Flow>),
+    Reverse(BpfHashMap<MapData, NatKey, NatEntry>),
+}
+
+impl OldTable {
+    fn open(name: &str, path: &Path) -> Result<Self> {
+        let pin_error = |reason: String| DataPlaneError::Pin {
+            path: path.display().to_string(),
+            reason,
+        };
+        let data = MapData::from_pin(path).map_err(|e| pin_error(e.to_string()))?;
+        let map = aya::maps::Map::HashMap(data);
+        match name {
+            CONNTRACK_MAP => Ok(OldTable::Flows(
+                BpfHashMap::try_from(map).map_err(|e| pin_error(e.to_string()))?,
+            )),
+            REVERSE_NAT_MAP => Ok(OldTable::Reverse(
+                BpfHashMap::try_from(map).map_err(|e| pin_error(e.to_string()))?,
+            )),
+            _ => Err(pin_error("this table cannot be resized".to_string())),
+        }
+    }
+}
+
+/// The program's XDP attachment: a bpf_link, pinned (it then outlives the
+/// agent) unless pinning is off.
+struct Attachment {
+    link: FdLink,
+    pin: Option<PathBuf>,
+    iface: String,
+}
+
+/// A pinned link found at load, replaced by [`DataPlane::attach`].
+struct PendingLink {
+    link: FdLink,
+    path: PathBuf,
+    found: LinkFound,
+}
+
+/// The program a pinned link runs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LinkFound {
+    pub program_id: u32,
+    pub program_name: String,
+    pub program_tag: u64,
+}
+
+/// What a pin directory holds, read without changing anything.
+#[derive(Clone, Debug, Default)]
+pub struct PinnedState {
+    pub link: Option<LinkFound>,
+    /// `None` when no flow table is pinned.
+    pub tables: Option<TablesFound>,
+    pub record: Option<Record>,
+}
+
+impl PinnedState {
+    /// One paragraph for `check-config` and the agent's log: what is pinned
+    /// and what an agent with `options` will do with it.
+    pub fn describe(&self, dir: &Path, accept_flow_loss: bool) -> String {
+        let mut lines = vec![format!("pinned state in {}:", dir.display())];
+        match &self.link {
+            Some(link) => lines.push(format!(
+                "  program {} (tag {}, id {}) attached through the pinned link: the new agent \
+                 replaces it in place (bpf_link_update), no packet meets an empty interface",
+                link.program_name,
+                handover::tag_hex(link.program_tag),
+                link.program_id
+            )),
+            None => lines.push("  no pinned link: the program is attached anew".to_string()),
+        }
+        lines.push(
+            match handover::plan_tables(self.tables.as_ref(), accept_flow_loss) {
+                Ok(TablesPlan::Fresh) => "  no pinned flow tables: they start empty".to_string(),
+                Ok(TablesPlan::Adopt { flows }) => format!(
+                    "  flow tables (layout version {}) adopted with their {flows} flows",
+                    handover::LAYOUT_VERSION
+                ),
+                Ok(TablesPlan::Migrate { flows, resized }) => format!(
+                    "  flow tables resized ({}): their {flows} flows are copied into the new ones",
+                    describe_resized(&resized)
+                ),
+                Ok(TablesPlan::Replace { flows, reason }) => format!(
+                    "  flow tables REPLACED by empty ones ({reason}): {flows} flows are lost"
+                ),
+                Err(refusal) => format!("  REFUSED: {refusal}"),
+            },
+        );
+        if let Some(record) = &self.record {
+            lines.push(format!(
+                "  agent record: {} VIP addresses added by ha-lb, {} backends' health and drains{}",
+                record.addresses.len(),
+                record.backends.len(),
+                match record.vrrp {
+                    Some(v) if v.master => ", last VRRP state master",
+                    Some(_) => ", last VRRP state backup",
+                    None => "",
+                }
+            ));
+        }
+        lines.join("\n")
+    }
+}
+
+/// Reads what `dir` holds: the link and the program it runs, the flow
+/// tables (do they fit `options`, how many flows), the agent record.
+///
+/// # Errors
+/// [`DataPlaneError::PinnedLink`] when the pinned link cannot be read or runs
+/// a program that is not ha-lb's.
+pub fn inspect_pins(dir: &Path, options: &LoadOptions) -> Result<PinnedState> {
+    let pinned: Vec<(&str, PathBuf)> = PINNED_MAPS
+        .iter()
+        .map(|name| (*name, dir.join(name)))
+        .filter(|(_, path)| path.exists())
+        .collect();
+    let record_path = dir.join(RECORD_PIN);
+    let record = if record_path.exists() {
+        match open_record(&record_path) {
+            Ok(map) => Some(read_record(&map)?),
+            Err(e) => {
+                warn!(pin = %record_path.display(), error = %e, "unreadable agent record; ignored");
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let link_path = dir.join(LINK_PIN);
+    let link = if link_path.exists() {
+        let (_, found) = open_pinned_link(&link_path, record.as_ref())?;
+        Some(found)
+    } else {
+        None
+    };
+    let tables = (!pinned.is_empty()).then(|| {
+        let mut misfits: Vec<String> = PINNED_MAPS
+            .iter()
+            .filter(|name| !pinned.iter().any(|(n, _)| n == *name))
+            .map(|name| format!("{name} is missing"))
+            .collect();
+        let mut resized = Vec::new();
+        for (name, path) in &pinned {
+            match pin_misfit(name, path, &pinned_layout(name, options)) {
+                None => {}
+                Some(Misfit::Entries { pinned, wanted }) => {
+                    resized.push((name.to_string(), pinned, wanted))
+                }
+                Some(Misfit::Structure(why)) => misfits.push(why),
+            }
+        }
+        let flows = pinned
+            .iter()
+            .find(|(name, _)| *name == CONNTRACK_MAP)
+            .map_or(0, |(_, path)| count_entries(path));
+        TablesFound {
+            layout: record.as_ref().and_then(|r| r.layout),
+            flows,
+            misfits,
+            resized,
+        }
+    });
+    Ok(PinnedState {
+        link,
+        tables,
+        record,
+    })
+}
+
+/// Opens the pinned link and says which program it runs: the one the agent
+/// record names when the ids match, else one looked up by id (which needs
+/// CAP_SYS_ADMIN); a program that is not ha-lb's is refused.
+fn open_pinned_link(path: &Path, record: Option<&Record>) -> Result<(FdLink, LinkFound)> {
+    let error = |reason: String| DataPlaneError::PinnedLink {
+        path: path.display().to_string(),
+        reason,
+    };
+    let link: FdLink = PinnedLink::from_pin(path)
+        .map_err(|e| error(e.to_string()))?
+        .into();
+    let info = link.info().map_err(|e| error(e.to_string()))?;
+    if info.link_type().ok() != Some(aya::programs::links::LinkType::Xdp) {
+        return Err(error("not an XDP link".to_string()));
+    }
+    let program_id = info.program_id();
+    if let Some(program) = record.and_then(|r| r.program)
+        && program.id == program_id
+    {
+        return Ok((
+            link,
+            LinkFound {
+                program_id,
+                program_name: XDP_PROGRAM_NAME.to_string(),
+                program_tag: program.tag,
+            },
+        ));
+    }
+    let program = aya::programs::loaded_programs()
+        .filter_map(|p| p.ok())
+        .find(|p| p.id() == program_id)
+        .ok_or_else(|| {
+            error(format!(
+                "it runs program id {program_id}, which the agent record does not name and \
+                 which cannot be looked up (that needs CAP_SYS_ADMIN): not touching it; \
+                 `ha-user detach` removes it"
+            ))
+        })?;
+    let program_name = program.name_as_str().unwrap_or("").to_string();
+    if program_name != XDP_PROGRAM_NAME {
+        return Err(error(format!(
+            "it runs program {program_name:?} (id {program_id}), not ha-lb's {XDP_PROGRAM_NAME}: \
+             not touching it"
+        )));
+    }
+    Ok((
+        link,
+        LinkFound {
+            program_id,
+            program_name,
+            program_tag: program.tag(),
+        },
+    ))
+}
+
+type RecordMap = BpfHashMap<MapData, RecordKey, RecordValue>;
+
+fn open_record(path: &Path) -> Result<RecordMap, MapError> {
+    let data = MapData::from_pin(path)?;
+    RecordMap::try_from(aya::maps::Map::HashMap(data))
+}
+
+fn read_record(map: &RecordMap) -> Result<Record> {
+    let entries: Vec<(RecordKey, RecordValue)> = map
+        .iter()
+        .collect::<Result<_, _>>()
+        .map_err(map_error(RECORD_PIN))?;
+    Ok(Record::from_entries(entries))
+}
+
+/// Entries of a pinned hash map, whatever its key size (BPF_MAP_GET_NEXT_KEY).
+fn count_entries(path: &Path) -> usize {
+    use std::os::fd::{AsFd, AsRawFd};
+    let Ok(map) = MapData::from_pin(path) else {
+        return 0;
+    };
+    let Ok(info) = map.info() else {
+        return 0;
+    };
+    #[repr(C)]
+    struct NextKey {
+        map_fd: u32,
+        _pad: u32,
+        key: u64,
+        next_key: u64,
+    }
+    const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
+    let size = info.key_size() as usize;
+    let (mut key, mut next) = (vec![0u8; size], vec![0u8; size]);
+    let fd = map.fd().as_fd().as_raw_fd() as u32;
+    let mut count = 0;
+    let mut first = true;
+    loop {
+        let attr = NextKey {
+            map_fd: fd,
+            _pad: 0,
+            key: if first { 0 } else { key.as_ptr() as u64 },
+            next_key: next.as_mut_ptr() as u64,
+        };
+        // SAFETY: bpf(2) with a valid attr whose pointers outlive the call
+        // and point at buffers of the map's key size.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_GET_NEXT_KEY,
+                &attr as *const NextKey,
+                std::mem::size_of::<NextKey>(),
+            )
+        };
+        if rc != 0 {
+            return count;
+        }
+        count += 1;
+        first = false;
+        std::mem::swap(&mut key, &mut next);
+    }
+}
+
+/// The object to load: the embedded one, or for tests of upgrades
+/// (docs/development.md) the file `HA_LB_XDP_OBJECT` names.
+fn xdp_object() -> Result<std::borrow::Cow<'static, [u8]>> {
+    match std::env::var_os("HA_LB_XDP_OBJECT") {
+        Some(path) => {
+            let bytes = std::fs::read(&path).map_err(|source| DataPlaneError::Object {
+                path: PathBuf::from(&path).display().to_string(),
+                source,
+            })?;
+            warn!(object = %PathBuf::from(path).display(), "loading the XDP object HA_LB_XDP_OBJECT names, not the embedded one");
+            Ok(std::borrow::Cow::Owned(bytes))
+        }
+        None => Ok(std::borrow::Cow::Borrowed(EBPF_OBJECT)),
+    }
+}
+
+/// The loaded program and its maps. Dropping it leaves a pinned attachment
+/// in place and removes an unpinned one.
 pub struct DataPlane {
     ebpf: Ebpf,
-    attachment: Option<(XdpLinkId, String, AttachedMode)>,
+    attachment: Option<Attachment>,
+    pending_link: Option<PendingLink>,
+    pin_dir: Option<PathBuf>,
+    record_map: Option<RecordMap>,
+    /// What the record map holds.
+    record: Record,
+    /// The previous agent's record, as found at load.
+    found_record: Option<Record>,
+    tag: u64,
+    program_id: u32,
+    found_link: bool,
+    /// Resized flow tables being migrated: the old maps, copied from until
+    /// the program switch is done.
+    migrating: Vec<OldTable>,
+    start: StartKind,
+    replaced_tag: Option<u64>,
     table_size: u32,
     max_vips: u32,
     vips: HashMap<VipKey, VipSlot>,
@@ -539,8 +883,15 @@ pub struct DataPlane {
 }
 
 impl DataPlane {
-    /// Loads the embedded object and the XDP program (verifier included),
-    /// adopting pinned tables where they exist and still fit.
+    /// Loads the XDP program (verifier included), adopting what the pin
+    /// directory holds: the flow tables where they fit, the agent record, and
+    /// the pinned link, which [`DataPlane::attach`] then points at this
+    /// program. Nothing in the directory changes before every check passed.
+    ///
+    /// # Errors
+    /// [`DataPlaneError::WouldDropFlows`] when pinned flows cannot be adopted
+    /// and `options.accept_flow_loss` is off; [`DataPlaneError::PinnedLink`]
+    /// when the pinned link is not ha-lb's; loading or verifying failures.
     pub fn load(options: &LoadOptions) -> Result<Self> {
         raise_memlock_limit();
         let maglev_entries = options.maglev_table_size * 2 * options.max_vips;
@@ -551,44 +902,87 @@ impl DataPlane {
             .map_max_entries(CONNTRACK_MAP, options.table_entries())
             .map_max_entries(REVERSE_NAT_MAP, options.reverse_entries())
             .map_max_entries(EMBRYONIC_MAP, embryonic_slots);
-        let pin_paths: Vec<(&str, PathBuf)> = match &options.pin_dir {
-            Some(dir) => {
-                std::fs::create_dir_all(dir).map_err(|source| DataPlaneError::PinDir {
-                    path: dir.display().to_string(),
-                    source,
-                })?;
-                PINNED_MAPS
-                    .iter()
-                    .map(|name| (*name, dir.join(name)))
-                    .collect()
+        let mut pending_link = None;
+        let mut found_record = None;
+        let mut migrating = Vec::new();
+        if let Some(dir) = &options.pin_dir {
+            std::fs::create_dir_all(dir).map_err(|source| DataPlaneError::PinDir {
+                path: dir.display().to_string(),
+                source,
+            })?;
+            let pinned = inspect_pins(dir, options)?;
+            let plan = handover::plan_tables(pinned.tables.as_ref(), options.accept_flow_loss)?;
+            let link_path = dir.join(LINK_PIN);
+            if link_path.exists() {
+                let (link, found) = open_pinned_link(&link_path, pinned.record.as_ref())?;
+                pending_link = Some(PendingLink {
+                    link,
+                    path: link_path,
+                    found,
+                });
             }
-            None => Vec::new(),
-        };
-        // All or nothing: flows name backends by id and pair with reverse
-        // entries, so one table adopted without the others is misread.
-        let compatible: Vec<bool> = pin_paths
-            .iter()
-            .map(|(name, path)| pin_compatible(path, &pinned_layout(name, options)))
-            .collect();
-        if compatible.contains(&false) {
-            for (_, path) in pin_paths.iter().filter(|(_, path)| path.exists()) {
-                warn!(pin = %path.display(), "dropped with the other pinned tables; starting empty (flows are lost)");
-                let _ = std::fs::remove_file(path);
+            match &plan {
+                TablesPlan::Fresh => {}
+                TablesPlan::Migrate { flows, resized } => {
+                    info!(dir = %dir.display(), flows, resized = %describe_resized(resized), "migrating the pinned flow tables to new sizes");
+                    for (name, _, _) in resized {
+                        let path = dir.join(name);
+                        migrating.push(OldTable::open(name, &path)?);
+                    }
+                    // Only now that every old table is open: their pins
+                    // make room for the new ones.
+                    for (name, _, _) in resized {
+                        let path = dir.join(name);
+                        remove_if_present(&path).map_err(|source| DataPlaneError::PinDir {
+                            path: path.display().to_string(),
+                            source,
+                        })?;
+                    }
+                }
+                TablesPlan::Adopt { flows } => {
+                    info!(dir = %dir.display(), flows, "adopting the pinned flow tables")
+                }
+                TablesPlan::Replace { flows, reason } => {
+                    warn!(dir = %dir.display(), flows, %reason, "replacing the pinned flow tables with empty ones; their flows are lost");
+                    for name in PINNED_MAPS {
+                        let _ = std::fs::remove_file(dir.join(name));
+                    }
+                }
+            }
+            found_record = pinned.record;
+            for name in PINNED_MAPS {
+                loader.map_pin_path(name, dir.join(name));
             }
         }
-        for (name, path) in &pin_paths {
-            loader.map_pin_path(name, path.as_path());
-        }
-        let mut ebpf = loader.load(EBPF_OBJECT)?;
+        let object = xdp_object()?;
+        let mut ebpf = loader.load(&object)?;
         let program: &mut Xdp = ebpf
             .program_mut(XDP_PROGRAM_NAME)
             .ok_or(DataPlaneError::MissingProgram)?
             .try_into()
             .map_err(DataPlaneError::Verify)?;
         program.load().map_err(DataPlaneError::Verify)?;
+        let info = program.info().map_err(DataPlaneError::Verify)?;
+        let (tag, program_id) = (info.tag(), info.id());
+        let record_map = match &options.pin_dir {
+            Some(dir) => Some(record_map(&dir.join(RECORD_PIN))?),
+            None => None,
+        };
+        let found_link = pending_link.is_some();
         let mut dataplane = Self {
             ebpf,
             attachment: None,
+            pending_link,
+            pin_dir: options.pin_dir.clone(),
+            record_map,
+            record: Record::default(),
+            found_record: found_record.clone(),
+            tag,
+            program_id,
+            found_link,
+            migrating,
+            start: StartKind::Fresh,
+            replaced_tag: None,
             table_size: options.maglev_table_size,
             max_vips: options.max_vips,
             vips: HashMap::new(),
@@ -600,9 +994,171 @@ impl DataPlane {
             sweep_totals: SweepTotals::default(),
             settings_slot: 0,
         };
+        if dataplane.record_map.is_some() {
+            dataplane.record = found_record.unwrap_or_default();
+            let mut record = dataplane.record.clone();
+            record.layout = Some(handover::LAYOUT_VERSION);
+            dataplane.store_record(&record)?;
+        }
+        dataplane.migrate(false)?;
         dataplane.adopt_backends()?;
         dataplane.adopt_nat_sources(options.host_ports)?;
         Ok(dataplane)
+    }
+
+    /// Copies the entries of the resized tables being migrated into the new
+    /// ones. The first pass (`after_switch` false) copies everything; the
+    /// second, right after the program switch, copies what the old program
+    /// created meanwhile, and where the new program already picked such a
+    /// flow up mid-stream with another NAT port, puts the original back (the
+    /// backend knows the connection by it) and frees the pickup's port. The
+    /// old tables go after the second pass.
+    ///
+    /// # Errors
+    /// A map read or write failing.
+    fn migrate(&mut self, after_switch: bool) -> Result<()> {
+        if self.migrating.is_empty() {
+            return Ok(());
+        }
+        let old = std::mem::take(&mut self.migrating);
+        let result = self.copy_migrating(&old, after_switch);
+        if !after_switch {
+            self.migrating = old;
+        }
+        if let Ok((copied, corrected)) = result {
+            info!(
+                copied,
+                corrected,
+                pass = if after_switch {
+                    "after the switch"
+                } else {
+                    "before the switch"
+                },
+                "migrated flow table entries"
+            );
+        }
+        result.map(|_| ())
+    }
+
+    fn copy_migrating(&mut self, old: &[OldTable], after_switch: bool) -> Result<(usize, usize)> {
+        let (mut copied, mut corrected) = (0, 0);
+        // Reverse entries first: a restored flow finds its own back.
+        for table in old {
+            if let OldTable::Reverse(old) = table {
+                let entries: Vec<(NatKey, NatEntry)> = old
+                    .iter()
+                    .collect::<Result<_, _>>()
+                    .map_err(map_error(REVERSE_NAT_MAP))?;
+                let current: HashSet<NatKey> = if after_switch {
+                    self.reverse_entries()?
+                        .into_iter()
+                        .map(|(k, _)| k)
+                        .collect()
+                } else {
+                    HashSet::new()
+                };
+                for (key, entry) in entries.iter().filter(|(k, _)| !current.contains(k)) {
+                    self.insert_reverse_entry(key, entry)?;
+                    copied += 1;
+                }
+            }
+        }
+        for table in old {
+            if let OldTable::Flows(old) = table {
+                let entries: Vec<(FlowKey, Flow)> = old
+                    .iter()
+                    .collect::<Result<_, _>>()
+                    .map_err(map_error(CONNTRACK_MAP))?;
+                let current: HashMap<FlowKey, Flow> = if after_switch {
+                    self.flows()?.into_iter().collect()
+                } else {
+                    HashMap::new()
+                };
+                for (key, flow) in entries {
+                    match current.get(&key) {
+                        None => {
+                            self.insert_flow(&key, &flow)?;
+                            copied += 1;
+                        }
+                        Some(now)
+                            if (now.nat_addr, now.nat_port) != (flow.nat_addr, flow.nat_port) =>
+                        {
+                            if now.flags & ha_common::FLOW_LOCAL == 0 {
+                                let backends: Array<_, BackendInfo> = self.map(BACKENDS_MAP)?;
+                                if let Ok(backend) = backends.get(&now.backend_id, 0) {
+                                    let pickup = NatKey::new(
+                                        &backend,
+                                        now.nat_addr,
+                                        now.nat_port,
+                                        key.protocol,
+                                    );
+                                    let _ = self.remove_reverse_entry(&pickup);
+                                }
+                            }
+                            self.insert_flow(&key, &flow)?;
+                            corrected += 1;
+                        }
+                        Some(_) => {}
+                    }
+                }
+            }
+        }
+        Ok((copied, corrected))
+    }
+
+    /// The record the previous agent left in the pin directory, if any.
+    pub fn found_record(&self) -> Option<&Record> {
+        self.found_record.as_ref()
+    }
+
+    /// Writes `record` to the pinned record (the entries that changed); a
+    /// no-op without a pin directory.
+    ///
+    /// # Errors
+    /// A map write failing; the record then holds part of the change.
+    pub fn store_record(&mut self, record: &Record) -> Result<()> {
+        // The layout and the attached program are the data plane's to say.
+        let mut record = record.clone();
+        record.layout = Some(handover::LAYOUT_VERSION);
+        if record.program.is_none() {
+            record.program = self.record.program;
+        }
+        let Some(map) = self.record_map.as_mut() else {
+            self.record = record;
+            return Ok(());
+        };
+        let (old, new) = (self.record.entries(), record.entries());
+        for (key, value) in &new {
+            if old.get(key) != Some(value) {
+                map.insert(key, value, 0).map_err(map_error(RECORD_PIN))?;
+            }
+        }
+        for key in old.keys().filter(|k| !new.contains_key(k)) {
+            map.remove(key).map_err(map_error(RECORD_PIN))?;
+        }
+        self.record = record;
+        Ok(())
+    }
+
+    /// Whether a pinned link ran a program when this data plane was loaded
+    /// (an earlier agent's, serving while this one starts).
+    pub fn found_link(&self) -> bool {
+        self.found_link
+    }
+
+    /// Whether [`DataPlane::attach`] has attached (or adopted) the program.
+    pub fn is_attached(&self) -> bool {
+        self.attachment.is_some()
+    }
+
+    /// The loaded program's tag (a SHA of its instructions, as bpftool shows it).
+    pub fn program_tag(&self) -> u64 {
+        self.tag
+    }
+
+    /// How this data plane came to be attached, and the tag of the program it replaced.
+    pub fn start_kind(&self) -> (StartKind, Option<u64>) {
+        (self.start, self.replaced_tag)
     }
 
     /// The NAT sources adopted flows use, kept as earlier ranges: a restart
@@ -829,38 +1385,150 @@ impl DataPlane {
     }
 
     /// Attaches to `iface` (resolved in the calling thread's network namespace)
-    /// in native mode.
+    /// in native mode. A pinned link found at load is pointed at this program
+    /// instead (bpf_link_update: one atomic switch, the interface is never
+    /// without a program); otherwise a new link is made and pinned.
     ///
     /// # Errors
     /// [`DataPlaneError::GenericRefused`] for [`AttachMode::Generic`];
-    /// [`DataPlaneError::Attach`] when the driver refuses native mode.
+    /// [`DataPlaneError::Attach`] when the driver refuses native mode or the
+    /// pinned link refuses the update (the old program then stays).
     pub fn attach(&mut self, iface: &str, mode: AttachMode) -> Result<AttachedMode> {
         if mode == AttachMode::Generic {
             return Err(DataPlaneError::GenericRefused {
                 iface: iface.to_string(),
             });
         }
-        let link = self
+        let attach_error = |source| DataPlaneError::Attach {
+            iface: iface.to_string(),
+            mode: AttachedMode::Native.label(),
+            source,
+        };
+        if let Some(pending) = self.pending_link.take() {
+            let xdp_link =
+                XdpLink::try_from(pending.link).map_err(|e| DataPlaneError::PinnedLink {
+                    path: pending.path.display().to_string(),
+                    reason: e.to_string(),
+                })?;
+            match self.program_mut().attach_to_link(xdp_link) {
+                Ok(id) => {
+                    let link = self.take_fd_link(id, iface)?;
+                    self.start = StartKind::of(Some(pending.found.program_tag), self.tag);
+                    self.replaced_tag = Some(pending.found.program_tag);
+                    info!(
+                        %iface,
+                        from = %handover::tag_hex(pending.found.program_tag),
+                        to = %handover::tag_hex(self.tag),
+                        start = self.start.label(),
+                        "replaced the program of the pinned XDP link in place"
+                    );
+                    self.attachment = Some(Attachment {
+                        link,
+                        pin: Some(pending.path),
+                        iface: iface.to_string(),
+                    });
+                    self.record_program()?;
+                    self.migrate(true)?;
+                    return Ok(AttachedMode::Native);
+                }
+                Err(ProgramError::SyscallError(e))
+                    if e.io_error.raw_os_error() == Some(libc::ENOLINK) =>
+                {
+                    // The interface it was made for is gone (recreated with
+                    // the same name): the link serves nothing any more.
+                    warn!(%iface, pin = %pending.path.display(), "the pinned XDP link is defunct (its interface was removed); attaching anew");
+                    let _ = std::fs::remove_file(&pending.path);
+                }
+                Err(e) => return Err(attach_error(e)),
+            }
+        }
+        let id = self
             .program_mut()
             .attach(iface, XdpMode::Driver)
-            .map_err(|source| DataPlaneError::Attach {
-                iface: iface.to_string(),
-                mode: AttachedMode::Native.label(),
-                source,
-            })?;
-        let attached = AttachedMode::Native;
-        debug!(%iface, mode = attached.label(), "XDP attached");
-        self.attachment = Some((link, iface.to_string(), attached));
-        Ok(attached)
+            .map_err(attach_error)?;
+        let link = self.take_fd_link(id, iface)?;
+        let (link, pin) = match &self.pin_dir {
+            Some(dir) => {
+                let path = dir.join(LINK_PIN);
+                let pinned = link.pin(&path).map_err(|e| DataPlaneError::Pin {
+                    path: path.display().to_string(),
+                    reason: e.to_string(),
+                })?;
+                (FdLink::from(pinned), Some(path))
+            }
+            None => (link, None),
+        };
+        debug!(%iface, pinned = pin.is_some(), "XDP attached");
+        self.attachment = Some(Attachment {
+            link,
+            pin,
+            iface: iface.to_string(),
+        });
+        self.record_program()?;
+        self.migrate(true)?;
+        Ok(AttachedMode::Native)
     }
 
-    /// Removes the attachment made by [`DataPlane::attach`], if any.
-    pub fn detach(&mut self) -> Result<(), ProgramError> {
-        if let Some((link, iface, _)) = self.attachment.take() {
-            self.program_mut().detach(link)?;
-            debug!(%iface, "XDP detached");
+    /// Names the attached program in the agent record, for the next agent.
+    fn record_program(&mut self) -> Result<()> {
+        let mut record = self.record.clone();
+        record.program = Some(handover::ProgramRecord {
+            id: self.program_id,
+            tag: self.tag,
+        });
+        self.store_record(&record)
+    }
+
+    /// The link `id` as a bpf_link this data plane holds (the program no
+    /// longer detaches it when dropped).
+    fn take_fd_link(&mut self, id: XdpLinkId, iface: &str) -> Result<FdLink> {
+        let error = |reason: String| DataPlaneError::Pin {
+            path: format!("the XDP link on {iface}"),
+            reason,
+        };
+        let link = self
+            .program_mut()
+            .take_link(id)
+            .map_err(|e| error(e.to_string()))?;
+        FdLink::try_from(link).map_err(|e| {
+            error(format!(
+                "{e}: the kernel attached without a bpf_link (netlink), which cannot outlive the agent"
+            ))
+        })
+    }
+
+    /// Release: removes the attachment made by [`DataPlane::attach`] and
+    /// everything pinned (link, flow tables, record): the interface is left
+    /// as it was before the first agent. Before [`DataPlane::attach`] (a
+    /// start that failed) nothing is removed: a program attached by an
+    /// earlier agent goes on serving.
+    pub fn detach(&mut self) -> Result<(), std::io::Error> {
+        self.pending_link = None;
+        let Some(attachment) = self.attachment.take() else {
+            return Ok(());
+        };
+        if let Some(pin) = &attachment.pin {
+            remove_if_present(pin)?;
+        }
+        drop(attachment.link);
+        debug!(iface = %attachment.iface, "XDP detached");
+        if let Some(dir) = &self.pin_dir {
+            remove_pins(dir)?;
         }
         Ok(())
+    }
+
+    /// Keep: lets go of the attachment without detaching. With a pin
+    /// directory the program stays attached and the tables and record stay
+    /// for the next agent; without one, this is [`DataPlane::detach`].
+    pub fn keep(&mut self) -> Result<(), std::io::Error> {
+        match self.attachment.as_ref().and_then(|a| a.pin.as_ref()) {
+            Some(_) => {
+                self.attachment = None;
+                Ok(())
+            }
+            None => self.detach(),
+        }
     }
 
     /// Interfaces the program may redirect to (XDP_REDIRECT through TX_PORTS).
@@ -1540,38 +2208,90 @@ fn pinned_layout(name: &str, options: &LoadOptions) -> PinLayout {
     }
 }
 
-/// Whether a pinned table (if there is one) can be adopted: its kind, entry
-/// layout and size match (aya would otherwise reuse it as it is, and the
-/// program would misread it). A change that needs another layout loses the
-/// flows anyway; the warning says so.
-fn pin_compatible(path: &Path, expected: &PinLayout) -> bool {
-    if !path.exists() {
-        return true;
-    }
+/// How a pinned table differs from what this build and config need.
+enum Misfit {
+    /// Only in its number of entries: it can be migrated.
+    Entries { pinned: u32, wanted: u32 },
+    /// In its kind or entry layout, or it is unreadable.
+    Structure(String),
+}
+
+fn describe_resized(resized: &[(String, u32, u32)]) -> String {
+    resized
+        .iter()
+        .map(|(name, from, to)| format!("{name} {from} -> {to} entries"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Why a pinned table cannot be adopted as it is (`None`: it can): its
+/// kind, entry layout or size differ from what this build and config need
+/// (aya would otherwise reuse it as it is, and the program would misread it).
+fn pin_misfit(name: &str, path: &Path, expected: &PinLayout) -> Option<Misfit> {
     match MapData::from_pin(path).and_then(|map| map.info()) {
         Ok(info)
             if info.map_type().ok() == Some(expected.kind)
                 && info.key_size() == expected.key_size
-                && info.value_size() == expected.value_size
-                && info.max_entries() == expected.max_entries =>
+                && info.value_size() == expected.value_size =>
         {
-            info!(pin = %path.display(), "adopting pinned map");
-            true
+            (info.max_entries() != expected.max_entries).then_some(Misfit::Entries {
+                pinned: info.max_entries(),
+                wanted: expected.max_entries,
+            })
         }
-        Ok(info) => {
-            warn!(
-                pin = %path.display(),
-                pinned = ?(info.map_type().ok(), info.key_size(), info.value_size(), info.max_entries()),
-                configured = ?expected,
-                "pinned map has another kind, layout or size; the pinned tables are not adopted (their flows are lost)"
-            );
-            false
-        }
-        Err(e) => {
-            warn!(pin = %path.display(), error = %e, "unreadable pin; the pinned tables are not adopted");
-            false
+        Ok(info) => Some(Misfit::Structure(format!(
+            "{name} is {:?} with {}-byte keys, {}-byte values and {} entries, this build and config need {:?} with {}, {} and {}",
+            info.map_type().ok(),
+            info.key_size(),
+            info.value_size(),
+            info.max_entries(),
+            expected.kind,
+            expected.key_size,
+            expected.value_size,
+            expected.max_entries
+        ))),
+        Err(e) => Some(Misfit::Structure(format!("{name} is unreadable ({e})"))),
+    }
+}
+
+/// Opens the pinned agent record at `path`, or makes and pins a new one.
+fn record_map(path: &Path) -> Result<RecordMap> {
+    let pin_error = |reason: String| DataPlaneError::Pin {
+        path: path.display().to_string(),
+        reason,
+    };
+    if path.exists() {
+        match open_record(path) {
+            Ok(map) => return Ok(map),
+            Err(e) => {
+                warn!(pin = %path.display(), error = %e, "unreadable agent record; making a new one");
+                let _ = std::fs::remove_file(path);
+            }
         }
     }
+    RecordMap::create(RECORD_ENTRIES, 0)
+        .map_err(|e| pin_error(e.to_string()))?
+        .pin(path)
+        .map_err(|e| pin_error(e.to_string()))?;
+    open_record(path).map_err(|e| pin_error(e.to_string()))
+}
+
+fn remove_if_present(path: &Path) -> std::io::Result<()> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
+/// Removes everything ha-lb pins in `dir` (link, flow tables, record) and
+/// the directory if it is then empty. Removing the link's pin detaches the
+/// program once no process holds the link.
+pub fn remove_pins(dir: &Path) -> std::io::Result<()> {
+    for name in [LINK_PIN, RECORD_PIN].into_iter().chain(PINNED_MAPS) {
+        remove_if_present(&dir.join(name))?;
+    }
+    let _ = std::fs::remove_dir(dir);
+    Ok(())
 }
 
 /// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK; newer ones use

@@ -79,6 +79,15 @@ impl Checker {
         }
     }
 
+    /// A checker that starts from `health` (what the previous agent knew):
+    /// a backend recorded down needs `rise` passes before it takes flows.
+    pub fn starting(timing: Timing, health: Health) -> Self {
+        Self {
+            health,
+            ..Self::new(timing)
+        }
+    }
+
     pub fn health(&self) -> Health {
         self.health
     }

@@ -9,6 +9,7 @@ pub mod config;
 pub mod dataplane;
 pub mod ebpf_object;
 pub mod garp;
+pub mod handover;
 pub mod health;
 pub mod import;
 pub mod maglev;

@@ -9,6 +9,7 @@ use ha_user::{
     agent::{self, AttachOptions, PinLocation},
     config::{Config, DEFAULT_CONFIG_PATH},
     dataplane::AttachMode,
+    handover::StopIntent,
 };
 
 #[derive(Parser)]
@@ -38,18 +39,57 @@ enum Command {
         /// Print per-VIP, per-backend and per-verdict counters this often (0s: never).
         #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
         stats_interval: Duration,
-        /// Pin the connection tables here (a directory on a bpffs) instead of
-        /// /sys/fs/bpf/ha-lb/[netns-<inode>/]<iface>.
+        /// Pin the program's link, the flow tables and the agent record here
+        /// (a directory on a bpffs) instead of /sys/fs/bpf/ha-lb/[netns-<inode>/]<iface>.
         #[arg(long, conflicts_with = "no_pin")]
         pin_dir: Option<PathBuf>,
-        /// Do not pin the connection tables (a restart then starts with empty ones).
+        /// Do not pin the program's link and tables: the data path then goes
+        /// with the agent, and a restart starts with empty tables.
         #[arg(long)]
         no_pin: bool,
+        /// What SIGTERM and SIGINT do: `release` (the host goes out of service:
+        /// VRRP priority 0, VIP addresses removed, program detached, pins
+        /// removed) or `keep` (a restart or upgrade in place: program, flow
+        /// tables and VIP addresses stay for the next agent). See docs/operations.md.
+        #[arg(long, value_enum, default_value = "release")]
+        on_stop: StopIntent,
+        /// Start even when the pinned flow tables cannot be adopted by this
+        /// build or config (their connections are lost); without it the agent
+        /// refuses and the attached program keeps serving them.
+        #[arg(long)]
+        accept_flow_loss: bool,
     },
     /// Validate a config file and print it normalized (defaults filled in).
+    /// With --iface, also say what an agent started now would do with what
+    /// is pinned for that interface (adopt, replace, refuse), on stderr.
     CheckConfig {
         #[arg(long, default_value = DEFAULT_CONFIG_PATH)]
         config: PathBuf,
+        #[arg(long)]
+        iface: Option<String>,
+        #[arg(long, requires = "iface")]
+        pin_dir: Option<PathBuf>,
+        #[arg(long, requires = "iface")]
+        accept_flow_loss: bool,
+    },
+    /// Stop the running agent with an intent: --keep (restart or upgrade in
+    /// place) or --release (the host goes out of service).
+    Stop {
+        #[arg(long, conflicts_with = "release", required_unless_present = "release")]
+        keep: bool,
+        #[arg(long)]
+        release: bool,
+        #[arg(long)]
+        iface: Option<String>,
+    },
+    /// Remove everything ha-lb put on an interface: the program, its pinned
+    /// link and tables, the VIP addresses it added. Asks a running agent to
+    /// release; works without one too.
+    Detach {
+        #[arg(long)]
+        iface: String,
+        #[arg(long)]
+        pin_dir: Option<PathBuf>,
     },
     /// Print the ha-lb config equivalent to a haproxy.cfg (and keepalived.conf),
     /// listing every directive that was not carried over.
@@ -159,6 +199,21 @@ fn ask(iface: Option<&str>, request: &Request) -> Result<Response> {
     Ok(response)
 }
 
+fn pin_location(pin_dir: Option<PathBuf>, no_pin: bool) -> PinLocation {
+    match (pin_dir, no_pin) {
+        (_, true) => PinLocation::Off,
+        (Some(dir), false) => PinLocation::Dir(dir),
+        (None, false) => PinLocation::Auto,
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Attach {
@@ -168,26 +223,55 @@ fn run(cli: Cli) -> Result<()> {
             stats_interval,
             pin_dir,
             no_pin,
+            on_stop,
+            accept_flow_loss,
         } => {
-            let pin = match (pin_dir, no_pin) {
-                (_, true) => PinLocation::Off,
-                (Some(dir), false) => PinLocation::Dir(dir),
-                (None, false) => PinLocation::Auto,
-            };
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .context("starting the async runtime")?;
-            runtime.block_on(agent::run(AttachOptions {
+            let pin = pin_location(pin_dir, no_pin);
+            runtime()?.block_on(agent::run(AttachOptions {
                 iface,
                 config_path: config,
                 xdp_mode,
                 stats_interval,
                 pin,
+                on_stop,
+                accept_flow_loss,
             }))
         }
-        Command::CheckConfig { config } => {
-            print!("{}", agent::check_config(&config)?);
+        Command::CheckConfig {
+            config,
+            iface,
+            pin_dir,
+            accept_flow_loss,
+        } => {
+            let pin = pin_location(pin_dir, false);
+            let (yaml, pinned) = agent::check_config(
+                &config,
+                iface.as_deref().map(|iface| (iface, &pin)),
+                accept_flow_loss,
+            )?;
+            print!("{yaml}");
+            if let Some(pinned) = pinned {
+                eprintln!("{pinned}");
+            }
+            Ok(())
+        }
+        Command::Stop { keep, iface, .. } => {
+            let intent = if keep {
+                StopIntent::Keep
+            } else {
+                StopIntent::Release
+            };
+            println!(
+                "{}",
+                ask(iface.as_deref(), &Request::Stop { intent })?
+                    .message
+                    .unwrap_or_default()
+            );
+            Ok(())
+        }
+        Command::Detach { iface, pin_dir } => {
+            let pin = pin_location(pin_dir, false);
+            println!("{}", runtime()?.block_on(agent::detach(&iface, &pin))?);
             Ok(())
         }
         Command::Import {

@@ -218,6 +218,33 @@ impl Netlink {
         )))
     }
 
+    /// Sets how long `address/32` stays valid (`ip address change ...
+    /// valid_lft N preferred_lft N`): `Some(seconds)` makes the kernel remove
+    /// it then, `None` makes it permanent again. Adds it if it is missing.
+    pub async fn set_vip_lifetime(
+        &self,
+        ifindex: u32,
+        address: Ipv4Addr,
+        seconds: Option<u32>,
+    ) -> Result<()> {
+        let forever = u32::MAX;
+        let lifetime = seconds.unwrap_or(forever);
+        let mut change = self
+            .handle
+            .address()
+            .add(ifindex, IpAddr::V4(address), 32)
+            .replace();
+        let attributes = &mut change.message_mut().attributes;
+        attributes.push(AddressAttribute::Flags(AddressFlags::Noprefixroute));
+        let mut cache_info = rtnetlink::packet_route::address::CacheInfo::default();
+        cache_info.ifa_preferred = lifetime;
+        cache_info.ifa_valid = lifetime;
+        attributes.push(AddressAttribute::CacheInfo(cache_info));
+        change.execute().await.map_err(request(format!(
+            "setting the lifetime of {address}/32 on interface {ifindex}"
+        )))
+    }
+
     pub async fn remove_vip(&self, ifindex: u32, address: Ipv4Addr) -> Result<()> {
         for (_, addr, prefix, message) in self.ipv4_addresses(Some(ifindex)).await? {
             if addr == address && prefix == 32 {

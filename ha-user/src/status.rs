@@ -31,6 +31,24 @@ pub struct StatusReport {
     /// health checks reach them (the reason is in `not_ready`).
     #[serde(default)]
     pub data_path_unanswered: bool,
+    #[serde(default)]
+    pub program: ProgramStatus,
+}
+
+/// The XDP program this agent runs and how it came to (docs/operations.md,
+/// "Restarts and upgrades").
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProgramStatus {
+    /// `fresh` (attached now), `adopted` (the pinned link ran the same
+    /// program), `upgraded` (it ran another one).
+    pub start: String,
+    /// The program's tag, 16 hex digits as bpftool prints it.
+    pub tag: String,
+    /// The tag of the program the pinned link ran before, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replaced_tag: Option<String>,
+    /// What SIGTERM does: `release` or `keep`.
+    pub on_stop: String,
 }
 
 /// The connection tables, as the agent's sweeps (every 10 s) see them.
@@ -140,6 +158,19 @@ impl StatusReport {
             self.xdp_mode,
             self.lb_address,
             duration(self.uptime_seconds)
+        );
+        let program = &self.program;
+        let _ = writeln!(
+            out,
+            "program tag {} ({}{}), on stop: {}",
+            program.tag,
+            program.start,
+            program
+                .replaced_tag
+                .as_ref()
+                .map(|t| format!(" from tag {t}"))
+                .unwrap_or_default(),
+            program.on_stop
         );
         for reason in &self.not_ready {
             let _ = writeln!(out, "not ready: {reason}");
@@ -307,8 +338,20 @@ mod tests {
                 orphans_freed: 3,
             },
             data_path_unanswered: false,
+            program: ProgramStatus {
+                start: "upgraded".into(),
+                tag: "00112233aabbccdd".into(),
+                replaced_tag: Some("0011223344556677".into()),
+                on_stop: "keep".into(),
+            },
         };
         let table = report.render();
+        assert!(
+            table.contains(
+                "program tag 00112233aabbccdd (upgraded from tag 0011223344556677), on stop: keep"
+            ),
+            "{table}"
+        );
         assert!(
             table.contains(
                 "flows 30 (last sweep); NAT ports 10.0.0.2:20000-32767 (earlier, flows live: 10.0.0.2:10000-32767); \

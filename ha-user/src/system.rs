@@ -109,6 +109,25 @@ impl ForwardingGuard {
         read(&self.path).ok().map(|v| v.trim() == "1")
     }
 
+    /// Whether forwarding was on before ha-lb switched it on.
+    pub fn was_on(&self) -> bool {
+        self.previous == "1"
+    }
+
+    /// Takes the value a previous agent recorded (`Some(false)`: it switched
+    /// forwarding on), so that the final release restores the original.
+    pub fn remember_previous(&mut self, was_on: Option<bool>) {
+        if was_on == Some(false) {
+            self.previous = "0".to_string();
+        }
+    }
+
+    /// Leaves forwarding on when the guard goes (the keep intent: the data
+    /// path stays and needs it).
+    pub fn keep(&mut self) {
+        self.previous = "1".to_string();
+    }
+
     pub fn enable(iface: &str) -> Result<Self> {
         let path = format!("/proc/sys/net/ipv4/conf/{iface}/forwarding");
         let previous = read(&path)?.trim().to_string();

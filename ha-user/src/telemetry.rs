@@ -191,6 +191,10 @@ pub fn render_metrics(report: &StatusReport) -> String {
         unanswered.clone(),
     );
     let xdp_mode = m.gauges("xdp_mode", "1 for the mode the XDP program is attached in");
+    let program = m.gauges(
+        "program_info",
+        "1 for the XDP program the agent runs: its tag, and how the agent started (fresh, adopted, upgraded)",
+    );
     let uptime = Gauge::<f64, AtomicU64>::default();
     m.registry.register(
         "uptime_seconds",
@@ -221,6 +225,12 @@ pub fn render_metrics(report: &StatusReport) -> String {
     unanswered.set(i64::from(report.data_path_unanswered));
     xdp_mode
         .get_or_create(&vec![("mode".to_string(), report.xdp_mode.clone())])
+        .set(1);
+    program
+        .get_or_create(&vec![
+            ("tag".to_string(), report.program.tag.clone()),
+            ("start".to_string(), report.program.start.clone()),
+        ])
         .set(1);
     uptime.set(report.uptime_seconds);
     for vip in &report.vips {
@@ -388,6 +398,12 @@ mod tests {
             },
             data_path_unanswered: true,
             xdp_mode: "native".into(),
+            program: crate::status::ProgramStatus {
+                start: "upgraded".into(),
+                tag: "00112233aabbccdd".into(),
+                replaced_tag: Some("0011223344556677".into()),
+                on_stop: "keep".into(),
+            },
             ..Default::default()
         }
     }
@@ -398,6 +414,7 @@ mod tests {
         for line in [
             "ha_lb_ready 0",
             "ha_lb_data_path_unanswered 1",
+            "ha_lb_program_info{tag=\"00112233aabbccdd\",start=\"upgraded\"} 1",
             "ha_lb_xdp_mode{mode=\"native\"} 1",
             "ha_lb_uptime_seconds 12.5",
             "ha_lb_vip_flows_total{vip=\"apiserver\"} 2",

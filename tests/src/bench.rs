@@ -207,6 +207,7 @@ impl Bench {
         )?;
         let mut dataplane = DataPlane::load(&LoadOptions {
             host_ports: None,
+            accept_flow_loss: false,
             maglev_table_size: table_size,
             max_vips: 1,
             max_flows,

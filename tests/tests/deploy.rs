@@ -159,6 +159,8 @@ fn the_manifests_run_the_agent_as_the_docs_say() {
         assert_eq!(args[0], "attach");
         assert!(args.iter().any(|a| a.starts_with("--iface=")));
         assert!(args.contains(&"--config=/etc/ha-lb/config.yaml"));
+        // A rollout or manifest change keeps the data path (docs/deployment.md).
+        assert!(args.contains(&"--on-stop=keep"), "{args:?}");
         // The probes reach the agent's telemetry default.
         for (probe, path) in [("livenessProbe", "/livez"), ("readinessProbe", "/readyz")] {
             let get = &container[probe]["httpGet"];
@@ -246,6 +248,11 @@ fn the_systemd_unit_passes_systemd_analyze_verify() {
     assert!(ok && !report.contains("ha-lb.service"), "{report}");
     let (_, report) = verify_unit(&text.replace("KillMode=mixed", "KillMod=mixed"));
     assert!(report.contains("Unknown key 'KillMod'"), "{report}");
+    // `systemctl restart` keeps the data path; an exit after `ha-user stop`
+    // is not undone by a restart.
+    let exec_start = text.lines().find(|l| l.starts_with("ExecStart=")).unwrap();
+    assert!(exec_start.ends_with("--on-stop keep"), "{exec_start}");
+    assert!(text.contains("\nRestart=on-failure\n"), "{text}");
 }
 
 /// Real PEM files where the configs expect kubeadm's and haproxy's.
@@ -419,6 +426,9 @@ fn start_with_capabilities(lab: &Lab, caps: &[String], config: &Path) -> ha_lab:
             // The DaemonSet's hostPath /sys/fs/bpf: a bpffs already mounted.
             "--pin-dir",
             bpffs.to_str().unwrap(),
+            // As the manifests run it.
+            "--on-stop",
+            "keep",
         ],
     )
     .unwrap()
@@ -476,4 +486,12 @@ fn the_manifests_capabilities_are_needed_and_enough_to_serve_a_vip() {
         "pinning needs no more capabilities:\n{}",
         agent.log()
     );
+    // A rollout: stopped with the keep intent, the next agent with the same
+    // capabilities adopts the pinned link (no CAP_SYS_ADMIN to look the
+    // program up by id) and replaces its program in place.
+    assert!(agent.stop(Duration::from_secs(10)).unwrap().success());
+    let mut next = start_with_capabilities(&lab, &caps, &config);
+    next.wait_for_log("serving;", Duration::from_secs(15))
+        .unwrap_or_else(|e| panic!("{e}\n{}", next.log()));
+    assert!(next.log().contains("start=\"adopted\""), "{}", next.log());
 }

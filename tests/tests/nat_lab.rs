@@ -311,7 +311,7 @@ fn an_established_connection_survives_an_agent_restart_through_the_pinned_tables
         &vip_config(&lab, &["api1", "api2", "api3"]),
     );
     let pins = lab.bpffs().unwrap().join("lb");
-    let pin_arg = ["--pin-dir", pins.to_str().unwrap()];
+    let pin_arg = ["--pin-dir", pins.to_str().unwrap(), "--on-stop", "keep"];
     let mut agent = start_agent(&lab, "lb", &config, &pin_arg);
     let vip = lab.vip(0);
     lab.in_host("client", || {
@@ -321,7 +321,7 @@ fn an_established_connection_survives_an_agent_restart_through_the_pinned_tables
         agent.stop(Duration::from_secs(10)).unwrap();
         let mut restarted = start_agent(&lab, "lb", &config, &pin_arg);
         assert!(
-            restarted.log().contains("adopting pinned map"),
+            restarted.log().contains("adopting the pinned flow tables"),
             "{}",
             restarted.log()
         );
@@ -349,7 +349,7 @@ fn an_established_connection_survives_a_restart_that_moves_the_nat_range() {
     let yaml = vip_config(&lab, &["api1", "api2", "api3"]);
     let config = write_config(&lab, "config.yaml", &yaml);
     let pins = lab.bpffs().unwrap().join("lb");
-    let pin_arg = ["--pin-dir", pins.to_str().unwrap()];
+    let pin_arg = ["--pin-dir", pins.to_str().unwrap(), "--on-stop", "keep"];
     let mut agent = start_agent(&lab, "lb", &config, &pin_arg);
     let vip = lab.vip(0);
     lab.in_host("client", || {

@@ -216,6 +216,7 @@ fn world() -> World {
         .unwrap();
     let mut dataplane = DataPlane::load(&LoadOptions {
         host_ports: None,
+        accept_flow_loss: false,
         maglev_table_size: TABLE_SIZE,
         max_vips: 8,
         max_flows: 4096,

@@ -8,7 +8,7 @@ use std::{
 
 use ha_common::{Counter, Verdict};
 use ha_lab::{HOST_IFACE, Lab};
-use ha_user::dataplane::{AttachMode, AttachedMode, DataPlane, LoadOptions};
+use ha_user::dataplane::{AttachMode, AttachedMode, DataPlane, DataPlaneError, LoadOptions};
 
 const UDP_PAYLOAD: usize = 100;
 const UDP_FRAME: u64 = 14 + 20 + 8 + UDP_PAYLOAD as u64;
@@ -23,6 +23,7 @@ fn native_xdp_counts_real_packets_sent_by_another_host() {
     let lb = lab.host("lb").addr;
     let options = LoadOptions {
         host_ports: None,
+        accept_flow_loss: false,
         maglev_table_size: 1009,
         max_vips: 1,
         max_flows: 1024,
@@ -110,6 +111,7 @@ fn the_program_verifies_well_within_the_kernels_limits() {
     let started = std::time::Instant::now();
     let dataplane = DataPlane::load(&LoadOptions {
         host_ports: None,
+        accept_flow_loss: false,
         maglev_table_size: 1009,
         max_vips: 1,
         max_flows: 1024,
@@ -131,8 +133,10 @@ fn the_program_verifies_well_within_the_kernels_limits() {
 }
 
 /// The pinned tables go together: flows name backends by id and pair with
-/// reverse entries, so when one of them cannot be adopted (here the
-/// connection table, after `max_flows` changed) none is.
+/// reverse entries. A new `max_flows` migrates them (entries copied into
+/// tables of the new size); when one cannot be adopted (here it is missing)
+/// none is, and while they hold flows that needs the operator's consent:
+/// without it loading is refused and changes nothing.
 #[test]
 fn pinned_tables_are_adopted_together_or_not_at_all() {
     use ha_common::{FLOW_ASSURED, Flow, FlowKey, PROTO_TCP};
@@ -144,8 +148,9 @@ fn pinned_tables_are_adopted_together_or_not_at_all() {
 
     let lab = Lab::new(&["lb"]).unwrap();
     let pins = lab.bpffs().unwrap().join("pins");
-    let options = |max_flows| LoadOptions {
+    let options = |max_flows, accept_flow_loss| LoadOptions {
         host_ports: None,
+        accept_flow_loss,
         maglev_table_size: 1009,
         max_vips: 1,
         max_flows,
@@ -160,8 +165,9 @@ fn pinned_tables_are_adopted_together_or_not_at_all() {
         protocol: PROTO_TCP,
         ..FlowKey::default()
     };
+    let flow;
     {
-        let mut dataplane = DataPlane::load(&options(1024)).unwrap();
+        let mut dataplane = DataPlane::load(&options(1024, false)).unwrap();
         let vip = DesiredVip {
             name: "api".into(),
             address: Ipv4Addr::new(10, 99, 0, 100),
@@ -179,7 +185,7 @@ fn pinned_tables_are_adopted_together_or_not_at_all() {
         let settings = DataPlaneConfig::default().settings(Ipv4Addr::new(10, 99, 0, 2));
         dataplane.apply(&settings, &[vip]).unwrap();
         let id = dataplane.backend_id_of(backend.0, backend.1).unwrap();
-        let flow = Flow {
+        flow = Flow {
             backend_id: id,
             flags: FLOW_ASSURED,
             ..Flow::default()
@@ -187,14 +193,36 @@ fn pinned_tables_are_adopted_together_or_not_at_all() {
         dataplane.insert_flow(&key, &flow).unwrap();
     }
     {
-        let dataplane = DataPlane::load(&options(1024)).unwrap();
+        let dataplane = DataPlane::load(&options(1024, false)).unwrap();
         assert_eq!(dataplane.flows().unwrap().len(), 1, "same size: adopted");
         assert!(dataplane.backend_id_of(backend.0, backend.1).is_some());
     }
-    let dataplane = DataPlane::load(&options(2048)).unwrap();
+    {
+        // Another size: the flows are copied into new tables.
+        let dataplane = DataPlane::load(&options(2048, false)).unwrap();
+        assert_eq!(dataplane.flows().unwrap(), vec![(key, flow)], "migrated");
+        assert!(dataplane.backend_id_of(backend.0, backend.1).is_some());
+    }
+    // A table missing (here the reverse NAT table): the others hold flows
+    // that cannot be adopted without it.
+    std::fs::remove_file(pins.join("REVERSE_NAT")).unwrap();
+    let refused = DataPlane::load(&options(2048, false)).err().unwrap();
+    assert!(
+        matches!(refused, DataPlaneError::WouldDropFlows(ref w) if w.flows == 1),
+        "{refused}"
+    );
+    assert!(
+        refused.to_string().contains("REVERSE_NAT is missing"),
+        "{refused}"
+    );
+    {
+        // Refused, and nothing changed.
+        assert!(pins.join("CONNTRACK").exists() && pins.join("BACKENDS").exists());
+    }
+    let dataplane = DataPlane::load(&options(2048, true)).unwrap();
     assert!(
         dataplane.flows().unwrap().is_empty(),
-        "another size: not adopted"
+        "accepted: not adopted"
     );
     assert_eq!(
         dataplane.backend_id_of(backend.0, backend.1),

@@ -28,6 +28,10 @@ enum Task {
     BuildEbpf {
         #[arg(long)]
         release: bool,
+        /// Build the upgrade test's variant instead (a changed constant, so
+        /// another program tag) into target/ebpf-variant.
+        #[arg(long)]
+        variant: bool,
     },
     /// Run every test: format and lint checks, unit tests, BPF_PROG_TEST_RUN and lab tests (root).
     Test {
@@ -70,14 +74,19 @@ fn main() -> Result<()> {
     let root = workspace_root();
     match cli.command {
         Task::Setup => setup::run(&root),
-        Task::BuildEbpf { release } => {
+        Task::BuildEbpf { release, variant } => {
             setup::toolchain(&root)?;
-            build_ebpf(&root, release)
+            if variant {
+                build_ebpf_variant(&root)
+            } else {
+                build_ebpf(&root, release)
+            }
         }
         Task::Test { cargo_test_args } => {
             require_root("cargo xtask test")?;
             setup::run(&root)?;
             build_ebpf(&root, true)?;
+            build_ebpf_variant(&root)?;
             test(&root, &cargo_test_args)
         }
         Task::Bench {
@@ -159,6 +168,10 @@ fn cargo(root: &Path) -> Command {
 /// `cargo +nightly <subcommand>` for the XDP crate: bpfel-unknown-none,
 /// core built from source, artifacts under target/ebpf.
 fn ebpf_cargo(root: &Path, subcommand: &str, release: bool) -> Command {
+    ebpf_cargo_in(root, subcommand, release, &root.join("target/ebpf"))
+}
+
+fn ebpf_cargo_in(root: &Path, subcommand: &str, release: bool, target_dir: &Path) -> Command {
     let mut command = Command::new("cargo");
     command
         .current_dir(root.join("ha-ebpf"))
@@ -176,11 +189,20 @@ fn ebpf_cargo(root: &Path, subcommand: &str, release: bool) -> Command {
             "build-std=core",
         ])
         .arg("--target-dir")
-        .arg(root.join("target/ebpf"));
+        .arg(target_dir);
     if release {
         command.arg("--release");
     }
     command
+}
+
+/// The upgrade lab's second program: the same source with one constant
+/// changed (`HA_EBPF_VARIANT`), so its tag differs. At
+/// target/ebpf-variant/bpfel-unknown-none/release/ha-ebpf.
+fn build_ebpf_variant(root: &Path) -> Result<()> {
+    let mut command = ebpf_cargo_in(root, "build", true, &root.join("target/ebpf-variant"));
+    command.env("HA_EBPF_VARIANT", "1");
+    run(&mut command).context("building the upgrade test's XDP program variant")
 }
 
 fn build_ebpf(root: &Path, release: bool) -> Result<()> {

@@ -321,6 +321,7 @@ fn translate_instance(
         advert_interval: Duration::from_secs(1),
         preempt: true,
         preempt_delay: Duration::ZERO,
+        restart_hold: Duration::from_secs(10),
         unicast_peers: Vec::new(),
         checksum: Default::default(),
         track: TrackConfig::default(),
@@ -426,6 +427,7 @@ fn translate_instance(
             Some(w) => TrackAction::Decrease(w.min(254) as u8),
         };
     }
+    vrrp.restart_hold = vrrp.restart_hold.max(vrrp.advert_interval);
     vrrp
 }
 

@@ -32,14 +32,24 @@ pub struct AnnouncerSetup {
     pub machine: MachineConfig,
     /// Start in fault (tracking says so).
     pub fault: bool,
+    /// Start as master at once (`handover::vrrp_start`).
+    pub resume_master: bool,
 }
 
 #[derive(Debug)]
 pub enum Command {
     /// Tracking: the effective priority and whether we are in fault.
     Track { priority: u8, fault: bool },
-    /// SIGTERM: send priority 0 if master, then answer.
+    /// SIGTERM with the release intent: send priority 0 if master, then answer.
     Shutdown(oneshot::Sender<()>),
+    /// Stop with the keep intent, then answer. A master announces the hold
+    /// (centiseconds; `vrrp.restart_hold`) as its interval in a last advert,
+    /// so backups wait three of it; without one it sends nothing and backups
+    /// wait their normal Master_Down_Interval.
+    Stop {
+        hold_cs: Option<u16>,
+        done: oneshot::Sender<()>,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -127,7 +137,12 @@ pub fn spawn(
 impl Announcer {
     async fn run(mut self, mut commands: mpsc::Receiver<Command>) {
         let fault = self.setup.fault;
-        let actions = self.machine.start(Instant::now(), fault);
+        let actions = if self.setup.resume_master && !fault {
+            info!("VRRP resumes as master: the previous agent was master moments ago");
+            self.machine.resume_master(Instant::now())
+        } else {
+            self.machine.start(Instant::now(), fault)
+        };
         self.execute(actions, State::Initialize).await;
         loop {
             let before = self.machine.state();
@@ -151,6 +166,15 @@ impl Announcer {
                         }
                         self.machine.set_priority(priority);
                         self.machine.set_fault(Instant::now(), fault)
+                    }
+                    Some(Command::Stop { hold_cs, done }) => {
+                        if let (State::Master, Some(hold_cs)) = (self.machine.state(), hold_cs) {
+                            let priority = self.machine.priority();
+                            self.send_advert(priority, hold_cs).await;
+                            info!(hold_ms = u64::from(hold_cs) * 10, "VRRP: last advert announces the restart hold");
+                        }
+                        let _ = done.send(());
+                        return;
                     }
                     Some(Command::Shutdown(done)) => {
                         let actions = self.machine.shutdown();
@@ -231,11 +255,16 @@ impl Announcer {
     }
 
     async fn advertise(&mut self, priority: u8) {
+        self.send_advert(priority, self.setup.machine.advert_interval_cs)
+            .await;
+    }
+
+    async fn send_advert(&mut self, priority: u8, interval_cs: u16) {
         let advert = Advert {
             version: self.setup.version,
             vrid: self.setup.vrid,
             priority,
-            interval_cs: self.setup.machine.advert_interval_cs,
+            interval_cs,
             addresses: self.setup.vips.clone(),
         };
         let destinations: Vec<Ipv4Addr> = if self.setup.unicast_peers.is_empty() {

@@ -167,6 +167,15 @@ impl Machine {
         self.become_backup(now)
     }
 
+    /// Startup of a restarted agent whose previous instance was master moments
+    /// ago, sooner than any backup's Master_Down_Interval could end
+    /// (`handover::vrrp_start` decides): master at once, with an
+    /// advertisement, so the peers' timers are reset and the VIP never moves.
+    /// Beyond the RFC, which starts every non-owner as backup.
+    pub fn resume_master(&mut self, now: Instant) -> Vec<Action> {
+        self.become_master(now)
+    }
+
     pub fn on_timer(&mut self, now: Instant) -> Vec<Action> {
         match (self.state, self.timer) {
             (_, Some(deadline)) if now < deadline => Vec::new(),
@@ -388,6 +397,18 @@ mod tests {
                 assert_eq!(m.state(), State::Master);
             }
         }
+    }
+
+    #[test]
+    fn a_resumed_master_advertises_at_once_and_keeps_its_interval() {
+        let t0 = Instant::now();
+        let mut m = Machine::new(config(100), t0);
+        assert_eq!(
+            m.resume_master(t0),
+            vec![Action::Advertise(100), Action::BecomeMaster]
+        );
+        assert_eq!(m.state(), State::Master);
+        assert_eq!(m.next_deadline(), Some(t0 + Duration::from_millis(100)));
     }
 
     #[test]

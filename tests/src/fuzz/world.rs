@@ -275,6 +275,7 @@ impl Harness {
         sched_setaffinity(nix::unistd::Pid::from_raw(0), &cpus)?;
         let options = LoadOptions {
             host_ports: None,
+            accept_flow_loss: false,
             maglev_table_size: TABLE_SIZE,
             max_vips: MAX_VIPS,
             max_flows: MAX_FLOWS,

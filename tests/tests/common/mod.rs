@@ -86,9 +86,11 @@ pub fn host_state(lab: &Lab, host: &str) -> String {
         .unwrap()
         .stdout;
     let xdp = String::from_utf8_lossy(&link).contains("prog/xdp");
+    // Duplicate address detection of the link-local address may still run
+    // in a fresh lab: not the agent's doing.
+    let addresses = String::from_utf8_lossy(&addresses).replace(" tentative", "");
     format!(
-        "addresses:\n{}\nxdp attached: {xdp}\nmanaged neighbours:\n{}\nforwarding: {}",
-        String::from_utf8_lossy(&addresses),
+        "addresses:\n{addresses}\nxdp attached: {xdp}\nmanaged neighbours:\n{}\nforwarding: {}",
         managed.join("\n"),
         String::from_utf8_lossy(&forwarding)
     )

@@ -1,0 +1,711 @@
+//! The data path outlives its agent (docs/operations.md, "Restarts and
+//! upgrades"): one LB host with a static VIP, 20 busy keep-alive connections
+//! (a request every 50 ms each) and a new connection every 50 ms throughout,
+//! while the agent is killed and restarted, is away for 10 s, is upgraded to
+//! another program, or stops with the keep or the release intent.
+
+mod common;
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    net::{Ipv4Addr, SocketAddr, TcpStream},
+    path::{Path, PathBuf},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread::JoinHandle,
+    time::Duration,
+};
+
+use common::{host_state, start_apiservers, status_json, vip_config, write_config};
+use ha_lab::{HOST_IFACE, Lab, LabProcess};
+use nix::sys::signal::Signal;
+
+const HOSTS: [&str; 5] = ["client", "lb", "api1", "api2", "api3"];
+const BACKENDS: [&str; 3] = ["api1", "api2", "api3"];
+const SESSIONS: usize = 20;
+const PACE: Duration = Duration::from_millis(50);
+
+/// What the load saw.
+#[derive(Debug, Default)]
+struct LoadReport {
+    /// Long-lived connections that answered every request to the end.
+    sessions_alive: usize,
+    /// How each broken one broke.
+    sessions_broken: Vec<String>,
+    requests: u64,
+    new_ok: u64,
+    /// New connections that failed, with why.
+    new_failed: Vec<String>,
+}
+
+/// The load, running on threads in the client's namespace.
+struct Load {
+    stop: Arc<AtomicBool>,
+    sessions: Vec<JoinHandle<Result<u64, String>>>,
+    connector: JoinHandle<(u64, Vec<String>)>,
+}
+
+fn exchange(
+    writer: &mut TcpStream,
+    reader: &mut BufReader<TcpStream>,
+    text: &str,
+) -> std::io::Result<String> {
+    writer.write_all(format!("{text}\n").as_bytes())?;
+    let mut line = String::new();
+    reader.read_line(&mut line)?;
+    Ok(line)
+}
+
+impl Load {
+    /// Opens the sessions (all must connect) and starts the traffic; call
+    /// from inside the client's namespace (threads inherit it).
+    fn start(vip: Ipv4Addr) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let sessions = (0..SESSIONS)
+            .map(|n| {
+                let stream = TcpStream::connect_timeout(
+                    &SocketAddr::from((vip, 6443)),
+                    Duration::from_secs(2),
+                )
+                .unwrap();
+                stream
+                    .set_read_timeout(Some(Duration::from_secs(3)))
+                    .unwrap();
+                let mut writer = stream.try_clone().unwrap();
+                let mut reader = BufReader::new(stream);
+                let stop = stop.clone();
+                std::thread::spawn(move || {
+                    let mut sent = 0u64;
+                    while !stop.load(Ordering::Relaxed) {
+                        let text = format!("session {n} request {sent}");
+                        match exchange(&mut writer, &mut reader, &text) {
+                            Ok(line) if line == format!("{text}\n") => sent += 1,
+                            Ok(line) => {
+                                return Err(format!("session {n}: {text:?} answered {line:?}"));
+                            }
+                            Err(e) => return Err(format!("session {n}: {text:?}: {e}")),
+                        }
+                        std::thread::sleep(PACE);
+                    }
+                    Ok(sent)
+                })
+            })
+            .collect();
+        let connector = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let (mut ok, mut failed) = (0u64, Vec::new());
+                while !stop.load(Ordering::Relaxed) {
+                    match common::whoami_within(vip, 6443, Duration::from_secs(1)) {
+                        Ok(_) => ok += 1,
+                        Err(e) => failed.push(e.to_string()),
+                    }
+                    std::thread::sleep(PACE);
+                }
+                (ok, failed)
+            })
+        };
+        Load {
+            stop,
+            sessions,
+            connector,
+        }
+    }
+
+    fn finish(self) -> LoadReport {
+        self.stop.store(true, Ordering::Relaxed);
+        let mut report = LoadReport::default();
+        for session in self.sessions {
+            match session.join().unwrap() {
+                Ok(sent) => {
+                    report.sessions_alive += 1;
+                    report.requests += sent;
+                }
+                Err(why) => report.sessions_broken.push(why),
+            }
+        }
+        let (ok, failed) = self.connector.join().unwrap();
+        report.new_ok = ok;
+        report.new_failed = failed;
+        report
+    }
+}
+
+/// Runs `during` (on this thread, in the root namespace) while the load runs
+/// in the client, and returns what the load saw.
+fn under_load(lab: &Lab, settle: Duration, during: impl FnOnce() + Send) -> LoadReport {
+    let vip = lab.vip(0);
+    let load = lab.in_host("client", move || Load::start(vip)).unwrap();
+    std::thread::sleep(settle);
+    during();
+    std::thread::sleep(settle);
+    load.finish()
+}
+
+fn assert_lossless(report: &LoadReport, what: &str) {
+    assert_eq!(
+        report.sessions_alive, SESSIONS,
+        "{what}: established connections broke: {:?}",
+        report.sessions_broken
+    );
+    assert!(
+        report.new_failed.is_empty(),
+        "{what}: {} of {} new connections failed: {:?}",
+        report.new_failed.len(),
+        report.new_failed.len() as u64 + report.new_ok,
+        report.new_failed
+    );
+    assert!(report.new_ok > 20, "{what}: the load ran: {report:?}");
+    assert!(report.requests > 20 * SESSIONS as u64, "{report:?}");
+}
+
+struct Setup {
+    lab: Lab,
+    apis: Vec<LabProcess>,
+    config: PathBuf,
+    pins: PathBuf,
+}
+
+fn setup() -> Setup {
+    let lab = Lab::new(&HOSTS).unwrap();
+    let apis = start_apiservers(&lab, &BACKENDS);
+    let config = write_config(&lab, "config.yaml", &vip_config(&lab, &BACKENDS));
+    let pins = lab.bpffs().unwrap().join("lb");
+    Setup {
+        lab,
+        apis,
+        config,
+        pins,
+    }
+}
+
+fn agent_args(pins: &Path) -> Vec<String> {
+    vec![
+        "--pin-dir".to_string(),
+        pins.display().to_string(),
+        "--on-stop".to_string(),
+        "keep".to_string(),
+    ]
+}
+
+fn start(setup: &Setup, extra: &[&str]) -> LabProcess {
+    let mut args = agent_args(&setup.pins);
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    setup.lab.start_agent("lb", &setup.config, &args).unwrap()
+}
+
+/// The agent with the upgrade test's program (`cargo xtask build-ebpf --variant`).
+fn start_variant(setup: &Setup) -> LabProcess {
+    let object = variant_object();
+    let program = ha_lab::bin_path("ha-user");
+    let config = setup.config.display().to_string();
+    let mut argv = vec![
+        "env".to_string(),
+        format!("HA_LB_XDP_OBJECT={}", object.display()),
+        program.display().to_string(),
+        "attach".to_string(),
+        "--iface".to_string(),
+        HOST_IFACE.to_string(),
+        "--config".to_string(),
+        config,
+    ];
+    argv.extend(agent_args(&setup.pins));
+    let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+    let mut agent = setup.lab.spawn("lb", &argv).unwrap();
+    agent
+        .wait_for_log("serving;", Duration::from_secs(15))
+        .unwrap();
+    agent
+}
+
+fn variant_object() -> PathBuf {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../target/ebpf-variant/bpfel-unknown-none/release/ha-ebpf");
+    assert!(
+        path.exists(),
+        "the upgrade test's program is not built: run `cargo xtask build-ebpf --variant` \
+         (`cargo xtask test` does) — looked for {}",
+        path.display()
+    );
+    path
+}
+
+fn kill_9(agent: &mut LabProcess) {
+    agent.signal(Signal::SIGKILL).unwrap();
+    assert!(
+        agent
+            .wait_timeout(Duration::from_secs(5))
+            .unwrap()
+            .is_some()
+    );
+}
+
+fn program(lab: &Lab) -> (String, String) {
+    let status = status_json(lab, "lb");
+    let program = &status["program"];
+    (
+        program["start"].as_str().unwrap_or_default().to_string(),
+        program["tag"].as_str().unwrap_or_default().to_string(),
+    )
+}
+
+fn xdp_attached(lab: &Lab) -> bool {
+    let link = lab
+        .exec("lb", &["ip", "-d", "link", "show", HOST_IFACE])
+        .unwrap()
+        .stdout;
+    String::from_utf8_lossy(&link).contains("prog/xdp")
+}
+
+fn has_vip(lab: &Lab) -> bool {
+    let out = lab
+        .exec("lb", &["ip", "-o", "addr", "show", "dev", HOST_IFACE])
+        .unwrap()
+        .stdout;
+    String::from_utf8_lossy(&out).contains(&format!("{}/32", lab.vip(0)))
+}
+
+#[test]
+fn kill_9_and_a_restart_half_a_second_later_lose_no_connection() {
+    let setup = setup();
+    let mut agent = start(&setup, &[]);
+    assert_eq!(program(&setup.lab).0, "fresh");
+    let mut restarted = None;
+    let report = under_load(&setup.lab, Duration::from_secs(1), || {
+        kill_9(&mut agent);
+        std::thread::sleep(Duration::from_millis(500));
+        restarted = Some(start(&setup, &[]));
+    });
+    assert_lossless(&report, "kill -9, restart after 0.5 s");
+    let restarted = restarted.unwrap();
+    assert!(
+        restarted.log().contains("adopting the pinned flow tables"),
+        "{}",
+        restarted.log()
+    );
+    assert_eq!(program(&setup.lab).0, "adopted");
+}
+
+#[test]
+fn ten_seconds_without_an_agent_lose_no_connection() {
+    let setup = setup();
+    let mut agent = start(&setup, &[]);
+    let report = under_load(&setup.lab, Duration::from_secs(1), || {
+        kill_9(&mut agent);
+        std::thread::sleep(Duration::from_secs(10));
+        // Nobody runs, and the data path still serves.
+        assert!(xdp_attached(&setup.lab));
+        assert!(has_vip(&setup.lab));
+        let _restarted = start(&setup, &[]);
+        std::thread::sleep(Duration::from_secs(1));
+    });
+    assert_lossless(&report, "10 s without an agent");
+}
+
+#[test]
+fn an_upgrade_replaces_the_program_in_place_under_load() {
+    let setup = setup();
+    let mut agent = start(&setup, &[]);
+    let (_, before) = program(&setup.lab);
+    let mut upgraded = None;
+    let report = under_load(&setup.lab, Duration::from_secs(1), || {
+        // A rollout: the old agent stops with the keep intent, the new one
+        // starts with another program.
+        agent.stop(Duration::from_secs(10)).unwrap();
+        upgraded = Some(start_variant(&setup));
+        std::thread::sleep(Duration::from_secs(1));
+    });
+    assert_lossless(&report, "upgrade");
+    let (kind, after) = program(&setup.lab);
+    assert_eq!(kind, "upgraded");
+    assert_ne!(before, after, "the program tag changes");
+    let status = status_json(&setup.lab, "lb");
+    assert_eq!(status["program"]["replaced_tag"].as_str(), Some(&*before));
+    // And back: a downgrade is the same operation.
+    let mut upgraded = upgraded.unwrap();
+    let report = under_load(&setup.lab, Duration::from_secs(1), || {
+        upgraded.stop(Duration::from_secs(10)).unwrap();
+        let _back = start(&setup, &[]);
+        std::thread::sleep(Duration::from_secs(1));
+        assert_eq!(
+            program(&setup.lab),
+            ("upgraded".to_string(), before.clone())
+        );
+    });
+    assert_lossless(&report, "downgrade");
+}
+
+fn backend_state(lab: &Lab, backend: &str) -> String {
+    let address = lab.host(backend).addr.to_string();
+    let status = status_json(lab, "lb");
+    status["vips"][0]["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["address"].as_str() == Some(&*address))
+        .map(|b| b["state"].as_str().unwrap_or_default().to_string())
+        .unwrap_or_default()
+}
+
+/// The last desired state outlives the agent: a drained backend and a dead
+/// one get no new connection from the restarted agent's first moment (it
+/// starts from the recorded health and drains, not from "all up").
+#[test]
+fn a_restart_keeps_the_backends_health_and_drains() {
+    let mut setup = setup();
+    let mut agent = start(&setup, &[]);
+    let lab = &setup.lab;
+    let drained = lab.host("api1").addr.to_string();
+    lab.exec(
+        "lb",
+        &[
+            ha_lab::bin_path("ha-user").to_str().unwrap(),
+            "drain",
+            "apiserver",
+            &drained,
+        ],
+    )
+    .unwrap();
+    drop(setup.apis.remove(1)); // api2 dies
+    let lab = &setup.lab;
+    lab.wait_until(Duration::from_secs(10), "api2 down", || {
+        backend_state(lab, "api2") == "down"
+    })
+    .unwrap();
+    let mut restarted = None;
+    let report = under_load(lab, Duration::from_secs(1), || {
+        kill_9(&mut agent);
+        std::thread::sleep(Duration::from_millis(500));
+        restarted = Some(start(&setup, &[]));
+    });
+    assert_lossless(&report, "restart with a drained and a dead backend");
+    assert_eq!(backend_state(lab, "api1"), "maintenance");
+    assert_eq!(backend_state(lab, "api2"), "down");
+    let vip = lab.vip(0);
+    let served: Vec<String> = lab
+        .in_host("client", || {
+            (0..20)
+                .map(|_| common::whoami(vip, 6443).unwrap().0)
+                .collect()
+        })
+        .unwrap();
+    assert!(served.iter().all(|name| name == "api3"), "{served:?}");
+}
+
+/// `--on-stop keep`: program, tables, VIP address stay and serve; `ha-user
+/// stop --release` (and `detach` without an agent) leaves the host as it
+/// was before the first agent.
+#[test]
+fn keep_leaves_the_data_path_serving_and_release_removes_everything() {
+    let setup = setup();
+    let lab = &setup.lab;
+    let before = host_state(lab, "lb");
+    let mut agent = start(&setup, &[]);
+    let vip = lab.vip(0);
+    // Keep (SIGTERM with --on-stop keep): everything stays and serves.
+    assert!(agent.stop(Duration::from_secs(10)).unwrap().success());
+    assert!(agent.log().contains("kept:"), "{}", agent.log());
+    assert!(xdp_attached(lab) && has_vip(lab));
+    assert!(setup.pins.join("link").exists());
+    lab.in_host("client", || common::whoami(vip, 6443).unwrap())
+        .unwrap();
+
+    // Release (`ha-user stop --release`): nothing left.
+    let mut agent = start(&setup, &[]);
+    assert!(agent.log().contains("start=\"adopted\""), "{}", agent.log());
+    // A second agent on the interface fails at once and takes nothing over.
+    let pins = setup.pins.display().to_string();
+    let second = lab
+        .command("lb", ha_lab::bin_path("ha-user"))
+        .args(["attach", "--iface", HOST_IFACE, "--config"])
+        .arg(&setup.config)
+        .args(["--pin-dir", &pins, "--on-stop", "keep"])
+        .output()
+        .unwrap();
+    assert!(!second.status.success());
+    assert!(
+        String::from_utf8_lossy(&second.stderr).contains("in use"),
+        "{}",
+        String::from_utf8_lossy(&second.stderr)
+    );
+    assert_eq!(program(lab).0, "adopted", "the first agent still runs it");
+    let out = lab
+        .exec(
+            "lb",
+            &[
+                ha_lab::bin_path("ha-user").to_str().unwrap(),
+                "stop",
+                "--release",
+            ],
+        )
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        said.contains("release"),
+        "{said} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        agent
+            .wait_timeout(Duration::from_secs(10))
+            .unwrap()
+            .is_some()
+    );
+    assert!(agent.log().contains("released:"), "{}", agent.log());
+    assert_eq!(host_state(lab, "lb"), before, "release restores the host");
+    assert!(!setup.pins.exists(), "release removes the pins");
+
+    // Keep again, then `ha-user detach` with no agent running.
+    let mut agent = start(&setup, &[]);
+    assert!(agent.log().contains("start=\"fresh\""), "{}", agent.log());
+    kill_9(&mut agent);
+    assert!(xdp_attached(lab) && has_vip(lab));
+    let out = lab
+        .exec(
+            "lb",
+            &[
+                ha_lab::bin_path("ha-user").to_str().unwrap(),
+                "detach",
+                "--iface",
+                HOST_IFACE,
+                "--pin-dir",
+                &pins,
+            ],
+        )
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.contains(&vip.to_string()), "{said}");
+    assert_eq!(host_state(lab, "lb"), before, "detach restores the host");
+    assert!(
+        lab.in_host("client", || common::whoami_within(
+            vip,
+            6443,
+            Duration::from_millis(500)
+        ))
+        .unwrap()
+        .is_err()
+    );
+}
+
+/// A new `conntrack.max_flows` makes tables of another size: the restarted
+/// agent copies the flows into new ones (before the program switch, and
+/// again right after for the flows the old program made meanwhile), and
+/// `check-config --iface` says so first.
+#[test]
+fn a_new_max_flows_migrates_the_flow_tables_under_load() {
+    let mut setup = setup();
+    let mut agent = start(&setup, &[]);
+    let lab = &setup.lab;
+    let yaml = format!(
+        "{}data_plane:\n  conntrack:\n    max_flows: 4096\n",
+        vip_config(lab, &BACKENDS)
+    );
+    let resized = write_config(lab, "resized.yaml", &yaml);
+    let pins = setup.pins.display().to_string();
+    let check = lab
+        .command("lb", ha_lab::bin_path("ha-user"))
+        .args(["check-config", "--config"])
+        .arg(&resized)
+        .args(["--iface", HOST_IFACE, "--pin-dir", &pins])
+        .output()
+        .unwrap();
+    let told = String::from_utf8_lossy(&check.stderr);
+    assert!(check.status.success(), "{told}");
+    assert!(
+        told.contains("resized (CONNTRACK") && told.contains("-> 4096 entries"),
+        "{told}"
+    );
+    assert!(told.contains("tag "), "{told}");
+    setup.config = resized;
+    let mut migrated = None;
+    let report = under_load(lab, Duration::from_secs(1), || {
+        agent.stop(Duration::from_secs(10)).unwrap();
+        migrated = Some(start(&setup, &[]));
+        std::thread::sleep(Duration::from_secs(1));
+    });
+    assert_lossless(&report, "max_flows changed");
+    let log = migrated.unwrap().log();
+    assert!(log.contains("migrating the pinned flow tables"), "{log}");
+    assert!(log.contains("after the switch"), "{log}");
+}
+
+/// Tables of another layout version (an upgrade that changed the entries)
+/// cannot be adopted: `check-config --iface` says so, and `attach` refuses
+/// while they hold flows, changing nothing: the attached program goes on
+/// serving them. `--accept-flow-loss` starts with empty tables.
+#[test]
+fn tables_of_another_layout_are_told_and_refused_while_they_hold_flows() {
+    use aya::maps::{HashMap as BpfHashMap, Map, MapData};
+    use ha_user::handover::{LAYOUT_VERSION, Record, RecordKey, RecordValue};
+
+    let setup = setup();
+    let lab = &setup.lab;
+    let mut agent = start(&setup, &[]);
+    let vip = lab.vip(0);
+    lab.in_host("client", || {
+        let mut session = common::Session::open(vip);
+        session.assert_alive(2);
+        agent.stop(Duration::from_secs(10)).unwrap();
+        // What a build with another layout would have recorded.
+        let data = MapData::from_pin(setup.pins.join("AGENT")).unwrap();
+        let mut map: BpfHashMap<MapData, RecordKey, RecordValue> =
+            BpfHashMap::try_from(Map::HashMap(data)).unwrap();
+        let entries: Vec<_> = map.iter().map(|e| e.unwrap()).collect();
+        let mut record = Record::from_entries(entries);
+        record.layout = Some(LAYOUT_VERSION + 1);
+        for (key, value) in record.entries() {
+            map.insert(key, value, 0).unwrap();
+        }
+        let pins = setup.pins.display().to_string();
+        let ha_user = ha_lab::bin_path("ha-user");
+        let check = lab
+            .command("lb", &ha_user)
+            .args(["check-config", "--config"])
+            .arg(&setup.config)
+            .args(["--iface", HOST_IFACE, "--pin-dir", &pins])
+            .output()
+            .unwrap();
+        let told = String::from_utf8_lossy(&check.stderr);
+        assert!(check.status.success(), "{told}");
+        assert!(
+            told.contains("REFUSED") && told.contains("layout version"),
+            "{told}"
+        );
+        let refused = lab
+            .command("lb", &ha_user)
+            .args(["attach", "--iface", HOST_IFACE, "--config"])
+            .arg(&setup.config)
+            .args(["--pin-dir", &pins, "--on-stop", "keep"])
+            .output()
+            .unwrap();
+        let why = String::from_utf8_lossy(&refused.stderr);
+        assert!(!refused.status.success(), "{why}");
+        assert!(why.contains("--accept-flow-loss"), "{why}");
+        // Nothing changed: the old program still serves the connection.
+        session.assert_alive(5);
+        assert!(xdp_attached(lab));
+        let accepted = start(&setup, &["--accept-flow-loss"]);
+        assert!(
+            accepted.log().contains("replacing the pinned flow tables"),
+            "{}",
+            accepted.log()
+        );
+        assert_eq!(program(lab).0, "adopted", "the link is still adopted");
+    })
+    .unwrap();
+}
+
+/// A VRRP pair (lb1 priority 150 master, lb2 100; the default 100 ms
+/// adverts, a 2 s restart hold), both with the keep intent and their own pins.
+fn vrrp_pair() -> (Lab, Vec<LabProcess>, [PathBuf; 2]) {
+    let lab = Lab::new(&["client", "lb1", "lb2", "api1", "api2", "api3"]).unwrap();
+    let apis = start_apiservers(&lab, &BACKENDS);
+    let bpffs = lab.bpffs().unwrap();
+    let configs = [("lb1", 150), ("lb2", 100)].map(|(lb, priority)| {
+        let yaml = format!(
+            "{}vrrp:\n  vrid: 51\n  priority: {priority}\n  restart_hold: 2s\n",
+            vip_config(&lab, &BACKENDS)
+        );
+        write_config(&lab, &format!("{lb}.yaml"), &yaml);
+        (lb, bpffs.join(lb))
+    });
+    let pins = configs.map(|(_, pins)| pins);
+    (lab, apis, pins)
+}
+
+fn start_lb(lab: &Lab, lb: &str, pins: &Path) -> LabProcess {
+    let config = lab.log_dir().join(format!("{lb}.yaml"));
+    let args = agent_args(pins);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    lab.start_agent(lb, &config, &args).unwrap()
+}
+
+fn vip_holders(lab: &Lab) -> Vec<&'static str> {
+    ["lb1", "lb2"]
+        .into_iter()
+        .filter(|lb| {
+            let out = lab
+                .exec(lb, &["ip", "-o", "addr", "show", "dev", HOST_IFACE])
+                .unwrap()
+                .stdout;
+            String::from_utf8_lossy(&out).contains(&format!("{}/32", lab.vip(0)))
+        })
+        .collect()
+}
+
+fn vrrp_of(lab: &Lab, lb: &str) -> (String, u64) {
+    let vrrp = status_json(lab, lb)["vrrp"].clone();
+    (
+        vrrp["state"].as_str().unwrap_or_default().to_string(),
+        vrrp["transitions"].as_u64().unwrap_or_default(),
+    )
+}
+
+/// In a VRRP pair, a master restarted with the keep intent resumes as
+/// master: its last advert announced the restart hold, so the backup waits
+/// three of it (not 3 x 100 ms) and never takes over, and no connection is
+/// lost.
+#[test]
+fn a_vrrp_master_restarted_with_the_keep_intent_stays_master() {
+    let (lab, _apis, pins) = vrrp_pair();
+    let mut lb1 = start_lb(&lab, "lb1", &pins[0]);
+    let _lb2 = start_lb(&lab, "lb2", &pins[1]);
+    lab.wait_until(Duration::from_secs(10), "lb1 alone holds the VIP", || {
+        vip_holders(&lab) == ["lb1"]
+    })
+    .unwrap();
+    let backup_before = vrrp_of(&lab, "lb2");
+    assert_eq!(backup_before.0, "backup");
+    let mut restarted = None;
+    let report = under_load(&lab, Duration::from_secs(1), || {
+        lb1.stop(Duration::from_secs(10)).unwrap();
+        std::thread::sleep(Duration::from_millis(500));
+        restarted = Some(start_lb(&lab, "lb1", &pins[0]));
+        std::thread::sleep(Duration::from_secs(3));
+    });
+    assert_lossless(&report, "VRRP master restarted with the keep intent");
+    let restarted = restarted.unwrap();
+    assert!(
+        restarted.log().contains("VRRP resumes as master"),
+        "{}",
+        restarted.log()
+    );
+    assert_eq!(
+        vrrp_of(&lab, "lb2"),
+        backup_before,
+        "the backup never moved"
+    );
+    assert_eq!(vrrp_of(&lab, "lb1").0, "master");
+    assert_eq!(vip_holders(&lab), ["lb1"]);
+}
+
+/// A master stopped with the keep intent that does not come back: its VIP
+/// address expires as the backup takes over (no two hosts answer ARP for
+/// it), and when it does come back it joins as backup first.
+#[test]
+fn a_kept_vrrp_master_that_stays_away_lets_its_address_expire() {
+    let (lab, _apis, pins) = vrrp_pair();
+    let mut lb1 = start_lb(&lab, "lb1", &pins[0]);
+    let _lb2 = start_lb(&lab, "lb2", &pins[1]);
+    lab.wait_until(Duration::from_secs(10), "lb1 alone holds the VIP", || {
+        vip_holders(&lab) == ["lb1"]
+    })
+    .unwrap();
+    lb1.stop(Duration::from_secs(10)).unwrap();
+    assert_eq!(vip_holders(&lab), ["lb1"], "kept at first");
+    // lb2 is master after 3 x 2 s + skew; lb1's address lives 4 x 2 s.
+    lab.wait_until(Duration::from_secs(12), "lb2 alone holds the VIP", || {
+        vip_holders(&lab) == ["lb2"]
+    })
+    .unwrap();
+    assert_eq!(vrrp_of(&lab, "lb2").0, "master");
+    let lb1 = start_lb(&lab, "lb1", &pins[0]);
+    assert!(
+        lb1.log().contains("VRRP started as backup"),
+        "{}",
+        lb1.log()
+    );
+}
