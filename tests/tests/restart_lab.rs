@@ -709,3 +709,43 @@ fn a_kept_vrrp_master_that_stays_away_lets_its_address_expire() {
         lb1.log()
     );
 }
+
+/// A kept master whose host then goes down (a node shut down after its pod
+/// stopped with the keep intent): the backup, watching the host with ICMP
+/// echo during the hold, takes over after its own Master_Down_Interval of
+/// silence, not after 3 x restart_hold. While the host answers, it waits.
+#[test]
+fn a_kept_vrrp_master_whose_host_goes_down_is_replaced_at_once() {
+    let (lab, _apis, pins) = vrrp_pair();
+    let mut lb1 = start_lb(&lab, "lb1", &pins[0]);
+    let lb2 = start_lb(&lab, "lb2", &pins[1]);
+    lab.wait_until(Duration::from_secs(10), "lb1 alone holds the VIP", || {
+        vip_holders(&lab) == ["lb1"]
+    })
+    .unwrap();
+    lb1.stop(Duration::from_secs(10)).unwrap();
+    // Twice the backup's normal Master_Down_Interval: the host answers, so
+    // the hold stands.
+    std::thread::sleep(Duration::from_millis(800));
+    assert_eq!(vrrp_of(&lab, "lb2").0, "backup");
+    assert!(lb2.log().contains("watching its host"), "{}", lb2.log());
+    lab.set_link("lb1", false).unwrap();
+    let took = lab
+        .wait_until(Duration::from_secs(5), "lb2 master", || {
+            vrrp_of(&lab, "lb2").0 == "master"
+        })
+        .unwrap();
+    assert!(
+        took < Duration::from_secs(2),
+        "{took:?}; the hold is 2 s x 3"
+    );
+    assert!(lb2.log().contains("stopped answering"), "{}", lb2.log());
+    let vip = lab.vip(0);
+    lab.in_host("client", || {
+        lab.wait_until(Duration::from_secs(5), "the VIP answers", || {
+            common::whoami(vip, 6443).is_ok()
+        })
+    })
+    .unwrap()
+    .unwrap();
+}

@@ -14,6 +14,7 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{info, warn};
 
 use super::{
+    echo::{self, EchoSocket},
     machine::{Action, Machine, MachineConfig, State},
     packet::{Advert, ChecksumMode, MULTICAST_GROUP, Version},
     socket::VrrpSocket,
@@ -94,6 +95,21 @@ struct Announcer {
     events: mpsc::Sender<Event>,
     status: Arc<Mutex<VrrpStatus>>,
     entered_state: Instant,
+    /// The master's host, watched while it announces a restart hold.
+    watch: Option<HostWatch>,
+    /// A host whose watch could not start (the socket failed): not retried.
+    watch_failed: Option<Ipv4Addr>,
+}
+
+/// ICMP echo to a master's host during its restart hold.
+struct HostWatch {
+    target: Ipv4Addr,
+    socket: EchoSocket,
+    id: u16,
+    seq: u16,
+    /// The last reply, or when the watch began.
+    heard: Instant,
+    next_probe: Instant,
 }
 
 /// Opens the socket and starts the task. Returns where to send commands.
@@ -129,6 +145,8 @@ pub fn spawn(
         events,
         status,
         entered_state: now,
+        watch: None,
+        watch_failed: None,
     };
     tokio::spawn(announcer.run(receiver));
     Ok(commands)
@@ -145,9 +163,27 @@ impl Announcer {
         };
         self.execute(actions, State::Initialize).await;
         loop {
+            self.update_watch();
             let before = self.machine.state();
             let deadline = self.machine.next_deadline();
+            let probe_at = self.watch.as_ref().map(|w| w.next_probe);
             let actions = tokio::select! {
+                _ = async { tokio::time::sleep_until(probe_at.expect("guarded").into()).await }, if probe_at.is_some() => {
+                    self.probe_host().await
+                }
+                received = async {
+                    match &self.watch {
+                        Some(watch) => watch.socket.recv().await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    if let (Ok(packet), Some(watch)) = (received, self.watch.as_mut())
+                        && echo::echo_reply_from(&packet, watch.id) == Some(watch.target)
+                    {
+                        watch.heard = Instant::now();
+                    }
+                    Vec::new()
+                }
                 received = self.socket.recv() => match received {
                     Ok(packet) => self.on_packet(packet),
                     Err(e) => {
@@ -187,6 +223,67 @@ impl Announcer {
             };
             self.execute(actions, before).await;
         }
+    }
+
+    /// Starts or ends the watch of the master's host as the machine says.
+    fn update_watch(&mut self) {
+        let wanted = self.machine.host_to_watch();
+        if self.watch.as_ref().map(|w| w.target) == wanted {
+            return;
+        }
+        self.watch = None;
+        let Some(target) = wanted else {
+            self.watch_failed = None;
+            return;
+        };
+        if self.watch_failed == Some(target) {
+            return;
+        }
+        match EchoSocket::open() {
+            Ok(socket) => {
+                info!(master = %target, "the master announced a longer interval (a restart hold): watching its host with ICMP echo");
+                let now = Instant::now();
+                self.watch = Some(HostWatch {
+                    target,
+                    socket,
+                    id: std::process::id() as u16,
+                    seq: 0,
+                    heard: now,
+                    next_probe: now,
+                });
+            }
+            Err(e) => {
+                warn!(master = %target, error = %e, "cannot watch the master's host during its restart hold; a host that goes down is noticed only when the hold ends");
+                self.watch_failed = Some(target);
+            }
+        }
+    }
+
+    /// One echo to the watched host, and the silence so far to the machine.
+    async fn probe_host(&mut self) -> Vec<Action> {
+        let interval = Duration::from_millis(u64::from(self.setup.machine.advert_interval_cs) * 10);
+        let Some(watch) = self.watch.as_mut() else {
+            return Vec::new();
+        };
+        let now = Instant::now();
+        watch.seq = watch.seq.wrapping_add(1);
+        if let Err(e) = watch
+            .socket
+            .send(watch.target, &echo::echo_request(watch.id, watch.seq))
+            .await
+        {
+            tracing::debug!(error = %e, "ICMP echo to the master's host");
+        }
+        watch.next_probe = now + interval;
+        let silent = now.duration_since(watch.heard);
+        let actions = self.machine.on_host_silence(now, silent);
+        if !actions.is_empty() {
+            warn!(
+                silent_ms = silent.as_millis() as u64,
+                "the master's host stopped answering during its restart hold: taking over"
+            );
+        }
+        actions
     }
 
     fn on_packet(&mut self, packet: super::socket::Received) -> Vec<Action> {

@@ -11,7 +11,13 @@
 //! - `preempt_delay`: for that long after start (or after leaving fault) a
 //!   backup does not preempt a lower-priority master;
 //! - a fault state (interface down, program detached, no healthy backend)
-//!   that never becomes master.
+//!   that never becomes master;
+//! - a restart hold (docs/vrrp.md, "Restarts"): a master whose agent
+//!   restarts announces a long interval in its last advert; while the master
+//!   it learned announces a longer interval than ours, a backup watches the
+//!   master's host with ICMP echo and takes over after its own
+//!   Master_Down_Interval of silence, so a host that goes down during the
+//!   hold costs no more than a normal failover.
 
 use std::{
     net::Ipv4Addr,
@@ -173,6 +179,36 @@ impl Machine {
     /// advertisement, so the peers' timers are reset and the VIP never moves.
     /// Beyond the RFC, which starts every non-owner as backup.
     pub fn resume_master(&mut self, now: Instant) -> Vec<Action> {
+        self.become_master(now)
+    }
+
+    /// The master host a backup watches: the master it learned announced a
+    /// longer interval than ours (a restart hold, or a slower peer).
+    pub fn host_to_watch(&self) -> Option<Ipv4Addr> {
+        match (self.state, self.master) {
+            (State::Backup, Some(master))
+                if self.master_adver_interval_cs > self.config.advert_interval_cs =>
+            {
+                Some(master)
+            }
+            _ => None,
+        }
+    }
+
+    /// Our own Master_Down_Interval: 3 x our interval + our skew.
+    fn own_master_down_interval(&self) -> Duration {
+        let interval = self.config.advert_interval_cs as u64;
+        centis(3 * interval) + centis((256 - self.priority as u64) * interval) / 256
+    }
+
+    /// The watched master host has not answered for `silent`: once that is
+    /// our own Master_Down_Interval, the host is taken for down and the
+    /// backup becomes master, as if the master's timer had run out.
+    pub fn on_host_silence(&mut self, now: Instant, silent: Duration) -> Vec<Action> {
+        if self.host_to_watch().is_none() || silent < self.own_master_down_interval() {
+            return Vec::new();
+        }
+        self.master = None;
         self.become_master(now)
     }
 
@@ -409,6 +445,38 @@ mod tests {
         );
         assert_eq!(m.state(), State::Master);
         assert_eq!(m.next_deadline(), Some(t0 + Duration::from_millis(100)));
+    }
+
+    #[test]
+    fn a_backup_watches_a_master_that_announced_a_hold_and_takes_over_when_its_host_is_silent() {
+        let t0 = Instant::now();
+        let mut m = Machine::new(config(100), t0);
+        m.start(t0, false);
+        let master = Ipv4Addr::new(10, 0, 0, 9);
+        m.on_advert(t0, master, &advert(150));
+        assert_eq!(m.host_to_watch(), None, "the same interval: no hold");
+        let mut hold = advert(150);
+        hold.interval_cs = 1000;
+        m.on_advert(t0, master, &hold);
+        assert_eq!(m.host_to_watch(), Some(master));
+        assert_eq!(
+            m.next_deadline(),
+            Some(t0 + Duration::from_secs(30) + Duration::from_micros(6_093_750)),
+            "the backups' timer follows the announced interval"
+        );
+        // Own Master_Down_Interval: 3 x 100 ms + (156 x 100 ms) / 256.
+        assert!(
+            m.on_host_silence(t0, Duration::from_millis(350)).is_empty(),
+            "a live host keeps the hold"
+        );
+        assert_eq!(m.state(), State::Backup);
+        assert_eq!(
+            m.on_host_silence(t0, Duration::from_millis(361)),
+            vec![Action::Advertise(100), Action::BecomeMaster]
+        );
+        assert_eq!(m.state(), State::Master);
+        assert_eq!(m.host_to_watch(), None);
+        assert!(m.on_host_silence(t0, Duration::from_secs(9)).is_empty());
     }
 
     #[test]

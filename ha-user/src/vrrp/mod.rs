@@ -3,6 +3,7 @@
 //! `announcer` put them on the wire.
 
 pub mod announcer;
+pub mod echo;
 pub mod machine;
 pub mod packet;
 pub mod socket;
