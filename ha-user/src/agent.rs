@@ -176,6 +176,8 @@ struct Agent {
     veth: bool,
     /// Health the last agent recorded, for the probes that start now.
     seeded: HashMap<BackendKey, Health>,
+    /// The pins outlive this process (the keep intent can keep anything).
+    durable_pins: bool,
 }
 
 pub async fn run(options: AttachOptions) -> Result<()> {
@@ -204,7 +206,18 @@ pub async fn run(options: AttachOptions) -> Result<()> {
     }
     admin::serve(&iface, admin_tx)?;
     let mut forwarding = system::ForwardingGuard::enable(&iface)?;
-    let pin_dir = resolve_pin_dir(&iface, &options.pin);
+    let (pin_dir, durable_pins) = match resolve_pin_dir(&iface, &options.pin) {
+        Some((dir, durable)) => (Some(dir), durable),
+        None => (None, false),
+    };
+    if pin_dir.is_some() && !durable_pins {
+        warn!(
+            pin_dir = ?pin_dir,
+            "the pins are on a bpffs only this agent's mount namespace sees (as under `ip netns exec`): \
+             they go with the agent, so the data path cannot outlive it and --on-stop keep acts as release; \
+             pass --pin-dir on the host's bpffs"
+        );
+    }
     let dp = &config.data_plane;
     let mut dataplane = DataPlane::load(&LoadOptions {
         maglev_table_size: dp.maglev_table_size,
@@ -273,6 +286,7 @@ pub async fn run(options: AttachOptions) -> Result<()> {
         new_flow_totals: blackhole::Accumulator::default(),
         veth,
         seeded: HashMap::new(),
+        durable_pins,
     };
     agent.seed(&record);
     let result = async {
@@ -1401,6 +1415,12 @@ impl Agent {
             return;
         }
         match intent {
+            StopIntent::Keep if !self.durable_pins => {
+                warn!(
+                    "keep asked, but nothing pinned outlives this agent (--no-pin, or a private bpffs): releasing instead"
+                );
+                self.release().await
+            }
             StopIntent::Release => self.release().await,
             StopIntent::Keep => self.keep().await,
         }
@@ -1647,13 +1667,14 @@ async fn probe_loop(
     }
 }
 
-/// The pin directory `pin` names for `iface` (`None`: pinning off or impossible).
-pub fn resolve_pin_dir(iface: &str, pin: &PinLocation) -> Option<PathBuf> {
+/// The pin directory `pin` names for `iface`, and whether pins there
+/// outlive the agent (`None`: pinning off or impossible).
+pub fn resolve_pin_dir(iface: &str, pin: &PinLocation) -> Option<(PathBuf, bool)> {
     match pin {
         PinLocation::Off => None,
-        PinLocation::Dir(dir) => Some(dir.clone()),
+        PinLocation::Dir(dir) => Some((dir.clone(), true)),
         PinLocation::Auto => match system::pin_dir(iface) {
-            Ok(dir) => Some(dir),
+            Ok(dir) => Some((dir.path, dir.outlives_agent)),
             Err(e) => {
                 warn!(error = %e, "cannot pin the data path; it will not outlive the agent");
                 None
@@ -1679,7 +1700,7 @@ pub async fn detach(iface: &str, pin: &PinLocation) -> Result<String> {
             response.message.unwrap_or_default()
         ));
     }
-    let dir = resolve_pin_dir(iface, pin).context("no pin directory to look in")?;
+    let (dir, _) = resolve_pin_dir(iface, pin).context("no pin directory to look in")?;
     if !dir.exists() {
         return Ok(format!(
             "nothing pinned in {}: nothing to detach",
@@ -1749,7 +1770,7 @@ pub fn check_config(
     let config = Config::load(path)?;
     build_probers(&config)?;
     let pinned = match pinned_for {
-        Some((iface, pin)) => match resolve_pin_dir(iface, pin) {
+        Some((iface, pin)) => match resolve_pin_dir(iface, pin).map(|(dir, _)| dir) {
             Some(dir) if dir.exists() => {
                 let dp = &config.data_plane;
                 let options = LoadOptions {

@@ -261,12 +261,27 @@ fn run(cli: Cli) -> Result<()> {
             } else {
                 StopIntent::Release
             };
+            let agents = admin::running_agents();
+            let target = match (&iface, agents.as_slice()) {
+                (Some(iface), _) => iface.clone(),
+                (None, [one]) => one.clone(),
+                _ => String::new(),
+            };
             println!(
                 "{}",
                 ask(iface.as_deref(), &Request::Stop { intent })?
                     .message
                     .unwrap_or_default()
             );
+            // Return once the agent is gone (its admin socket closes last).
+            let deadline = std::time::Instant::now() + Duration::from_secs(30);
+            while admin::running_agents().contains(&target) {
+                if std::time::Instant::now() > deadline {
+                    bail!("the agent on {target} has not exited after 30 s");
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            println!("the agent on {target} has exited");
             Ok(())
         }
         Command::Detach { iface, pin_dir } => {

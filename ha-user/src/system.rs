@@ -152,20 +152,33 @@ impl Drop for ForwardingGuard {
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 const BPFFS_ROOT: &str = "/sys/fs/bpf";
 
-/// Where this agent pins its tables: `/sys/fs/bpf/ha-lb/<iface>` in the
+/// Where this agent pins its data path, and whether the pins there outlive it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PinDir {
+    pub path: PathBuf,
+    /// False when the agent had to mount bpffs itself outside the host's
+    /// mount namespace (as under `ip netns exec`, which gives a fresh /sys):
+    /// that mount, and every pin on it, goes with the agent's namespace.
+    pub outlives_agent: bool,
+}
+
+/// Where this agent pins its data path: `/sys/fs/bpf/ha-lb/<iface>` in the
 /// host's own network namespace, `/sys/fs/bpf/ha-lb/netns-<inode>/<iface>`
 /// in any other, so agents in several namespaces with the same interface
 /// name never share a pin. Mounts bpffs on /sys/fs/bpf if nothing is
-/// mounted there (as under `ip netns exec`, which gives a fresh /sys).
-pub fn pin_dir(iface: &str) -> Result<PathBuf> {
-    ensure_bpffs(Path::new(BPFFS_ROOT))?;
+/// mounted there.
+pub fn pin_dir(iface: &str) -> Result<PinDir> {
+    let mounted = ensure_bpffs(Path::new(BPFFS_ROOT))?;
     let own = netns_inode("/proc/self/ns/net")?;
     let init = netns_inode("/proc/1/ns/net").ok();
     let base = Path::new(BPFFS_ROOT).join("ha-lb");
-    Ok(if init == Some(own) {
-        base.join(iface)
-    } else {
-        base.join(format!("netns-{own}")).join(iface)
+    Ok(PinDir {
+        path: if init == Some(own) {
+            base.join(iface)
+        } else {
+            base.join(format!("netns-{own}")).join(iface)
+        },
+        outlives_agent: !mounted || in_init_mount_namespace(),
     })
 }
 
@@ -178,12 +191,13 @@ fn netns_inode(path: &str) -> Result<u64> {
         })
 }
 
-fn ensure_bpffs(path: &Path) -> Result<()> {
+/// Mounts bpffs on `path` unless one is there; says whether it mounted.
+fn ensure_bpffs(path: &Path) -> Result<bool> {
     let is_bpffs = nix::sys::statfs::statfs(path)
         .map(|s| s.filesystem_type().0 == BPF_FS_MAGIC)
         .unwrap_or(false);
     if is_bpffs {
-        return Ok(());
+        return Ok(false);
     }
     std::fs::create_dir_all(path).map_err(|source| SystemError::Io {
         path: path.display().to_string(),
@@ -201,7 +215,19 @@ fn ensure_bpffs(path: &Path) -> Result<()> {
         source,
     })?;
     info!(path = %path.display(), "mounted bpffs");
-    Ok(())
+    Ok(true)
+}
+
+/// Whether this process shares PID 1's mount namespace (false when that
+/// cannot be read).
+fn in_init_mount_namespace() -> bool {
+    match (
+        std::fs::metadata("/proc/self/ns/mnt"),
+        std::fs::metadata("/proc/1/ns/mnt"),
+    ) {
+        (Ok(own), Ok(init)) => own.ino() == init.ino(),
+        _ => false,
+    }
 }
 
 #[cfg(test)]

@@ -490,6 +490,30 @@ fn keep_leaves_the_data_path_serving_and_release_removes_everything() {
     );
 }
 
+/// Under `ip netns exec` the default pin directory is on a bpffs the agent
+/// mounts in its own mount namespace, which goes with it: the agent says so
+/// at start, and the keep intent then releases (a program left attached with
+/// no pins and no agent would be a VIP nobody manages).
+#[test]
+fn keep_without_pins_that_outlive_the_agent_releases_and_says_so() {
+    let setup = setup();
+    let lab = &setup.lab;
+    let before = host_state(lab, "lb");
+    let mut agent = lab
+        .start_agent("lb", &setup.config, &["--on-stop", "keep"])
+        .unwrap();
+    assert!(
+        agent
+            .log()
+            .contains("only this agent's mount namespace sees"),
+        "{}",
+        agent.log()
+    );
+    assert!(agent.stop(Duration::from_secs(10)).unwrap().success());
+    assert!(agent.log().contains("releasing instead"), "{}", agent.log());
+    assert_eq!(host_state(lab, "lb"), before);
+}
+
 /// A new `conntrack.max_flows` makes tables of another size: the restarted
 /// agent copies the flows into new ones (before the program switch, and
 /// again right after for the flows the old program made meanwhile), and
