@@ -243,7 +243,10 @@ pub async fn run(options: AttachOptions) -> Result<()> {
     dataplane.set_tx_ports(&netlink.interface_indexes().await?)?;
     let veth = kind.as_deref() == Some("veth");
     let record = dataplane.found_record().cloned().unwrap_or_default();
-    forwarding.remember_previous(record.forwarding_was);
+    forwarding.remember_original(record.forwarding_was);
+    if dataplane.found_link() {
+        forwarding.defer_to_running_data_path();
+    }
 
     let (health_tx, mut health_rx) = mpsc::channel::<HealthReport>(256);
     let (vrrp_tx, mut vrrp_rx) = mpsc::channel::<announcer::Event>(16);
@@ -309,9 +312,6 @@ pub async fn run(options: AttachOptions) -> Result<()> {
             replaced = ?replaced.map(handover::tag_hex),
             "XDP program attached"
         );
-        if resumed {
-            agent.make_vips_permanent().await;
-        }
         agent.sync_vip_addresses().await?;
         agent.save_record();
         info!(
@@ -521,6 +521,8 @@ impl Agent {
                         Ok(_) => {}
                         Err(e) => warn!(error = %e, "sweeping the connection table"),
                     }
+                    // Retired backends the sweep freed need no neighbour entry.
+                    self.prune_neighbours().await;
                 }
                 _ = stats.tick(), if !self.options.stats_interval.is_zero() => self.print_stats(),
                 _ = log_flush.tick(), if logger.is_some() => {
@@ -848,17 +850,32 @@ impl Agent {
             }
         }
         self.apply_data_plane_with(&local)?;
-        for address in self.added_neighbours.clone().difference(&wanted_neighbours) {
+        self.prune_neighbours().await;
+        self.sync_vip_addresses().await
+    }
+
+    /// Removes the neighbour entries ha-lb added for backends that have no
+    /// record any more: a backend removed from the config keeps its entry
+    /// while flows may still name it (the data path forwards them by FIB
+    /// lookup, which needs the MAC), until the sweep frees it.
+    async fn prune_neighbours(&mut self) {
+        let needed = self.dataplane.backend_addresses();
+        let unneeded: Vec<Ipv4Addr> = self
+            .added_neighbours
+            .iter()
+            .filter(|address| !needed.contains(address))
+            .copied()
+            .collect();
+        for address in unneeded {
             if self
                 .netlink
-                .remove_neighbour(self.ifindex, *address)
+                .remove_neighbour(self.ifindex, address)
                 .await
                 .is_ok()
             {
-                self.added_neighbours.remove(address);
+                self.added_neighbours.remove(&address);
             }
         }
-        self.sync_vip_addresses().await
     }
 
     fn backend_keys(&self) -> Vec<BackendKey> {
@@ -1052,6 +1069,13 @@ impl Agent {
         let mut added = Vec::new();
         for address in &wanted {
             if self.netlink.has_address(self.ifindex, *address).await? {
+                if self.added_addresses.contains(address) {
+                    // A kept VRRP master gave it a lifetime (operations.md,
+                    // "Stopping"); held now, it is permanent again.
+                    self.netlink
+                        .set_vip_lifetime(self.ifindex, *address, None)
+                        .await?;
+                }
                 continue;
             }
             self.netlink.add_vip(self.ifindex, *address).await?;
@@ -1408,9 +1432,6 @@ impl Agent {
                     let _ = tokio::time::timeout(Duration::from_secs(1), wait).await;
                 }
             }
-            if self.dataplane.found_link() {
-                self.forwarding.keep();
-            }
             warn!(iface = %self.options.iface, "the start failed before the program was attached; nothing on the host was changed");
             return;
         }
@@ -1453,6 +1474,7 @@ impl Agent {
         if let Err(e) = self.dataplane.detach() {
             error!(error = %e, iface = %self.options.iface, "detaching XDP and removing the pins");
         }
+        self.forwarding.release();
         info!(iface = %self.options.iface, "released: detached, VIP addresses removed; exiting");
     }
 
@@ -1545,27 +1567,6 @@ impl Agent {
             .extend(record.neighbours.iter().copied());
     }
 
-    /// Makes the configured VIP addresses permanent again (a resumed master's
-    /// predecessor gave them a lifetime).
-    async fn make_vips_permanent(&mut self) {
-        let addresses: BTreeSet<Ipv4Addr> = self.config.vips.iter().map(|v| v.address).collect();
-        for address in addresses {
-            match self.netlink.has_address(self.ifindex, address).await {
-                Ok(true) => {
-                    if let Err(e) = self
-                        .netlink
-                        .set_vip_lifetime(self.ifindex, address, None)
-                        .await
-                    {
-                        warn!(vip = %address, error = %e, "making the VIP address permanent");
-                    }
-                }
-                Ok(false) => {}
-                Err(e) => warn!(error = %e, "listing addresses"),
-            }
-        }
-    }
-
     /// Writes what a restart must not forget to the pinned record.
     fn save_record(&mut self) {
         self.save_record_with(None);
@@ -1634,8 +1635,9 @@ fn record_of(
         neighbours: added_neighbours.clone(),
         forwarding_was: Some(forwarding_was_on),
         backends,
-        // The data plane keeps the program's entry.
+        // The data plane keeps the program's and the NAT source's entries.
         program: None,
+        nat: None,
     }
 }
 
@@ -1770,7 +1772,12 @@ pub fn check_config(
     let config = Config::load(path)?;
     build_probers(&config)?;
     let pinned = match pinned_for {
-        Some((iface, pin)) => match resolve_pin_dir(iface, pin).map(|(dir, _)| dir) {
+        Some((iface, pin)) => match match pin {
+            // Looking changes nothing: no bpffs is mounted for it.
+            PinLocation::Auto => system::pin_dir_path(iface).ok(),
+            PinLocation::Dir(dir) => Some(dir.clone()),
+            PinLocation::Off => None,
+        } {
             Some(dir) if dir.exists() => {
                 let dp = &config.data_plane;
                 let options = LoadOptions {

@@ -96,6 +96,13 @@ pub enum DataPlaneError {
     },
     #[error(transparent)]
     WouldDropFlows(#[from] WouldDropFlows),
+    #[error(
+        "interface {iface} already has an XDP program attached that this agent does not own: an \
+         earlier ha-lb agent's pinned link in another pin directory (its --pin-dir), or another \
+         tool's. `ha-user detach --iface {iface} [--pin-dir DIR]` removes ha-lb's; `ip link show \
+         {iface}` names the program"
+    )]
+    AlreadyAttached { iface: String },
     #[error("pinned link {path}: {reason}")]
     PinnedLink { path: String, reason: String },
     #[error("pinning {path}: {reason}")]
@@ -864,6 +871,8 @@ pub struct DataPlane {
     /// Resized flow tables being migrated: the old maps, copied from until
     /// the program switch is done.
     migrating: Vec<OldTable>,
+    /// Tables pinned as `<NAME>_NEW` until the switch (see `staged`).
+    staged_pins: Vec<String>,
     start: StartKind,
     replaced_tag: Option<u64>,
     table_size: u32,
@@ -905,11 +914,16 @@ impl DataPlane {
         let mut pending_link = None;
         let mut found_record = None;
         let mut migrating = Vec::new();
+        let mut staged_pins = Vec::new();
         if let Some(dir) = &options.pin_dir {
             std::fs::create_dir_all(dir).map_err(|source| DataPlaneError::PinDir {
                 path: dir.display().to_string(),
                 source,
             })?;
+            // New tables of a start that failed before its switch.
+            for name in PINNED_MAPS {
+                let _ = remove_if_present(&staged(dir, name));
+            }
             let pinned = inspect_pins(dir, options)?;
             let plan = handover::plan_tables(pinned.tables.as_ref(), options.accept_flow_loss)?;
             let link_path = dir.join(LINK_PIN);
@@ -926,17 +940,8 @@ impl DataPlane {
                 TablesPlan::Migrate { flows, resized } => {
                     info!(dir = %dir.display(), flows, resized = %describe_resized(resized), "migrating the pinned flow tables to new sizes");
                     for (name, _, _) in resized {
-                        let path = dir.join(name);
-                        migrating.push(OldTable::open(name, &path)?);
-                    }
-                    // Only now that every old table is open: their pins
-                    // make room for the new ones.
-                    for (name, _, _) in resized {
-                        let path = dir.join(name);
-                        remove_if_present(&path).map_err(|source| DataPlaneError::PinDir {
-                            path: path.display().to_string(),
-                            source,
-                        })?;
+                        migrating.push(OldTable::open(name, &dir.join(name))?);
+                        staged_pins.push(name.clone());
                     }
                 }
                 TablesPlan::Adopt { flows } => {
@@ -944,14 +949,20 @@ impl DataPlane {
                 }
                 TablesPlan::Replace { flows, reason } => {
                     warn!(dir = %dir.display(), flows, %reason, "replacing the pinned flow tables with empty ones; their flows are lost");
-                    for name in PINNED_MAPS {
-                        let _ = std::fs::remove_file(dir.join(name));
-                    }
+                    staged_pins.extend(PINNED_MAPS.iter().map(|name| name.to_string()));
                 }
             }
             found_record = pinned.record;
+            // New tables are pinned beside the old ones and take their names
+            // only once the program switch is done (`commit_staged_pins`):
+            // a start that fails before leaves the old ones as they were.
             for name in PINNED_MAPS {
-                loader.map_pin_path(name, dir.join(name));
+                let path = if staged_pins.iter().any(|s| s == name) {
+                    staged(dir, name)
+                } else {
+                    dir.join(name)
+                };
+                loader.map_pin_path(name, path);
             }
         }
         let object = xdp_object()?;
@@ -981,6 +992,7 @@ impl DataPlane {
             program_id,
             found_link,
             migrating,
+            staged_pins,
             start: StartKind::Fresh,
             replaced_tag: None,
             table_size: options.maglev_table_size,
@@ -1002,7 +1014,11 @@ impl DataPlane {
         }
         dataplane.migrate(false)?;
         dataplane.adopt_backends()?;
-        dataplane.adopt_nat_sources(options.host_ports)?;
+        let running_nat = dataplane
+            .found_link
+            .then(|| dataplane.found_record.as_ref().and_then(|r| r.nat))
+            .flatten();
+        dataplane.adopt_nat_sources(options.host_ports, running_nat)?;
         Ok(dataplane)
     }
 
@@ -1123,6 +1139,9 @@ impl DataPlane {
         if record.program.is_none() {
             record.program = self.record.program;
         }
+        if record.nat.is_none() {
+            record.nat = self.record.nat;
+        }
         let Some(map) = self.record_map.as_mut() else {
             self.record = record;
             return Ok(());
@@ -1165,7 +1184,13 @@ impl DataPlane {
     /// that also changed `nat.port_range` or `nat.source_address` must not
     /// hand their replies to the host's stack. The first sweep drops those
     /// the new current range covers, and the rest as their flows end.
-    fn adopt_nat_sources(&mut self, host_ports: Option<(u16, u16)>) -> Result<()> {
+    /// `running`: the NAT source of the program the pinned link runs (from
+    /// the record), which may create flows until the switch; kept first.
+    fn adopt_nat_sources(
+        &mut self,
+        host_ports: Option<(u16, u16)>,
+        running: Option<NatRange>,
+    ) -> Result<()> {
         // The reverse entries' sources, and those of flows that lost theirs.
         let mut keys: Vec<NatKey> = self
             .reverse_entries()?
@@ -1183,6 +1208,15 @@ impl DataPlane {
                 }),
         );
         self.earlier_nat = nat_sources_of(&keys, host_ports);
+        if let Some(running) = running {
+            self.earlier_nat.retain(|r| {
+                !(r.addr == running.addr
+                    && r.port_min >= running.port_min
+                    && r.port_max <= running.port_max)
+            });
+            self.earlier_nat.insert(0, running);
+            self.earlier_nat.truncate(NAT_RANGES - 1);
+        }
         for range in &self.earlier_nat {
             info!(range = %describe_range(range), "adopted flows use this NAT source");
         }
@@ -1429,6 +1463,7 @@ impl DataPlane {
                     });
                     self.record_program()?;
                     self.migrate(true)?;
+                    self.commit_staged_pins()?;
                     return Ok(AttachedMode::Native);
                 }
                 Err(ProgramError::SyscallError(e))
@@ -1442,10 +1477,16 @@ impl DataPlane {
                 Err(e) => return Err(attach_error(e)),
             }
         }
-        let id = self
-            .program_mut()
-            .attach(iface, XdpMode::Driver)
-            .map_err(attach_error)?;
+        let id = match self.program_mut().attach(iface, XdpMode::Driver) {
+            Err(ProgramError::SyscallError(e))
+                if e.io_error.raw_os_error() == Some(libc::EBUSY) =>
+            {
+                return Err(DataPlaneError::AlreadyAttached {
+                    iface: iface.to_string(),
+                });
+            }
+            other => other.map_err(attach_error)?,
+        };
         let link = self.take_fd_link(id, iface)?;
         let (link, pin) = match &self.pin_dir {
             Some(dir) => {
@@ -1466,16 +1507,35 @@ impl DataPlane {
         });
         self.record_program()?;
         self.migrate(true)?;
+        self.commit_staged_pins()?;
         Ok(AttachedMode::Native)
     }
 
-    /// Names the attached program in the agent record, for the next agent.
+    /// After the switch: the new tables take the pinned names, replacing
+    /// the old ones (which the replaced program held until now).
+    fn commit_staged_pins(&mut self) -> Result<()> {
+        let Some(dir) = self.pin_dir.clone() else {
+            return Ok(());
+        };
+        for name in std::mem::take(&mut self.staged_pins) {
+            let (from, to) = (staged(&dir, &name), dir.join(&name));
+            std::fs::rename(&from, &to).map_err(|source| DataPlaneError::PinDir {
+                path: format!("{} -> {}", from.display(), to.display()),
+                source,
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Names the attached program, and the NAT source it creates flows
+    /// with, in the agent record, for the next agent.
     fn record_program(&mut self) -> Result<()> {
         let mut record = self.record.clone();
         record.program = Some(handover::ProgramRecord {
             id: self.program_id,
             tag: self.tag,
         });
+        record.nat = (self.settings.nat[0].addr != 0).then_some(self.settings.nat[0]);
         self.store_record(&record)
     }
 
@@ -1764,6 +1824,15 @@ impl DataPlane {
             },
         );
         Ok(())
+    }
+
+    /// Addresses of every backend that still has a record: configured ones,
+    /// and retired ones that flows may still name (freed by the sweep).
+    pub fn backend_addresses(&self) -> std::collections::BTreeSet<Ipv4Addr> {
+        self.backend_ids
+            .keys()
+            .map(|(address, _)| *address)
+            .collect()
     }
 
     /// The backend ids that the live table of VIP `address:port/protocol` holds.
@@ -2276,6 +2345,12 @@ fn record_map(path: &Path) -> Result<RecordMap> {
     open_record(path).map_err(|e| pin_error(e.to_string()))
 }
 
+/// Where a new table is pinned until the program switch commits it.
+fn staged(dir: &Path, name: &str) -> PathBuf {
+    // bpffs refuses names with a dot.
+    dir.join(format!("{name}_NEW"))
+}
+
 fn remove_if_present(path: &Path) -> std::io::Result<()> {
     match std::fs::remove_file(path) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
@@ -2289,6 +2364,9 @@ fn remove_if_present(path: &Path) -> std::io::Result<()> {
 pub fn remove_pins(dir: &Path) -> std::io::Result<()> {
     for name in [LINK_PIN, RECORD_PIN].into_iter().chain(PINNED_MAPS) {
         remove_if_present(&dir.join(name))?;
+    }
+    for name in PINNED_MAPS {
+        remove_if_present(&staged(dir, name))?;
     }
     let _ = std::fs::remove_dir(dir);
     Ok(())

@@ -43,6 +43,7 @@ const KIND_BACKEND: u8 = 4;
 const KIND_FORWARDING: u8 = 5;
 const KIND_NEIGHBOUR: u8 = 6;
 const KIND_PROGRAM: u8 = 7;
+const KIND_NAT: u8 = 8;
 
 /// A key of the pinned record (BPF hash map, user space only). Addresses are
 /// in network byte order, ports in host byte order.
@@ -119,6 +120,10 @@ pub struct Record {
     /// recorded: a new agent knows it as ha-lb's without looking programs up
     /// by id (which needs CAP_SYS_ADMIN).
     pub program: Option<ProgramRecord>,
+    /// The NAT source that program creates flows with (`settings.nat[0]`):
+    /// a new agent keeps it live, so flows the old program creates while
+    /// the new one starts are translated after the switch too.
+    pub nat: Option<ha_common::NatRange>,
 }
 
 /// A program by its kernel id and tag.
@@ -179,6 +184,18 @@ impl Record {
                 RecordValue {
                     value: program.tag,
                     time_ns: program.id.into(),
+                },
+            );
+        }
+        if let Some(nat) = self.nat {
+            entries.insert(
+                RecordKey {
+                    vip_addr: nat.addr,
+                    ..key(KIND_NAT)
+                },
+                RecordValue {
+                    value: u64::from(nat.port_min) | (u64::from(nat.port_max) << 16),
+                    time_ns: 0,
                 },
             );
         }
@@ -244,6 +261,13 @@ impl Record {
                     })
                 }
                 KIND_FORWARDING => record.forwarding_was = Some(value.value == 1),
+                KIND_NAT => {
+                    record.nat = Some(ha_common::NatRange {
+                        addr: key.vip_addr,
+                        port_min: value.value as u16,
+                        port_max: (value.value >> 16) as u16,
+                    })
+                }
                 KIND_PROGRAM => {
                     record.program = u32::try_from(value.time_ns).ok().map(|id| ProgramRecord {
                         id,
@@ -510,6 +534,11 @@ mod tests {
                 id: 42,
                 tag: 0x0123_4567_89ab_cdef,
             }),
+            nat: Some(ha_common::NatRange {
+                addr: addr_to_wire([10, 0, 0, 2]),
+                port_min: 10000,
+                port_max: 32767,
+            }),
             ..Record::default()
         };
         record.addresses.insert(Ipv4Addr::new(10, 0, 0, 100));
@@ -540,7 +569,7 @@ mod tests {
     fn a_record_reads_back_as_written() {
         let record = sample();
         let entries = record.entries();
-        assert_eq!(entries.len(), 1 + 1 + 1 + 1 + 2 + 1 + 3);
+        assert_eq!(entries.len(), 1 + 1 + 1 + 1 + 1 + 2 + 1 + 3);
         assert_eq!(Record::from_entries(entries), record);
         assert_eq!(Record::from_entries([]), Record::default());
     }

@@ -94,12 +94,16 @@ pub fn check_nat_port_range(nat: PortRange) -> Result<()> {
     Ok(())
 }
 
-/// IPv4 forwarding on one interface, switched on for as long as this guard
-/// lives: `bpf_fib_lookup` answers only for interfaces that forward. The
-/// previous value comes back on drop.
+/// IPv4 forwarding on one interface, switched on by the agent:
+/// `bpf_fib_lookup` answers only for interfaces that forward. The value
+/// before ha-lb comes back on [`ForwardingGuard::release`], and on drop
+/// unless a data path that needs forwarding stays (an earlier agent's, or
+/// this one's kept for the next).
 pub struct ForwardingGuard {
     path: String,
-    previous: String,
+    /// The value before ha-lb switched it on.
+    original: String,
+    restore_on_drop: bool,
 }
 
 impl ForwardingGuard {
@@ -111,40 +115,61 @@ impl ForwardingGuard {
 
     /// Whether forwarding was on before ha-lb switched it on.
     pub fn was_on(&self) -> bool {
-        self.previous == "1"
+        self.original == "1"
     }
 
-    /// Takes the value a previous agent recorded (`Some(false)`: it switched
+    /// The value an earlier agent recorded (`Some(false)`: it switched
     /// forwarding on), so that the final release restores the original.
-    pub fn remember_previous(&mut self, was_on: Option<bool>) {
+    pub fn remember_original(&mut self, was_on: Option<bool>) {
         if was_on == Some(false) {
-            self.previous = "0".to_string();
+            self.original = "0".to_string();
         }
     }
 
-    /// Leaves forwarding on when the guard goes (the keep intent: the data
-    /// path stays and needs it).
+    /// An earlier agent's data path runs and needs forwarding: this guard
+    /// never switches it off on its own (a start that fails leaves it on).
+    pub fn defer_to_running_data_path(&mut self) {
+        self.restore_on_drop = false;
+    }
+
+    /// Leaves forwarding on when the guard goes (the keep intent).
     pub fn keep(&mut self) {
-        self.previous = "1".to_string();
+        self.restore_on_drop = false;
+    }
+
+    /// Puts the original value back (the release intent).
+    pub fn release(&mut self) {
+        self.restore_on_drop = false;
+        self.restore();
+    }
+
+    fn restore(&self) {
+        if self.original != "1"
+            && let Err(e) = write(&self.path, &self.original)
+        {
+            warn!("restoring {}: {e}", self.path);
+        }
     }
 
     pub fn enable(iface: &str) -> Result<Self> {
         let path = format!("/proc/sys/net/ipv4/conf/{iface}/forwarding");
-        let previous = read(&path)?.trim().to_string();
-        if previous != "1" {
+        let original = read(&path)?.trim().to_string();
+        if original != "1" {
             write(&path, "1")?;
-            info!(%iface, "enabled IPv4 forwarding on the interface (needed by bpf_fib_lookup); restored on exit");
+            info!(%iface, "enabled IPv4 forwarding on the interface (needed by bpf_fib_lookup); restored on release");
         }
-        Ok(Self { path, previous })
+        Ok(Self {
+            path,
+            original,
+            restore_on_drop: true,
+        })
     }
 }
 
 impl Drop for ForwardingGuard {
     fn drop(&mut self) {
-        if self.previous != "1"
-            && let Err(e) = write(&self.path, &self.previous)
-        {
-            warn!("restoring {}: {e}", self.path);
+        if self.restore_on_drop {
+            self.restore();
         }
     }
 }
@@ -169,16 +194,21 @@ pub struct PinDir {
 /// mounted there.
 pub fn pin_dir(iface: &str) -> Result<PinDir> {
     let mounted = ensure_bpffs(Path::new(BPFFS_ROOT))?;
+    Ok(PinDir {
+        path: pin_dir_path(iface)?,
+        outlives_agent: !mounted || in_init_mount_namespace(),
+    })
+}
+
+/// The path [`pin_dir`] names, without mounting anything (for looking).
+pub fn pin_dir_path(iface: &str) -> Result<PathBuf> {
     let own = netns_inode("/proc/self/ns/net")?;
     let init = netns_inode("/proc/1/ns/net").ok();
     let base = Path::new(BPFFS_ROOT).join("ha-lb");
-    Ok(PinDir {
-        path: if init == Some(own) {
-            base.join(iface)
-        } else {
-            base.join(format!("netns-{own}")).join(iface)
-        },
-        outlives_agent: !mounted || in_init_mount_namespace(),
+    Ok(if init == Some(own) {
+        base.join(iface)
+    } else {
+        base.join(format!("netns-{own}")).join(iface)
     })
 }
 

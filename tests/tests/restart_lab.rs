@@ -412,6 +412,22 @@ fn keep_leaves_the_data_path_serving_and_release_removes_everything() {
     assert!(setup.pins.join("link").exists());
     lab.in_host("client", || common::whoami(vip, 6443).unwrap())
         .unwrap();
+    // An agent that does not look in that pin directory cannot attach, and
+    // says why.
+    let elsewhere = lab
+        .command("lb", ha_lab::bin_path("ha-user"))
+        .args(["attach", "--iface", HOST_IFACE, "--config"])
+        .arg(&setup.config)
+        .arg("--no-pin")
+        .output()
+        .unwrap();
+    let why = String::from_utf8_lossy(&elsewhere.stderr);
+    assert!(!elsewhere.status.success());
+    assert!(
+        why.contains("already has an XDP program attached") && why.contains("ha-user detach"),
+        "{why}"
+    );
+    assert!(xdp_attached(lab) && has_vip(lab));
 
     // Release (`ha-user stop --release`): nothing left.
     let mut agent = start(&setup, &[]);
@@ -671,7 +687,8 @@ fn vrrp_of(lab: &Lab, lb: &str) -> (String, u64) {
 /// In a VRRP pair, a master restarted with the keep intent resumes as
 /// master: its last advert announced the restart hold, so the backup waits
 /// three of it (not 3 x 100 ms) and never takes over, and no connection is
-/// lost.
+/// lost; also when the master's host does not answer the backup's ICMP
+/// echo.
 #[test]
 fn a_vrrp_master_restarted_with_the_keep_intent_stays_master() {
     let (lab, _apis, pins) = vrrp_pair();
@@ -683,6 +700,10 @@ fn a_vrrp_master_restarted_with_the_keep_intent_stays_master() {
     .unwrap();
     let backup_before = vrrp_of(&lab, "lb2");
     assert_eq!(backup_before.0, "backup");
+    // A master host that does not answer ICMP echo: its silence proves
+    // nothing, the backup waits the hold out.
+    lab.exec("lb1", &["sysctl", "-qw", "net.ipv4.icmp_echo_ignore_all=1"])
+        .unwrap();
     let mut restarted = None;
     let report = under_load(&lab, Duration::from_secs(1), || {
         lb1.stop(Duration::from_secs(10)).unwrap();
@@ -772,4 +793,244 @@ fn a_kept_vrrp_master_whose_host_goes_down_is_replaced_at_once() {
     })
     .unwrap()
     .unwrap();
+}
+
+/// Long-lived connections opened every 10 ms until `stop`, each checked at
+/// once: the threads run in the client's namespace.
+fn open_sessions_until(
+    vip: Ipv4Addr,
+    stop: Arc<AtomicBool>,
+) -> JoinHandle<Vec<Result<(TcpStream, BufReader<TcpStream>), String>>> {
+    std::thread::spawn(move || {
+        let mut sessions = Vec::new();
+        while !stop.load(Ordering::Relaxed) {
+            let opened =
+                TcpStream::connect_timeout(&SocketAddr::from((vip, 6443)), Duration::from_secs(1))
+                    .and_then(|stream| {
+                        stream.set_read_timeout(Some(Duration::from_secs(3)))?;
+                        let mut writer = stream.try_clone()?;
+                        let mut reader = BufReader::new(stream);
+                        match exchange(&mut writer, &mut reader, "hello")? {
+                            line if line == "hello\n" => Ok((writer, reader)),
+                            line => Err(std::io::Error::other(format!("answered {line:?}"))),
+                        }
+                    })
+                    .map_err(|e| e.to_string());
+            sessions.push(opened);
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        sessions
+    })
+}
+
+/// A restart that moves the NAT range: connections the old program opens
+/// while the new agent starts (from the old range, and here the only ones,
+/// so no adopted flow covers their ports) stay translated after the switch:
+/// the record names the running program's NAT source, which the new agent
+/// keeps live. A connection is opened every 10 ms while it starts.
+#[test]
+fn connections_opened_while_a_restart_moves_the_nat_range_keep_answering() {
+    let mut setup = setup();
+    let mut agent = start(&setup, &[]);
+    let lab = &setup.lab;
+    let vip = lab.vip(0);
+    let yaml = format!(
+        "{}data_plane:\n  nat:\n    port_range: 2000-9000\n",
+        vip_config(lab, &BACKENDS)
+    );
+    setup.config = write_config(lab, "moved.yaml", &yaml);
+    agent.stop(Duration::from_secs(10)).unwrap();
+    // Connections from the moment the new agent has scanned the tables
+    // (its record's health is adopted just after) until after it serves.
+    let args = agent_args(&setup.pins);
+    let mut argv = vec![
+        ha_lab::bin_path("ha-user").display().to_string(),
+        "attach".to_string(),
+        "--iface".to_string(),
+        HOST_IFACE.to_string(),
+        "--config".to_string(),
+        setup.config.display().to_string(),
+    ];
+    argv.extend(args);
+    let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+    let mut restarted = lab.spawn("lb", &argv).unwrap();
+    restarted
+        .wait_for_log("health and drains adopted", Duration::from_secs(15))
+        .unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let opener = {
+        let stop = stop.clone();
+        lab.in_host("client", move || open_sessions_until(vip, stop))
+            .unwrap()
+    };
+    restarted
+        .wait_for_log("serving;", Duration::from_secs(15))
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, Ordering::Relaxed);
+    let opened = opener.join().unwrap();
+    assert!(opened.len() > 10, "{} opened", opened.len());
+    let broken: Vec<String> = opened
+        .into_iter()
+        .enumerate()
+        .filter_map(|(i, session)| match session {
+            Ok((mut writer, mut reader)) => match exchange(&mut writer, &mut reader, "again") {
+                Ok(line) if line == "again\n" => None,
+                other => Some(format!("{i}: {other:?}")),
+            },
+            Err(e) => Some(format!("{i}: opening: {e}")),
+        })
+        .collect();
+    assert!(
+        broken.is_empty(),
+        "connections opened during the start broke: {broken:?}"
+    );
+}
+
+/// A backend removed from the config, by reload or across a restart: its
+/// open connections go on (its flows, backend record and neighbour entry
+/// stay until the flows end), and no new connection reaches it.
+#[test]
+fn a_removed_backend_keeps_its_open_connections_across_reload_and_restart() {
+    let setup = setup();
+    let mut agent = start(&setup, &[]);
+    let lab = &setup.lab;
+    let vip = lab.vip(0);
+    lab.in_host("client", || {
+        let mut on_api1 = common::Session::to(vip, "api1");
+        let yaml = vip_config(lab, &["api2", "api3"]);
+        std::fs::write(&setup.config, &yaml).unwrap();
+        common::reload(lab, "lb").unwrap();
+        on_api1.assert_alive(5);
+        let served: Vec<String> = (0..10)
+            .map(|_| common::whoami(vip, 6443).unwrap().0)
+            .collect();
+        assert!(!served.contains(&"api1".to_string()), "{served:?}");
+        // And across a restart to a config without api2 either.
+        let mut on_api2 = common::Session::to(vip, "api2");
+        agent.stop(Duration::from_secs(10)).unwrap();
+        let fewer = write_config(lab, "fewer.yaml", &vip_config(lab, &["api3"]));
+        let args = agent_args(&setup.pins);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let _restarted = lab.start_agent("lb", &fewer, &args).unwrap();
+        on_api1.assert_alive(5);
+        on_api2.assert_alive(5);
+    })
+    .unwrap();
+}
+
+/// A start that fails after finding the data path of an earlier agent
+/// changes nothing: the flow tables stay pinned as they were (even when it
+/// was about to migrate them), forwarding stays on, and the program goes on
+/// serving; the next good start adopts everything.
+#[test]
+fn a_failed_start_changes_nothing_under_the_running_data_path() {
+    let setup = setup();
+    let lab = &setup.lab;
+    let original = lab
+        .exec("lb", &["sysctl", "-n", "net.ipv4.conf.eth0.forwarding"])
+        .unwrap()
+        .stdout;
+    assert_eq!(String::from_utf8_lossy(&original).trim(), "0");
+    let mut agent = start(&setup, &[]);
+    let vip = lab.vip(0);
+    lab.in_host("client", || {
+        let mut session = common::Session::open(vip);
+        session.assert_alive(2);
+        agent.stop(Duration::from_secs(10)).unwrap();
+        let pinned = || {
+            let mut names: Vec<String> = std::fs::read_dir(&setup.pins)
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect();
+            names.sort();
+            names
+        };
+        let before = pinned();
+        // 1. A config whose VRRP interface does not exist: fails after the load.
+        let bad = write_config(
+            lab,
+            "bad-vrrp.yaml",
+            &format!(
+                "{}vrrp:\n  vrid: 51\n  interface: nosuch0\n",
+                vip_config(lab, &BACKENDS)
+            ),
+        );
+        // 2. A new max_flows (a migration) with an object that does not load.
+        let resized = write_config(
+            lab,
+            "resized.yaml",
+            &format!(
+                "{}data_plane:\n  conntrack:\n    max_flows: 4096\n",
+                vip_config(lab, &BACKENDS)
+            ),
+        );
+        let garbage = lab.log_dir().join("garbage.o");
+        std::fs::write(&garbage, b"not an ELF object").unwrap();
+        let pins = setup.pins.display().to_string();
+        for (config, env) in [(&bad, None), (&resized, Some(&garbage))] {
+            let mut command = lab.command("lb", "env");
+            if let Some(object) = env {
+                command.arg(format!("HA_LB_XDP_OBJECT={}", object.display()));
+            }
+            let failed = command
+                .arg(ha_lab::bin_path("ha-user"))
+                .args(["attach", "--iface", HOST_IFACE, "--config"])
+                .arg(config)
+                .args(["--pin-dir", &pins, "--on-stop", "keep"])
+                .output()
+                .unwrap();
+            assert!(!failed.status.success(), "{failed:?}");
+            assert_eq!(pinned(), before, "the pins are as they were");
+            let forwarding = lab
+                .exec("lb", &["sysctl", "-n", "net.ipv4.conf.eth0.forwarding"])
+                .unwrap()
+                .stdout;
+            assert_eq!(String::from_utf8_lossy(&forwarding).trim(), "1");
+            session.assert_alive(3);
+        }
+        let args = agent_args(&setup.pins);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let next = lab.start_agent("lb", &resized, &args).unwrap();
+        assert!(
+            next.log().contains("migrating the pinned flow tables"),
+            "{}",
+            next.log()
+        );
+        session.assert_alive(3);
+    })
+    .unwrap();
+}
+
+/// A VRRP master stopped with the keep intent gives its VIP address a
+/// lifetime; whichever agent holds the VIP next (here one with the vrrp
+/// section removed, which only a restart can do) makes it permanent again.
+#[test]
+fn a_kept_address_is_permanent_again_under_the_next_holder() {
+    let (lab, _apis, pins) = vrrp_pair();
+    let mut lb1 = start_lb(&lab, "lb1", &pins[0]);
+    lab.wait_until(Duration::from_secs(10), "lb1 holds the VIP", || {
+        vip_holders(&lab) == ["lb1"]
+    })
+    .unwrap();
+    let vip_line = || {
+        let out = lab
+            .exec("lb1", &["ip", "-o", "addr", "show", "dev", HOST_IFACE])
+            .unwrap()
+            .stdout;
+        String::from_utf8_lossy(&out)
+            .lines()
+            .find(|l| l.contains(&format!("{}/32", lab.vip(0))))
+            .unwrap_or_default()
+            .to_string()
+    };
+    lb1.stop(Duration::from_secs(10)).unwrap();
+    assert!(!vip_line().contains("valid_lft forever"), "{}", vip_line());
+    let static_config = write_config(&lab, "lb1-static.yaml", &vip_config(&lab, &BACKENDS));
+    let args = agent_args(&pins[0]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let _lb1 = lab.start_agent("lb1", &static_config, &args).unwrap();
+    assert!(vip_line().contains("valid_lft forever"), "{}", vip_line());
+    std::thread::sleep(Duration::from_secs(9));
+    assert_eq!(vip_holders(&lab), ["lb1"], "still there after 4 x the hold");
 }

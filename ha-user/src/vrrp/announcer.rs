@@ -107,8 +107,12 @@ struct HostWatch {
     socket: EchoSocket,
     id: u16,
     seq: u16,
-    /// The last reply, or when the watch began.
-    heard: Instant,
+    /// The last reply. Until a first one, silence proves nothing (the
+    /// host may not answer ICMP echo at all): the hold is waited out.
+    heard: Option<Instant>,
+    /// Said that the host does not answer (once per watch).
+    told_unanswered: bool,
+    started: Instant,
     next_probe: Instant,
 }
 
@@ -180,7 +184,7 @@ impl Announcer {
                     if let (Ok(packet), Some(watch)) = (received, self.watch.as_mut())
                         && echo::echo_reply_from(&packet, watch.id) == Some(watch.target)
                     {
-                        watch.heard = Instant::now();
+                        watch.heard = Some(Instant::now());
                     }
                     Vec::new()
                 }
@@ -248,7 +252,9 @@ impl Announcer {
                     socket,
                     id: std::process::id() as u16,
                     seq: 0,
-                    heard: now,
+                    heard: None,
+                    told_unanswered: false,
+                    started: now,
                     next_probe: now,
                 });
             }
@@ -275,9 +281,16 @@ impl Announcer {
             tracing::debug!(error = %e, "ICMP echo to the master's host");
         }
         watch.next_probe = now + interval;
-        let silent = now.duration_since(watch.heard);
+        if watch.heard.is_none()
+            && !watch.told_unanswered
+            && now.duration_since(watch.started) > interval * 10
+        {
+            watch.told_unanswered = true;
+            warn!(master = %watch.target, "the master's host does not answer ICMP echo: its restart hold is waited out in full");
+        }
+        let silent = watch.heard.map(|heard| now.duration_since(heard));
         let actions = self.machine.on_host_silence(now, silent);
-        if !actions.is_empty() {
+        if let (false, Some(silent)) = (actions.is_empty(), silent) {
             warn!(
                 silent_ms = silent.as_millis() as u64,
                 "the master's host stopped answering during its restart hold: taking over"

@@ -201,10 +201,15 @@ impl Machine {
         centis(3 * interval) + centis((256 - self.priority as u64) * interval) / 256
     }
 
-    /// The watched master host has not answered for `silent`: once that is
-    /// our own Master_Down_Interval, the host is taken for down and the
-    /// backup becomes master, as if the master's timer had run out.
-    pub fn on_host_silence(&mut self, now: Instant, silent: Duration) -> Vec<Action> {
+    /// The watched master host has not answered for `silent` since its last
+    /// reply (`None`: it never answered, and may not answer ICMP echo at
+    /// all, so its silence proves nothing and the hold is waited out). Once
+    /// that is our own Master_Down_Interval, the host is taken for down and
+    /// the backup becomes master, as if the master's timer had run out.
+    pub fn on_host_silence(&mut self, now: Instant, silent: Option<Duration>) -> Vec<Action> {
+        let Some(silent) = silent else {
+            return Vec::new();
+        };
         if self.host_to_watch().is_none() || silent < self.own_master_down_interval() {
             return Vec::new();
         }
@@ -466,17 +471,25 @@ mod tests {
         );
         // Own Master_Down_Interval: 3 x 100 ms + (156 x 100 ms) / 256.
         assert!(
-            m.on_host_silence(t0, Duration::from_millis(350)).is_empty(),
+            m.on_host_silence(t0, Some(Duration::from_millis(350)))
+                .is_empty(),
             "a live host keeps the hold"
+        );
+        assert!(
+            m.on_host_silence(t0, None).is_empty(),
+            "a host that never answered proves nothing"
         );
         assert_eq!(m.state(), State::Backup);
         assert_eq!(
-            m.on_host_silence(t0, Duration::from_millis(361)),
+            m.on_host_silence(t0, Some(Duration::from_millis(361))),
             vec![Action::Advertise(100), Action::BecomeMaster]
         );
         assert_eq!(m.state(), State::Master);
         assert_eq!(m.host_to_watch(), None);
-        assert!(m.on_host_silence(t0, Duration::from_secs(9)).is_empty());
+        assert!(
+            m.on_host_silence(t0, Some(Duration::from_secs(9)))
+                .is_empty()
+        );
     }
 
     #[test]
