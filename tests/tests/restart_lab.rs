@@ -795,12 +795,15 @@ fn a_kept_vrrp_master_whose_host_goes_down_is_replaced_at_once() {
     .unwrap();
 }
 
+/// A connection's two halves.
+type OpenSession = (TcpStream, BufReader<TcpStream>);
+
 /// Long-lived connections opened every 10 ms until `stop`, each checked at
 /// once: the threads run in the client's namespace.
 fn open_sessions_until(
     vip: Ipv4Addr,
     stop: Arc<AtomicBool>,
-) -> JoinHandle<Vec<Result<(TcpStream, BufReader<TcpStream>), String>>> {
+) -> JoinHandle<Vec<Result<OpenSession, String>>> {
     std::thread::spawn(move || {
         let mut sessions = Vec::new();
         while !stop.load(Ordering::Relaxed) {
