@@ -233,6 +233,45 @@ fn variant_object() -> PathBuf {
     path
 }
 
+/// `ha-user check-config --config CONFIG --iface eth0 --pin-dir PINS` on
+/// the LB host: what it tells on stderr (it must succeed).
+fn check_config_told(setup: &Setup, config: &Path) -> String {
+    let pins = setup.pins.display().to_string();
+    let check = setup
+        .lab
+        .command("lb", ha_lab::bin_path("ha-user"))
+        .args(["check-config", "--config"])
+        .arg(config)
+        .args(["--iface", HOST_IFACE, "--pin-dir", &pins])
+        .output()
+        .unwrap();
+    let told = String::from_utf8_lossy(&check.stderr).into_owned();
+    assert!(check.status.success(), "{told}");
+    told
+}
+
+/// `ha-user attach` on the LB host that must fail at start: why, from stderr.
+fn attach_refused(setup: &Setup, config: &Path, extra: &[&str]) -> String {
+    let failed = setup
+        .lab
+        .command("lb", ha_lab::bin_path("ha-user"))
+        .args(["attach", "--iface", HOST_IFACE, "--config"])
+        .arg(config)
+        .args(extra)
+        .output()
+        .unwrap();
+    let why = String::from_utf8_lossy(&failed.stderr).into_owned();
+    assert!(!failed.status.success(), "{why}");
+    why
+}
+
+/// [`attach_refused`] with the setup's config and pins, as [`start`] runs it.
+fn attach_refused_pinned(setup: &Setup) -> String {
+    let args = agent_args(&setup.pins);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    attach_refused(setup, &setup.config, &args)
+}
+
 fn kill_9(agent: &mut LabProcess) {
     agent.signal(Signal::SIGKILL).unwrap();
     assert!(
@@ -414,15 +453,7 @@ fn keep_leaves_the_data_path_serving_and_release_removes_everything() {
         .unwrap();
     // An agent that does not look in that pin directory cannot attach, and
     // says why.
-    let elsewhere = lab
-        .command("lb", ha_lab::bin_path("ha-user"))
-        .args(["attach", "--iface", HOST_IFACE, "--config"])
-        .arg(&setup.config)
-        .arg("--no-pin")
-        .output()
-        .unwrap();
-    let why = String::from_utf8_lossy(&elsewhere.stderr);
-    assert!(!elsewhere.status.success());
+    let why = attach_refused(&setup, &setup.config, &["--no-pin"]);
     assert!(
         why.contains("already has an XDP program attached") && why.contains("ha-user detach"),
         "{why}"
@@ -433,20 +464,8 @@ fn keep_leaves_the_data_path_serving_and_release_removes_everything() {
     let mut agent = start(&setup, &[]);
     assert!(agent.log().contains("start=\"adopted\""), "{}", agent.log());
     // A second agent on the interface fails at once and takes nothing over.
-    let pins = setup.pins.display().to_string();
-    let second = lab
-        .command("lb", ha_lab::bin_path("ha-user"))
-        .args(["attach", "--iface", HOST_IFACE, "--config"])
-        .arg(&setup.config)
-        .args(["--pin-dir", &pins, "--on-stop", "keep"])
-        .output()
-        .unwrap();
-    assert!(!second.status.success());
-    assert!(
-        String::from_utf8_lossy(&second.stderr).contains("in use"),
-        "{}",
-        String::from_utf8_lossy(&second.stderr)
-    );
+    let why = attach_refused_pinned(&setup);
+    assert!(why.contains("in use"), "{why}");
     assert_eq!(program(lab).0, "adopted", "the first agent still runs it");
     let out = lab
         .exec(
@@ -479,6 +498,7 @@ fn keep_leaves_the_data_path_serving_and_release_removes_everything() {
     assert!(agent.log().contains("start=\"fresh\""), "{}", agent.log());
     kill_9(&mut agent);
     assert!(xdp_attached(lab) && has_vip(lab));
+    let pins = setup.pins.display().to_string();
     let out = lab
         .exec(
             "lb",
@@ -544,16 +564,7 @@ fn a_new_max_flows_migrates_the_flow_tables_under_load() {
         vip_config(lab, &BACKENDS)
     );
     let resized = write_config(lab, "resized.yaml", &yaml);
-    let pins = setup.pins.display().to_string();
-    let check = lab
-        .command("lb", ha_lab::bin_path("ha-user"))
-        .args(["check-config", "--config"])
-        .arg(&resized)
-        .args(["--iface", HOST_IFACE, "--pin-dir", &pins])
-        .output()
-        .unwrap();
-    let told = String::from_utf8_lossy(&check.stderr);
-    assert!(check.status.success(), "{told}");
+    let told = check_config_told(&setup, &resized);
     assert!(
         told.contains("resized (CONNTRACK") && told.contains("-> 4096 entries"),
         "{told}"
@@ -599,30 +610,12 @@ fn tables_of_another_layout_are_told_and_refused_while_they_hold_flows() {
         for (key, value) in record.entries() {
             map.insert(key, value, 0).unwrap();
         }
-        let pins = setup.pins.display().to_string();
-        let ha_user = ha_lab::bin_path("ha-user");
-        let check = lab
-            .command("lb", &ha_user)
-            .args(["check-config", "--config"])
-            .arg(&setup.config)
-            .args(["--iface", HOST_IFACE, "--pin-dir", &pins])
-            .output()
-            .unwrap();
-        let told = String::from_utf8_lossy(&check.stderr);
-        assert!(check.status.success(), "{told}");
+        let told = check_config_told(&setup, &setup.config);
         assert!(
             told.contains("REFUSED") && told.contains("layout version"),
             "{told}"
         );
-        let refused = lab
-            .command("lb", &ha_user)
-            .args(["attach", "--iface", HOST_IFACE, "--config"])
-            .arg(&setup.config)
-            .args(["--pin-dir", &pins, "--on-stop", "keep"])
-            .output()
-            .unwrap();
-        let why = String::from_utf8_lossy(&refused.stderr);
-        assert!(!refused.status.success(), "{why}");
+        let why = attach_refused_pinned(&setup);
         assert!(why.contains("--accept-flow-loss"), "{why}");
         // Nothing changed: the old program still serves the connection.
         session.assert_alive(5);
@@ -654,6 +647,19 @@ fn vrrp_pair() -> (Lab, Vec<LabProcess>, [PathBuf; 2]) {
     });
     let pins = configs.map(|(_, pins)| pins);
     (lab, apis, pins)
+}
+
+/// [`vrrp_pair`] with both agents running and lb1 master: (lab,
+/// apiservers, pins, lb1, lb2).
+fn vrrp_pair_running() -> (Lab, Vec<LabProcess>, [PathBuf; 2], LabProcess, LabProcess) {
+    let (lab, apis, pins) = vrrp_pair();
+    let lb1 = start_lb(&lab, "lb1", &pins[0]);
+    let lb2 = start_lb(&lab, "lb2", &pins[1]);
+    lab.wait_until(Duration::from_secs(10), "lb1 alone holds the VIP", || {
+        vip_holders(&lab) == ["lb1"]
+    })
+    .unwrap();
+    (lab, apis, pins, lb1, lb2)
 }
 
 fn start_lb(lab: &Lab, lb: &str, pins: &Path) -> LabProcess {
@@ -691,13 +697,7 @@ fn vrrp_of(lab: &Lab, lb: &str) -> (String, u64) {
 /// echo.
 #[test]
 fn a_vrrp_master_restarted_with_the_keep_intent_stays_master() {
-    let (lab, _apis, pins) = vrrp_pair();
-    let mut lb1 = start_lb(&lab, "lb1", &pins[0]);
-    let _lb2 = start_lb(&lab, "lb2", &pins[1]);
-    lab.wait_until(Duration::from_secs(10), "lb1 alone holds the VIP", || {
-        vip_holders(&lab) == ["lb1"]
-    })
-    .unwrap();
+    let (lab, _apis, pins, mut lb1, _lb2) = vrrp_pair_running();
     let backup_before = vrrp_of(&lab, "lb2");
     assert_eq!(backup_before.0, "backup");
     // A master host that does not answer ICMP echo: its silence proves
@@ -732,13 +732,7 @@ fn a_vrrp_master_restarted_with_the_keep_intent_stays_master() {
 /// it), and when it does come back it joins as backup first.
 #[test]
 fn a_kept_vrrp_master_that_stays_away_lets_its_address_expire() {
-    let (lab, _apis, pins) = vrrp_pair();
-    let mut lb1 = start_lb(&lab, "lb1", &pins[0]);
-    let _lb2 = start_lb(&lab, "lb2", &pins[1]);
-    lab.wait_until(Duration::from_secs(10), "lb1 alone holds the VIP", || {
-        vip_holders(&lab) == ["lb1"]
-    })
-    .unwrap();
+    let (lab, _apis, pins, mut lb1, _lb2) = vrrp_pair_running();
     lb1.stop(Duration::from_secs(10)).unwrap();
     assert_eq!(vip_holders(&lab), ["lb1"], "kept at first");
     // lb2 is master after 3 x 2 s + skew; lb1's address lives 4 x 2 s.
@@ -761,13 +755,7 @@ fn a_kept_vrrp_master_that_stays_away_lets_its_address_expire() {
 /// silence, not after 3 x restart_hold. While the host answers, it waits.
 #[test]
 fn a_kept_vrrp_master_whose_host_goes_down_is_replaced_at_once() {
-    let (lab, _apis, pins) = vrrp_pair();
-    let mut lb1 = start_lb(&lab, "lb1", &pins[0]);
-    let lb2 = start_lb(&lab, "lb2", &pins[1]);
-    lab.wait_until(Duration::from_secs(10), "lb1 alone holds the VIP", || {
-        vip_holders(&lab) == ["lb1"]
-    })
-    .unwrap();
+    let (lab, _apis, _pins, mut lb1, lb2) = vrrp_pair_running();
     lb1.stop(Duration::from_secs(10)).unwrap();
     // Twice the backup's normal Master_Down_Interval: the host answers, so
     // the hold stands.

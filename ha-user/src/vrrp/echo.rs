@@ -2,10 +2,11 @@
 //! a raw socket. The codec is pure; the socket is opened only while a
 //! backup watches (the machine says when: `Machine::host_to_watch`).
 
-use std::{io, mem::MaybeUninit, net::Ipv4Addr};
+use std::{io, net::Ipv4Addr};
 
-use socket2::{Domain, Protocol, SockAddr, Socket, Type};
-use tokio::io::unix::AsyncFd;
+use socket2::{Domain, Protocol, Socket, Type};
+
+use super::socket::RawSocket;
 
 const ECHO_REQUEST: u8 = 8;
 const ECHO_REPLY: u8 = 0;
@@ -58,45 +59,24 @@ pub fn echo_reply_from(packet: &[u8], id: u16) -> Option<Ipv4Addr> {
 /// A raw ICMP socket: sends echo requests, receives every ICMP message the
 /// host gets (the replies are picked out by id and source).
 pub struct EchoSocket {
-    socket: AsyncFd<Socket>,
+    socket: RawSocket,
 }
 
 impl EchoSocket {
     pub fn open() -> io::Result<Self> {
         let socket = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::ICMPV4))?;
-        socket.set_nonblocking(true)?;
-        // SAFETY: the Socket owns its fd, and AsyncFd owns the Socket for its
-        // whole life, so the fd stays open and the same.
-        let socket = unsafe { AsyncFd::register(socket) }.map_err(|e| e.into_parts().1)?;
-        Ok(Self { socket })
+        Ok(Self {
+            socket: RawSocket::register(socket)?,
+        })
     }
 
     pub async fn send(&self, dst: Ipv4Addr, message: &[u8]) -> io::Result<()> {
-        let address = SockAddr::from(std::net::SocketAddrV4::new(dst, 0));
-        loop {
-            let mut guard = self.socket.writable().await?;
-            match guard.try_io(|s| s.get_ref().send_to(message, &address)) {
-                Ok(result) => return result.map(|_| ()),
-                Err(_would_block) => continue,
-            }
-        }
+        self.socket.send(dst, message).await
     }
 
     /// The next whole IPv4 packet received.
     pub async fn recv(&self) -> io::Result<Vec<u8>> {
-        let mut buf = [MaybeUninit::<u8>::uninit(); 1500];
-        loop {
-            let mut guard = self.socket.readable().await?;
-            let n = match guard.try_io(|s| s.get_ref().recv(&mut buf)) {
-                Ok(result) => result?,
-                Err(_would_block) => continue,
-            };
-            // SAFETY: recv initialised the first n bytes.
-            return Ok(buf[..n]
-                .iter()
-                .map(|b| unsafe { b.assume_init() })
-                .collect());
-        }
+        self.socket.recv().await
     }
 }
 

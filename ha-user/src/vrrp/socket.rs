@@ -10,7 +10,49 @@ use tokio::io::unix::AsyncFd;
 use super::packet::{IPPROTO_VRRP, MULTICAST_GROUP};
 
 pub struct VrrpSocket {
-    socket: AsyncFd<Socket>,
+    socket: RawSocket,
+}
+
+/// A non-blocking raw IPv4 socket on the runtime: sends messages (the
+/// kernel adds the IP header) and receives whole IPv4 packets.
+pub(super) struct RawSocket(AsyncFd<Socket>);
+
+impl RawSocket {
+    pub(super) fn register(socket: Socket) -> io::Result<Self> {
+        socket.set_nonblocking(true)?;
+        // SAFETY: the Socket owns its fd, and AsyncFd owns the Socket for its
+        // whole life, so the fd stays open and the same.
+        let socket = unsafe { AsyncFd::register(socket) }.map_err(|e| e.into_parts().1)?;
+        Ok(Self(socket))
+    }
+
+    pub(super) async fn send(&self, dst: Ipv4Addr, message: &[u8]) -> io::Result<()> {
+        let address = SockAddr::from(std::net::SocketAddrV4::new(dst, 0));
+        loop {
+            let mut guard = self.0.writable().await?;
+            match guard.try_io(|s| s.get_ref().send_to(message, &address)) {
+                Ok(result) => return result.map(|_| ()),
+                Err(_would_block) => continue,
+            }
+        }
+    }
+
+    /// The next packet, IP header included.
+    pub(super) async fn recv(&self) -> io::Result<Vec<u8>> {
+        let mut buf = [MaybeUninit::<u8>::uninit(); 2048];
+        loop {
+            let mut guard = self.0.readable().await?;
+            let n = match guard.try_io(|s| s.get_ref().recv(&mut buf)) {
+                Ok(result) => result?,
+                Err(_would_block) => continue,
+            };
+            // SAFETY: recv initialised the first n bytes.
+            return Ok(buf[..n]
+                .iter()
+                .map(|b| unsafe { b.assume_init() })
+                .collect());
+        }
+    }
 }
 
 /// A received packet: the IP header's fields we check, and the VRRP message.
@@ -31,7 +73,6 @@ impl VrrpSocket {
             Type::RAW,
             Some(Protocol::from(IPPROTO_VRRP as i32)),
         )?;
-        socket.set_nonblocking(true)?;
         socket.bind_device(Some(iface.as_bytes()))?;
         socket.set_ttl_v4(255)?;
         socket.set_multicast_ttl_v4(255)?;
@@ -40,36 +81,18 @@ impl VrrpSocket {
         if multicast {
             socket.join_multicast_v4(&MULTICAST_GROUP, &local)?;
         }
-        // SAFETY: the Socket owns its fd, and AsyncFd owns the Socket for its
-        // whole life, so the fd stays open and the same.
-        let socket = unsafe { AsyncFd::register(socket) }.map_err(|e| e.into_parts().1)?;
-        Ok(Self { socket })
+        Ok(Self {
+            socket: RawSocket::register(socket)?,
+        })
     }
 
     pub async fn send(&self, dst: Ipv4Addr, message: &[u8]) -> io::Result<()> {
-        let address = SockAddr::from(std::net::SocketAddrV4::new(dst, 0));
-        loop {
-            let mut guard = self.socket.writable().await?;
-            match guard.try_io(|s| s.get_ref().send_to(message, &address)) {
-                Ok(result) => return result.map(|_| ()),
-                Err(_would_block) => continue,
-            }
-        }
+        self.socket.send(dst, message).await
     }
 
     pub async fn recv(&self) -> io::Result<Received> {
-        let mut buf = [MaybeUninit::<u8>::uninit(); 2048];
         loop {
-            let mut guard = self.socket.readable().await?;
-            let n = match guard.try_io(|s| s.get_ref().recv(&mut buf)) {
-                Ok(result) => result?,
-                Err(_would_block) => continue,
-            };
-            // SAFETY: recv initialised the first n bytes.
-            let packet: Vec<u8> = buf[..n]
-                .iter()
-                .map(|b| unsafe { b.assume_init() })
-                .collect();
+            let packet = self.socket.recv().await?;
             if packet.len() < 20 || packet[0] >> 4 != 4 {
                 continue;
             }
