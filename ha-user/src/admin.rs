@@ -1,4 +1,4 @@
-//! The agent's local admin socket, for `status`, `drain`, `undrain` and `reload`.
+//! The agent's local admin socket, for `status`, `drain`, `undrain`, `reload` and `stop`.
 //!
 //! An abstract Unix socket named `ha-lb/<interface>`: abstract names belong
 //! to the network namespace, so agents in several namespaces (one per LB in

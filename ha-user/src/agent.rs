@@ -5,7 +5,7 @@
 //! ```text
 //!  probe task (one per VIP backend) ──HealthReport──┐
 //!  VRRP announcer (adverts, timers) ──Own/Release───┤
-//!  admin socket (status/drain/undrain/reload) ──────┼──> reconciler ──> data plane maps
+//!  admin socket (status/drain/undrain/reload/stop) ─┼──> reconciler ──> data plane maps
 //!  signals (SIGHUP reload, SIGTERM/SIGINT stop) ────┘    (this loop)     VIP addresses, neighbours
 //!                                        reconciler ──Track──> announcer (priority, fault)
 //! ```
@@ -14,8 +14,10 @@
 //! drains and the data plane; on any change it recomputes the desired state
 //! and lets [`DataPlane::apply`] swap in the tables that changed.
 //!
-//! Start-up validates everything before touching the host. SIGTERM or SIGINT
-//! removes what the agent added and exits.
+//! Start-up validates everything before touching the host, and a start that
+//! fails before the program switch changes nothing. SIGTERM or SIGINT stop
+//! with the `--on-stop` intent: release removes what ha-lb added, keep
+//! leaves the data path serving for the next agent (docs/operations.md).
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, HashSet},
