@@ -84,6 +84,26 @@ const DATA_PATH_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 /// VRRP advertisement (it decides before loading the program).
 const VRRP_RESUME_MARGIN: Duration = Duration::from_millis(500);
 
+/// The signals the agent answers, installed first thing: one that arrives
+/// while the agent starts (a migration of a large table takes seconds) is
+/// held until it serves, not fatal half way: SIGHUP then reloads, SIGTERM
+/// and SIGINT stop with the intent.
+struct Signals {
+    terminate: tokio::signal::unix::Signal,
+    interrupt: tokio::signal::unix::Signal,
+    hangup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> Result<Self> {
+        Ok(Self {
+            terminate: signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
+            interrupt: signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
+            hangup: signal(SignalKind::hangup()).context("installing the SIGHUP handler")?,
+        })
+    }
+}
+
 /// The running VRRP instance, as the reconciler sees it.
 struct Vrrp {
     commands: mpsc::Sender<announcer::Command>,
@@ -183,6 +203,7 @@ struct Agent {
 }
 
 pub async fn run(options: AttachOptions) -> Result<()> {
+    let mut signals = Signals::install()?;
     let config = Config::load(&options.config_path)?;
     let iface = options.iface.clone();
     if options.xdp_mode == AttachMode::Generic {
@@ -254,12 +275,27 @@ pub async fn run(options: AttachOptions) -> Result<()> {
     let (vrrp_tx, mut vrrp_rx) = mpsc::channel::<announcer::Event>(16);
     let vrrp = match &config.vrrp {
         Some(vrrp_config) => {
+            let now_ns = monotonic_coarse_ns();
             let start = handover::vrrp_start(
                 record.vrrp,
-                monotonic_coarse_ns(),
+                now_ns,
                 vrrp_config.advert_interval,
                 VRRP_RESUME_MARGIN,
             );
+            if start == VrrpStart::ResumeMaster {
+                // Before the first advert, which tells the backups the
+                // configured interval again: should this agent die, the
+                // next one must measure against that, not the hold.
+                let mut resumed = record.clone();
+                resumed.vrrp = Some(VrrpRecord {
+                    master: true,
+                    at_ns: now_ns,
+                    announced: vrrp_config.advert_interval,
+                });
+                dataplane
+                    .store_record(&resumed)
+                    .context("writing the agent record before resuming as VRRP master")?;
+            }
             Some(start_vrrp(&netlink, &iface, vrrp_config, &config, vrrp_tx, start).await?)
         }
         None => None,
@@ -322,7 +358,13 @@ pub async fn run(options: AttachOptions) -> Result<()> {
             "serving; SIGHUP reloads the config, SIGTERM stops"
         );
         agent
-            .serve(&mut health_rx, &mut admin_rx, &mut vrrp_rx, &mut logger)
+            .serve(
+                &mut signals,
+                &mut health_rx,
+                &mut admin_rx,
+                &mut vrrp_rx,
+                &mut logger,
+            )
             .await
     }
     .await;
@@ -451,16 +493,12 @@ fn build_probers(config: &Config) -> Result<HashMap<String, Arc<Prober>>> {
 impl Agent {
     async fn serve(
         &mut self,
+        signals: &mut Signals,
         health_rx: &mut mpsc::Receiver<HealthReport>,
         admin_rx: &mut mpsc::Receiver<admin::Command>,
         vrrp_rx: &mut mpsc::Receiver<announcer::Event>,
         logger: &mut Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
     ) -> Result<StopIntent> {
-        let mut sigterm =
-            signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-        let mut sigint =
-            signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-        let mut sighup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
         let mut sweep = tokio::time::interval(SWEEP_INTERVAL);
         let stats_every = if self.options.stats_interval.is_zero() {
             Duration::from_secs(3600)
@@ -479,15 +517,15 @@ impl Agent {
         });
         loop {
             tokio::select! {
-                _ = sigterm.recv() => {
+                _ = signals.terminate.recv() => {
                     info!(intent = self.options.on_stop.label(), "SIGTERM: stopping");
                     return Ok(self.options.on_stop);
                 }
-                _ = sigint.recv() => {
+                _ = signals.interrupt.recv() => {
                     info!(intent = self.options.on_stop.label(), "SIGINT: stopping");
                     return Ok(self.options.on_stop);
                 }
-                _ = sighup.recv() => {
+                _ = signals.hangup.recv() => {
                     if let Err(e) = self.reload().await {
                         error!("{e}");
                     }
@@ -1503,8 +1541,13 @@ impl Agent {
             announced = Some(told);
             if self.holding {
                 let lifetime = handover::kept_address_lifetime(told);
-                let addresses: BTreeSet<Ipv4Addr> =
-                    self.config.vips.iter().map(|v| v.address).collect();
+                let addresses: BTreeSet<Ipv4Addr> = self
+                    .config
+                    .vips
+                    .iter()
+                    .map(|v| v.address)
+                    .filter(|a| self.added_addresses.contains(a))
+                    .collect();
                 for address in addresses {
                     if let Err(e) = self
                         .netlink

@@ -1462,8 +1462,10 @@ impl DataPlane {
                         iface: iface.to_string(),
                     });
                     self.record_program()?;
-                    self.migrate(true)?;
+                    // The new tables are live: their pins first, then the
+                    // second copy pass from the old ones (still held open).
                     self.commit_staged_pins()?;
+                    self.migrate(true)?;
                     return Ok(AttachedMode::Native);
                 }
                 Err(ProgramError::SyscallError(e))
@@ -1506,8 +1508,8 @@ impl DataPlane {
             iface: iface.to_string(),
         });
         self.record_program()?;
-        self.migrate(true)?;
         self.commit_staged_pins()?;
+        self.migrate(true)?;
         Ok(AttachedMode::Native)
     }
 

@@ -1025,3 +1025,87 @@ fn a_kept_address_is_permanent_again_under_the_next_holder() {
     std::thread::sleep(Duration::from_secs(9));
     assert_eq!(vip_holders(&lab), ["lb1"], "still there after 4 x the hold");
 }
+
+/// A restarted agent that resumed as VRRP master and then died (killed
+/// during its start) told the backups the normal interval again: the next
+/// agent must not resume from the older record of a hold, because a backup
+/// may be master by then. It starts as backup.
+#[test]
+fn an_agent_that_died_after_resuming_leaves_no_stale_resume() {
+    let (lab, _apis, pins, mut lb1, _lb2) = vrrp_pair_running();
+    lb1.stop(Duration::from_secs(10)).unwrap();
+    // Killed as soon as it has resumed, before anything else it does.
+    let config = lab.log_dir().join("lb1.yaml").display().to_string();
+    let program = ha_lab::bin_path("ha-user").display().to_string();
+    let mut argv = vec![
+        program,
+        "attach".to_string(),
+        "--iface".to_string(),
+        HOST_IFACE.to_string(),
+        "--config".to_string(),
+        config,
+    ];
+    argv.extend(agent_args(&pins[0]));
+    let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+    let mut resumed = lab.spawn("lb1", &argv).unwrap();
+    resumed
+        .wait_for_log("VRRP resumes as master", Duration::from_secs(15))
+        .unwrap();
+    kill_9(&mut resumed);
+    assert!(!resumed.log().contains("serving;"), "{}", resumed.log());
+    // 3 x 100 ms + skew later lb2 is master; the next lb1 agent comes after.
+    std::thread::sleep(Duration::from_millis(600));
+    let next = start_lb(&lab, "lb1", &pins[0]);
+    assert!(
+        next.log().contains("VRRP started as backup"),
+        "{}",
+        next.log()
+    );
+}
+
+/// Signals that arrive while the agent starts are held until it serves:
+/// SIGHUP then reloads (it does not kill the agent half way through a
+/// start), SIGTERM then stops it with its intent.
+#[test]
+fn signals_during_the_start_are_answered_once_the_agent_serves() {
+    let setup = setup();
+    let lab = &setup.lab;
+    let spawn = |intent: &str| {
+        let program = ha_lab::bin_path("ha-user").display().to_string();
+        let config = setup.config.display().to_string();
+        let pins = setup.pins.display().to_string();
+        let argv = [
+            program.as_str(),
+            "attach",
+            "--iface",
+            HOST_IFACE,
+            "--config",
+            &config,
+            "--pin-dir",
+            &pins,
+            "--on-stop",
+            intent,
+        ];
+        let mut agent = lab.spawn("lb", &argv).unwrap();
+        agent
+            .wait_for_log("telemetry endpoint listening", Duration::from_secs(15))
+            .unwrap();
+        agent
+    };
+    let mut agent = spawn("keep");
+    agent.signal(Signal::SIGHUP).unwrap();
+    agent
+        .wait_for_log("reload applied", Duration::from_secs(15))
+        .unwrap();
+    assert!(agent.log().contains("serving;"), "{}", agent.log());
+    assert!(agent.wait_timeout(Duration::ZERO).unwrap().is_none());
+    agent.stop(Duration::from_secs(10)).unwrap();
+    let before_release = host_state(lab, "lb");
+    let mut releasing = spawn("release");
+    releasing.signal(Signal::SIGTERM).unwrap();
+    let status = releasing.wait_timeout(Duration::from_secs(15)).unwrap();
+    assert!(status.is_some_and(|s| s.success()), "{}", releasing.log());
+    assert!(releasing.log().contains("released:"), "{}", releasing.log());
+    assert!(!setup.pins.exists(), "release removes the pins");
+    assert!(!xdp_attached(lab) && !has_vip(lab), "{before_release}");
+}
