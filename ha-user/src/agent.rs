@@ -534,6 +534,7 @@ impl Agent {
                 Some(event) = vrrp_rx.recv() => self.on_vrrp(event).await,
                 _ = link_check.tick(), if self.vrrp.is_some() => {
                     self.check_link().await;
+                    self.renew_address_leases().await;
                     // The VRRP state's time: how fresh a restart finds it.
                     self.save_record();
                 }
@@ -1099,6 +1100,33 @@ impl Agent {
         synced
     }
 
+    /// The lifetime of a VIP address this agent holds: under VRRP a lease it
+    /// renews (`handover::held_address_lease`), without VRRP permanent.
+    fn held_address_lifetime(&self) -> Option<u32> {
+        self.vrrp
+            .as_ref()
+            .map(|vrrp| handover::held_address_lease(vrrp.config.advert_interval))
+    }
+
+    /// Renews the lease of the VIP addresses a VRRP master holds.
+    async fn renew_address_leases(&mut self) {
+        let Some(lease) = self.held_address_lifetime() else {
+            return;
+        };
+        if !self.holding {
+            return;
+        }
+        for address in self.added_addresses.clone() {
+            if let Err(e) = self
+                .netlink
+                .set_vip_lifetime(self.ifindex, address, Some(lease))
+                .await
+            {
+                warn!(vip = %address, error = %e, "renewing the VIP address's lease");
+            }
+        }
+    }
+
     async fn sync_vip_addresses_now(&mut self) -> Result<()> {
         let configured: BTreeSet<Ipv4Addr> = self.config.vips.iter().map(|v| v.address).collect();
         let wanted: BTreeSet<Ipv4Addr> = if self.holding {
@@ -1107,18 +1135,25 @@ impl Agent {
             BTreeSet::new()
         };
         let mut added = Vec::new();
+        let lifetime = self.held_address_lifetime();
         for address in &wanted {
             if self.netlink.has_address(self.ifindex, *address).await? {
                 if self.added_addresses.contains(address) {
-                    // A kept VRRP master gave it a lifetime (operations.md,
-                    // "Stopping"); held now, it is permanent again.
+                    // A kept VRRP master gave it a longer lifetime
+                    // (operations.md, "Stopping"); held now, it gets the
+                    // holder's: a lease under VRRP, permanent otherwise.
                     self.netlink
-                        .set_vip_lifetime(self.ifindex, *address, None)
+                        .set_vip_lifetime(self.ifindex, *address, lifetime)
                         .await?;
                 }
                 continue;
             }
             self.netlink.add_vip(self.ifindex, *address).await?;
+            if lifetime.is_some() {
+                self.netlink
+                    .set_vip_lifetime(self.ifindex, *address, lifetime)
+                    .await?;
+            }
             self.added_addresses.insert(*address);
             added.push(*address);
             info!(vip = %address, iface = %self.options.iface, "VIP address added");

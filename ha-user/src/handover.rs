@@ -492,6 +492,16 @@ pub fn kept_address_lifetime(advert_interval: Duration) -> u32 {
         .max(1)
 }
 
+/// The lifetime, in whole seconds, of a VIP address a VRRP master holds:
+/// renewed every 0.5 s while its agent runs, so a master whose agent is
+/// killed (no last advert, no clean-up) stops answering ARP for the VIP by
+/// itself soon after a backup took over, instead of for good. Four
+/// advertisement intervals, at least 5 s: a busy event loop must not let it
+/// lapse.
+pub fn held_address_lease(advert_interval: Duration) -> u32 {
+    kept_address_lifetime(advert_interval).max(5)
+}
+
 /// What an agent does when it stops (SIGTERM/SIGINT, `ha-user stop`).
 #[derive(
     Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
@@ -748,6 +758,12 @@ mod tests {
         assert_eq!(kept_address_lifetime(Duration::from_millis(100)), 1);
         assert_eq!(kept_address_lifetime(Duration::from_secs(1)), 4);
         assert_eq!(kept_address_lifetime(Duration::from_millis(1500)), 6);
+    }
+
+    #[test]
+    fn a_held_address_lease_is_at_least_five_seconds() {
+        assert_eq!(held_address_lease(Duration::from_millis(100)), 5);
+        assert_eq!(held_address_lease(Duration::from_secs(3)), 12);
     }
 
     #[test]

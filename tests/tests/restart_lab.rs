@@ -1109,3 +1109,23 @@ fn signals_during_the_start_are_answered_once_the_agent_serves() {
     assert!(!setup.pins.exists(), "release removes the pins");
     assert!(!xdp_attached(lab) && !has_vip(lab), "{before_release}");
 }
+
+/// A VRRP master's VIP address is a lease its agent renews: when the agent
+/// is killed and no agent comes back, a backup takes over after its
+/// Master_Down_Interval and the old host stops answering for the VIP when
+/// the lease ends (5 s at 100 ms adverts), not never.
+#[test]
+fn a_killed_vrrp_master_lets_its_address_lease_run_out() {
+    let (lab, _apis, _pins, mut lb1, _lb2) = vrrp_pair_running();
+    kill_9(&mut lb1);
+    lab.wait_until(Duration::from_secs(3), "lb2 master", || {
+        vrrp_of(&lab, "lb2").0 == "master"
+    })
+    .unwrap();
+    let alone = lab
+        .wait_until(Duration::from_secs(10), "lb2 alone holds the VIP", || {
+            vip_holders(&lab) == ["lb2"]
+        })
+        .unwrap();
+    assert!(alone <= Duration::from_secs(7), "{alone:?}");
+}
