@@ -39,10 +39,8 @@ use tracing::{error, info, warn};
 use crate::{
     admin::{self, Request, Response},
     blackhole,
-    config::{CheckConfig, Config, Listen, TrackAction, VrrpConfig, VrrpVersion},
-    dataplane::{
-        AttachMode, DataPlane, DesiredBackend, DesiredVip, LoadOptions, monotonic_coarse_ns,
-    },
+    config::{CheckConfig, Config, Listen, VrrpConfig, VrrpVersion},
+    dataplane::{AttachMode, DataPlane, LoadOptions, monotonic_coarse_ns},
     garp,
     handover::{self, BackendRecord, BackendRef, Record, StopIntent, VrrpRecord, VrrpStart},
     health::{Checker, Health, Timing},
@@ -117,19 +115,9 @@ struct Vrrp {
     resumed: bool,
 }
 
-/// One backend of one VIP: what a probe task checks and the reconciler tracks.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-struct BackendKey {
-    vip: String,
-    address: Ipv4Addr,
-    port: u16,
-}
+pub mod decide;
 
-impl std::fmt::Display for BackendKey {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}/{}:{}", self.vip, self.address, self.port)
-    }
-}
+use decide::BackendKey;
 
 /// A probe task's result, tagged with the task's generation so that a report
 /// from a task replaced by a reload is ignored.
@@ -749,14 +737,15 @@ impl Agent {
             return;
         };
         let (link_up, xdp_attached) = vrrp.link;
-        let mut fault = !link_up || !xdp_attached;
-        let mut priority = vrrp.config.priority;
-        if no_healthy_backend {
-            match vrrp.config.track.no_healthy_backend {
-                TrackAction::Fault => fault = true,
-                TrackAction::Decrease(n) => priority = priority.saturating_sub(n).max(1),
-            }
-        }
+        let (priority, fault) = decide::tracked(
+            vrrp.config.priority,
+            vrrp.config.track.no_healthy_backend,
+            decide::TrackedState {
+                link_up,
+                xdp_attached,
+                no_healthy_backend,
+            },
+        );
         if (priority, fault) == vrrp.tracked {
             return;
         }
@@ -785,10 +774,20 @@ impl Agent {
         }
     }
 
+    /// Gratuitous ARP for every VIP address (a re-announcement).
     fn announce_vips(&self) {
+        self.announce(self.config.vips.iter().map(|v| v.address).collect());
+    }
+
+    /// The one gratuitous-ARP path: `garp.count` announcements (at least
+    /// one: taking a VIP without telling the LAN would leave the clients on
+    /// the old holder) `garp.interval` apart, for each address, in the
+    /// background.
+    fn announce(&self, addresses: BTreeSet<Ipv4Addr>) {
+        if addresses.is_empty() {
+            return;
+        }
         let (ifindex, mac, garp) = (self.ifindex, self.mac, self.config.garp.clone());
-        let mut addresses: Vec<Ipv4Addr> = self.config.vips.iter().map(|v| v.address).collect();
-        addresses.dedup();
         tokio::spawn(async move {
             for vip in addresses {
                 if let Err(e) =
@@ -1022,56 +1021,18 @@ impl Agent {
     fn apply_data_plane_with(&mut self, local: &HashSet<Ipv4Addr>) -> Result<()> {
         self.local_backends = local.clone();
         let settings = self.config.data_plane.settings(self.lb_addr);
-        let mut vips = Vec::new();
-        let mut failing_open = BTreeSet::new();
-        for vip in &self.config.vips {
-            let state = |address: Ipv4Addr, port: u16| {
-                let key = BackendKey {
-                    vip: vip.name.clone(),
-                    address,
-                    port,
-                };
-                let health = self.health.get(&key).map_or(Health::Up, |h| h.health);
-                (health, self.maintenance.contains(&key))
-            };
-            let eligible = vip.backends.iter().filter(|b| {
-                let (health, maintenance) = state(b.address, b.port());
-                health == Health::Up && !maintenance && b.weight > 0
-            });
-            let fail_open = eligible.count() == 0;
-            if fail_open {
-                failing_open.insert(vip.name.clone());
-            }
-            let all_in_maintenance = vip.backends.iter().all(|b| state(b.address, b.port()).1);
-            let backends = vip
-                .backends
-                .iter()
-                .map(|b| {
-                    let (health, maintenance) = state(b.address, b.port());
-                    let serving = if fail_open {
-                        // Fail open: every backend an operator did not take out.
-                        !maintenance || all_in_maintenance
-                    } else {
-                        health == Health::Up && !maintenance
-                    };
-                    DesiredBackend {
-                        address: b.address,
-                        port: b.port(),
-                        weight: if serving { b.weight } else { 0 },
-                        local: local.contains(&b.address),
-                        down: !fail_open && health == Health::Down,
-                    }
-                })
-                .collect();
-            vips.push(DesiredVip {
-                name: vip.name.clone(),
-                address: vip.address,
-                port: vip.port,
-                protocol: vip.protocol.number(),
-                enabled: self.holding,
-                backends,
-            });
-        }
+        let health: BTreeMap<BackendKey, Health> = self
+            .health
+            .iter()
+            .map(|(key, h)| (key.clone(), h.health))
+            .collect();
+        let decide::Desired { vips, failing_open } = decide::desired_state(
+            &self.config,
+            &health,
+            &self.maintenance,
+            local,
+            self.holding,
+        );
         for name in failing_open.difference(&self.failing_open) {
             error!(vip = %name, "every backend of the VIP is down or draining: FAILING OPEN, traffic goes to all of them");
         }
@@ -1158,18 +1119,7 @@ impl Agent {
             added.push(*address);
             info!(vip = %address, iface = %self.options.iface, "VIP address added");
         }
-        if !added.is_empty() {
-            let (ifindex, mac, garp) = (self.ifindex, self.mac, self.config.garp.clone());
-            tokio::spawn(async move {
-                for vip in added {
-                    if let Err(e) =
-                        garp::announce(ifindex, mac, vip, garp.count, garp.interval).await
-                    {
-                        warn!(error = %e, "gratuitous ARP");
-                    }
-                }
-            });
-        }
+        self.announce(added.into_iter().collect());
         let mut unwanted: BTreeSet<Ipv4Addr> =
             self.added_addresses.difference(&wanted).copied().collect();
         if self.vrrp.is_some() {

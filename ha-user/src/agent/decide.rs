@@ -1,0 +1,255 @@
+//! The reconciler's decisions, pure: plain values in, plain values out,
+//! unit-tested without root. The agent (`agent/mod.rs`) gathers the inputs
+//! and carries the outputs out.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashSet},
+    net::Ipv4Addr,
+};
+
+use crate::{
+    config::{Config, TrackAction},
+    dataplane::{DesiredBackend, DesiredVip},
+    health::Health,
+};
+
+/// One backend of one VIP: what a probe task checks and the reconciler tracks.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BackendKey {
+    pub vip: String,
+    pub address: Ipv4Addr,
+    pub port: u16,
+}
+
+impl std::fmt::Display for BackendKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}:{}", self.vip, self.address, self.port)
+    }
+}
+
+/// What the data plane should serve, and which VIPs fail open.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Desired {
+    pub vips: Vec<DesiredVip>,
+    /// VIPs with no backend up and not in maintenance: traffic goes to all.
+    pub failing_open: BTreeSet<String>,
+}
+
+/// The desired data-plane state (docs/health-checks.md, "Fail open"):
+/// - a backend takes new flows (its weight) when it is up and not drained;
+///   draining, down and drained ones get weight 0 and keep their record, so
+///   their flows stay valid;
+/// - a down one is also flagged down, which moves its flows, except while
+///   its VIP fails open;
+/// - a VIP none of whose backends can take new flows fails open: every
+///   backend an operator did not drain takes them (all of them, when every
+///   one is drained);
+/// - a backend whose address is this host's is local; the VIPs are enabled
+///   while this host holds them.
+///
+/// `health`: backends without an entry are up (checks start optimistic, as
+/// haproxy's); `maintenance`: drained backends.
+pub fn desired_state(
+    config: &Config,
+    health: &BTreeMap<BackendKey, Health>,
+    maintenance: &BTreeSet<BackendKey>,
+    local: &HashSet<Ipv4Addr>,
+    holding: bool,
+) -> Desired {
+    let mut vips = Vec::new();
+    let mut failing_open = BTreeSet::new();
+    for vip in &config.vips {
+        let state = |address: Ipv4Addr, port: u16| {
+            let key = BackendKey {
+                vip: vip.name.clone(),
+                address,
+                port,
+            };
+            let health = health.get(&key).copied().unwrap_or(Health::Up);
+            (health, maintenance.contains(&key))
+        };
+        let eligible = vip.backends.iter().filter(|b| {
+            let (health, maintenance) = state(b.address, b.port());
+            health == Health::Up && !maintenance && b.weight > 0
+        });
+        let fail_open = eligible.count() == 0;
+        if fail_open {
+            failing_open.insert(vip.name.clone());
+        }
+        let all_in_maintenance = vip.backends.iter().all(|b| state(b.address, b.port()).1);
+        let backends = vip
+            .backends
+            .iter()
+            .map(|b| {
+                let (health, maintenance) = state(b.address, b.port());
+                let serving = if fail_open {
+                    // Fail open: every backend an operator did not take out.
+                    !maintenance || all_in_maintenance
+                } else {
+                    health == Health::Up && !maintenance
+                };
+                DesiredBackend {
+                    address: b.address,
+                    port: b.port(),
+                    weight: if serving { b.weight } else { 0 },
+                    local: local.contains(&b.address),
+                    down: !fail_open && health == Health::Down,
+                }
+            })
+            .collect();
+        vips.push(DesiredVip {
+            name: vip.name.clone(),
+            address: vip.address,
+            port: vip.port,
+            protocol: vip.protocol.number(),
+            enabled: holding,
+            backends,
+        });
+    }
+    Desired { vips, failing_open }
+}
+
+/// What VRRP tracking looks at.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TrackedState {
+    pub link_up: bool,
+    pub xdp_attached: bool,
+    /// Some VIP has no backend up (it fails open).
+    pub no_healthy_backend: bool,
+}
+
+/// VRRP tracking (docs/vrrp.md, "Tracking"): the priority to advertise and
+/// whether to be in fault. The interface down or the program detached is a
+/// fault; a VIP without a backend up is a fault or lowers the priority by
+/// `n` (never below 1), as `track.no_healthy_backend` says.
+pub fn tracked(configured: u8, action: TrackAction, state: TrackedState) -> (u8, bool) {
+    let mut fault = !state.link_up || !state.xdp_attached;
+    let mut priority = configured;
+    if state.no_healthy_backend {
+        match action {
+            TrackAction::Fault => fault = true,
+            TrackAction::Decrease(n) => priority = priority.saturating_sub(n).max(1),
+        }
+    }
+    (priority, fault)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HEALTHY: TrackedState = TrackedState {
+        link_up: true,
+        xdp_attached: true,
+        no_healthy_backend: false,
+    };
+
+    fn config() -> Config {
+        Config::from_yaml(
+            "vips:\n  - name: api\n    address: 10.0.0.100\n    port: 6443\n    backends:\n      \
+             - address: 10.0.0.11\n      - address: 10.0.0.12\n      - {address: 10.0.0.13, weight: 2}\n",
+            "test",
+        )
+        .unwrap()
+    }
+
+    fn key(last: u8) -> BackendKey {
+        BackendKey {
+            vip: "api".into(),
+            address: Ipv4Addr::new(10, 0, 0, last),
+            port: 6443,
+        }
+    }
+
+    /// (weight, down) per backend of the only VIP.
+    fn shape(desired: &Desired) -> Vec<(u32, bool)> {
+        desired.vips[0]
+            .backends
+            .iter()
+            .map(|b| (b.weight, b.down))
+            .collect()
+    }
+
+    fn decide(health: &[(u8, Health)], drained: &[u8]) -> Desired {
+        let health = health.iter().map(|(last, h)| (key(*last), *h)).collect();
+        let drained = drained.iter().map(|last| key(*last)).collect();
+        desired_state(&config(), &health, &drained, &HashSet::new(), true)
+    }
+
+    #[test]
+    fn up_backends_keep_their_weights_and_unchecked_ones_count_as_up() {
+        let desired = decide(&[(11, Health::Up)], &[]);
+        assert_eq!(shape(&desired), [(1, false), (1, false), (2, false)]);
+        assert!(desired.failing_open.is_empty());
+        assert!(desired.vips[0].enabled);
+    }
+
+    #[test]
+    fn draining_down_and_drained_backends_take_no_new_flows_and_only_down_ones_move_theirs() {
+        let desired = decide(&[(11, Health::Draining), (12, Health::Down)], &[13]);
+        // Nothing left to take new flows: fail open, below.
+        assert_eq!(desired.failing_open, BTreeSet::from(["api".to_string()]));
+        let desired = decide(&[(11, Health::Draining), (12, Health::Down)], &[]);
+        assert_eq!(shape(&desired), [(0, false), (0, true), (2, false)]);
+        assert!(desired.failing_open.is_empty());
+    }
+
+    #[test]
+    fn a_vip_with_no_backend_up_fails_open_to_every_backend_not_drained() {
+        let all_down = [(11, Health::Down), (12, Health::Down), (13, Health::Down)];
+        let desired = decide(&all_down, &[12]);
+        assert_eq!(desired.failing_open, BTreeSet::from(["api".to_string()]));
+        // No down flag while failing open: their flows stay where they are.
+        assert_eq!(shape(&desired), [(1, false), (0, false), (2, false)]);
+        // Every one drained: all of them.
+        let desired = decide(&all_down, &[11, 12, 13]);
+        assert_eq!(shape(&desired), [(1, false), (1, false), (2, false)]);
+    }
+
+    #[test]
+    fn local_backends_are_marked_and_the_vips_follow_holding() {
+        let local = HashSet::from([Ipv4Addr::new(10, 0, 0, 12)]);
+        let desired = desired_state(&config(), &BTreeMap::new(), &BTreeSet::new(), &local, false);
+        let locals: Vec<bool> = desired.vips[0].backends.iter().map(|b| b.local).collect();
+        assert_eq!(locals, [false, true, false]);
+        assert!(!desired.vips[0].enabled, "not holding: disabled");
+    }
+
+    #[test]
+    fn tracking_faults_on_a_down_link_or_a_detached_program() {
+        assert_eq!(
+            tracked(150, TrackAction::Decrease(50), HEALTHY),
+            (150, false)
+        );
+        for state in [
+            TrackedState {
+                link_up: false,
+                ..HEALTHY
+            },
+            TrackedState {
+                xdp_attached: false,
+                ..HEALTHY
+            },
+        ] {
+            assert_eq!(tracked(150, TrackAction::Decrease(50), state), (150, true));
+        }
+    }
+
+    #[test]
+    fn tracking_a_vip_without_a_backend_up_lowers_the_priority_or_faults() {
+        let none_up = TrackedState {
+            no_healthy_backend: true,
+            ..HEALTHY
+        };
+        assert_eq!(
+            tracked(150, TrackAction::Decrease(50), none_up),
+            (100, false)
+        );
+        assert_eq!(
+            tracked(30, TrackAction::Decrease(50), none_up),
+            (1, false),
+            "never below 1 (0 means leaving)"
+        );
+        assert_eq!(tracked(150, TrackAction::Fault, none_up), (150, true));
+    }
+}
