@@ -134,6 +134,77 @@ pub fn tracked(configured: u8, action: TrackAction, state: TrackedState) -> (u8,
     (priority, fault)
 }
 
+/// VRRP's part in readiness.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VrrpReadiness {
+    pub link_up: bool,
+    pub xdp_attached: bool,
+    pub fault: bool,
+}
+
+/// What readiness looks at.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Readiness<'a> {
+    pub iface: &'a str,
+    /// `None` without VRRP.
+    pub vrrp: Option<VrrpReadiness>,
+    /// Backends (not drained) without a finished check, as `vip/address:port`.
+    pub unchecked: Vec<String>,
+    /// The interface's forwarding sysctl (`None`: unreadable).
+    pub forwarding_on: Option<bool>,
+    /// The black-hole detector's reason, if it found one.
+    pub blackhole: Option<String>,
+}
+
+/// Backends that are not drained and have no finished check yet.
+pub fn unchecked(
+    keys: &[BackendKey],
+    maintenance: &BTreeSet<BackendKey>,
+    checks: &BTreeMap<BackendKey, u64>,
+) -> Vec<String> {
+    keys.iter()
+        .filter(|key| !maintenance.contains(key))
+        .filter(|key| checks.get(key).is_none_or(|n| *n == 0))
+        .map(|key| key.to_string())
+        .collect()
+}
+
+/// Why the agent is not ready (empty: ready), what `/readyz` answers
+/// (docs/operations.md, "Telemetry"): the interface down, the program
+/// detached or VRRP in fault; a backend not checked yet; forwarding
+/// switched off; the data path's packets unanswered.
+pub fn not_ready(readiness: &Readiness<'_>) -> Vec<String> {
+    let iface = readiness.iface;
+    let mut reasons = Vec::new();
+    if let Some(vrrp) = readiness.vrrp {
+        if !vrrp.link_up {
+            reasons.push(format!("interface {iface} is down"));
+        }
+        if !vrrp.xdp_attached {
+            reasons.push(format!("the XDP program is no longer attached to {iface}"));
+        }
+        if vrrp.fault {
+            reasons.push("VRRP is in fault".to_string());
+        }
+    }
+    if !readiness.unchecked.is_empty() {
+        reasons.push(format!(
+            "not checked yet: {}",
+            readiness.unchecked.join(", ")
+        ));
+    }
+    if readiness.forwarding_on == Some(false) {
+        reasons.push(format!(
+            "IPv4 forwarding is off on {iface}: the kernel's FIB refuses to answer the data \
+             path, which drops every packet it would forward (drop_forwarding_disabled); \
+             the agent switched it on at start and something switched it off since \
+             (sysctl -w net.ipv4.conf.{iface}.forwarding=1)"
+        ));
+    }
+    reasons.extend(readiness.blackhole.clone());
+    reasons
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -213,6 +284,60 @@ mod tests {
         let locals: Vec<bool> = desired.vips[0].backends.iter().map(|b| b.local).collect();
         assert_eq!(locals, [false, true, false]);
         assert!(!desired.vips[0].enabled, "not holding: disabled");
+    }
+
+    #[test]
+    fn readiness_names_every_reason_and_is_empty_when_all_is_well() {
+        let ready = Readiness {
+            iface: "eth0",
+            vrrp: Some(VrrpReadiness {
+                link_up: true,
+                xdp_attached: true,
+                fault: false,
+            }),
+            unchecked: Vec::new(),
+            forwarding_on: Some(true),
+            blackhole: None,
+        };
+        assert!(not_ready(&ready).is_empty());
+        let all_wrong = Readiness {
+            vrrp: Some(VrrpReadiness {
+                link_up: false,
+                xdp_attached: false,
+                fault: true,
+            }),
+            unchecked: vec!["api/10.0.0.11:6443".into()],
+            forwarding_on: Some(false),
+            blackhole: Some("the data path's packets go unanswered".into()),
+            ..ready.clone()
+        };
+        let reasons = not_ready(&all_wrong);
+        assert_eq!(reasons.len(), 6, "{reasons:?}");
+        assert_eq!(reasons[0], "interface eth0 is down");
+        assert!(reasons[1].contains("no longer attached to eth0"));
+        assert_eq!(reasons[2], "VRRP is in fault");
+        assert_eq!(reasons[3], "not checked yet: api/10.0.0.11:6443");
+        assert!(reasons[4].contains("forwarding is off on eth0"));
+        assert!(reasons[5].contains("unanswered"));
+        // Without VRRP, and forwarding unreadable: neither counts.
+        let static_vip = Readiness {
+            vrrp: None,
+            forwarding_on: None,
+            ..ready
+        };
+        assert!(not_ready(&static_vip).is_empty());
+    }
+
+    #[test]
+    fn a_backend_is_unchecked_until_its_first_check_unless_drained() {
+        let keys = [key(11), key(12), key(13)];
+        let checks = BTreeMap::from([(key(11), 3), (key(12), 0)]);
+        let drained = BTreeSet::from([key(13)]);
+        assert_eq!(
+            unchecked(&keys, &drained, &checks),
+            ["api/10.0.0.12:6443"],
+            "12 has no finished check; 13 is drained"
+        );
     }
 
     #[test]

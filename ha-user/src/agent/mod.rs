@@ -1301,42 +1301,25 @@ impl Agent {
     /// the VIP over, and a DaemonSet rollout must not stall on an apiserver
     /// outage.
     fn not_ready(&self) -> Vec<String> {
-        let mut reasons = Vec::new();
-        let iface = &self.options.iface;
-        if let Some(vrrp) = &self.vrrp {
-            let (link_up, attached) = vrrp.link;
-            if !link_up {
-                reasons.push(format!("interface {iface} is down"));
-            }
-            if !attached {
-                reasons.push(format!("the XDP program is no longer attached to {iface}"));
-            }
-            if vrrp.status.lock().expect("status lock").state == "fault" {
-                reasons.push("VRRP is in fault".to_string());
-            }
-        }
-        let unchecked: Vec<String> = self
-            .backend_keys()
-            .into_iter()
-            .filter(|key| !self.maintenance.contains(key))
-            .filter(|key| self.health.get(key).is_none_or(|h| h.checks == 0))
-            .map(|key| key.to_string())
+        let checks: BTreeMap<BackendKey, u64> = self
+            .health
+            .iter()
+            .map(|(key, h)| (key.clone(), h.checks))
             .collect();
-        if !unchecked.is_empty() {
-            reasons.push(format!("not checked yet: {}", unchecked.join(", ")));
-        }
-        if self.forwarding.still_on() == Some(false) {
-            reasons.push(format!(
-                "IPv4 forwarding is off on {iface}: the kernel's FIB refuses to answer the data \
-                 path, which drops every packet it would forward (drop_forwarding_disabled); \
-                 the agent switched it on at start and something switched it off since \
-                 (sysctl -w net.ipv4.conf.{iface}.forwarding=1)"
-            ));
-        }
-        if let Some(finding) = self.blackhole.finding() {
-            reasons.push(blackhole::reason(iface, &finding, self.veth));
-        }
-        reasons
+        decide::not_ready(&decide::Readiness {
+            iface: &self.options.iface,
+            vrrp: self.vrrp.as_ref().map(|vrrp| decide::VrrpReadiness {
+                link_up: vrrp.link.0,
+                xdp_attached: vrrp.link.1,
+                fault: vrrp.status.lock().expect("status lock").state == "fault",
+            }),
+            unchecked: decide::unchecked(&self.backend_keys(), &self.maintenance, &checks),
+            forwarding_on: self.forwarding.still_on(),
+            blackhole: self
+                .blackhole
+                .finding()
+                .map(|finding| blackhole::reason(&self.options.iface, &finding, self.veth)),
+        })
     }
 
     /// Feeds the black-hole detector a sample of the data path's counters
