@@ -473,20 +473,38 @@ impl Lab {
     /// Starts `ha-user attach --iface eth0 --config CONFIG [extra]` on `host`;
     /// returns once the agent serves.
     pub fn start_agent(&self, host: &str, config: &Path, extra: &[&str]) -> Result<LabProcess> {
+        let mut agent = self.spawn_agent(host, config, extra, &[])?;
+        agent.wait_for_log("serving;", Duration::from_secs(15))?;
+        Ok(agent)
+    }
+
+    /// Starts `ha-user attach --iface eth0 --config CONFIG [extra]` on `host`
+    /// with `env` (`NAME=value`) added to its environment, and returns at
+    /// once: for tests that act while the agent starts.
+    pub fn spawn_agent(
+        &self,
+        host: &str,
+        config: &Path,
+        extra: &[&str],
+        env: &[&str],
+    ) -> Result<LabProcess> {
         let program = bin_path("ha-user");
         let config = config.to_str().expect("a UTF-8 path");
-        let mut argv = vec![
+        let mut argv = Vec::new();
+        if !env.is_empty() {
+            argv.push("env");
+            argv.extend_from_slice(env);
+        }
+        argv.extend_from_slice(&[
             program.to_str().expect("a UTF-8 path"),
             "attach",
             "--iface",
             HOST_IFACE,
             "--config",
             config,
-        ];
+        ]);
         argv.extend_from_slice(extra);
-        let mut agent = self.spawn(host, &argv)?;
-        agent.wait_for_log("serving;", Duration::from_secs(15))?;
-        Ok(agent)
+        self.spawn(host, &argv)
     }
 
     /// Starts Debian's keepalived on `host` as the VRRP peer of `peer`

@@ -199,22 +199,13 @@ fn start(setup: &Setup, extra: &[&str]) -> LabProcess {
 
 /// The agent with the upgrade test's program (`cargo xtask build-ebpf --variant`).
 fn start_variant(setup: &Setup) -> LabProcess {
-    let object = variant_object();
-    let program = ha_lab::bin_path("ha-user");
-    let config = setup.config.display().to_string();
-    let mut argv = vec![
-        "env".to_string(),
-        format!("HA_LB_XDP_OBJECT={}", object.display()),
-        program.display().to_string(),
-        "attach".to_string(),
-        "--iface".to_string(),
-        HOST_IFACE.to_string(),
-        "--config".to_string(),
-        config,
-    ];
-    argv.extend(agent_args(&setup.pins));
-    let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
-    let mut agent = setup.lab.spawn("lb", &argv).unwrap();
+    let object = format!("HA_LB_XDP_OBJECT={}", variant_object().display());
+    let args = agent_args(&setup.pins);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut agent = setup
+        .lab
+        .spawn_agent("lb", &setup.config, &args, &[&object])
+        .unwrap();
     agent
         .wait_for_log("serving;", Duration::from_secs(15))
         .unwrap();
@@ -834,17 +825,8 @@ fn connections_opened_while_a_restart_moves_the_nat_range_keep_answering() {
     // Connections from the moment the new agent has scanned the tables
     // (its record's health is adopted just after) until after it serves.
     let args = agent_args(&setup.pins);
-    let mut argv = vec![
-        ha_lab::bin_path("ha-user").display().to_string(),
-        "attach".to_string(),
-        "--iface".to_string(),
-        HOST_IFACE.to_string(),
-        "--config".to_string(),
-        setup.config.display().to_string(),
-    ];
-    argv.extend(args);
-    let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
-    let mut restarted = lab.spawn("lb", &argv).unwrap();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut restarted = lab.spawn_agent("lb", &setup.config, &args, &[]).unwrap();
     restarted
         .wait_for_log("health and drains adopted", Duration::from_secs(15))
         .unwrap();
@@ -1035,19 +1017,10 @@ fn an_agent_that_died_after_resuming_leaves_no_stale_resume() {
     let (lab, _apis, pins, mut lb1, _lb2) = vrrp_pair_running();
     lb1.stop(Duration::from_secs(10)).unwrap();
     // Killed as soon as it has resumed, before anything else it does.
-    let config = lab.log_dir().join("lb1.yaml").display().to_string();
-    let program = ha_lab::bin_path("ha-user").display().to_string();
-    let mut argv = vec![
-        program,
-        "attach".to_string(),
-        "--iface".to_string(),
-        HOST_IFACE.to_string(),
-        "--config".to_string(),
-        config,
-    ];
-    argv.extend(agent_args(&pins[0]));
-    let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
-    let mut resumed = lab.spawn("lb1", &argv).unwrap();
+    let config = lab.log_dir().join("lb1.yaml");
+    let args = agent_args(&pins[0]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut resumed = lab.spawn_agent("lb1", &config, &args, &[]).unwrap();
     resumed
         .wait_for_log("VRRP resumes as master", Duration::from_secs(15))
         .unwrap();
@@ -1071,22 +1044,9 @@ fn signals_during_the_start_are_answered_once_the_agent_serves() {
     let setup = setup();
     let lab = &setup.lab;
     let spawn = |intent: &str| {
-        let program = ha_lab::bin_path("ha-user").display().to_string();
-        let config = setup.config.display().to_string();
         let pins = setup.pins.display().to_string();
-        let argv = [
-            program.as_str(),
-            "attach",
-            "--iface",
-            HOST_IFACE,
-            "--config",
-            &config,
-            "--pin-dir",
-            &pins,
-            "--on-stop",
-            intent,
-        ];
-        let mut agent = lab.spawn("lb", &argv).unwrap();
+        let args = ["--pin-dir", &pins, "--on-stop", intent];
+        let mut agent = lab.spawn_agent("lb", &setup.config, &args, &[]).unwrap();
         agent
             .wait_for_log("telemetry endpoint listening", Duration::from_secs(15))
             .unwrap();

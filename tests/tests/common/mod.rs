@@ -279,44 +279,13 @@ pub const DOWNLOAD: usize = 2 * 1024 * 1024;
 
 /// nginx on `host`:8080 serving `/big`, `DOWNLOAD` bytes.
 pub fn start_file_server(lab: &Lab, host: &str) -> LabProcess {
-    let dir = lab.log_dir().join(format!("nginx-{host}"));
-    std::fs::create_dir_all(dir.join("www")).unwrap();
-    std::fs::write(dir.join("www/big"), vec![b'x'; DOWNLOAD]).unwrap();
-    let conf = dir.join("nginx.conf");
-    std::fs::write(
-        &conf,
-        format!(
-            "worker_processes 1;\ndaemon off;\npid {dir}/nginx.pid;\nerror_log {dir}/error.log;\n\
-             events {{ worker_connections 64; }}\n\
-             http {{\n  access_log off;\n  client_body_temp_path {dir};\n  proxy_temp_path {dir};\n  fastcgi_temp_path {dir};\n  uwsgi_temp_path {dir};\n  scgi_temp_path {dir};\n\
-               server {{ listen {}:8080; root {dir}/www; }}\n}}\n",
-            lab.host(host).addr,
-            dir = dir.display()
-        ),
-    )
-    .unwrap();
-    let mut process = lab
-        .spawn(
-            host,
-            &[
-                "nginx",
-                "-c",
-                conf.to_str().unwrap(),
-                "-p",
-                dir.to_str().unwrap(),
-            ],
-        )
-        .unwrap();
-    let addr = std::net::SocketAddr::from((lab.host(host).addr, 8080));
-    lab.wait_until(Duration::from_secs(10), "nginx listening", || {
-        lab.in_host("client", || {
-            std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
-        })
-        .unwrap_or(false)
+    let www = lab.log_dir().join(format!("nginx-{host}")).join("www");
+    std::fs::create_dir_all(&www).unwrap();
+    std::fs::write(www.join("big"), vec![b'x'; DOWNLOAD]).unwrap();
+    ha_lab::e2e::start_nginx_server(lab, host, 8080, 64, |dir| {
+        format!("; root {}/www;", dir.display())
     })
-    .unwrap();
-    process.wait_timeout(Duration::ZERO).unwrap();
-    process
+    .unwrap()
 }
 
 /// nginx on every one of `backends` serving `/big`, and an agent on `lb`
