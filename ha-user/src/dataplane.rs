@@ -661,6 +661,11 @@ impl PinnedState {
 /// [`DataPlaneError::PinnedLink`] when the pinned link cannot be read or runs
 /// a program that is not ha-lb's.
 pub fn inspect_pins(dir: &Path, options: &LoadOptions) -> Result<PinnedState> {
+    inspect_and_open(dir, options).map(|(state, _)| state)
+}
+
+/// [`inspect_pins`], and the pinned link itself, opened once.
+fn inspect_and_open(dir: &Path, options: &LoadOptions) -> Result<(PinnedState, Option<FdLink>)> {
     let pinned: Vec<(&str, PathBuf)> = PINNED_MAPS
         .iter()
         .map(|name| (*name, dir.join(name)))
@@ -679,11 +684,11 @@ pub fn inspect_pins(dir: &Path, options: &LoadOptions) -> Result<PinnedState> {
         None
     };
     let link_path = dir.join(LINK_PIN);
-    let link = if link_path.exists() {
-        let (_, found) = open_pinned_link(&link_path, record.as_ref())?;
-        Some(found)
+    let (fd_link, link) = if link_path.exists() {
+        let (fd_link, found) = open_pinned_link(&link_path, record.as_ref())?;
+        (Some(fd_link), Some(found))
     } else {
-        None
+        (None, None)
     };
     let tables = (!pinned.is_empty()).then(|| {
         let mut misfits: Vec<String> = PINNED_MAPS
@@ -712,11 +717,12 @@ pub fn inspect_pins(dir: &Path, options: &LoadOptions) -> Result<PinnedState> {
             resized,
         }
     });
-    Ok(PinnedState {
+    let state = PinnedState {
         link,
         tables,
         record,
-    })
+    };
+    Ok((state, fd_link))
 }
 
 /// Opens the pinned link and says which program it runs: the one the agent
@@ -924,14 +930,12 @@ impl DataPlane {
             for name in PINNED_MAPS {
                 let _ = remove_if_present(&staged(dir, name));
             }
-            let pinned = inspect_pins(dir, options)?;
+            let (pinned, fd_link) = inspect_and_open(dir, options)?;
             let plan = handover::plan_tables(pinned.tables.as_ref(), options.accept_flow_loss)?;
-            let link_path = dir.join(LINK_PIN);
-            if link_path.exists() {
-                let (link, found) = open_pinned_link(&link_path, pinned.record.as_ref())?;
+            if let (Some(link), Some(found)) = (fd_link, pinned.link.clone()) {
                 pending_link = Some(PendingLink {
                     link,
-                    path: link_path,
+                    path: dir.join(LINK_PIN),
                     found,
                 });
             }
