@@ -14,7 +14,6 @@ use std::{
     time::Duration,
 };
 
-use serde::{Deserialize, Serialize};
 use tokio::{
     io::{AsyncBufReadExt, AsyncWriteExt},
     net::UnixListener,
@@ -22,7 +21,7 @@ use tokio::{
 };
 use tracing::{debug, warn};
 
-use crate::status::StatusReport;
+use crate::control::{Command, Request, Response};
 
 const NAME_PREFIX: &str = "ha-lb/";
 
@@ -41,56 +40,6 @@ pub enum AdminError {
     #[error("the agent answered something unreadable: {0}")]
     Protocol(String),
 }
-
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "command", rename_all = "snake_case")]
-pub enum Request {
-    Status,
-    /// Maintenance: no new flows to the backend, established flows stay.
-    Drain {
-        vip: String,
-        backend: String,
-    },
-    Undrain {
-        vip: String,
-        backend: String,
-    },
-    Reload,
-    /// Stop the agent with this intent (`ha-user stop`).
-    Stop {
-        intent: crate::handover::StopIntent,
-    },
-}
-
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
-pub struct Response {
-    pub ok: bool,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub message: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub status: Option<StatusReport>,
-}
-
-impl Response {
-    pub fn ok(message: impl Into<String>) -> Self {
-        Self {
-            ok: true,
-            message: Some(message.into()),
-            status: None,
-        }
-    }
-
-    pub fn error(message: impl Into<String>) -> Self {
-        Self {
-            ok: false,
-            message: Some(message.into()),
-            status: None,
-        }
-    }
-}
-
-/// A request for the agent's main loop, with where to send its answer.
-pub type Command = (Request, oneshot::Sender<Response>);
 
 pub fn socket_name(iface: &str) -> String {
     format!("{NAME_PREFIX}{iface}")

@@ -306,16 +306,25 @@ impl Record {
     }
 }
 
-/// How this agent came to run the data path (status, `/metrics`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// How this agent came to run the data path (status, `/metrics`); the
+/// serde spelling is the label.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum StartKind {
     /// No pinned link: the program was attached now.
+    #[default]
     Fresh,
     /// A pinned link ran the same program (same tag); it was replaced in place
     /// by this agent's instance of it, with this agent's VIP tables.
     Adopted,
     /// A pinned link ran another program (another tag); it was replaced in place.
     Upgraded,
+}
+
+impl std::fmt::Display for StartKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.label())
+    }
 }
 
 impl StartKind {
@@ -504,18 +513,33 @@ pub fn held_address_lease(advert_interval: Duration) -> u32 {
 
 /// What an agent does when it stops (SIGTERM/SIGINT, `ha-user stop`).
 #[derive(
-    Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    clap::ValueEnum,
+    serde::Serialize,
+    serde::Deserialize,
 )]
 #[serde(rename_all = "lowercase")]
 pub enum StopIntent {
     /// The host goes out of service: VRRP priority 0 (a peer takes over at
     /// once), VIP addresses and neighbour entries removed, program detached,
     /// pins removed.
+    #[default]
     Release,
     /// The agent restarts or is upgraded in place: program, flow tables and
     /// VIP addresses stay, and the data path goes on serving the last desired
     /// state until the next agent adopts it.
     Keep,
+}
+
+impl std::fmt::Display for StopIntent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.label())
+    }
 }
 
 impl StopIntent {

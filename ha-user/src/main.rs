@@ -5,9 +5,10 @@ use std::{path::PathBuf, process::ExitCode, time::Duration};
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use ha_user::{
-    admin::{self, Request, Response},
+    admin,
     agent::{self, AttachOptions, PinLocation},
     config::{Config, DEFAULT_CONFIG_PATH},
+    control::{Request, Response},
     dataplane::AttachMode,
     handover::StopIntent,
 };

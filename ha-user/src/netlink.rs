@@ -51,6 +51,15 @@ fn request(what: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> NetlinkE
     move |source| NetlinkError::Request { what, source }
 }
 
+/// What VRRP tracking reads off the attach interface.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LinkHealth {
+    /// Administratively and operationally up (carrier included).
+    pub up: bool,
+    /// An XDP program is attached.
+    pub xdp_attached: bool,
+}
+
 impl Netlink {
     /// Must be called inside a tokio runtime (it spawns the connection task).
     pub fn connect() -> Result<Self> {
@@ -99,7 +108,7 @@ impl Netlink {
 
     /// Whether the interface is up (operationally, carrier included) and has
     /// an XDP program attached: VRRP tracking goes to fault when either is not.
-    pub async fn link_health(&self, ifindex: u32) -> Result<(bool, bool)> {
+    pub async fn link_health(&self, ifindex: u32) -> Result<LinkHealth> {
         use rtnetlink::packet_route::link::{LinkFlags, LinkXdp, State, XdpAttached};
         let link = self.link(ifindex).await?;
         let admin_up = link.header.flags.contains(LinkFlags::Up);
@@ -113,7 +122,10 @@ impl Netlink {
                 .any(|x| matches!(x, LinkXdp::Attached(mode) if *mode != XdpAttached::None)),
             _ => false,
         });
-        Ok((admin_up && oper_up, xdp))
+        Ok(LinkHealth {
+            up: admin_up && oper_up,
+            xdp_attached: xdp,
+        })
     }
 
     /// The interface's link kind as rtnetlink names it (`veth`, `vlan`,

@@ -6,7 +6,12 @@ use std::{collections::BTreeMap, fmt::Write};
 
 use serde::{Deserialize, Serialize};
 
-use crate::{health::CheckResult, probe::Outcome};
+use crate::{
+    config::{Mode, Protocol},
+    handover::{StartKind, StopIntent},
+    health::{CheckResult, Health},
+    probe::Outcome,
+};
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct StatusReport {
@@ -33,6 +38,64 @@ pub struct StatusReport {
     pub data_path_unanswered: bool,
     #[serde(default)]
     pub program: ProgramStatus,
+    /// Reloads since the agent started, by outcome.
+    #[serde(default)]
+    pub reloads: BTreeMap<ReloadOutcome, u64>,
+}
+
+/// How a reload ended (docs/operations.md, "Reloading").
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReloadOutcome {
+    /// The new config is the running one.
+    Applied,
+    /// Refused before anything changed (invalid, or needs a restart).
+    Rejected,
+    /// A step failed; what had changed was put back.
+    RolledBack,
+    /// A step failed and putting the running config back failed too.
+    Incomplete,
+}
+
+impl ReloadOutcome {
+    pub const ALL: [ReloadOutcome; 4] = [
+        ReloadOutcome::Applied,
+        ReloadOutcome::Rejected,
+        ReloadOutcome::RolledBack,
+        ReloadOutcome::Incomplete,
+    ];
+
+    /// The serde spelling, as `/metrics` labels it.
+    pub fn label(self) -> &'static str {
+        match self {
+            ReloadOutcome::Applied => "applied",
+            ReloadOutcome::Rejected => "rejected",
+            ReloadOutcome::RolledBack => "rolled_back",
+            ReloadOutcome::Incomplete => "incomplete",
+        }
+    }
+}
+
+/// The step of a reload's apply that failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReloadStep {
+    /// The managed neighbour entries of new backends.
+    Neighbours,
+    /// The data plane's tables (VIPs, Maglev, backends, settings).
+    DataPlane,
+    /// The VIP addresses on the interface.
+    Addresses,
+}
+
+impl std::fmt::Display for ReloadStep {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ReloadStep::Neighbours => "neighbour entries",
+            ReloadStep::DataPlane => "the data plane's tables",
+            ReloadStep::Addresses => "the VIP addresses",
+        })
+    }
 }
 
 /// The XDP program this agent runs and how it came to (docs/operations.md,
@@ -41,14 +104,14 @@ pub struct StatusReport {
 pub struct ProgramStatus {
     /// `fresh` (attached now), `adopted` (the pinned link ran the same
     /// program), `upgraded` (it ran another one).
-    pub start: String,
+    pub start: StartKind,
     /// The program's tag, 16 hex digits as bpftool prints it.
     pub tag: String,
     /// The tag of the program the pinned link ran before, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replaced_tag: Option<String>,
     /// What SIGTERM does: `release` or `keep`.
-    pub on_stop: String,
+    pub on_stop: StopIntent,
 }
 
 /// The connection tables, as the agent's sweeps (every 10 s) see them.
@@ -73,8 +136,9 @@ pub struct VipStatus {
     pub name: String,
     pub address: String,
     pub port: u16,
-    pub protocol: String,
-    pub mode: String,
+    pub protocol: Protocol,
+    /// The VIP's configured mode.
+    pub mode: Mode,
     /// Who answers for the VIP: `static` (this host, no VRRP).
     pub owner: String,
     /// Every backend is down or draining: traffic goes to all of them.
@@ -88,14 +152,60 @@ pub struct BackendStatus {
     pub address: String,
     pub port: u16,
     pub weight: u32,
-    /// `up`, `draining`, `down`, or `maintenance` (set by an operator).
-    pub state: String,
+    pub state: BackendState,
     /// Seconds in this state.
     pub in_state_seconds: f64,
     pub checks: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_check: Option<LastCheck>,
     pub traffic: Traffic,
+}
+
+/// A backend's state as status and `/metrics` show it: its health, or
+/// maintenance when an operator drained it (which hides the health).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BackendState {
+    #[default]
+    Up,
+    Draining,
+    Down,
+    Maintenance,
+}
+
+impl BackendState {
+    pub const ALL: [BackendState; 4] = [
+        BackendState::Up,
+        BackendState::Draining,
+        BackendState::Down,
+        BackendState::Maintenance,
+    ];
+
+    /// The state of a backend with `health`, drained or not.
+    pub fn of(health: Health, maintenance: bool) -> Self {
+        match (maintenance, health) {
+            (true, _) => BackendState::Maintenance,
+            (false, Health::Up) => BackendState::Up,
+            (false, Health::Draining) => BackendState::Draining,
+            (false, Health::Down) => BackendState::Down,
+        }
+    }
+
+    /// The serde spelling.
+    pub fn label(self) -> &'static str {
+        match self {
+            BackendState::Up => "up",
+            BackendState::Draining => "draining",
+            BackendState::Down => "down",
+            BackendState::Maintenance => "maintenance",
+        }
+    }
+}
+
+impl std::fmt::Display for BackendState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.label())
+    }
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -172,6 +282,14 @@ impl StatusReport {
                 .unwrap_or_default(),
             program.on_stop
         );
+        if !self.reloads.is_empty() {
+            let counts: Vec<String> = self
+                .reloads
+                .iter()
+                .map(|(outcome, n)| format!("{} {n}", outcome.label()))
+                .collect();
+            let _ = writeln!(out, "reloads: {}", counts.join(", "));
+        }
         for reason in &self.not_ready {
             let _ = writeln!(out, "not ready: {reason}");
         }
@@ -297,8 +415,8 @@ mod tests {
                 name: "apiserver".into(),
                 address: "10.0.0.254".into(),
                 port: 6443,
-                protocol: "tcp".into(),
-                mode: "nat".into(),
+                protocol: crate::config::Protocol::Tcp,
+                mode: crate::config::Mode::Nat,
                 owner: "static".into(),
                 fail_open: true,
                 traffic: Traffic {
@@ -310,7 +428,7 @@ mod tests {
                     address: "10.0.0.11".into(),
                     port: 6443,
                     weight: 1,
-                    state: "down".into(),
+                    state: crate::status::BackendState::Down,
                     in_state_seconds: 3.0,
                     checks: 7,
                     last_check: Some(LastCheck {
@@ -339,13 +457,18 @@ mod tests {
             },
             data_path_unanswered: false,
             program: ProgramStatus {
-                start: "upgraded".into(),
+                start: crate::handover::StartKind::Upgraded,
                 tag: "00112233aabbccdd".into(),
                 replaced_tag: Some("0011223344556677".into()),
-                on_stop: "keep".into(),
+                on_stop: crate::handover::StopIntent::Keep,
             },
+            reloads: BTreeMap::from([(ReloadOutcome::Applied, 2), (ReloadOutcome::RolledBack, 1)]),
         };
         let table = report.render();
+        assert!(
+            table.contains("reloads: applied 2, rolled_back 1"),
+            "{table}"
+        );
         assert!(
             table.contains(
                 "program tag 00112233aabbccdd (upgraded from tag 0011223344556677), on stop: keep"

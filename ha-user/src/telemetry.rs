@@ -26,8 +26,9 @@ use tokio::{
 use tracing::debug;
 
 use crate::{
-    admin::{Command, Request},
-    status::StatusReport,
+    control::{Command, Request},
+    status::{BackendState, ReloadOutcome, StatusReport},
+    vrrp::machine::State,
 };
 
 /// How long a probe waits for the main loop before calling the agent stuck.
@@ -172,8 +173,7 @@ impl Metrics {
     }
 }
 
-const BACKEND_STATES: [&str; 4] = ["up", "draining", "down", "maintenance"];
-const VRRP_STATES: [&str; 3] = ["backup", "master", "fault"];
+const VRRP_STATES: [State; 3] = [State::Backup, State::Master, State::Fault];
 
 /// The report as OpenMetrics text. A fresh registry per scrape: the
 /// counters live in the data plane's maps, not in this process.
@@ -220,6 +220,10 @@ pub fn render_metrics(report: &StatusReport) -> String {
     );
     let verdicts = m.counters("packets", "Packets seen by the XDP program, by verdict");
     let events = m.counters("events", "Data-plane slow-path events");
+    let reloads = m.counters(
+        "reloads",
+        "Config reloads since the agent started, by outcome: applied, rejected (nothing changed), rolled_back (a step failed and was undone), incomplete (undoing failed too)",
+    );
 
     ready.set(i64::from(report.not_ready.is_empty()));
     unanswered.set(i64::from(report.data_path_unanswered));
@@ -229,10 +233,15 @@ pub fn render_metrics(report: &StatusReport) -> String {
     program
         .get_or_create(&vec![
             ("tag".to_string(), report.program.tag.clone()),
-            ("start".to_string(), report.program.start.clone()),
+            ("start".to_string(), report.program.start.to_string()),
         ])
         .set(1);
     uptime.set(report.uptime_seconds);
+    for outcome in ReloadOutcome::ALL {
+        reloads
+            .get_or_create(&labels(&[("outcome", outcome.label())]))
+            .inc_by(report.reloads.get(&outcome).copied().unwrap_or(0));
+    }
     for vip in &report.vips {
         let at = labels(&[("vip", &vip.name)]);
         vip_packets.get_or_create(&at).inc_by(vip.traffic.packets);
@@ -244,13 +253,13 @@ pub fn render_metrics(report: &StatusReport) -> String {
             let at = labels(&[("vip", &vip.name), ("backend", &name)]);
             backend_up
                 .get_or_create(&at)
-                .set(i64::from(backend.state == "up"));
-            for state in BACKEND_STATES {
+                .set(i64::from(backend.state == BackendState::Up));
+            for state in BackendState::ALL {
                 backend_state
                     .get_or_create(&labels(&[
                         ("vip", &vip.name),
                         ("backend", &name),
-                        ("state", state),
+                        ("state", state.label()),
                     ]))
                     .set(i64::from(backend.state == state));
             }
@@ -323,7 +332,7 @@ pub fn render_metrics(report: &StatusReport) -> String {
         let at = labels(&[("vrid", &vrid)]);
         for name in VRRP_STATES {
             state
-                .get_or_create(&labels(&[("vrid", &vrid), ("state", name)]))
+                .get_or_create(&labels(&[("vrid", &vrid), ("state", name.label())]))
                 .set(i64::from(vrrp.state == name));
         }
         priority.get_or_create(&at).set(i64::from(vrrp.priority));
@@ -368,7 +377,7 @@ mod tests {
                     BackendStatus {
                         address: "10.0.0.11".into(),
                         port: 6443,
-                        state: "up".into(),
+                        state: crate::status::BackendState::Up,
                         checks: 7,
                         traffic: Traffic {
                             packets: 6,
@@ -380,7 +389,7 @@ mod tests {
                     BackendStatus {
                         address: "10.0.0.12".into(),
                         port: 6443,
-                        state: "down".into(),
+                        state: crate::status::BackendState::Down,
                         ..Default::default()
                     },
                 ],
@@ -399,10 +408,10 @@ mod tests {
             data_path_unanswered: true,
             xdp_mode: "native".into(),
             program: crate::status::ProgramStatus {
-                start: "upgraded".into(),
+                start: crate::handover::StartKind::Upgraded,
                 tag: "00112233aabbccdd".into(),
                 replaced_tag: Some("0011223344556677".into()),
-                on_stop: "keep".into(),
+                on_stop: crate::handover::StopIntent::Keep,
             },
             ..Default::default()
         }
@@ -442,7 +451,7 @@ mod tests {
     fn vrrp_state_is_one_hot() {
         let mut r = report();
         r.vrrp = Some(crate::vrrp::announcer::VrrpStatus {
-            state: "master".into(),
+            state: crate::vrrp::machine::State::Master,
             vrid: 51,
             priority: 150,
             ..Default::default()

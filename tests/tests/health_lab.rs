@@ -8,7 +8,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{Session, start_agent, start_apiservers, telemetry, vip_config, whoami, write_config};
+use common::{
+    Session, reload, start_agent, start_apiservers, telemetry, vip_config, whoami, write_config,
+};
 use ha_lab::{Lab, LabProcess, bin_path};
 use nix::sys::signal::Signal;
 use serde_json::Value;
@@ -340,6 +342,131 @@ fn reload_adds_removes_and_reweights_without_breaking_an_unchanged_backend() {
         .map(|(h, w)| (lab.host(h).addr.to_string(), *w))
         .collect();
     assert_eq!(backends, expect);
+}
+
+/// Plan, apply, commit: a host step that fails part-way (here the second
+/// VIP's address, added and then refused, as a netlink error would) puts
+/// back everything the reload had changed, the running config goes on
+/// serving, and the outcome is counted in `/metrics`.
+#[test]
+fn a_reload_that_fails_part_way_is_rolled_back_and_counted() {
+    let lab = Lab::new(&HOSTS).unwrap();
+    let _apis = start_apiservers(&lab, &["api1", "api2", "api3", "api4"]);
+    let config = write_config(&lab, "config.yaml", &vip_config(&lab, &["api1", "api2"]));
+    let faults = write_config(&lab, "faults", "");
+    let env = format!("HA_LB_FAULTS={}", faults.display());
+    let mut agent = lab.spawn_agent("lb", &config, &[], &[&env]).unwrap();
+    agent
+        .wait_for_log("serving;", Duration::from_secs(15))
+        .unwrap();
+    let (vip, second_vip) = (lab.vip(0), lab.vip(1));
+    let addresses = || {
+        String::from_utf8_lossy(
+            &lab.exec("lb", &["ip", "-o", "addr", "show"])
+                .unwrap()
+                .stdout,
+        )
+        .into_owned()
+    };
+    let managed_neighbours = || {
+        String::from_utf8_lossy(&lab.exec("lb", &["ip", "neigh", "show"]).unwrap().stdout)
+            .lines()
+            .filter(|l| l.contains("managed"))
+            .map(|l| l.split_whitespace().next().unwrap_or_default().to_string())
+            .collect::<std::collections::BTreeSet<String>>()
+    };
+    let reloads = |outcome: &str| {
+        let metrics = telemetry(&lab, "lb", "/metrics").1;
+        let line = format!("ha_lb_reloads_total{{outcome=\"{outcome}\"}} ");
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&line))
+            .unwrap_or_else(|| panic!("{line} in\n{metrics}"))
+            .parse::<u64>()
+            .unwrap()
+    };
+    // api2 out, api3 in, and a second VIP on api4.
+    let next = format!(
+        "{}  - name: second\n    address: {second_vip}\n    port: 6443\n    backends:\n      - address: {}\n",
+        vip_config(&lab, &["api1", "api3"]),
+        lab.host("api4").addr
+    );
+    std::fs::write(&config, &next).unwrap();
+    std::fs::write(&faults, "vip-address-added\n").unwrap();
+    let neighbours_before = managed_neighbours();
+    lab.in_host("client", || {
+        let mut session = Session::open(vip);
+        session.assert_alive(3);
+        let refused = reload(&lab, "lb").expect_err("the reload fails");
+        assert!(
+            refused.contains("rolled back") && refused.contains("the VIP addresses"),
+            "{refused}"
+        );
+        session.assert_alive(5);
+        // The running config's tables are back: no new flow reaches api3.
+        let served: Vec<String> = (0..40).map(|_| whoami(vip, 6443).unwrap().0).collect();
+        assert!(
+            served.iter().all(|n| n == "api1" || n == "api2"),
+            "{served:?}"
+        );
+        assert!(served.iter().any(|n| n == "api2"), "{served:?}");
+    })
+    .unwrap();
+    assert!(
+        !addresses().contains(&format!("{second_vip}/")),
+        "the second VIP's address was removed again:\n{}",
+        addresses()
+    );
+    assert!(addresses().contains(&format!("{vip}/")));
+    // The new backends' neighbour entries go with their data-plane records,
+    // which the next sweep (every 10 s) frees: flows might name them.
+    lab.wait_until(
+        Duration::from_secs(15),
+        "the new backends' neighbour entries gone",
+        || managed_neighbours() == neighbours_before,
+    )
+    .unwrap_or_else(|e| panic!("{e}: {:?}", managed_neighbours()));
+    let report = status(&lab);
+    assert_eq!(report["vips"].as_array().unwrap().len(), 1, "{report}");
+    let backends: Vec<&str> = report["vips"][0]["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["address"].as_str().unwrap())
+        .collect();
+    let expect = [
+        lab.host("api1").addr.to_string(),
+        lab.host("api2").addr.to_string(),
+    ];
+    assert_eq!(backends, expect);
+    assert_eq!((reloads("rolled_back"), reloads("applied")), (1, 0));
+
+    // Without the fault the same file applies whole.
+    std::fs::write(&faults, "").unwrap();
+    let applied = reload(&lab, "lb").expect("the reload applies");
+    assert!(applied.contains("reload applied"), "{applied}");
+    assert!(addresses().contains(&format!("{second_vip}/")));
+    let served: Vec<String> = lab
+        .in_host("client", || {
+            (0..40).map(|_| whoami(vip, 6443).unwrap().0).collect()
+        })
+        .unwrap();
+    assert!(
+        served.iter().all(|n| n == "api1" || n == "api3"),
+        "{served:?}"
+    );
+    let second = lab
+        .in_host("client", || whoami(second_vip, 6443).unwrap().0)
+        .unwrap();
+    assert_eq!(second, "api4");
+    assert_eq!(
+        (
+            reloads("applied"),
+            reloads("rolled_back"),
+            reloads("rejected")
+        ),
+        (1, 1, 0)
+    );
 }
 
 #[test]

@@ -6,12 +6,8 @@ use anyhow::{Context, Result};
 use tracing::warn;
 
 use crate::{
-    admin::{self, Request},
-    config::Config,
-    dataplane::LoadOptions,
-    handover::StopIntent,
-    netlink::Netlink,
-    system,
+    admin, config::Config, control::Request, dataplane::LoadOptions, handover::StopIntent,
+    netlink::Netlink, system,
 };
 
 use super::{PinLocation, probes::build_probers};

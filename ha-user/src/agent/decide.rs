@@ -122,7 +122,7 @@ pub struct TrackedState {
 /// whether to be in fault. The interface down or the program detached is a
 /// fault; a VIP without a backend up is a fault or lowers the priority by
 /// `n` (never below 1), as `track.no_healthy_backend` says.
-pub fn tracked(configured: u8, action: TrackAction, state: TrackedState) -> (u8, bool) {
+pub fn tracked(configured: u8, action: TrackAction, state: TrackedState) -> Tracking {
     let mut fault = !state.link_up || !state.xdp_attached;
     let mut priority = configured;
     if state.no_healthy_backend {
@@ -131,7 +131,16 @@ pub fn tracked(configured: u8, action: TrackAction, state: TrackedState) -> (u8,
             TrackAction::Decrease(n) => priority = priority.saturating_sub(n).max(1),
         }
     }
-    (priority, fault)
+    Tracking { priority, fault }
+}
+
+/// What VRRP tracking tells the announcer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Tracking {
+    /// The priority to advertise.
+    pub priority: u8,
+    /// Go to (or stay in) the fault state.
+    pub fault: bool,
 }
 
 /// VRRP's part in readiness.
@@ -203,6 +212,122 @@ pub fn not_ready(readiness: &Readiness<'_>) -> Vec<String> {
     }
     reasons.extend(readiness.blackhole.clone());
     reasons
+}
+
+/// What a reload changes (vector's config diff is the model): VIPs and
+/// backends by name and address, for the reload's log line and answer.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ConfigDiff {
+    pub vips_added: Vec<String>,
+    pub vips_removed: Vec<String>,
+    /// In both, with another address, port, protocol, mode or check.
+    pub vips_changed: Vec<String>,
+    pub backends_added: Vec<BackendKey>,
+    pub backends_removed: Vec<BackendKey>,
+    /// In both, with another weight.
+    pub backends_reweighted: Vec<BackendKey>,
+    /// Something outside the VIPs changed (data plane settings, VRRP,
+    /// gratuitous ARP, telemetry).
+    pub other: bool,
+}
+
+impl ConfigDiff {
+    pub fn is_empty(&self) -> bool {
+        *self == ConfigDiff::default()
+    }
+}
+
+impl std::fmt::Display for ConfigDiff {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.is_empty() {
+            return f.write_str("no change");
+        }
+        let mut parts = Vec::new();
+        for (sign, names) in [
+            ('+', &self.vips_added),
+            ('-', &self.vips_removed),
+            ('~', &self.vips_changed),
+        ] {
+            if !names.is_empty() {
+                parts.push(format!("VIPs {sign}{}", names.join(&format!(" {sign}"))));
+            }
+        }
+        for (what, keys) in [
+            ("added", &self.backends_added),
+            ("removed", &self.backends_removed),
+            ("reweighted", &self.backends_reweighted),
+        ] {
+            if !keys.is_empty() {
+                let keys: Vec<String> = keys.iter().map(ToString::to_string).collect();
+                parts.push(format!("backends {what}: {}", keys.join(", ")));
+            }
+        }
+        if self.other {
+            parts.push("settings outside the VIPs changed".to_string());
+        }
+        f.write_str(&parts.join("; "))
+    }
+}
+
+/// The difference from the running config `old` to `new`.
+pub fn config_diff(old: &Config, new: &Config) -> ConfigDiff {
+    let mut diff = ConfigDiff::default();
+    let weights = |config: &Config| -> BTreeMap<BackendKey, u32> {
+        config
+            .vips
+            .iter()
+            .flat_map(|vip| {
+                vip.backends.iter().map(|b| {
+                    let key = BackendKey {
+                        vip: vip.name.clone(),
+                        address: b.address,
+                        port: b.port(),
+                    };
+                    (key, b.weight)
+                })
+            })
+            .collect()
+    };
+    for vip in &new.vips {
+        match old.vips.iter().find(|o| o.name == vip.name) {
+            None => diff.vips_added.push(vip.name.clone()),
+            Some(o) => {
+                let without_backends = |v: &crate::config::VipConfig| crate::config::VipConfig {
+                    backends: Vec::new(),
+                    ..v.clone()
+                };
+                if without_backends(o) != without_backends(vip) {
+                    diff.vips_changed.push(vip.name.clone());
+                }
+            }
+        }
+    }
+    for vip in &old.vips {
+        if !new.vips.iter().any(|n| n.name == vip.name) {
+            diff.vips_removed.push(vip.name.clone());
+        }
+    }
+    let (before, after) = (weights(old), weights(new));
+    for (key, weight) in &after {
+        match before.get(key) {
+            None => diff.backends_added.push(key.clone()),
+            Some(w) if w != weight => diff.backends_reweighted.push(key.clone()),
+            Some(_) => {}
+        }
+    }
+    diff.backends_removed = before
+        .keys()
+        .filter(|key| !after.contains_key(*key))
+        .cloned()
+        .collect();
+    diff.other = Config {
+        vips: Vec::new(),
+        ..old.clone()
+    } != Config {
+        vips: Vec::new(),
+        ..new.clone()
+    };
+    diff
 }
 
 #[cfg(test)]
@@ -344,7 +469,10 @@ mod tests {
     fn tracking_faults_on_a_down_link_or_a_detached_program() {
         assert_eq!(
             tracked(150, TrackAction::Decrease(50), HEALTHY),
-            (150, false)
+            Tracking {
+                priority: 150,
+                fault: false
+            }
         );
         for state in [
             TrackedState {
@@ -356,7 +484,13 @@ mod tests {
                 ..HEALTHY
             },
         ] {
-            assert_eq!(tracked(150, TrackAction::Decrease(50), state), (150, true));
+            assert_eq!(
+                tracked(150, TrackAction::Decrease(50), state),
+                Tracking {
+                    priority: 150,
+                    fault: true
+                }
+            );
         }
     }
 
@@ -368,13 +502,73 @@ mod tests {
         };
         assert_eq!(
             tracked(150, TrackAction::Decrease(50), none_up),
-            (100, false)
+            Tracking {
+                priority: 100,
+                fault: false
+            }
         );
         assert_eq!(
             tracked(30, TrackAction::Decrease(50), none_up),
-            (1, false),
+            Tracking {
+                priority: 1,
+                fault: false
+            },
             "never below 1 (0 means leaving)"
         );
-        assert_eq!(tracked(150, TrackAction::Fault, none_up), (150, true));
+        assert_eq!(
+            tracked(150, TrackAction::Fault, none_up),
+            Tracking {
+                priority: 150,
+                fault: true
+            }
+        );
+    }
+
+    #[test]
+    fn config_diff_names_vips_and_backends_added_removed_and_changed() {
+        let old = config();
+        assert!(config_diff(&old, &old).is_empty());
+        assert_eq!(config_diff(&old, &old).to_string(), "no change");
+        let new = Config::from_yaml(
+            "vips:\n  - name: api\n    address: 10.0.0.100\n    port: 6443\n    backends:\n      \
+             - address: 10.0.0.11\n      - {address: 10.0.0.13, weight: 3}\n      - address: 10.0.0.14\n  \
+             - name: etcd\n    address: 10.0.0.101\n    port: 2379\n    backends:\n      - address: 10.0.0.11\n\
+             garp:\n  count: 9\n",
+            "test",
+        )
+        .unwrap();
+        let diff = config_diff(&old, &new);
+        assert_eq!(diff.vips_added, ["etcd"]);
+        assert!(diff.vips_removed.is_empty() && diff.vips_changed.is_empty());
+        assert_eq!(
+            diff.backends_added,
+            [
+                key(14),
+                BackendKey {
+                    vip: "etcd".into(),
+                    address: Ipv4Addr::new(10, 0, 0, 11),
+                    port: 2379
+                }
+            ]
+        );
+        assert_eq!(diff.backends_removed, [key(12)]);
+        assert_eq!(diff.backends_reweighted, [key(13)]);
+        assert!(diff.other, "garp changed");
+        let back = config_diff(&new, &old);
+        assert_eq!(back.vips_removed, ["etcd"]);
+        assert_eq!(back.backends_added, [key(12)]);
+    }
+
+    #[test]
+    fn config_diff_sees_a_vip_whose_own_settings_changed() {
+        let old = config();
+        let mut new = old.clone();
+        new.vips[0].port = 8443;
+        let diff = config_diff(&old, &new);
+        assert_eq!(diff.vips_changed, ["api"]);
+        // Its backends keep their keys (the VIP's name), so none moves.
+        assert!(diff.backends_added.is_empty() && diff.backends_removed.is_empty());
+        assert!(!diff.other);
+        assert_eq!(diff.to_string(), "VIPs ~api");
     }
 }

@@ -11,10 +11,12 @@ use tokio::sync::mpsc;
 use tracing::{error, info, warn};
 
 use crate::{
-    admin::{self, Request, Response},
+    control::{Command, ReloadReport, Request, Response},
     dataplane::monotonic_coarse_ns,
     handover::StopIntent,
     health::Health,
+    netlink::LinkHealth,
+    status::ReloadOutcome,
     vrrp::announcer,
 };
 
@@ -30,7 +32,7 @@ impl Agent {
         &mut self,
         signals: &mut Signals,
         health_rx: &mut mpsc::Receiver<HealthReport>,
-        admin_rx: &mut mpsc::Receiver<admin::Command>,
+        admin_rx: &mut mpsc::Receiver<Command>,
         vrrp_rx: &mut mpsc::Receiver<announcer::Event>,
         logger: &mut Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
     ) -> Result<StopIntent> {
@@ -61,9 +63,8 @@ impl Agent {
                     return Ok(self.options.on_stop);
                 }
                 _ = signals.hangup.recv() => {
-                    if let Err(e) = self.reload().await {
-                        error!("{e}");
-                    }
+                    // The outcome is logged and counted by the reload.
+                    let _ = self.reload().await;
                 }
                 Some(report) = health_rx.recv() => self.on_health(report).await,
                 Some(event) = vrrp_rx.recv() => self.on_vrrp(event).await,
@@ -112,12 +113,22 @@ impl Agent {
         match request {
             Request::Status => Response {
                 ok: true,
-                message: None,
                 status: Some(self.status()),
+                ..Response::default()
             },
             Request::Reload => match self.reload().await {
-                Ok(message) => Response::ok(message),
-                Err(message) => Response::error(message),
+                Ok(message) => Response {
+                    reload: Some(ReloadReport {
+                        outcome: ReloadOutcome::Applied,
+                        step: None,
+                        left: Vec::new(),
+                    }),
+                    ..Response::ok(message)
+                },
+                Err(e) => Response {
+                    reload: Some(e.report()),
+                    ..Response::error(e.to_string())
+                },
             },
             Request::Drain { vip, backend } => self.set_maintenance(&vip, &backend, true).await,
             Request::Undrain { vip, backend } => self.set_maintenance(&vip, &backend, false).await,
@@ -283,8 +294,11 @@ impl Agent {
         let Some(vrrp) = self.vrrp.as_mut() else {
             return;
         };
-        let (link_up, xdp_attached) = vrrp.link;
-        let (priority, fault) = decide::tracked(
+        let LinkHealth {
+            up: link_up,
+            xdp_attached,
+        } = vrrp.link;
+        let tracking = decide::tracked(
             vrrp.config.priority,
             vrrp.config.track.no_healthy_backend,
             decide::TrackedState {
@@ -293,10 +307,11 @@ impl Agent {
                 no_healthy_backend,
             },
         );
-        if (priority, fault) == vrrp.tracked {
+        if tracking == vrrp.tracked {
             return;
         }
-        vrrp.tracked = (priority, fault);
+        vrrp.tracked = tracking;
+        let decide::Tracking { priority, fault } = tracking;
         info!(
             priority,
             fault, link_up, xdp_attached, no_healthy_backend, "VRRP tracking changed"

@@ -9,12 +9,7 @@ use std::{
 use anyhow::Result;
 use tracing::{info, warn};
 
-use crate::{
-    config::Config,
-    garp,
-    handover::{self},
-    netlink::Netlink,
-};
+use crate::{config::Config, fault, garp, handover, netlink::Netlink};
 
 use super::Agent;
 
@@ -99,14 +94,18 @@ impl Agent {
         }
     }
 
-    pub(super) async fn local_addresses(&self) -> Result<HashSet<Ipv4Addr>> {
-        let vip_addresses: HashSet<Ipv4Addr> = self.config.vips.iter().map(|v| v.address).collect();
+    /// This host's own addresses, but for `vips` (VIP addresses are not
+    /// backends): a backend at one of them is local.
+    pub(super) async fn local_addresses(
+        &self,
+        vips: &BTreeSet<Ipv4Addr>,
+    ) -> Result<HashSet<Ipv4Addr>> {
         Ok(self
             .netlink
             .local_addresses()
             .await?
             .into_iter()
-            .filter(|a| !vip_addresses.contains(a))
+            .filter(|a| !vips.contains(a))
             .collect())
     }
 
@@ -114,11 +113,21 @@ impl Agent {
     /// added), removes them otherwise. Under VRRP the agent owns every VIP
     /// address, so one left on the interface by a killed agent goes too.
     pub(super) async fn sync_vip_addresses(&mut self) -> Result<()> {
+        let configured = vip_addresses(&self.config);
+        self.sync_vip_addresses_to(&configured).await
+    }
+
+    /// [`Agent::sync_vip_addresses`] for the VIP addresses `configured`
+    /// (a reload's, before it is the running config).
+    pub(super) async fn sync_vip_addresses_to(
+        &mut self,
+        configured: &BTreeSet<Ipv4Addr>,
+    ) -> Result<()> {
         if !self.dataplane.is_attached() {
             // Start-up: the addresses come after the program (see `run`).
             return Ok(());
         }
-        let synced = self.sync_vip_addresses_now().await;
+        let synced = self.sync_vip_addresses_now(configured).await;
         self.save_record();
         synced
     }
@@ -150,8 +159,7 @@ impl Agent {
         }
     }
 
-    pub(super) async fn sync_vip_addresses_now(&mut self) -> Result<()> {
-        let configured: BTreeSet<Ipv4Addr> = self.config.vips.iter().map(|v| v.address).collect();
+    async fn sync_vip_addresses_now(&mut self, configured: &BTreeSet<Ipv4Addr>) -> Result<()> {
         let wanted: BTreeSet<Ipv4Addr> = if self.holding {
             configured.clone()
         } else {
@@ -180,6 +188,11 @@ impl Agent {
             self.added_addresses.insert(*address);
             added.push(*address);
             info!(vip = %address, iface = %self.options.iface, "VIP address added");
+            if let Err(fault) = fault::point("vip-address-added") {
+                // Announced all the same: the address is on the interface.
+                self.announce(added.into_iter().collect());
+                return Err(fault.into());
+            }
         }
         self.announce(added.into_iter().collect());
         let mut unwanted: BTreeSet<Ipv4Addr> =
@@ -196,4 +209,9 @@ impl Agent {
         }
         Ok(())
     }
+}
+
+/// The VIP addresses of `config`, each once.
+pub(super) fn vip_addresses(config: &Config) -> BTreeSet<Ipv4Addr> {
+    config.vips.iter().map(|v| v.address).collect()
 }

@@ -5,25 +5,24 @@
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     net::Ipv4Addr,
-    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result};
 use tokio::{
     signal::unix::{SignalKind, signal},
-    sync::mpsc,
+    sync::{mpsc, watch},
 };
 use tracing::{error, info, warn};
 
 use crate::{
-    admin::{self},
-    blackhole,
+    admin, blackhole,
     config::{Config, Listen, VrrpConfig, VrrpVersion},
+    control::Command,
     dataplane::{AttachMode, DataPlane, LoadOptions, monotonic_coarse_ns},
     handover::{self, BackendRecord, BackendRef, Record, StopIntent, VrrpRecord, VrrpStart},
     health::Health,
-    netlink::Netlink,
+    netlink::{LinkHealth, Netlink},
     system, telemetry,
     vrrp::{announcer, machine::MachineConfig, packet::Version},
 };
@@ -31,7 +30,7 @@ use crate::{
 use super::{
     Agent, AttachOptions, VRRP_RESUME_MARGIN, Vrrp,
     commands::resolve_pin_dir,
-    decide::BackendKey,
+    decide::{self, BackendKey},
     host::nat_source,
     probes::{BackendHealth, HealthReport, build_probers},
 };
@@ -76,7 +75,7 @@ pub async fn run(options: AttachOptions) -> Result<()> {
         Listen::At(address) => Some(telemetry::bind(address).await?),
         Listen::Off => None,
     };
-    let (admin_tx, mut admin_rx) = mpsc::channel::<admin::Command>(16);
+    let (admin_tx, mut admin_rx) = mpsc::channel::<Command>(16);
     if let Some(listener) = telemetry {
         info!(address = %config.telemetry.listen, "telemetry endpoint listening: /livez, /readyz, /metrics");
         telemetry::serve(listener, admin_tx.clone());
@@ -182,13 +181,14 @@ pub async fn run(options: AttachOptions) -> Result<()> {
         veth,
         seeded: HashMap::new(),
         durable_pins,
+        reloads: BTreeMap::new(),
     };
     agent.seed(&record);
     let result = async {
         // The whole desired state is in the new program's maps before it
         // sees a packet; then one switch (a new attachment, or the pinned
         // link pointed at it); then the addresses that draw traffic.
-        agent.apply_config(&config, probers).await?;
+        agent.apply_first(config.clone(), probers).await?;
         let mode = agent
             .dataplane
             .attach(&agent.options.iface, agent.options.xdp_mode)
@@ -248,7 +248,7 @@ pub(super) async fn start_vrrp(
     let mut vips: Vec<Ipv4Addr> = config.vips.iter().map(|v| v.address).collect();
     vips.sort();
     vips.dedup();
-    let status = Arc::new(Mutex::new(announcer::VrrpStatus::default()));
+    let (status_tx, status) = watch::channel(announcer::VrrpStatus::default());
     let commands = announcer::spawn(
         announcer::AnnouncerSetup {
             iface: iface.clone(),
@@ -279,7 +279,7 @@ pub(super) async fn start_vrrp(
             resume_master: start == VrrpStart::ResumeMaster,
         },
         events,
-        status.clone(),
+        status_tx,
     )
     .with_context(|| format!("opening the VRRP socket on {iface}"))?;
     info!(
@@ -295,8 +295,14 @@ pub(super) async fn start_vrrp(
         commands,
         status,
         config: vrrp.clone(),
-        tracked: (vrrp.priority, false),
-        link: (true, true),
+        tracked: decide::Tracking {
+            priority: vrrp.priority,
+            fault: false,
+        },
+        link: LinkHealth {
+            up: true,
+            xdp_attached: true,
+        },
     })
 }
 

@@ -26,17 +26,17 @@ mod events;
 mod host;
 mod lifecycle;
 mod probes;
+mod reload;
 mod report;
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     net::Ipv4Addr,
     path::PathBuf,
-    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 use crate::{
     blackhole,
@@ -44,7 +44,8 @@ use crate::{
     dataplane::{AttachMode, DataPlane},
     handover::StopIntent,
     health::Health,
-    netlink::Netlink,
+    netlink::{LinkHealth, Netlink},
+    status::ReloadOutcome,
     system,
     vrrp::announcer,
 };
@@ -53,6 +54,7 @@ pub use commands::{check_config, detach, resolve_pin_dir};
 use decide::BackendKey;
 pub use lifecycle::run;
 use probes::{BackendHealth, HealthReport, ProbeTask};
+pub use reload::ReloadError;
 
 pub struct AttachOptions {
     pub iface: String,
@@ -88,12 +90,13 @@ const VRRP_RESUME_MARGIN: Duration = Duration::from_millis(500);
 /// The running VRRP instance, as the reconciler sees it.
 struct Vrrp {
     commands: mpsc::Sender<announcer::Command>,
-    status: Arc<Mutex<announcer::VrrpStatus>>,
+    /// The announcer's latest status.
+    status: watch::Receiver<announcer::VrrpStatus>,
     config: VrrpConfig,
-    /// The last (priority, fault) sent to the announcer.
-    tracked: (u8, bool),
-    /// From the last link check: interface up, XDP attached.
-    link: (bool, bool),
+    /// The last tracking sent to the announcer.
+    tracked: decide::Tracking,
+    /// From the last link check.
+    link: LinkHealth,
     /// Started as master, resuming the previous agent's mastership.
     resumed: bool,
 }
@@ -139,4 +142,6 @@ struct Agent {
     seeded: HashMap<BackendKey, Health>,
     /// The pins outlive this process (the keep intent can keep anything).
     durable_pins: bool,
+    /// Reloads since the start, by outcome (`ha_lb_reloads_total`).
+    reloads: BTreeMap<ReloadOutcome, u64>,
 }

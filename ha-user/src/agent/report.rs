@@ -14,7 +14,10 @@ use crate::{
     blackhole,
     handover::{self},
     health::Health,
-    status::{BackendStatus, ConntrackStatus, LastCheck, StatusReport, Traffic, VipStatus},
+    status::{
+        BackendState, BackendStatus, ConntrackStatus, LastCheck, StatusReport, Traffic, VipStatus,
+    },
+    vrrp::machine::State,
 };
 
 use super::{
@@ -27,9 +30,9 @@ impl Agent {
         match &self.vrrp {
             None => "static".to_string(),
             Some(vrrp) => {
-                let status = vrrp.status.lock().expect("status lock");
-                match (status.state.as_str(), &status.master) {
-                    ("backup", Some(master)) => format!("vrrp backup (master {master})"),
+                let status = vrrp.status.borrow();
+                match (status.state, &status.master) {
+                    (State::Backup, Some(master)) => format!("vrrp backup (master {master})"),
                     (state, _) => format!("vrrp {state}"),
                 }
             }
@@ -75,8 +78,8 @@ impl Agent {
                 name: vip.name.clone(),
                 address: vip.address.to_string(),
                 port: vip.port,
-                protocol: vip.protocol.to_string(),
-                mode: "nat".to_string(),
+                protocol: vip.protocol,
+                mode: vip.mode,
                 owner: self.owner_label(),
                 fail_open: self.failing_open.contains(&vip.name),
                 traffic: vip_traffic
@@ -93,16 +96,15 @@ impl Agent {
                             port: b.port(),
                         };
                         let health = self.health.get(&key);
-                        let state = if self.maintenance.contains(&key) {
-                            "maintenance"
-                        } else {
-                            health.map_or(Health::Up, |h| h.health).label()
-                        };
+                        let state = BackendState::of(
+                            health.map_or(Health::Up, |h| h.health),
+                            self.maintenance.contains(&key),
+                        );
                         BackendStatus {
                             address: b.address.to_string(),
                             port: b.port(),
                             weight: b.weight,
-                            state: state.to_string(),
+                            state,
                             in_state_seconds: health
                                 .map_or(now.duration_since(self.started), |h| {
                                     now.duration_since(h.since)
@@ -127,21 +129,19 @@ impl Agent {
             })
             .collect();
         StatusReport {
+            reloads: self.reloads.clone(),
             not_ready: self.not_ready(),
             data_path_unanswered: self.blackhole.finding().is_some(),
             program: {
                 let (start, replaced) = self.dataplane.start_kind();
                 crate::status::ProgramStatus {
-                    start: start.label().to_string(),
+                    start,
                     tag: handover::tag_hex(self.dataplane.program_tag()),
                     replaced_tag: replaced.map(handover::tag_hex),
-                    on_stop: self.options.on_stop.label().to_string(),
+                    on_stop: self.options.on_stop,
                 }
             },
-            vrrp: self
-                .vrrp
-                .as_ref()
-                .map(|v| v.status.lock().expect("status lock").clone()),
+            vrrp: self.vrrp.as_ref().map(|v| v.status.borrow().clone()),
             interface: self.options.iface.clone(),
             xdp_mode: self.xdp_mode.to_string(),
             lb_address: self.lb_addr.to_string(),
@@ -197,9 +197,9 @@ impl Agent {
         decide::not_ready(&decide::Readiness {
             iface: &self.options.iface,
             vrrp: self.vrrp.as_ref().map(|vrrp| decide::VrrpReadiness {
-                link_up: vrrp.link.0,
-                xdp_attached: vrrp.link.1,
-                fault: vrrp.status.lock().expect("status lock").state == "fault",
+                link_up: vrrp.link.up,
+                xdp_attached: vrrp.link.xdp_attached,
+                fault: vrrp.status.borrow().state == State::Fault,
             }),
             unchecked: decide::unchecked(&self.backend_keys(), &self.maintenance, &checks),
             forwarding_on: self.forwarding.still_on(),

@@ -5,12 +5,11 @@
 
 use std::{
     net::Ipv4Addr,
-    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
 use serde::Serialize;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{info, warn};
 
 use super::{
@@ -61,10 +60,29 @@ pub enum Event {
     Reannounce,
 }
 
-/// What `status` shows about VRRP; written by the announcer only.
+/// How adverts travel: to the VRRP multicast group, or to configured peers.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AdvertMode {
+    #[default]
+    Multicast,
+    Unicast,
+}
+
+impl std::fmt::Display for AdvertMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            AdvertMode::Multicast => "multicast",
+            AdvertMode::Unicast => "unicast",
+        })
+    }
+}
+
+/// What `status` shows about VRRP; written by the announcer only, read by
+/// the agent through a `watch` channel (the latest value, no lock).
 #[derive(Clone, Debug, Default, Serialize, serde::Deserialize)]
 pub struct VrrpStatus {
-    pub state: String,
+    pub state: State,
     pub vrid: u8,
     pub version: u8,
     pub priority: u8,
@@ -72,7 +90,7 @@ pub struct VrrpStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub master: Option<String>,
     pub advert_interval_ms: u64,
-    pub mode: String,
+    pub mode: AdvertMode,
     pub transitions: u64,
     pub seconds_in_state: f64,
     pub adverts_sent: u64,
@@ -93,7 +111,7 @@ struct Announcer {
     socket: VrrpSocket,
     machine: Machine,
     events: mpsc::Sender<Event>,
-    status: Arc<Mutex<VrrpStatus>>,
+    status: watch::Sender<VrrpStatus>,
     entered_state: Instant,
     /// The master's host, watched while it announces a restart hold.
     watch: Option<HostWatch>,
@@ -120,7 +138,7 @@ struct HostWatch {
 pub fn spawn(
     setup: AnnouncerSetup,
     events: mpsc::Sender<Event>,
-    status: Arc<Mutex<VrrpStatus>>,
+    status: watch::Sender<VrrpStatus>,
 ) -> std::io::Result<mpsc::Sender<Command>> {
     let socket = VrrpSocket::open(
         &setup.iface,
@@ -129,18 +147,17 @@ pub fn spawn(
     )?;
     let now = Instant::now();
     let machine = Machine::new(setup.machine, now);
-    {
-        let mut s = status.lock().expect("status lock");
+    status.send_modify(|s| {
         s.vrid = setup.vrid;
         s.version = if setup.version == Version::V3 { 3 } else { 2 };
         s.configured_priority = setup.machine.priority;
         s.advert_interval_ms = setup.machine.advert_interval_cs as u64 * 10;
         s.mode = if setup.unicast_peers.is_empty() {
-            "multicast".into()
+            AdvertMode::Multicast
         } else {
-            "unicast".into()
+            AdvertMode::Unicast
         };
-    }
+    });
     let (commands, receiver) = mpsc::channel(16);
     let announcer = Announcer {
         setup,
@@ -300,33 +317,39 @@ impl Announcer {
     }
 
     fn on_packet(&mut self, packet: super::socket::Received) -> Vec<Action> {
-        let mut status = self.status.lock().expect("status lock");
-        if packet.ttl != 255 {
-            status.dropped_bad_ttl += 1;
-            return Vec::new();
-        }
-        if !self.setup.unicast_peers.is_empty() && !self.setup.unicast_peers.contains(&packet.src) {
-            status.dropped_unknown_source += 1;
-            return Vec::new();
-        }
-        let (advert, checksum) = match Advert::decode(&packet.message, packet.src, packet.dst) {
-            Ok(decoded) => decoded,
-            Err(_) => {
-                status.dropped_malformed += 1;
-                return Vec::new();
+        let (setup, mut advert) = (&self.setup, None);
+        self.status.send_modify(|status| {
+            if packet.ttl != 255 {
+                status.dropped_bad_ttl += 1;
+                return;
             }
-        };
-        if advert.vrid != self.setup.vrid {
-            status.dropped_other_vrid += 1;
-            return Vec::new();
+            if !setup.unicast_peers.is_empty() && !setup.unicast_peers.contains(&packet.src) {
+                status.dropped_unknown_source += 1;
+                return;
+            }
+            let (decoded, checksum) = match Advert::decode(&packet.message, packet.src, packet.dst)
+            {
+                Ok(decoded) => decoded,
+                Err(_) => {
+                    status.dropped_malformed += 1;
+                    return;
+                }
+            };
+            if decoded.vrid != setup.vrid {
+                status.dropped_other_vrid += 1;
+                return;
+            }
+            status.adverts_received += 1;
+            match checksum {
+                ChecksumMode::PseudoHeader => status.checksum_pseudo_header += 1,
+                ChecksumMode::Rfc9568 => status.checksum_rfc9568 += 1,
+            }
+            advert = Some(decoded);
+        });
+        match advert {
+            Some(advert) => self.machine.on_advert(Instant::now(), packet.src, &advert),
+            None => Vec::new(),
         }
-        status.adverts_received += 1;
-        match checksum {
-            ChecksumMode::PseudoHeader => status.checksum_pseudo_header += 1,
-            ChecksumMode::Rfc9568 => status.checksum_rfc9568 += 1,
-        }
-        drop(status);
-        self.machine.on_advert(Instant::now(), packet.src, &advert)
     }
 
     async fn execute(&mut self, actions: Vec<Action>, before: State) {
@@ -356,12 +379,15 @@ impl Announcer {
                 after.label()
             );
         }
-        let mut status = self.status.lock().expect("status lock");
-        status.state = after.label().to_string();
-        status.priority = self.machine.priority();
-        status.master = self.machine.master().map(|m| m.to_string());
-        status.transitions = self.machine.transitions();
-        status.seconds_in_state = self.entered_state.elapsed().as_secs_f64();
+        let machine = &self.machine;
+        let seconds_in_state = self.entered_state.elapsed().as_secs_f64();
+        self.status.send_modify(|status| {
+            status.state = after;
+            status.priority = machine.priority();
+            status.master = machine.master().map(|m| m.to_string());
+            status.transitions = machine.transitions();
+            status.seconds_in_state = seconds_in_state;
+        });
     }
 
     async fn advertise(&mut self, priority: u8) {
@@ -385,12 +411,15 @@ impl Announcer {
         for dst in destinations {
             let message = advert.encode(self.setup.local_address, dst, self.setup.checksum);
             match self.socket.send(dst, &message).await {
-                Ok(()) => self.status.lock().expect("status lock").adverts_sent += 1,
+                Ok(()) => self.status.send_modify(|status| status.adverts_sent += 1),
                 Err(e) => {
-                    let mut status = self.status.lock().expect("status lock");
-                    status.send_errors += 1;
-                    if status.send_errors.is_power_of_two() {
-                        warn!(error = %e, %dst, errors = status.send_errors, "sending a VRRP advert");
+                    let mut errors = 0;
+                    self.status.send_modify(|status| {
+                        status.send_errors += 1;
+                        errors = status.send_errors;
+                    });
+                    if errors.is_power_of_two() {
+                        warn!(error = %e, %dst, errors, "sending a VRRP advert");
                     }
                 }
             }

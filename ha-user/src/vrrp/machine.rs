@@ -39,13 +39,21 @@ pub struct MachineConfig {
     pub local_address: Ipv4Addr,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+/// RFC 9568 section 6.4's states; the serde spelling is the label.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum State {
+    #[default]
     Initialize,
     Backup,
     Master,
     Fault,
+}
+
+impl std::fmt::Display for State {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.label())
+    }
 }
 
 impl State {
