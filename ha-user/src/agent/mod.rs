@@ -39,7 +39,7 @@ use tracing::{error, info, warn};
 use crate::{
     admin::{self, Request, Response},
     blackhole,
-    config::{CheckConfig, Config, Listen, VrrpConfig, VrrpVersion},
+    config::{CheckConfig, Config, Listen, VrrpConfig},
     dataplane::{AttachMode, DataPlane, LoadOptions, monotonic_coarse_ns},
     garp,
     handover::{self, BackendRecord, BackendRef, Record, StopIntent, VrrpRecord, VrrpStart},
@@ -48,7 +48,7 @@ use crate::{
     probe::{Outcome, Prober},
     status::{BackendStatus, ConntrackStatus, LastCheck, StatusReport, Traffic, VipStatus},
     system, telemetry,
-    vrrp::{announcer, machine::MachineConfig, packet::Version},
+    vrrp::{announcer, machine::MachineConfig},
 };
 
 pub struct AttachOptions {
@@ -419,10 +419,7 @@ async fn start_vrrp(
             iface: iface.clone(),
             local_address,
             vrid: vrrp.vrid,
-            version: match vrrp.version {
-                VrrpVersion::V2 => Version::V2,
-                VrrpVersion::V3 => Version::V3,
-            },
+            version: vrrp.version,
             checksum: vrrp.checksum,
             // One file can serve every LB host (a DaemonSet's ConfigMap):
             // the host's own address among the peers is skipped.

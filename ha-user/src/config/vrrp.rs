@@ -1,5 +1,6 @@
 //! `vrrp`: VIP ownership by VRRP between LB hosts, and what the agent
-//! tracks to lower its priority.
+//! tracks to lower its priority. [`VrrpVersion`] is also the version the
+//! advert codec (`crate::vrrp::packet`) encodes and decodes.
 
 use std::{fmt, net::Ipv4Addr, time::Duration};
 
@@ -13,6 +14,16 @@ pub enum VrrpVersion {
     V2,
     #[serde(rename = "3")]
     V3,
+}
+
+impl VrrpVersion {
+    /// The number that names it, in the config and in an advert's version field.
+    pub fn number(self) -> u8 {
+        match self {
+            VrrpVersion::V2 => 2,
+            VrrpVersion::V3 => 3,
+        }
+    }
 }
 
 /// What a condition does to the VRRP priority.
@@ -142,6 +153,19 @@ fn default_true() -> bool {
 mod tests {
     use super::*;
     use crate::config::{Config, GarpConfig};
+
+    #[test]
+    fn a_version_is_written_as_the_number_its_adverts_carry() {
+        for version in [VrrpVersion::V2, VrrpVersion::V3] {
+            let written = serde_yaml_ng::to_string(&version).unwrap();
+            assert_eq!(
+                written.trim().trim_matches('\''),
+                version.number().to_string()
+            );
+            let read: VrrpVersion = serde_yaml_ng::from_str(&written).unwrap();
+            assert_eq!(read, version);
+        }
+    }
 
     #[test]
     fn the_documented_vrrp_section_parses_with_defaults() {
