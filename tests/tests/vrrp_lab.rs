@@ -405,7 +405,7 @@ fn unicast_adverts_from_unknown_sources_are_dropped_and_counted() {
         .unwrap();
         socket.set_ttl_v4(255).unwrap();
         let advert = ha_user::vrrp::packet::Advert {
-            version: ha_user::vrrp::packet::Version::V3,
+            version: ha_user::config::VrrpVersion::V3,
             vrid: 51,
             priority: 254,
             interval_cs: 10,

@@ -17,14 +17,14 @@ use tracing::{error, info, warn};
 
 use crate::{
     admin, blackhole,
-    config::{Config, Listen, VrrpConfig, VrrpVersion},
+    config::{Config, Listen, VrrpConfig},
     control::Command,
     dataplane::{AttachMode, DataPlane, LoadOptions, monotonic_coarse_ns},
     handover::{self, BackendRecord, BackendRef, Record, StopIntent, VrrpRecord, VrrpStart},
     health::Health,
     netlink::{LinkHealth, Netlink},
     system, telemetry,
-    vrrp::{announcer, machine::MachineConfig, packet::Version},
+    vrrp::{announcer, machine::MachineConfig},
 };
 
 use super::{
@@ -254,10 +254,7 @@ pub(super) async fn start_vrrp(
             iface: iface.clone(),
             local_address,
             vrid: vrrp.vrid,
-            version: match vrrp.version {
-                VrrpVersion::V2 => Version::V2,
-                VrrpVersion::V3 => Version::V3,
-            },
+            version: vrrp.version,
             checksum: vrrp.checksum,
             // One file can serve every LB host (a DaemonSet's ConfigMap):
             // the host's own address among the peers is skipped.

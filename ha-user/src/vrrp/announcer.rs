@@ -15,15 +15,16 @@ use tracing::{info, warn};
 use super::{
     echo::{self, EchoSocket},
     machine::{Action, Machine, MachineConfig, State},
-    packet::{Advert, ChecksumMode, MULTICAST_GROUP, Version},
+    packet::{Advert, ChecksumMode, MULTICAST_GROUP},
     socket::VrrpSocket,
 };
+use crate::config::VrrpVersion;
 
 pub struct AnnouncerSetup {
     pub iface: String,
     pub local_address: Ipv4Addr,
     pub vrid: u8,
-    pub version: Version,
+    pub version: VrrpVersion,
     pub checksum: ChecksumMode,
     /// Empty: multicast to 224.0.0.18.
     pub unicast_peers: Vec<Ipv4Addr>,
@@ -149,7 +150,7 @@ pub fn spawn(
     let machine = Machine::new(setup.machine, now);
     status.send_modify(|s| {
         s.vrid = setup.vrid;
-        s.version = if setup.version == Version::V3 { 3 } else { 2 };
+        s.version = setup.version.number();
         s.configured_priority = setup.machine.priority;
         s.advert_interval_ms = setup.machine.advert_interval_cs as u64 * 10;
         s.mode = if setup.unicast_peers.is_empty() {

@@ -335,8 +335,8 @@ impl Machine {
 
 #[cfg(test)]
 mod tests {
-    use super::super::packet::Version;
     use super::*;
+    use crate::config::VrrpVersion;
 
     const LOCAL: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 2);
     const PEER_LOW: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
@@ -354,7 +354,7 @@ mod tests {
 
     fn advert(priority: u8) -> Advert {
         Advert {
-            version: Version::V3,
+            version: VrrpVersion::V3,
             vrid: 51,
             priority,
             interval_cs: 10,

@@ -13,16 +13,12 @@
 
 use std::net::Ipv4Addr;
 
+use crate::config::VrrpVersion;
+
 pub const IPPROTO_VRRP: u8 = 112;
 pub const MULTICAST_GROUP: Ipv4Addr = Ipv4Addr::new(224, 0, 0, 18);
 const TYPE_ADVERTISEMENT: u8 = 1;
 const V2_AUTH_DATA: usize = 8;
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub enum Version {
-    V2,
-    V3,
-}
 
 /// How to compute the v3 checksum for IPv4.
 #[derive(
@@ -39,7 +35,7 @@ pub enum ChecksumMode {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Advert {
-    pub version: Version,
+    pub version: VrrpVersion,
     pub vrid: u8,
     pub priority: u8,
     /// Advertisement interval in centiseconds (v2 carries whole seconds).
@@ -99,7 +95,7 @@ impl Advert {
         let count = self.addresses.len().min(255);
         let mut message = Vec::with_capacity(8 + 4 * count + V2_AUTH_DATA);
         match self.version {
-            Version::V3 => {
+            VrrpVersion::V3 => {
                 message.extend_from_slice(&[
                     0x30 | TYPE_ADVERTISEMENT,
                     self.vrid,
@@ -108,7 +104,7 @@ impl Advert {
                 ]);
                 message.extend_from_slice(&(self.interval_cs & 0x0fff).to_be_bytes());
             }
-            Version::V2 => {
+            VrrpVersion::V2 => {
                 let seconds = (self.interval_cs / 100).clamp(1, 255) as u8;
                 message.extend_from_slice(&[
                     0x20 | TYPE_ADVERTISEMENT,
@@ -124,10 +120,10 @@ impl Advert {
         for address in &self.addresses[..count] {
             message.extend_from_slice(&address.octets());
         }
-        if self.version == Version::V2 {
+        if self.version == VrrpVersion::V2 {
             message.extend_from_slice(&[0; V2_AUTH_DATA]);
         }
-        let pseudo = (self.version == Version::V3 && mode == ChecksumMode::PseudoHeader)
+        let pseudo = (self.version == VrrpVersion::V3 && mode == ChecksumMode::PseudoHeader)
             .then_some((src, dst));
         let sum = checksum(&message, pseudo);
         message[6..8].copy_from_slice(&sum.to_be_bytes());
@@ -145,15 +141,15 @@ impl Advert {
             return Err(DecodeError::Short);
         }
         let version = match message[0] >> 4 {
-            2 => Version::V2,
-            3 => Version::V3,
+            2 => VrrpVersion::V2,
+            3 => VrrpVersion::V3,
             other => return Err(DecodeError::Version(other)),
         };
         if message[0] & 0x0f != TYPE_ADVERTISEMENT {
             return Err(DecodeError::Type(message[0] & 0x0f));
         }
         let count = message[3] as usize;
-        let trailer = if version == Version::V2 {
+        let trailer = if version == VrrpVersion::V2 {
             V2_AUTH_DATA
         } else {
             0
@@ -163,13 +159,13 @@ impl Advert {
         }
         let message = &message[..8 + 4 * count + trailer];
         let mode = match version {
-            Version::V2 => {
+            VrrpVersion::V2 => {
                 if message[4] != 0 {
                     return Err(DecodeError::Auth(message[4]));
                 }
                 (checksum(message, None) == 0).then_some(ChecksumMode::Rfc9568)
             }
-            Version::V3 => {
+            VrrpVersion::V3 => {
                 if checksum(message, Some((src, dst))) == 0 {
                     Some(ChecksumMode::PseudoHeader)
                 } else if checksum(message, None) == 0 {
@@ -181,8 +177,8 @@ impl Advert {
         }
         .ok_or(DecodeError::Checksum)?;
         let interval_cs = match version {
-            Version::V3 => u16::from_be_bytes([message[4], message[5]]) & 0x0fff,
-            Version::V2 => message[5] as u16 * 100,
+            VrrpVersion::V3 => u16::from_be_bytes([message[4], message[5]]) & 0x0fff,
+            VrrpVersion::V2 => message[5] as u16 * 100,
         };
         let addresses = message[8..8 + 4 * count]
             .chunks_exact(4)
@@ -209,7 +205,7 @@ mod tests {
     const PEER: Ipv4Addr = Ipv4Addr::new(10, 201, 9, 3);
     const VIP: Ipv4Addr = Ipv4Addr::new(10, 201, 9, 200);
 
-    fn advert(version: Version) -> Advert {
+    fn advert(version: VrrpVersion) -> Advert {
         Advert {
             version,
             vrid: 51,
@@ -246,7 +242,7 @@ mod tests {
         assert_eq!(
             v3,
             Advert {
-                version: Version::V3,
+                version: VrrpVersion::V3,
                 vrid: 51,
                 priority: 150,
                 interval_cs: 10,
@@ -257,7 +253,7 @@ mod tests {
         assert_eq!(
             v2,
             Advert {
-                version: Version::V2,
+                version: VrrpVersion::V2,
                 vrid: 51,
                 priority: 150,
                 interval_cs: 100,
@@ -269,7 +265,7 @@ mod tests {
     #[test]
     fn our_encoding_of_keepalived_adverts_is_byte_identical() {
         let v3 = Advert {
-            version: Version::V3,
+            version: VrrpVersion::V3,
             vrid: 51,
             priority: 150,
             interval_cs: 10,
@@ -280,7 +276,7 @@ mod tests {
             KEEPALIVED_V3
         );
         let v2 = Advert {
-            version: Version::V2,
+            version: VrrpVersion::V2,
             vrid: 51,
             priority: 150,
             interval_cs: 100,
@@ -295,14 +291,15 @@ mod tests {
     #[test]
     fn both_v3_checksum_forms_round_trip_and_are_told_apart() {
         for mode in [ChecksumMode::PseudoHeader, ChecksumMode::Rfc9568] {
-            let bytes = advert(Version::V3).encode(SRC, MULTICAST_GROUP, mode);
+            let bytes = advert(VrrpVersion::V3).encode(SRC, MULTICAST_GROUP, mode);
             assert_eq!(bytes.len(), 12);
             assert_eq!(bytes[0], 0x31);
             let (decoded, found) = Advert::decode(&bytes, SRC, MULTICAST_GROUP).unwrap();
-            assert_eq!((decoded, found), (advert(Version::V3), mode));
+            assert_eq!((decoded, found), (advert(VrrpVersion::V3), mode));
         }
         // The pseudo-header form depends on the addresses: from another source it is wrong.
-        let bytes = advert(Version::V3).encode(SRC, MULTICAST_GROUP, ChecksumMode::PseudoHeader);
+        let bytes =
+            advert(VrrpVersion::V3).encode(SRC, MULTICAST_GROUP, ChecksumMode::PseudoHeader);
         assert_eq!(
             Advert::decode(&bytes, PEER, MULTICAST_GROUP),
             Err(DecodeError::Checksum)
@@ -311,18 +308,19 @@ mod tests {
 
     #[test]
     fn v2_carries_seconds_and_eight_bytes_of_empty_authentication() {
-        let bytes = advert(Version::V2).encode(SRC, MULTICAST_GROUP, ChecksumMode::PseudoHeader);
+        let bytes =
+            advert(VrrpVersion::V2).encode(SRC, MULTICAST_GROUP, ChecksumMode::PseudoHeader);
         assert_eq!(bytes.len(), 8 + 4 + 8);
         assert_eq!(&bytes[..6], &[0x21, 51, 100, 1, 0, 1]);
         assert_eq!(
             Advert::decode(&bytes, SRC, MULTICAST_GROUP).unwrap().0,
-            advert(Version::V2)
+            advert(VrrpVersion::V2)
         );
     }
 
     #[test]
     fn malformed_messages_are_refused() {
-        let good = advert(Version::V3).encode(SRC, MULTICAST_GROUP, ChecksumMode::Rfc9568);
+        let good = advert(VrrpVersion::V3).encode(SRC, MULTICAST_GROUP, ChecksumMode::Rfc9568);
         assert_eq!(
             Advert::decode(&good[..7], SRC, MULTICAST_GROUP),
             Err(DecodeError::Short)
