@@ -35,7 +35,7 @@ use ha_common::{
 use tracing::{debug, info, warn};
 
 use crate::{
-    ebpf_object::EBPF_OBJECT,
+    ebpf_object,
     handover::{
         self, LINK_PIN, RECORD_ENTRIES, RECORD_PIN, Record, RecordKey, RecordValue, StartKind,
         TablesFound, TablesPlan, WouldDropFlows,
@@ -107,6 +107,11 @@ pub enum DataPlaneError {
     PinnedLink { path: String, reason: String },
     #[error("pinning {path}: {reason}")]
     Pin { path: String, reason: String },
+    #[error(
+        "this ha-user was built without the XDP object; run `cargo xtask build-ebpf --release` \
+         and rebuild"
+    )]
+    NoXdpObject,
     #[error("reading the XDP object {path} (HA_LB_XDP_OBJECT): {source}")]
     Object {
         path: String,
@@ -855,7 +860,9 @@ fn xdp_object() -> Result<std::borrow::Cow<'static, [u8]>> {
             warn!(object = %PathBuf::from(path).display(), "loading the XDP object HA_LB_XDP_OBJECT names, not the embedded one");
             Ok(std::borrow::Cow::Owned(bytes))
         }
-        None => Ok(std::borrow::Cow::Borrowed(EBPF_OBJECT)),
+        None => ebpf_object::embedded()
+            .map(std::borrow::Cow::Borrowed)
+            .ok_or(DataPlaneError::NoXdpObject),
     }
 }
 

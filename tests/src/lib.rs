@@ -229,8 +229,13 @@ impl Lab {
         &self,
     ) -> Result<(aya::Ebpf, Vec<(String, aya::programs::xdp::XdpLinkId)>)> {
         use aya::programs::{Xdp, XdpMode};
+        let object = ha_user::ebpf_object::embedded().ok_or_else(|| {
+            io_error("the XDP object")(std::io::Error::other(
+                "ha-user was built without it: run `cargo xtask build-ebpf --release` and rebuild",
+            ))
+        })?;
         let mut ebpf = aya::EbpfLoader::new()
-            .load(ha_user::ebpf_object::EBPF_OBJECT)
+            .load(object)
             .map_err(|e| io_error("loading the XDP object")(std::io::Error::other(e)))?;
         let program: &mut Xdp = ebpf
             .program_mut(ha_common::XDP_PASS_PROGRAM_NAME)

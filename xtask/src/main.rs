@@ -4,6 +4,7 @@
 //! `cargo xtask test` or `cargo xtask demo`.
 
 mod setup;
+mod unprivileged;
 
 use std::{
     path::{Path, PathBuf},
@@ -34,11 +35,24 @@ enum Task {
         variant: bool,
     },
     /// Run every test: format and lint checks, unit tests, BPF_PROG_TEST_RUN and lab tests (root).
+    ///
+    /// As root it first builds and unit-tests a copy of the sources as an
+    /// unprivileged user, with stable Rust only and no XDP object
+    /// (HA_SKIP_UNPRIVILEGED=1 skips that step).
     Test {
+        /// Only what needs neither root nor the lab nor the XDP object: format
+        /// check, clippy, and the unit tests of ha-common, ha-model, ha-user
+        /// (--lib) and xtask. Stable Rust is enough.
+        #[arg(long)]
+        unit: bool,
         /// Extra arguments for `cargo test` (a test name filter, `--nocapture`, ...).
         #[arg(last = true)]
         cargo_test_args: Vec<String>,
     },
+    /// Only `cargo xtask test`'s first step: as an unprivileged user, on a copy of the
+    /// sources without target/, with stable Rust only, `cargo check --workspace` and
+    /// `cargo test -p ha-user --lib` (root, to create the user and mount the toolchain).
+    Unprivileged,
     /// Measure the data plane and write docs/benchmarks.md (root).
     Bench {
         /// Run every part briefly (a smoke test of the harness).
@@ -82,12 +96,31 @@ fn main() -> Result<()> {
                 build_ebpf(&root, release)
             }
         }
-        Task::Test { cargo_test_args } => {
+        Task::Test {
+            unit: true,
+            cargo_test_args,
+        } => unit_test(&root, &cargo_test_args),
+        Task::Test {
+            unit: false,
+            cargo_test_args,
+        } => {
             require_root("cargo xtask test")?;
+            if unprivileged::skipped() {
+                eprintln!(
+                    "xtask: skipping the unprivileged step ({}=1)",
+                    unprivileged::SKIP_ENV
+                );
+            } else {
+                unprivileged::run(&root)?;
+            }
             setup::run(&root)?;
             build_ebpf(&root, true)?;
             build_ebpf_variant(&root)?;
             test(&root, &cargo_test_args)
+        }
+        Task::Unprivileged => {
+            require_root("cargo xtask unprivileged")?;
+            unprivileged::run(&root)
         }
         Task::Bench {
             quick,
@@ -218,7 +251,9 @@ fn build_ebpf(root: &Path, release: bool) -> Result<()> {
     Ok(())
 }
 
-fn test(root: &Path, cargo_test_args: &[String]) -> Result<()> {
+/// Format checks of both workspaces and clippy of this one: stable Rust, no
+/// root, no XDP object needed (ha-user embeds a stub without one).
+fn lint(root: &Path) -> Result<()> {
     run(cargo(root).args(["fmt", "--all", "--check"]))
         .context("formatting check (run `cargo fmt --all`)")?;
     run(cargo(root)
@@ -233,7 +268,37 @@ fn test(root: &Path, cargo_test_args: &[String]) -> Result<()> {
         "-D",
         "warnings",
     ]))
-    .context("clippy")?;
+    .context("clippy")
+}
+
+/// `cargo xtask test --unit`: what runs without root, the lab or the XDP object.
+fn unit_test(root: &Path, cargo_test_args: &[String]) -> Result<()> {
+    lint(root)?;
+    run(cargo(root)
+        .args([
+            "test",
+            "--no-fail-fast",
+            "-p",
+            "ha-common",
+            "-p",
+            "ha-model",
+            "-p",
+            "xtask",
+        ])
+        .args(cargo_test_args))
+    .context("unit tests of ha-common, ha-model and xtask")?;
+    run(cargo(root)
+        .args(["test", "--no-fail-fast", "-p", "ha-user", "--lib"])
+        .args(cargo_test_args))
+    .context("unit tests of ha-user")?;
+    eprintln!(
+        "xtask: unit tests passed (the BPF_PROG_TEST_RUN, fuzzer and lab suites need root: `cargo xtask test`)"
+    );
+    Ok(())
+}
+
+fn test(root: &Path, cargo_test_args: &[String]) -> Result<()> {
+    lint(root)?;
     run(ebpf_cargo(root, "clippy", true).args(["--", "-D", "warnings"]))
         .context("clippy of ha-ebpf")?;
     // Lab tests start the workspace's binaries (ha-user, standin-apiserver).
