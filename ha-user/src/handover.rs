@@ -512,17 +512,7 @@ pub fn held_address_lease(advert_interval: Duration) -> u32 {
 }
 
 /// What an agent does when it stops (SIGTERM/SIGINT, `ha-user stop`).
-#[derive(
-    Clone,
-    Copy,
-    Debug,
-    Default,
-    PartialEq,
-    Eq,
-    clap::ValueEnum,
-    serde::Serialize,
-    serde::Deserialize,
-)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum StopIntent {
     /// The host goes out of service: VRRP priority 0 (a peer takes over at

@@ -3,7 +3,7 @@
 use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use anyhow::{Context, Result, bail};
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
 use ha_user::{
     admin,
     agent::{self, AttachOptions, PinLocation},
@@ -36,7 +36,7 @@ enum Command {
         /// `auto` and `native` attach in native (driver) mode or fail; `generic` is refused
         /// (a NAT cannot rewrite generic mode's GRO-merged packets correctly).
         #[arg(long, value_enum, default_value = "auto")]
-        xdp_mode: AttachMode,
+        xdp_mode: XdpModeArg,
         /// Print per-VIP, per-backend and per-verdict counters this often (0s: never).
         #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
         stats_interval: Duration,
@@ -53,7 +53,7 @@ enum Command {
         /// removed) or `keep` (a restart or upgrade in place: program, flow
         /// tables and VIP addresses stay for the next agent). See docs/operations.md.
         #[arg(long, value_enum, default_value = "release")]
-        on_stop: StopIntent,
+        on_stop: OnStopArg,
         /// Start even when the pinned flow tables cannot be adopted by this
         /// build or config (their connections are lost); without it the agent
         /// refuses and the attached program keeps serving them.
@@ -130,6 +130,47 @@ enum Command {
         #[arg(long)]
         iface: Option<String>,
     },
+}
+
+/// `--xdp-mode`: the CLI's spelling of [`AttachMode`].
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum XdpModeArg {
+    Auto,
+    Native,
+    Generic,
+}
+
+impl From<XdpModeArg> for AttachMode {
+    fn from(mode: XdpModeArg) -> Self {
+        match mode {
+            XdpModeArg::Auto => AttachMode::Auto,
+            XdpModeArg::Native => AttachMode::Native,
+            XdpModeArg::Generic => AttachMode::Generic,
+        }
+    }
+}
+
+/// `--on-stop`: the CLI's spelling of [`StopIntent`] (each value's help is
+/// what `attach --help` lists).
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum OnStopArg {
+    /// The host goes out of service: VRRP priority 0 (a peer takes over at
+    /// once), VIP addresses and neighbour entries removed, program detached,
+    /// pins removed.
+    Release,
+    /// The agent restarts or is upgraded in place: program, flow tables and
+    /// VIP addresses stay, and the data path goes on serving the last desired
+    /// state until the next agent adopts it.
+    Keep,
+}
+
+impl From<OnStopArg> for StopIntent {
+    fn from(intent: OnStopArg) -> Self {
+        match intent {
+            OnStopArg::Release => StopIntent::Release,
+            OnStopArg::Keep => StopIntent::Keep,
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -231,10 +272,10 @@ fn run(cli: Cli) -> Result<()> {
             runtime()?.block_on(agent::run(AttachOptions {
                 iface,
                 config_path: config,
-                xdp_mode,
+                xdp_mode: xdp_mode.into(),
                 stats_interval,
                 pin,
-                on_stop,
+                on_stop: on_stop.into(),
                 accept_flow_loss,
             }))
         }
