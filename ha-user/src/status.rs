@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     config::{Mode, Protocol},
+    dataplane::AttachedMode,
     handover::{StartKind, StopIntent},
     health::{CheckResult, Health},
     probe::Outcome,
@@ -16,7 +17,9 @@ use crate::{
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct StatusReport {
     pub interface: String,
-    pub xdp_mode: String,
+    /// The XDP attachment's mode (`None`: not attached).
+    #[serde(default)]
+    pub xdp_mode: Option<AttachedMode>,
     pub lb_address: String,
     pub uptime_seconds: f64,
     /// VRRP, when the VIPs are owned through it.
@@ -265,7 +268,8 @@ impl StatusReport {
             out,
             "interface {} (XDP {}), NAT source {}, up {}",
             self.interface,
-            self.xdp_mode,
+            self.xdp_mode
+                .map_or("not attached".to_string(), |m| m.to_string()),
             self.lb_address,
             duration(self.uptime_seconds)
         );
@@ -407,7 +411,7 @@ mod tests {
     fn the_table_shows_states_checks_and_fail_open() {
         let report = StatusReport {
             interface: "eth0".into(),
-            xdp_mode: "native".into(),
+            xdp_mode: Some(AttachedMode::Native),
             lb_address: "10.0.0.2".into(),
             uptime_seconds: 75.0,
             vrrp: None,

@@ -227,9 +227,11 @@ pub fn render_metrics(report: &StatusReport) -> String {
 
     ready.set(i64::from(report.not_ready.is_empty()));
     unanswered.set(i64::from(report.data_path_unanswered));
-    xdp_mode
-        .get_or_create(&vec![("mode".to_string(), report.xdp_mode.clone())])
-        .set(1);
+    if let Some(mode) = report.xdp_mode {
+        xdp_mode
+            .get_or_create(&vec![("mode".to_string(), mode.to_string())])
+            .set(1);
+    }
     program
         .get_or_create(&vec![
             ("tag".to_string(), report.program.tag.clone()),
@@ -406,7 +408,7 @@ mod tests {
                 orphans_freed: 3,
             },
             data_path_unanswered: true,
-            xdp_mode: "native".into(),
+            xdp_mode: Some(crate::dataplane::AttachedMode::Native),
             program: crate::status::ProgramStatus {
                 start: crate::handover::StartKind::Upgraded,
                 tag: "00112233aabbccdd".into(),

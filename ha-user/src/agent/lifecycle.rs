@@ -160,7 +160,7 @@ pub async fn run(options: AttachOptions) -> Result<()> {
         ifindex,
         mac,
         lb_addr,
-        xdp_mode: "none",
+        xdp_mode: None,
         started: Instant::now(),
         dataplane,
         config: config.clone(),
@@ -193,7 +193,7 @@ pub async fn run(options: AttachOptions) -> Result<()> {
             .dataplane
             .attach(&agent.options.iface, agent.options.xdp_mode)
             .with_context(|| format!("attaching to interface {}", agent.options.iface))?;
-        agent.xdp_mode = mode.label();
+        agent.xdp_mode = Some(mode);
         let (start, replaced) = agent.dataplane.start_kind();
         info!(
             iface = %agent.options.iface,

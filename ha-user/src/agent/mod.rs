@@ -41,7 +41,7 @@ use tokio::sync::{mpsc, watch};
 use crate::{
     blackhole,
     config::{Config, VrrpConfig},
-    dataplane::{AttachMode, DataPlane},
+    dataplane::{AttachMode, AttachedMode, DataPlane},
     handover::StopIntent,
     health::Health,
     netlink::{LinkHealth, Netlink},
@@ -109,7 +109,8 @@ struct Agent {
     ifindex: u32,
     mac: [u8; 6],
     lb_addr: Ipv4Addr,
-    xdp_mode: &'static str,
+    /// `None` until the program is attached.
+    xdp_mode: Option<AttachedMode>,
     started: Instant,
     dataplane: DataPlane,
     config: Config,

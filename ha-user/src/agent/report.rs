@@ -143,7 +143,7 @@ impl Agent {
             },
             vrrp: self.vrrp.as_ref().map(|v| v.status.borrow().clone()),
             interface: self.options.iface.clone(),
-            xdp_mode: self.xdp_mode.to_string(),
+            xdp_mode: self.xdp_mode,
             lb_address: self.lb_addr.to_string(),
             uptime_seconds: now.duration_since(self.started).as_secs_f64(),
             vips,

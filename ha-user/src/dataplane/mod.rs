@@ -170,9 +170,18 @@ pub enum AttachMode {
     Generic,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// The mode the XDP program is attached in (status, `/metrics`); the serde
+/// spelling is the label.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum AttachedMode {
     Native,
+}
+
+impl std::fmt::Display for AttachedMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.label())
+    }
 }
 
 impl AttachedMode {
