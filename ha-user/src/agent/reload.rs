@@ -130,6 +130,9 @@ impl Agent {
                 match self.apply(&plan).await {
                     Ok(()) => {
                         self.commit(plan);
+                        // A VIP that fails open, or no longer does, under the
+                        // new config changes what VRRP tracking advertises.
+                        self.track().await;
                         Ok(format!(
                             "reload applied from {} ({summary})",
                             path.display()
