@@ -14,6 +14,13 @@
 //! drains and the data plane; on any change it recomputes the desired state
 //! and lets [`DataPlane::apply`] swap in the tables that changed.
 //!
+//! One file per concern: [`decide`] the rules as pure functions (desired
+//! state with fail open, VRRP tracking, readiness, the config diff);
+//! `lifecycle` start and stop; `events` the loop and its handlers; `reload`
+//! plan, apply, commit; `apply` the data-plane writes; `host` addresses,
+//! neighbours and gratuitous ARP; `probes` the check tasks; `report` status
+//! and readiness; `commands` the one-shot `detach` and `check-config`.
+//!
 //! Start-up validates everything before touching the host, and a start that
 //! fails before the program switch changes nothing. SIGTERM or SIGINT stop
 //! with the `--on-stop` intent: release removes what ha-lb added, keep

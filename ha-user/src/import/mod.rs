@@ -13,7 +13,7 @@
 //! syntaxes are small.
 //!
 //! Per source, a parser and a translation (`haproxy/`, `keepalived/`); the
-//! [`ledger`] records what each consumed and notes the rest; [`render`]
+//! `ledger` records what each consumed and notes the rest; [`render`]
 //! writes the result. This module runs them in order.
 
 pub mod haproxy;
