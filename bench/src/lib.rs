@@ -10,6 +10,10 @@
 //! fell onto another path fails instead of reporting a wrong number. A SYN
 //! run uses a new source port on every call, so every call inserts a flow.
 
+pub mod chart;
+pub mod e2e;
+pub mod failover;
+
 use std::{
     net::Ipv4Addr,
     time::{Duration, Instant},
@@ -23,7 +27,7 @@ use ha_user::{
     maglev::{MaglevBackend, build_table},
 };
 
-use crate::{HOST_IFACE, Lab};
+use ha_lab::{HOST_IFACE, Lab};
 
 const XDP_PASS: u32 = 2;
 const XDP_TX: u32 = 3;
@@ -31,7 +35,7 @@ const XDP_TX: u32 = 3;
 #[derive(Debug, thiserror::Error)]
 pub enum BenchError {
     #[error("lab: {0}")]
-    Lab(#[from] crate::LabError),
+    Lab(#[from] ha_lab::LabError),
     #[error("data plane: {0}")]
     DataPlane(#[from] ha_user::dataplane::DataPlaneError),
     #[error("BPF_PROG_TEST_RUN: {0}")]
@@ -58,7 +62,7 @@ pub struct Effort {
     /// Flows pre-loaded for the large-table measurement.
     pub big_table: u32,
     /// The end-to-end comparison.
-    pub e2e: crate::e2e::E2eEffort,
+    pub e2e: e2e::E2eEffort,
     /// Trials per failover scenario (the median is reported).
     pub failover_trials: u32,
 }
@@ -68,7 +72,7 @@ impl Effort {
         calls: 200_000,
         runs: 5,
         big_table: 1_000_000,
-        e2e: crate::e2e::E2eEffort {
+        e2e: e2e::E2eEffort {
             seconds: 10,
             latency_rate: 200,
         },
@@ -78,7 +82,7 @@ impl Effort {
         calls: 2_000,
         runs: 3,
         big_table: 20_000,
-        e2e: crate::e2e::E2eEffort {
+        e2e: e2e::E2eEffort {
             seconds: 1,
             latency_rate: 100,
         },
@@ -107,8 +111,8 @@ pub struct Report {
     pub table_builds: Vec<(usize, u32, Duration)>,
     /// Per-packet cost by number of backends and with a large connection table.
     pub scale: Vec<PathCost>,
-    pub e2e: Vec<crate::e2e::E2eResult>,
-    pub failover: Vec<crate::failover::FailoverResult>,
+    pub e2e: Vec<e2e::E2eResult>,
+    pub failover: Vec<failover::FailoverResult>,
 }
 
 /// A frame from `src:sport` to `dst:dport` (TCP, flags as given).
@@ -507,8 +511,8 @@ pub fn run(effort: Effort, mut progress: impl FnMut(&str)) -> Result<Report> {
     report.per_packet = per_packet(&mut bench, effort, "")?;
     drop(bench);
 
-    report.e2e = crate::e2e::run(effort.e2e, &mut progress)?;
-    report.failover = crate::failover::run(effort.failover_trials, &mut progress)?;
+    report.e2e = e2e::run(effort.e2e, &mut progress)?;
+    report.failover = failover::run(effort.failover_trials, &mut progress)?;
 
     progress("Maglev table build times");
     for (backends, size) in [(3usize, 65537u32), (64, 65537), (1024, 131071)] {
@@ -639,7 +643,7 @@ pub fn cost_table(out: &mut String, costs: &[PathCost]) {
 }
 
 fn render_e2e(out: &mut String, report: &Report, effort: Effort) {
-    use crate::e2e::Balancer;
+    use e2e::Balancer;
     use std::fmt::Write;
     let _ = writeln!(
         out,
@@ -738,7 +742,7 @@ fn render_failover(out: &mut String, report: &Report, effort: Effort) {
             .find(|r| r.scenario == scenario)
             .map(|r| r.median().as_secs_f64())
     };
-    use crate::failover::Scenario::*;
+    use failover::Scenario::*;
     if let (Some(ours), Some(theirs)) = (find(MasterDiesHaLb), find(MasterDiesKeepalivedDefaults))
         && ours > 0.0
     {
