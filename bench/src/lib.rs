@@ -27,7 +27,10 @@ use ha_user::{
     maglev::{MaglevBackend, build_table},
 };
 
-use ha_lab::{HOST_IFACE, Lab};
+use ha_lab::{
+    HOST_IFACE, Lab,
+    packet::{ACK, Frame, L4, SYN, SYN_ACK, TTL},
+};
 
 const XDP_PASS: u32 = 2;
 const XDP_TX: u32 = 3;
@@ -115,7 +118,8 @@ pub struct Report {
     pub failover: Vec<failover::FailoverResult>,
 }
 
-/// A frame from `src:sport` to `dst:dport` (TCP, flags as given).
+/// A TCP frame from `src:sport` to `dst:dport` with sequence number 1
+/// (`ha_lab::packet`, the fixtures' builder).
 fn tcp_frame(
     src_mac: [u8; 6],
     dst_mac: [u8; 6],
@@ -123,57 +127,21 @@ fn tcp_frame(
     dst: Ipv4Addr,
     sport: u16,
     dport: u16,
-    flags: u8,
+    l4: L4,
 ) -> Vec<u8> {
-    let mut frame = Vec::with_capacity(54);
-    frame.extend_from_slice(&dst_mac);
-    frame.extend_from_slice(&src_mac);
-    frame.extend_from_slice(&[0x08, 0x00]);
-    let mut ip = [0u8; 20];
-    ip[0] = 0x45;
-    ip[2..4].copy_from_slice(&40u16.to_be_bytes());
-    ip[8] = 64;
-    ip[9] = PROTO_TCP;
-    ip[12..16].copy_from_slice(&src.octets());
-    ip[16..20].copy_from_slice(&dst.octets());
-    let sum = internet_checksum(&ip, 0);
-    ip[10..12].copy_from_slice(&sum.to_be_bytes());
-    frame.extend_from_slice(&ip);
-    let mut tcp = [0u8; 20];
-    tcp[0..2].copy_from_slice(&sport.to_be_bytes());
-    tcp[2..4].copy_from_slice(&dport.to_be_bytes());
-    tcp[4..8].copy_from_slice(&1u32.to_be_bytes());
-    tcp[12] = 0x50;
-    tcp[13] = flags;
-    tcp[14..16].copy_from_slice(&64240u16.to_be_bytes());
-    let mut pseudo = Vec::with_capacity(12);
-    pseudo.extend_from_slice(&src.octets());
-    pseudo.extend_from_slice(&dst.octets());
-    pseudo.extend_from_slice(&[0, PROTO_TCP, 0, 20]);
-    let sum = internet_checksum(&tcp, sum_words(&pseudo, 0));
-    tcp[16..18].copy_from_slice(&sum.to_be_bytes());
-    frame.extend_from_slice(&tcp);
-    frame
-}
-
-fn sum_words(bytes: &[u8], mut sum: u32) -> u32 {
-    for pair in bytes.chunks(2) {
-        sum += u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)]) as u32;
+    Frame {
+        src_mac,
+        dst_mac,
+        vlan: None,
+        src,
+        dst,
+        sport,
+        dport,
+        l4,
+        payload: b"",
     }
-    sum
+    .build_with(TTL, 1)
 }
-
-fn internet_checksum(bytes: &[u8], start: u32) -> u16 {
-    let mut sum = sum_words(bytes, start);
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
-}
-
-const SYN: u8 = 0x02;
-const ACK: u8 = 0x10;
-const SYN_ACK: u8 = 0x12;
 
 /// The lab and the loaded data plane the measurements run in.
 struct Bench {
@@ -256,7 +224,7 @@ impl Bench {
         })
     }
 
-    fn client_frame(&self, sport: u16, flags: u8) -> Vec<u8> {
+    fn client_frame(&self, sport: u16, l4: L4) -> Vec<u8> {
         let client = self.lab.host("client");
         tcp_frame(
             client.mac,
@@ -265,7 +233,7 @@ impl Bench {
             self.vip,
             sport,
             6443,
-            flags,
+            l4,
         )
     }
 

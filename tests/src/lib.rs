@@ -28,6 +28,7 @@
 
 pub mod fuzz;
 pub mod nginx;
+pub mod packet;
 pub mod process;
 
 use std::{

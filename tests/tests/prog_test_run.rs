@@ -1,8 +1,8 @@
 //! BPF_PROG_TEST_RUN fixture table, in the style of Katran's tester: each case
 //! is a name, an input frame built here, the expected verdict and the
-//! expected output frame. Expected frames are built with etherparse, which
-//! computes every checksum itself: an independent implementation, not the
-//! code under test.
+//! expected output frame. Expected frames are built with etherparse
+//! (`ha_lab::packet`), which computes every checksum itself: an independent
+//! implementation, not the code under test.
 //!
 //! The program runs inside a lab host's namespace with `ingress_ifindex` set
 //! to its eth0, so `bpf_fib_lookup` answers from a real routing table and
@@ -11,12 +11,15 @@
 use std::net::Ipv4Addr;
 
 use aya::programs::{TestRun, TestRunOptions};
-use etherparse::{PacketBuilder, SlicedPacket, TransportSlice, VlanId};
+use etherparse::{SlicedPacket, TransportSlice};
 use ha_common::{
     Event, FlowKey, NatEntry, NatKey, PROTO_TCP, PROTO_UDP, Verdict, addr_to_wire, hash,
     port_to_wire,
 };
-use ha_lab::Lab;
+use ha_lab::{
+    Lab,
+    packet::{ACK, FIN, Frame, L4, RST, SYN, SYN_ACK, UDP, UDP_NO_CHECKSUM, icmp_frame},
+};
 use ha_user::{
     config::DataPlaneConfig,
     dataplane::{DataPlane, DesiredBackend, DesiredVip, LoadOptions},
@@ -32,125 +35,6 @@ const CLIENT_PORT: u16 = 40001;
 /// The virtual clock every packet sees at the start (`Settings::clock_ns`).
 const T0: u64 = 1_000_000 * SECOND;
 const SECOND: u64 = 1_000_000_000;
-
-#[derive(Clone, Copy, Debug)]
-enum L4 {
-    Tcp {
-        syn: bool,
-        ack: bool,
-        fin: bool,
-        rst: bool,
-    },
-    Udp {
-        zero_checksum: bool,
-    },
-}
-
-const SYN: L4 = L4::Tcp {
-    syn: true,
-    ack: false,
-    fin: false,
-    rst: false,
-};
-const ACK: L4 = L4::Tcp {
-    syn: false,
-    ack: true,
-    fin: false,
-    rst: false,
-};
-const SYN_ACK: L4 = L4::Tcp {
-    syn: true,
-    ack: true,
-    fin: false,
-    rst: false,
-};
-const RST: L4 = L4::Tcp {
-    syn: false,
-    ack: false,
-    fin: false,
-    rst: true,
-};
-const UDP: L4 = L4::Udp {
-    zero_checksum: false,
-};
-const UDP_NO_CHECKSUM: L4 = L4::Udp {
-    zero_checksum: true,
-};
-
-struct Frame {
-    src_mac: [u8; 6],
-    dst_mac: [u8; 6],
-    vlan: Option<u16>,
-    src: Ipv4Addr,
-    dst: Ipv4Addr,
-    sport: u16,
-    dport: u16,
-    l4: L4,
-    payload: &'static [u8],
-}
-
-/// The TTL of every input frame; a forwarded frame leaves with one less.
-const TTL: u8 = 64;
-
-impl Frame {
-    fn build(&self) -> Vec<u8> {
-        self.build_with_ttl(TTL)
-    }
-
-    /// As the balancer sends it on: one hop later.
-    fn forwarded(&self) -> Vec<u8> {
-        self.build_with_ttl(TTL - 1)
-    }
-
-    fn build_with_ttl(&self, ttl: u8) -> Vec<u8> {
-        let eth = PacketBuilder::ethernet2(self.src_mac, self.dst_mac);
-        let mut out = Vec::new();
-        macro_rules! finish {
-            ($ip:expr) => {{
-                let ip = $ip;
-                match self.l4 {
-                    L4::Tcp { syn, ack, fin, rst } => {
-                        let mut tcp = ip.tcp(self.sport, self.dport, 1000, 64240);
-                        if syn {
-                            tcp = tcp.syn();
-                        }
-                        if ack {
-                            tcp = tcp.ack(5000);
-                        }
-                        if fin {
-                            tcp = tcp.fin();
-                        }
-                        if rst {
-                            tcp = tcp.rst();
-                        }
-                        tcp.write(&mut out, self.payload).unwrap();
-                    }
-                    L4::Udp { .. } => ip
-                        .udp(self.sport, self.dport)
-                        .write(&mut out, self.payload)
-                        .unwrap(),
-                }
-            }};
-        }
-        match self.vlan {
-            Some(id) => finish!(eth.single_vlan(VlanId::try_new(id).unwrap()).ipv4(
-                self.src.octets(),
-                self.dst.octets(),
-                ttl
-            )),
-            None => finish!(eth.ipv4(self.src.octets(), self.dst.octets(), ttl)),
-        }
-        if let L4::Udp {
-            zero_checksum: true,
-        } = self.l4
-        {
-            let l4 = 14 + self.vlan.map_or(0, |_| 4) + 20;
-            out[l4 + 6] = 0;
-            out[l4 + 7] = 0;
-        }
-        out
-    }
-}
 
 struct World {
     lab: Lab,
@@ -870,13 +754,6 @@ fn traffic_counters_follow_vip_and_backend() {
     assert_eq!((b.packets, b.new_flows), (2, 1));
 }
 
-const FIN: L4 = L4::Tcp {
-    syn: false,
-    ack: true,
-    fin: true,
-    rst: false,
-};
-
 /// The frames of one TCP flow through the VIP: the client's, and its backend's replies.
 struct Conversation<'a> {
     w: &'a World,
@@ -1541,41 +1418,6 @@ fn the_sweep_frees_orphaned_reverse_entries_and_restores_lost_ones() {
     );
     let totals = w.dataplane.sweep_totals();
     assert_eq!((totals.orphans_freed, totals.reverse_recovered), (1, 1));
-}
-
-/// An ICMP message in a frame, built by etherparse (which computes the IPv4
-/// and ICMP checksums). `generated`: as the balancer builds its own errors
-/// (no DF, precedence "internetwork control").
-#[allow(clippy::too_many_arguments)]
-fn icmp_frame(
-    src_mac: [u8; 6],
-    dst_mac: [u8; 6],
-    src: Ipv4Addr,
-    dst: Ipv4Addr,
-    ttl: u8,
-    generated: bool,
-    icmp: etherparse::Icmpv4Type,
-    quote: &[u8],
-) -> Vec<u8> {
-    let mut ip = etherparse::Ipv4Header::new(
-        0,
-        ttl,
-        etherparse::IpNumber::ICMP,
-        src.octets(),
-        dst.octets(),
-    )
-    .unwrap();
-    if generated {
-        ip.dont_fragment = false;
-        ip.dscp = etherparse::Ipv4Dscp::try_new(0xc0 >> 2).unwrap();
-    }
-    let mut out = Vec::new();
-    PacketBuilder::ethernet2(src_mac, dst_mac)
-        .ip(etherparse::IpHeaders::Ipv4(ip, Default::default()))
-        .icmpv4(icmp)
-        .write(&mut out, quote)
-        .unwrap();
-    out
 }
 
 /// The IPv4 packet in a frame, cut to its header and `l4_bytes` after it (what an ICMP error quotes).
