@@ -1,5 +1,5 @@
 //! The lab: a LAN of hosts built out of network namespaces, for integration
-//! tests, the demo and the benchmarks.
+//! tests, the demo and the benchmarks (crate `ha-bench`).
 //!
 //! Layout of one lab (slot `N`, claimed for the life of the [`Lab`]):
 //!
@@ -26,11 +26,9 @@
 //! and removes them. Each slot has its own names and its own /24, so labs in
 //! parallel test threads or processes never meet.
 
-pub mod bench;
-pub mod chart;
-pub mod e2e;
-pub mod failover;
 pub mod fuzz;
+pub mod nginx;
+pub mod packet;
 pub mod process;
 
 use std::{

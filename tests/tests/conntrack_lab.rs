@@ -15,7 +15,10 @@ use common::{
     HttpSession, Session, reload, start_agent, start_apiservers, status_json, vip_config, whoami,
     whoami_within, write_config,
 };
-use ha_lab::{HOST_IFACE, Lab};
+use ha_lab::{
+    HOST_IFACE, Lab,
+    packet::{Frame, SYN, TTL},
+};
 use serde_json::Value;
 
 /// These floods measure per-CPU early drop (design.md, "Room is made per
@@ -125,7 +128,7 @@ fn send_raw_frames(frames: &[Vec<u8>]) -> usize {
 /// `count` TCP SYNs to `vip`:`port` from the client's MAC to the LB's MAC,
 /// each from a random address in .100-.199 of the lab's /24 (no host owns
 /// those: nobody will ever complete a handshake) and a random port, with
-/// a random sequence number; IPv4 and TCP checksums computed by etherparse.
+/// a random sequence number (`ha_lab::packet`, etherparse computes the checksums).
 fn spoofed_syns(lab: &Lab, count: usize, port: u16, rng: &mut Rng) -> Vec<Vec<u8>> {
     let (client, lb) = (lab.host("client"), lab.host("lb"));
     let net = lab.vip(0).octets();
@@ -134,13 +137,18 @@ fn spoofed_syns(lab: &Lab, count: usize, port: u16, rng: &mut Rng) -> Vec<Vec<u8
             let r = rng.next();
             let source = [net[0], net[1], net[2], 100 + (r % 100) as u8];
             let source_port = 1024 + ((r >> 8) % (65536 - 1024)) as u16;
-            let builder = etherparse::PacketBuilder::ethernet2(client.mac, lb.mac)
-                .ipv4(source, lab.vip(0).octets(), 64)
-                .tcp(source_port, port, (r >> 32) as u32, 64240)
-                .syn();
-            let mut frame = Vec::with_capacity(builder.size(0));
-            builder.write(&mut frame, &[]).unwrap();
-            frame
+            let frame = Frame {
+                src_mac: client.mac,
+                dst_mac: lb.mac,
+                vlan: None,
+                src: source.into(),
+                dst: lab.vip(0),
+                sport: source_port,
+                dport: port,
+                l4: SYN,
+                payload: b"",
+            };
+            frame.build_with(TTL, (r >> 32) as u32)
         })
         .collect()
 }

@@ -320,6 +320,8 @@ fn release_binary(root: &Path, name: &str) -> Result<Command> {
         "ha-user",
         "-p",
         "ha-tests",
+        "-p",
+        "ha-bench",
         "--bins",
     ]))?;
     let mut command = Command::new(root.join("target/release").join(name));

@@ -1,5 +1,5 @@
-//! What only the tests, the benchmarks and the fuzzer use (crate `ha-tests`,
-//! which enables the `test-hooks` feature; docs/development.md): the loaded
+//! What only the tests, the benchmarks and the fuzzer use (crates `ha-tests`
+//! and `ha-bench`, which enable the `test-hooks` feature; docs/development.md): the loaded
 //! programs for BPF_PROG_TEST_RUN, a virtual clock, synthetic and emptied
 //! tables, fixture surgery on one half of a flow, host-local backend ids,
 //! and the XDP object `HA_LB_XDP_OBJECT` names loaded instead of the

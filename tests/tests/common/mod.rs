@@ -282,7 +282,7 @@ pub fn start_file_server(lab: &Lab, host: &str) -> LabProcess {
     let www = lab.log_dir().join(format!("nginx-{host}")).join("www");
     std::fs::create_dir_all(&www).unwrap();
     std::fs::write(www.join("big"), vec![b'x'; DOWNLOAD]).unwrap();
-    ha_lab::e2e::start_nginx_server(lab, host, 8080, 64, |dir| {
+    ha_lab::nginx::start_server(lab, host, 8080, 64, |dir| {
         format!("; root {}/www;", dir.display())
     })
     .unwrap()

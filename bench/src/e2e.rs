@@ -11,7 +11,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::{HOST_IFACE, Lab, LabError, LabProcess, bench::BenchError};
+use ha_lab::{HOST_IFACE, Lab, LabError, LabProcess, nginx};
+
+use crate::BenchError;
 
 const WEBS: [&str; 3] = ["web1", "web2", "web3"];
 const PORT: u16 = 80;
@@ -84,60 +86,9 @@ fn write_file(path: &Path, text: &str) -> Result<()> {
 }
 
 fn start_nginx(lab: &Lab, host: &str) -> Result<LabProcess> {
-    start_nginx_server(lab, host, PORT, 8192, |_| {
+    Ok(nginx::start_server(lab, host, PORT, 8192, |_| {
         " backlog=8192; keepalive_requests 100000; location / { return 200 \"ok\\n\"; }".to_string()
-    })
-}
-
-/// nginx on `host`, one worker with `worker_connections`, one server that
-/// listens on the host's address and `port`: `server(dir)` is the rest of
-/// the server block after `listen ADDRESS:PORT` (`dir`: nginx's directory
-/// under the lab's log directory). Returns once it accepts connections from
-/// the lab's `client` host.
-///
-/// # Errors
-/// Writing the config, starting nginx, or nginx not listening within 10 s.
-pub fn start_nginx_server(
-    lab: &Lab,
-    host: &str,
-    port: u16,
-    worker_connections: u32,
-    server: impl Fn(&Path) -> String,
-) -> Result<LabProcess> {
-    let dir = lab.log_dir().join(format!("nginx-{host}"));
-    std::fs::create_dir_all(&dir).map_err(io("nginx dir"))?;
-    let conf = dir.join("nginx.conf");
-    write_file(
-        &conf,
-        &format!(
-            "worker_processes 1;\ndaemon off;\npid {dir}/nginx.pid;\nerror_log {dir}/error.log;\n\
-             events {{ worker_connections {worker_connections}; }}\n\
-             http {{\n  access_log off;\n  client_body_temp_path {dir};\n  proxy_temp_path {dir};\n  fastcgi_temp_path {dir};\n  uwsgi_temp_path {dir};\n  scgi_temp_path {dir};\n\
-               server {{ listen {}:{port}{} }}\n}}\n",
-            lab.host(host).addr,
-            server(&dir),
-            dir = dir.display()
-        ),
-    )?;
-    let mut process = lab.spawn(
-        host,
-        &[
-            "nginx",
-            "-c",
-            conf.to_str().unwrap(),
-            "-p",
-            dir.to_str().unwrap(),
-        ],
-    )?;
-    let addr = SocketAddr::from((lab.host(host).addr, port));
-    lab.wait_until(Duration::from_secs(10), "nginx listening", || {
-        lab.in_host("client", || {
-            TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
-        })
-        .unwrap_or(false)
-    })?;
-    process.wait_timeout(Duration::ZERO)?;
-    Ok(process)
+    })?)
 }
 
 /// Machine-wide busy CPU time (all CPUs), from /proc/stat.

@@ -19,7 +19,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::{HOST_IFACE, Lab, LabError, LabProcess, bench::BenchError};
+use ha_lab::{HOST_IFACE, Lab, LabError, LabProcess};
+
+use crate::BenchError;
 
 type Result<T> = std::result::Result<T, BenchError>;
 

@@ -10,6 +10,10 @@
 //! fell onto another path fails instead of reporting a wrong number. A SYN
 //! run uses a new source port on every call, so every call inserts a flow.
 
+pub mod chart;
+pub mod e2e;
+pub mod failover;
+
 use std::{
     net::Ipv4Addr,
     time::{Duration, Instant},
@@ -23,7 +27,10 @@ use ha_user::{
     maglev::{MaglevBackend, build_table},
 };
 
-use crate::{HOST_IFACE, Lab};
+use ha_lab::{
+    HOST_IFACE, Lab,
+    packet::{ACK, Frame, L4, SYN, SYN_ACK, TTL},
+};
 
 const XDP_PASS: u32 = 2;
 const XDP_TX: u32 = 3;
@@ -31,7 +38,7 @@ const XDP_TX: u32 = 3;
 #[derive(Debug, thiserror::Error)]
 pub enum BenchError {
     #[error("lab: {0}")]
-    Lab(#[from] crate::LabError),
+    Lab(#[from] ha_lab::LabError),
     #[error("data plane: {0}")]
     DataPlane(#[from] ha_user::dataplane::DataPlaneError),
     #[error("BPF_PROG_TEST_RUN: {0}")]
@@ -58,7 +65,7 @@ pub struct Effort {
     /// Flows pre-loaded for the large-table measurement.
     pub big_table: u32,
     /// The end-to-end comparison.
-    pub e2e: crate::e2e::E2eEffort,
+    pub e2e: e2e::E2eEffort,
     /// Trials per failover scenario (the median is reported).
     pub failover_trials: u32,
 }
@@ -68,7 +75,7 @@ impl Effort {
         calls: 200_000,
         runs: 5,
         big_table: 1_000_000,
-        e2e: crate::e2e::E2eEffort {
+        e2e: e2e::E2eEffort {
             seconds: 10,
             latency_rate: 200,
         },
@@ -78,7 +85,7 @@ impl Effort {
         calls: 2_000,
         runs: 3,
         big_table: 20_000,
-        e2e: crate::e2e::E2eEffort {
+        e2e: e2e::E2eEffort {
             seconds: 1,
             latency_rate: 100,
         },
@@ -107,11 +114,12 @@ pub struct Report {
     pub table_builds: Vec<(usize, u32, Duration)>,
     /// Per-packet cost by number of backends and with a large connection table.
     pub scale: Vec<PathCost>,
-    pub e2e: Vec<crate::e2e::E2eResult>,
-    pub failover: Vec<crate::failover::FailoverResult>,
+    pub e2e: Vec<e2e::E2eResult>,
+    pub failover: Vec<failover::FailoverResult>,
 }
 
-/// A frame from `src:sport` to `dst:dport` (TCP, flags as given).
+/// A TCP frame from `src:sport` to `dst:dport` with sequence number 1
+/// (`ha_lab::packet`, the fixtures' builder).
 fn tcp_frame(
     src_mac: [u8; 6],
     dst_mac: [u8; 6],
@@ -119,57 +127,21 @@ fn tcp_frame(
     dst: Ipv4Addr,
     sport: u16,
     dport: u16,
-    flags: u8,
+    l4: L4,
 ) -> Vec<u8> {
-    let mut frame = Vec::with_capacity(54);
-    frame.extend_from_slice(&dst_mac);
-    frame.extend_from_slice(&src_mac);
-    frame.extend_from_slice(&[0x08, 0x00]);
-    let mut ip = [0u8; 20];
-    ip[0] = 0x45;
-    ip[2..4].copy_from_slice(&40u16.to_be_bytes());
-    ip[8] = 64;
-    ip[9] = PROTO_TCP;
-    ip[12..16].copy_from_slice(&src.octets());
-    ip[16..20].copy_from_slice(&dst.octets());
-    let sum = internet_checksum(&ip, 0);
-    ip[10..12].copy_from_slice(&sum.to_be_bytes());
-    frame.extend_from_slice(&ip);
-    let mut tcp = [0u8; 20];
-    tcp[0..2].copy_from_slice(&sport.to_be_bytes());
-    tcp[2..4].copy_from_slice(&dport.to_be_bytes());
-    tcp[4..8].copy_from_slice(&1u32.to_be_bytes());
-    tcp[12] = 0x50;
-    tcp[13] = flags;
-    tcp[14..16].copy_from_slice(&64240u16.to_be_bytes());
-    let mut pseudo = Vec::with_capacity(12);
-    pseudo.extend_from_slice(&src.octets());
-    pseudo.extend_from_slice(&dst.octets());
-    pseudo.extend_from_slice(&[0, PROTO_TCP, 0, 20]);
-    let sum = internet_checksum(&tcp, sum_words(&pseudo, 0));
-    tcp[16..18].copy_from_slice(&sum.to_be_bytes());
-    frame.extend_from_slice(&tcp);
-    frame
-}
-
-fn sum_words(bytes: &[u8], mut sum: u32) -> u32 {
-    for pair in bytes.chunks(2) {
-        sum += u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)]) as u32;
+    Frame {
+        src_mac,
+        dst_mac,
+        vlan: None,
+        src,
+        dst,
+        sport,
+        dport,
+        l4,
+        payload: b"",
     }
-    sum
+    .build_with(TTL, 1)
 }
-
-fn internet_checksum(bytes: &[u8], start: u32) -> u16 {
-    let mut sum = sum_words(bytes, start);
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
-}
-
-const SYN: u8 = 0x02;
-const ACK: u8 = 0x10;
-const SYN_ACK: u8 = 0x12;
 
 /// The lab and the loaded data plane the measurements run in.
 struct Bench {
@@ -252,7 +224,7 @@ impl Bench {
         })
     }
 
-    fn client_frame(&self, sport: u16, flags: u8) -> Vec<u8> {
+    fn client_frame(&self, sport: u16, l4: L4) -> Vec<u8> {
         let client = self.lab.host("client");
         tcp_frame(
             client.mac,
@@ -261,7 +233,7 @@ impl Bench {
             self.vip,
             sport,
             6443,
-            flags,
+            l4,
         )
     }
 
@@ -507,8 +479,8 @@ pub fn run(effort: Effort, mut progress: impl FnMut(&str)) -> Result<Report> {
     report.per_packet = per_packet(&mut bench, effort, "")?;
     drop(bench);
 
-    report.e2e = crate::e2e::run(effort.e2e, &mut progress)?;
-    report.failover = crate::failover::run(effort.failover_trials, &mut progress)?;
+    report.e2e = e2e::run(effort.e2e, &mut progress)?;
+    report.failover = failover::run(effort.failover_trials, &mut progress)?;
 
     progress("Maglev table build times");
     for (backends, size) in [(3usize, 65537u32), (64, 65537), (1024, 131071)] {
@@ -639,7 +611,7 @@ pub fn cost_table(out: &mut String, costs: &[PathCost]) {
 }
 
 fn render_e2e(out: &mut String, report: &Report, effort: Effort) {
-    use crate::e2e::Balancer;
+    use e2e::Balancer;
     use std::fmt::Write;
     let _ = writeln!(
         out,
@@ -738,7 +710,7 @@ fn render_failover(out: &mut String, report: &Report, effort: Effort) {
             .find(|r| r.scenario == scenario)
             .map(|r| r.median().as_secs_f64())
     };
-    use crate::failover::Scenario::*;
+    use failover::Scenario::*;
     if let (Some(ours), Some(theirs)) = (find(MasterDiesHaLb), find(MasterDiesKeepalivedDefaults))
         && ours > 0.0
     {

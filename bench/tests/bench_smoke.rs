@@ -1,7 +1,7 @@
 //! `cargo xtask test` runs the benchmark harness once in quick mode: every
 //! part must produce numbers (how fast they are is the benchmark's business).
 
-use ha_lab::bench::{self, Effort};
+use ha_bench::{self as bench, Effort};
 
 #[test]
 fn every_benchmark_part_produces_numbers() {
@@ -32,7 +32,7 @@ fn every_benchmark_part_produces_numbers() {
         assert_eq!(result.trials.len(), 1, "{result:?}");
     }
     let chart = std::env::temp_dir().join(format!("ha-lb-bench-smoke-{}.png", std::process::id()));
-    ha_lab::chart::draw(&report.e2e, &chart).expect("drawing the chart");
+    bench::chart::draw(&report.e2e, &chart).expect("drawing the chart");
     let png = std::fs::read(&chart).unwrap();
     let _ = std::fs::remove_file(&chart);
     assert!(

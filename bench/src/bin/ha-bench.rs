@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::Parser;
-use ha_lab::bench::{self, Effort};
+use ha_bench::{self as bench, Effort};
 
 #[derive(Parser)]
 #[command(about = "ha-lb benchmarks")]
@@ -81,7 +81,7 @@ fn main() -> Result<()> {
         return Ok(());
     }
     let report = bench::run(effort, |part| eprintln!("bench: {part}")).context("benchmark")?;
-    ha_lab::chart::draw(&report.e2e, &args.chart)
+    bench::chart::draw(&report.e2e, &args.chart)
         .map_err(|e| anyhow::anyhow!("drawing {}: {e}", args.chart.display()))?;
     let mut text = bench::render(&report, effort, &machine());
     let chart_name = args
