@@ -173,7 +173,7 @@ const APIS: [&str; 3] = ["api1", "api2", "api3"];
 fn backends(lab: &Lab, port: u16) -> Vec<DesiredBackend> {
     APIS.iter()
         .map(|name| DesiredBackend {
-            address: lab.host(name).addr,
+            address: lab.host(name).addr.into(),
             port,
             weight: 1,
             local: false,
@@ -191,7 +191,7 @@ fn vip(
 ) -> DesiredVip {
     DesiredVip {
         name: name.into(),
-        address,
+        address: address.into(),
         port,
         protocol,
         enabled: true,
@@ -225,7 +225,9 @@ fn world() -> World {
     .expect("loading the XDP program");
     let lb = lab.host("lb").addr;
     // The configuration's default timeouts, this file's NAT range, and a virtual clock.
-    let mut settings = DataPlaneConfig::default().settings(lb);
+    let mut settings = DataPlaneConfig::default()
+        .settings(lb.into())
+        .expect("an IPv4 NAT source");
     settings.nat[0].port_min = NAT_MIN;
     settings.nat[0].port_max = NAT_MAX;
     settings.clock_ns = T0;
@@ -241,7 +243,7 @@ fn world() -> World {
     );
     let one = |address: Ipv4Addr, local: bool| {
         vec![DesiredBackend {
-            address,
+            address: address.into(),
             port: 6443,
             weight: 1,
             local,
@@ -865,7 +867,7 @@ fn traffic_counters_follow_vip_and_backend() {
     let (_, b) = traffic
         .backends
         .iter()
-        .find(|(key, _)| *key == (backend_addr, 6443))
+        .find(|(key, _)| *key == (backend_addr.into(), 6443))
         .unwrap();
     assert_eq!((b.packets, b.new_flows), (2, 1));
 }
@@ -1121,7 +1123,7 @@ fn one_port_world() -> World {
     settings.nat[0].port_min = 30000;
     settings.nat[0].port_max = 30000;
     let one = vec![DesiredBackend {
-        address: w.lab.host("api1").addr,
+        address: w.lab.host("api1").addr.into(),
         port: 6443,
         weight: 1,
         local: false,
@@ -1209,7 +1211,7 @@ fn a_draining_backend_keeps_its_flows_and_a_down_backend_loses_them() {
                 let address = w.lab.host(n).addr;
                 let first = address == first_backend;
                 DesiredBackend {
-                    address,
+                    address: address.into(),
                     port: 6443,
                     weight: if first { weight_of_first } else { 1 },
                     local: false,

@@ -4,7 +4,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, HashSet},
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr},
     time::{Duration, Instant},
 };
 
@@ -22,6 +22,7 @@ use crate::{
     dataplane::{AttachMode, DataPlane, LoadOptions, monotonic_coarse_ns},
     handover::{self, BackendRecord, BackendRef, Record, StopIntent, VrrpRecord, VrrpStart},
     health::Health,
+    ip::{NotIpv4, ipv4},
     netlink::{LinkHealth, Netlink},
     system, telemetry,
     vrrp::{announcer, machine::MachineConfig},
@@ -114,7 +115,7 @@ pub async fn run(options: AttachOptions) -> Result<()> {
     // Settings before the program sees a packet: a restart's adopted flows
     // get their replies translated from the first one.
     dataplane
-        .write_settings(&dp.settings(lb_addr))
+        .write_settings(&dp.settings(lb_addr)?)
         .context("writing the data plane settings")?;
     dataplane.set_tx_ports(&netlink.interface_indexes().await?)?;
     let veth = kind.as_deref() == Some("veth");
@@ -244,10 +245,23 @@ pub(super) async fn start_vrrp(
         .clone()
         .unwrap_or_else(|| attach_iface.to_string());
     let ifindex = netlink.interface_index(&iface).await?;
-    let local_address = netlink.primary_address(&iface, ifindex).await?;
-    let mut vips: Vec<Ipv4Addr> = config.vips.iter().map(|v| v.address).collect();
+    // VRRP is IPv4 inside (its socket, adverts and state machine): the
+    // addresses become IPv4 here, at its setup.
+    let local_address = ipv4(netlink.primary_address(&iface, ifindex).await?)?;
+    let mut vips: Vec<Ipv4Addr> = config
+        .vips
+        .iter()
+        .map(|v| ipv4(v.address))
+        .collect::<Result<_, NotIpv4>>()
+        .context("vips[].address (VRRP announces IPv4 VIPs)")?;
     vips.sort();
     vips.dedup();
+    let unicast_peers: Vec<Ipv4Addr> = vrrp
+        .unicast_peers
+        .iter()
+        .map(|peer| ipv4(*peer))
+        .collect::<Result<_, NotIpv4>>()
+        .context("vrrp.unicast_peers")?;
     let (status_tx, status) = watch::channel(announcer::VrrpStatus::default());
     let commands = announcer::spawn(
         announcer::AnnouncerSetup {
@@ -258,10 +272,8 @@ pub(super) async fn start_vrrp(
             checksum: vrrp.checksum,
             // One file can serve every LB host (a DaemonSet's ConfigMap):
             // the host's own address among the peers is skipped.
-            unicast_peers: vrrp
-                .unicast_peers
-                .iter()
-                .copied()
+            unicast_peers: unicast_peers
+                .into_iter()
                 .filter(|peer| *peer != local_address)
                 .collect(),
             vips,
@@ -391,7 +403,7 @@ impl Agent {
             announced = Some(told);
             if self.holding {
                 let lifetime = handover::kept_address_lifetime(told);
-                let addresses: BTreeSet<Ipv4Addr> = self
+                let addresses: BTreeSet<IpAddr> = self
                     .config
                     .vips
                     .iter()
@@ -428,12 +440,16 @@ impl Agent {
     pub(super) fn seed(&mut self, record: &Record) {
         for vip in &self.config.vips {
             for backend in &vip.backends {
-                let reference = BackendRef {
-                    vip: vip.address,
-                    vip_port: vip.port,
-                    protocol: vip.protocol.number(),
-                    address: backend.address,
-                    port: backend.port(),
+                // The record is IPv4 (its pinned layout): an IPv6 backend
+                // (refused by validation) would have no entry.
+                let Ok(reference) = BackendRef::of(
+                    vip.address,
+                    vip.port,
+                    vip.protocol.number(),
+                    backend.address,
+                    backend.port(),
+                ) else {
+                    continue;
                 };
                 let Some(recorded) = record.backends.get(&reference) else {
                     continue;
@@ -457,9 +473,9 @@ impl Agent {
             );
         }
         self.added_addresses
-            .extend(record.addresses.iter().copied());
+            .extend(record.addresses.iter().copied().map(IpAddr::V4));
         self.added_neighbours
-            .extend(record.neighbours.iter().copied());
+            .extend(record.neighbours.iter().copied().map(IpAddr::V4));
     }
 
     /// Writes what a restart must not forget to the pinned record.
@@ -495,8 +511,8 @@ pub(super) fn record_of(
     config: &Config,
     health: &BTreeMap<BackendKey, BackendHealth>,
     maintenance: &BTreeSet<BackendKey>,
-    added_addresses: &BTreeSet<Ipv4Addr>,
-    added_neighbours: &BTreeSet<Ipv4Addr>,
+    added_addresses: &BTreeSet<IpAddr>,
+    added_neighbours: &BTreeSet<IpAddr>,
     vrrp: Option<VrrpRecord>,
     forwarding_was_on: bool,
 ) -> Record {
@@ -508,14 +524,18 @@ pub(super) fn record_of(
                 address: backend.address,
                 port: backend.port(),
             };
+            // The record's layout is IPv4; validation refuses IPv6 first.
+            let Ok(reference) = BackendRef::of(
+                vip.address,
+                vip.port,
+                vip.protocol.number(),
+                backend.address,
+                backend.port(),
+            ) else {
+                continue;
+            };
             backends.insert(
-                BackendRef {
-                    vip: vip.address,
-                    vip_port: vip.port,
-                    protocol: vip.protocol.number(),
-                    address: backend.address,
-                    port: backend.port(),
-                },
+                reference,
                 BackendRecord {
                     health: health.get(&key).map_or(Health::Up, |h| h.health),
                     drained: maintenance.contains(&key),
@@ -526,8 +546,8 @@ pub(super) fn record_of(
     Record {
         layout: Some(handover::LAYOUT_VERSION),
         vrrp,
-        addresses: added_addresses.clone(),
-        neighbours: added_neighbours.clone(),
+        addresses: handover::ipv4_set(added_addresses),
+        neighbours: handover::ipv4_set(added_neighbours),
         forwarding_was: Some(forwarding_was_on),
         backends,
         // The data plane keeps the program's and the NAT source's entries.
