@@ -438,32 +438,15 @@ impl Agent {
 
     /// Health and drains the last agent recorded, for the configured backends.
     pub(super) fn seed(&mut self, record: &Record) {
-        for vip in &self.config.vips {
-            for backend in &vip.backends {
-                // The record is IPv4 (its pinned layout): an IPv6 backend
-                // (refused by validation) would have no entry.
-                let Ok(reference) = BackendRef::of(
-                    vip.address,
-                    vip.port,
-                    vip.protocol.number(),
-                    backend.address,
-                    backend.port(),
-                ) else {
-                    continue;
-                };
-                let Some(recorded) = record.backends.get(&reference) else {
-                    continue;
-                };
-                let key = BackendKey {
-                    vip: vip.name.clone(),
-                    address: backend.address,
-                    port: backend.port(),
-                };
-                if recorded.drained {
-                    self.maintenance.insert(key.clone());
-                }
-                self.seeded.insert(key, recorded.health);
+        let configured: Vec<(BackendKey, BackendRef)> = recorded_backends(&self.config).collect();
+        for (key, reference) in configured {
+            let Some(recorded) = record.backends.get(&reference) else {
+                continue;
+            };
+            if recorded.drained {
+                self.maintenance.insert(key.clone());
             }
+            self.seeded.insert(key, recorded.health);
         }
         if !self.seeded.is_empty() {
             info!(
@@ -505,6 +488,30 @@ impl Agent {
     }
 }
 
+/// Every configured backend, by its key and by its reference in the record.
+/// The record's layout is IPv4 (pinned, `handover::LAYOUT_VERSION`): an IPv6
+/// backend, which validation refuses first, has no reference and is left out.
+fn recorded_backends(config: &Config) -> impl Iterator<Item = (BackendKey, BackendRef)> + '_ {
+    config.vips.iter().flat_map(|vip| {
+        vip.backends.iter().filter_map(move |backend| {
+            let reference = BackendRef::of(
+                vip.address,
+                vip.port,
+                vip.protocol.number(),
+                backend.address,
+                backend.port(),
+            )
+            .ok()?;
+            let key = BackendKey {
+                vip: vip.name.clone(),
+                address: backend.address,
+                port: backend.port(),
+            };
+            Some((key, reference))
+        })
+    })
+}
+
 /// The record of the agent's state: every configured backend's health (up
 /// when unchecked) and drain, the VIP addresses it added, VRRP, forwarding.
 pub(super) fn record_of(
@@ -516,33 +523,15 @@ pub(super) fn record_of(
     vrrp: Option<VrrpRecord>,
     forwarding_was_on: bool,
 ) -> Record {
-    let mut backends = BTreeMap::new();
-    for vip in &config.vips {
-        for backend in &vip.backends {
-            let key = BackendKey {
-                vip: vip.name.clone(),
-                address: backend.address,
-                port: backend.port(),
+    let backends = recorded_backends(config)
+        .map(|(key, reference)| {
+            let recorded = BackendRecord {
+                health: health.get(&key).map_or(Health::Up, |h| h.health),
+                drained: maintenance.contains(&key),
             };
-            // The record's layout is IPv4; validation refuses IPv6 first.
-            let Ok(reference) = BackendRef::of(
-                vip.address,
-                vip.port,
-                vip.protocol.number(),
-                backend.address,
-                backend.port(),
-            ) else {
-                continue;
-            };
-            backends.insert(
-                reference,
-                BackendRecord {
-                    health: health.get(&key).map_or(Health::Up, |h| h.health),
-                    drained: maintenance.contains(&key),
-                },
-            );
-        }
-    }
+            (reference, recorded)
+        })
+        .collect();
     Record {
         layout: Some(handover::LAYOUT_VERSION),
         vrrp,
