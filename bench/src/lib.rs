@@ -186,12 +186,14 @@ impl Bench {
             pin_dir: None,
         })?;
         dataplane.load_pass_program()?;
-        let mut settings = DataPlaneConfig::default().settings(lb);
+        let mut settings = DataPlaneConfig::default()
+            .settings(lb.into())
+            .expect("an IPv4 NAT source has settings");
         settings.nat[0].port_min = 1024;
         settings.nat[0].port_max = 65535;
         let backends: Vec<DesiredBackend> = (0..backends)
             .map(|i| DesiredBackend {
-                address: Ipv4Addr::new(10, 250, (i / 250) as u8, (i % 250 + 1) as u8),
+                address: Ipv4Addr::new(10, 250, (i / 250) as u8, (i % 250 + 1) as u8).into(),
                 port: 6443,
                 weight: 1,
                 local: false,
@@ -203,7 +205,7 @@ impl Bench {
             &settings,
             &[DesiredVip {
                 name: "apiserver".into(),
-                address: vip,
+                address: vip.into(),
                 port: 6443,
                 protocol: PROTO_TCP,
                 enabled: true,
@@ -486,7 +488,7 @@ pub fn run(effort: Effort, mut progress: impl FnMut(&str)) -> Result<Report> {
     for (backends, size) in [(3usize, 65537u32), (64, 65537), (1024, 131071)] {
         let members: Vec<MaglevBackend> = (0..backends)
             .map(|i| MaglevBackend {
-                address: Ipv4Addr::new(10, 250, (i / 250) as u8, (i % 250 + 1) as u8),
+                address: Ipv4Addr::new(10, 250, (i / 250) as u8, (i % 250 + 1) as u8).into(),
                 port: 6443,
                 weight: 1,
                 id: i as u32,

@@ -4,7 +4,11 @@
 //! The frame is a broadcast ARP request for the VIP from the VIP (RFC 5227
 //! "ARP announcement"), the form keepalived sends and every stack accepts.
 
-use std::{net::Ipv4Addr, os::fd::AsRawFd, time::Duration};
+use std::{
+    net::{IpAddr, Ipv4Addr},
+    os::fd::AsRawFd,
+    time::Duration,
+};
 
 use nix::sys::socket::{
     AddressFamily, LinkAddr, MsgFlags, SockFlag, SockProtocol, SockType, SockaddrLike, sendto,
@@ -32,23 +36,30 @@ pub fn announcement(mac: [u8; 6], vip: Ipv4Addr) -> [u8; 42] {
 }
 
 #[derive(Debug, thiserror::Error)]
-#[error("sending gratuitous ARP for {vip} on interface {ifindex}: {source}")]
-pub struct GarpError {
-    vip: Ipv4Addr,
-    ifindex: u32,
-    #[source]
-    source: nix::Error,
+pub enum GarpError {
+    #[error("sending gratuitous ARP for {vip} on interface {ifindex}: {source}")]
+    Send {
+        vip: Ipv4Addr,
+        ifindex: u32,
+        #[source]
+        source: nix::Error,
+    },
+    /// ARP is IPv4's (IPv6 would announce with unsolicited neighbour advertisements).
+    #[error("gratuitous ARP: {0}")]
+    NotIpv4(#[from] crate::ip::NotIpv4),
 }
 
-/// Sends `count` announcements for `vip`, `interval` apart.
+/// Sends `count` announcements for `vip`, `interval` apart. ARP is IPv4's:
+/// an IPv6 `vip` is [`GarpError::NotIpv4`].
 pub async fn announce(
     ifindex: u32,
     mac: [u8; 6],
-    vip: Ipv4Addr,
+    vip: IpAddr,
     count: u32,
     interval: Duration,
 ) -> Result<(), GarpError> {
-    let error = |source| GarpError {
+    let vip = crate::ip::ipv4(vip)?;
+    let error = |source| GarpError::Send {
         vip,
         ifindex,
         source,
@@ -103,6 +114,20 @@ mod tests {
                 Ipv4Addr::new(192, 168, 205, 254)
             ),
             captured
+        );
+    }
+
+    #[test]
+    fn an_ipv6_address_is_a_typed_error_before_any_socket() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let v6: std::net::Ipv6Addr = "2001:db8::1".parse().unwrap();
+        let result = runtime.block_on(announce(1, [0; 6], IpAddr::V6(v6), 1, Duration::ZERO));
+        assert!(
+            matches!(result, Err(GarpError::NotIpv4(crate::ip::NotIpv4(a))) if a == v6),
+            "{result:?}"
         );
     }
 }

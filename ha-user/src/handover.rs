@@ -16,13 +16,16 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr},
     time::Duration,
 };
 
 use ha_common::{addr_from_wire, addr_to_wire};
 
-use crate::health::Health;
+use crate::{
+    health::Health,
+    ip::{NotIpv4, ipv4},
+};
 
 /// Version of the pinned layout: the flow tables' key and value structs and
 /// what their fields mean, and this record's. A build with another version
@@ -83,6 +86,37 @@ pub struct BackendRef {
     pub protocol: u8,
     pub address: Ipv4Addr,
     pub port: u16,
+}
+
+impl BackendRef {
+    /// The reference of a backend the agent names by [`IpAddr`]: the
+    /// record's layout (pinned, `LAYOUT_VERSION`) stores IPv4 addresses, so
+    /// the conversion happens here, at its boundary.
+    ///
+    /// # Errors
+    /// An IPv6 VIP or backend (validation refuses them first).
+    pub fn of(
+        vip: IpAddr,
+        vip_port: u16,
+        protocol: u8,
+        address: IpAddr,
+        port: u16,
+    ) -> Result<Self, NotIpv4> {
+        Ok(Self {
+            vip: ipv4(vip)?,
+            vip_port,
+            protocol,
+            address: ipv4(address)?,
+            port,
+        })
+    }
+}
+
+/// `addresses` as the record stores them (IPv4, its pinned layout). An
+/// IPv6 address, which validation refuses before any is added to the host,
+/// has no place in the record and is left out.
+pub fn ipv4_set(addresses: &BTreeSet<IpAddr>) -> BTreeSet<Ipv4Addr> {
+    addresses.iter().filter_map(|a| ipv4(*a).ok()).collect()
 }
 
 /// What the last agent knew of a backend.
@@ -587,6 +621,28 @@ mod tests {
             );
         }
         record
+    }
+
+    #[test]
+    fn backend_refs_and_address_sets_convert_to_the_ipv4_record_at_its_boundary() {
+        let v4 = |last: u8| IpAddr::from([10, 0, 0, last]);
+        let v6: IpAddr = "2001:db8::1".parse().unwrap();
+        assert_eq!(
+            BackendRef::of(v4(100), 6443, 6, v4(11), 6443),
+            Ok(BackendRef {
+                vip: Ipv4Addr::new(10, 0, 0, 100),
+                vip_port: 6443,
+                protocol: 6,
+                address: Ipv4Addr::new(10, 0, 0, 11),
+                port: 6443,
+            })
+        );
+        assert!(BackendRef::of(v6, 6443, 6, v4(11), 6443).is_err());
+        assert!(BackendRef::of(v4(100), 6443, 6, v6, 6443).is_err());
+        assert_eq!(
+            ipv4_set(&BTreeSet::from([v4(100), v6])),
+            BTreeSet::from([Ipv4Addr::new(10, 0, 0, 100)])
+        );
     }
 
     #[test]

@@ -14,6 +14,7 @@ pub mod garp;
 pub mod handover;
 pub mod health;
 pub mod import;
+pub mod ip;
 pub mod maglev;
 pub mod netlink;
 pub mod probe;

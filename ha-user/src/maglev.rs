@@ -5,14 +5,16 @@
 //! byte-identical table and a flow maps to the same backend whichever host
 //! owns the VIP.
 
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
 use ha_common::NO_BACKEND;
 
 /// One backend as the table builder sees it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MaglevBackend {
-    pub address: Ipv4Addr,
+    /// An IPv4 backend hashes its 4 octets (as every release before), an
+    /// IPv6 one its 16.
+    pub address: IpAddr,
     pub port: u16,
     pub weight: u32,
     /// What the table stores for this backend (the data plane's backend id).
@@ -24,9 +26,13 @@ const SKIP_SEED: u64 = 0xbb67_ae85_84ca_a73b;
 
 /// FNV-1a over the backend's address and port, from a seed: stable across
 /// builds, platforms and Rust versions (unlike `std`'s hasher).
-fn stable_hash(seed: u64, address: Ipv4Addr, port: u16) -> u64 {
+fn stable_hash(seed: u64, address: IpAddr, port: u16) -> u64 {
     let mut h = seed ^ 0xcbf2_9ce4_8422_2325;
-    for byte in address.octets().into_iter().chain(port.to_be_bytes()) {
+    let octets: &[u8] = match &address {
+        IpAddr::V4(v4) => &v4.octets(),
+        IpAddr::V6(v6) => &v6.octets(),
+    };
+    for byte in octets.iter().copied().chain(port.to_be_bytes()) {
         h ^= byte as u64;
         h = h.wrapping_mul(0x0000_0100_0000_01b3);
     }
@@ -52,6 +58,7 @@ pub fn build_table(backends: &[MaglevBackend], size: u32) -> Vec<u32> {
     if live.is_empty() {
         return table;
     }
+    // `IpAddr` orders IPv4 among itself as `Ipv4Addr` does (and before IPv6).
     live.sort_by_key(|b| (b.address, b.port));
     let common = live.iter().fold(0, |g, b| gcd(g, b.weight));
     let m = size as u64;
@@ -89,6 +96,8 @@ pub fn build_table(backends: &[MaglevBackend], size: u32) -> Vec<u32> {
 
 #[cfg(test)]
 mod tests {
+    use std::net::{Ipv4Addr, Ipv6Addr};
+
     use super::*;
 
     const M: u32 = 65537;
@@ -96,7 +105,7 @@ mod tests {
     fn backends(n: u8) -> Vec<MaglevBackend> {
         (0..n)
             .map(|i| MaglevBackend {
-                address: Ipv4Addr::new(10, 0, 0, 10 + i),
+                address: Ipv4Addr::new(10, 0, 0, 10 + i).into(),
                 port: 6443,
                 weight: 1,
                 id: i as u32,
@@ -211,5 +220,31 @@ mod tests {
         let mut set = backends(2);
         set.iter_mut().for_each(|b| b.weight = 0);
         assert!(build_table(&set, 101).iter().all(|id| *id == NO_BACKEND));
+    }
+
+    #[test]
+    fn an_ipv6_backend_hashes_its_own_sixteen_octets() {
+        let v4 = Ipv4Addr::new(10, 0, 0, 10);
+        let mapped = IpAddr::V6(v4.to_ipv6_mapped());
+        assert_ne!(
+            stable_hash(OFFSET_SEED, IpAddr::V4(v4), 6443),
+            stable_hash(OFFSET_SEED, mapped, 6443)
+        );
+        let mixed = [
+            MaglevBackend {
+                address: v4.into(),
+                port: 6443,
+                weight: 1,
+                id: 0,
+            },
+            MaglevBackend {
+                address: Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1).into(),
+                port: 6443,
+                weight: 1,
+                id: 1,
+            },
+        ];
+        let share = shares(&build_table(&mixed, M), 2);
+        assert!((share[0] - 0.5).abs() < 0.01, "{share:?}");
     }
 }

@@ -29,6 +29,13 @@ pub enum NetlinkError {
         "interface {0} has no IPv4 address to use as the NAT source (set data_plane.nat.source_address)"
     )]
     NoIpv4Address(String),
+    /// VIP addresses (/32) and neighbour entries are IPv4 for now.
+    #[error("{what}: {source}")]
+    NotIpv4 {
+        what: &'static str,
+        #[source]
+        source: crate::ip::NotIpv4,
+    },
     #[error("{what}: {source}")]
     Request {
         what: String,
@@ -44,6 +51,11 @@ type Result<T> = std::result::Result<T, NetlinkError>;
 #[derive(Clone)]
 pub struct Netlink {
     handle: Handle,
+}
+
+/// The IPv4 edge: `address` for a request that is IPv4 only for now.
+fn ipv4(what: &'static str, address: IpAddr) -> Result<Ipv4Addr> {
+    crate::ip::ipv4(address).map_err(|source| NetlinkError::NotIpv4 { what, source })
 }
 
 fn request(what: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> NetlinkError {
@@ -191,36 +203,39 @@ impl Netlink {
     }
 
     /// Every IPv4 address of this host (namespace).
-    pub async fn local_addresses(&self) -> Result<HashSet<Ipv4Addr>> {
+    pub async fn local_addresses(&self) -> Result<HashSet<IpAddr>> {
         Ok(self
             .ipv4_addresses(None)
             .await?
             .into_iter()
-            .map(|(_, a, _, _)| a)
+            .map(|(_, a, _, _)| IpAddr::V4(a))
             .collect())
     }
 
     /// The interface's first IPv4 address that is not a /32 (a VIP is a /32).
-    pub async fn primary_address(&self, iface: &str, ifindex: u32) -> Result<Ipv4Addr> {
+    pub async fn primary_address(&self, iface: &str, ifindex: u32) -> Result<IpAddr> {
         self.ipv4_addresses(Some(ifindex))
             .await?
             .into_iter()
             .find(|(_, _, prefix, _)| *prefix < 32)
-            .map(|(_, addr, _, _)| addr)
+            .map(|(_, addr, _, _)| IpAddr::V4(addr))
             .ok_or_else(|| NetlinkError::NoIpv4Address(iface.to_string()))
     }
 
-    pub async fn has_address(&self, ifindex: u32, address: Ipv4Addr) -> Result<bool> {
+    /// Whether the interface has `address` (only IPv4 addresses are listed:
+    /// an IPv6 one is never found).
+    pub async fn has_address(&self, ifindex: u32, address: IpAddr) -> Result<bool> {
         Ok(self
             .ipv4_addresses(Some(ifindex))
             .await?
             .iter()
-            .any(|(_, a, _, _)| *a == address))
+            .any(|(_, a, _, _)| IpAddr::V4(*a) == address))
     }
 
     /// Adds `address/32 noprefixroute`: the host answers for it (ARP, local
     /// delivery) without a route that would change how anything else is reached.
-    pub async fn add_vip(&self, ifindex: u32, address: Ipv4Addr) -> Result<()> {
+    pub async fn add_vip(&self, ifindex: u32, address: IpAddr) -> Result<()> {
+        let address = ipv4("adding a VIP address", address)?;
         let mut add = self.handle.address().add(ifindex, IpAddr::V4(address), 32);
         add.message_mut()
             .attributes
@@ -236,9 +251,10 @@ impl Netlink {
     pub async fn set_vip_lifetime(
         &self,
         ifindex: u32,
-        address: Ipv4Addr,
+        address: IpAddr,
         seconds: Option<u32>,
     ) -> Result<()> {
+        let address = ipv4("setting a VIP address's lifetime", address)?;
         let forever = u32::MAX;
         let lifetime = seconds.unwrap_or(forever);
         let mut change = self
@@ -257,7 +273,8 @@ impl Netlink {
         )))
     }
 
-    pub async fn remove_vip(&self, ifindex: u32, address: Ipv4Addr) -> Result<()> {
+    pub async fn remove_vip(&self, ifindex: u32, address: IpAddr) -> Result<()> {
+        let address = ipv4("removing a VIP address", address)?;
         for (_, addr, prefix, message) in self.ipv4_addresses(Some(ifindex)).await? {
             if addr == address && prefix == 32 {
                 self.handle
@@ -276,7 +293,8 @@ impl Netlink {
     /// A kernel-managed neighbour entry (`ip neigh add ADDR dev IF managed
     /// extern_learn`): the kernel resolves it and keeps it fresh without
     /// traffic, so the XDP program's FIB lookups find the MAC.
-    pub async fn add_managed_neighbour(&self, ifindex: u32, address: Ipv4Addr) -> Result<()> {
+    pub async fn add_managed_neighbour(&self, ifindex: u32, address: IpAddr) -> Result<()> {
+        let address = ipv4("adding a neighbour entry", address)?;
         let mut add = self
             .handle
             .neighbours()
@@ -292,7 +310,8 @@ impl Netlink {
         )))
     }
 
-    pub async fn remove_neighbour(&self, ifindex: u32, address: Ipv4Addr) -> Result<()> {
+    pub async fn remove_neighbour(&self, ifindex: u32, address: IpAddr) -> Result<()> {
+        let address = ipv4("removing a neighbour entry", address)?;
         let mut message = NeighbourMessage::default();
         message.header.family = AddressFamily::Inet;
         message.header.ifindex = ifindex;

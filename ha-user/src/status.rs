@@ -2,7 +2,11 @@
 //! and the data plane's counters. Built by the agent, sent as JSON over the
 //! admin socket, and rendered as a table for people.
 
-use std::{collections::BTreeMap, fmt::Write};
+use std::{
+    collections::BTreeMap,
+    fmt::Write,
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+};
 
 use serde::{Deserialize, Serialize};
 
@@ -14,13 +18,16 @@ use crate::{
     probe::Outcome,
 };
 
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+/// Addresses are [`IpAddr`]s, serialized as the strings they always were
+/// (`"10.0.0.2"`); a default report has `0.0.0.0`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct StatusReport {
     pub interface: String,
     /// The XDP attachment's mode (`None`: not attached).
     #[serde(default)]
     pub xdp_mode: Option<AttachedMode>,
-    pub lb_address: String,
+    /// The NAT source.
+    pub lb_address: IpAddr,
     pub uptime_seconds: f64,
     /// VRRP, when the VIPs are owned through it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -134,10 +141,10 @@ pub struct ConntrackStatus {
     pub orphans_freed: u64,
 }
 
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct VipStatus {
     pub name: String,
-    pub address: String,
+    pub address: IpAddr,
     pub port: u16,
     pub protocol: Protocol,
     /// The VIP's configured mode.
@@ -150,9 +157,9 @@ pub struct VipStatus {
     pub backends: Vec<BackendStatus>,
 }
 
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct BackendStatus {
-    pub address: String,
+    pub address: IpAddr,
     pub port: u16,
     pub weight: u32,
     pub state: BackendState,
@@ -162,6 +169,59 @@ pub struct BackendStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_check: Option<LastCheck>,
     pub traffic: Traffic,
+}
+
+const NO_ADDRESS: IpAddr = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
+
+impl Default for StatusReport {
+    fn default() -> Self {
+        Self {
+            interface: String::new(),
+            xdp_mode: None,
+            lb_address: NO_ADDRESS,
+            uptime_seconds: 0.0,
+            vrrp: None,
+            vips: Vec::new(),
+            verdicts: BTreeMap::new(),
+            events: BTreeMap::new(),
+            not_ready: Vec::new(),
+            conntrack: ConntrackStatus::default(),
+            data_path_unanswered: false,
+            program: ProgramStatus::default(),
+            reloads: BTreeMap::new(),
+        }
+    }
+}
+
+impl Default for VipStatus {
+    fn default() -> Self {
+        Self {
+            name: String::new(),
+            address: NO_ADDRESS,
+            port: 0,
+            protocol: Protocol::default(),
+            mode: Mode::default(),
+            owner: String::new(),
+            fail_open: false,
+            traffic: Traffic::default(),
+            backends: Vec::new(),
+        }
+    }
+}
+
+impl Default for BackendStatus {
+    fn default() -> Self {
+        Self {
+            address: NO_ADDRESS,
+            port: 0,
+            weight: 0,
+            state: BackendState::default(),
+            in_state_seconds: 0.0,
+            checks: 0,
+            last_check: None,
+            traffic: Traffic::default(),
+        }
+    }
 }
 
 /// A backend's state as status and `/metrics` show it: its health, or
@@ -339,10 +399,9 @@ impl StatusReport {
         for vip in &self.vips {
             let _ = writeln!(
                 out,
-                "\nVIP {} {}:{}/{}  mode {}  owner {}{}  packets {} bytes {} flows {}",
+                "\nVIP {} {}/{}  mode {}  owner {}{}  packets {} bytes {} flows {}",
                 vip.name,
-                vip.address,
-                vip.port,
+                SocketAddr::new(vip.address, vip.port),
                 vip.protocol,
                 vip.mode,
                 vip.owner,
@@ -372,7 +431,7 @@ impl StatusReport {
                 let _ = writeln!(
                     out,
                     "  {:<21} {:>6}  {:<11} {:>7}  {:<32} {:>9}  {:>7} {:>9}",
-                    format!("{}:{}", backend.address, backend.port),
+                    SocketAddr::new(backend.address, backend.port).to_string(),
                     backend.weight,
                     backend.state,
                     duration(backend.in_state_seconds),
@@ -408,16 +467,42 @@ mod tests {
     use super::*;
 
     #[test]
+    fn addresses_keep_their_json_spelling() {
+        let report = StatusReport {
+            lb_address: IpAddr::from([10, 0, 0, 2]),
+            vips: vec![VipStatus {
+                address: IpAddr::from([10, 0, 0, 254]),
+                backends: vec![BackendStatus {
+                    address: IpAddr::from([10, 0, 0, 11]),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let json = serde_json::to_value(&report).unwrap();
+        assert_eq!(json["lb_address"], "10.0.0.2");
+        assert_eq!(json["vips"][0]["address"], "10.0.0.254");
+        assert_eq!(json["vips"][0]["backends"][0]["address"], "10.0.0.11");
+        // And the strings an earlier agent sent read back.
+        let back: StatusReport = serde_json::from_value(json).unwrap();
+        assert_eq!(
+            back.vips[0].backends[0].address,
+            IpAddr::from([10, 0, 0, 11])
+        );
+    }
+
+    #[test]
     fn the_table_shows_states_checks_and_fail_open() {
         let report = StatusReport {
             interface: "eth0".into(),
             xdp_mode: Some(AttachedMode::Native),
-            lb_address: "10.0.0.2".into(),
+            lb_address: IpAddr::from([10, 0, 0, 2]),
             uptime_seconds: 75.0,
             vrrp: None,
             vips: vec![VipStatus {
                 name: "apiserver".into(),
-                address: "10.0.0.254".into(),
+                address: IpAddr::from([10, 0, 0, 254]),
                 port: 6443,
                 protocol: crate::config::Protocol::Tcp,
                 mode: crate::config::Mode::Nat,
@@ -429,7 +514,7 @@ mod tests {
                     flows: 2,
                 },
                 backends: vec![BackendStatus {
-                    address: "10.0.0.11".into(),
+                    address: IpAddr::from([10, 0, 0, 11]),
                     port: 6443,
                     weight: 1,
                     state: crate::status::BackendState::Down,

@@ -251,7 +251,7 @@ pub fn render_metrics(report: &StatusReport) -> String {
         vip_flows.get_or_create(&at).inc_by(vip.traffic.flows);
         fail_open.get_or_create(&at).set(i64::from(vip.fail_open));
         for backend in &vip.backends {
-            let name = format!("{}:{}", backend.address, backend.port);
+            let name = std::net::SocketAddr::new(backend.address, backend.port).to_string();
             let at = labels(&[("vip", &vip.name), ("backend", &name)]);
             backend_up
                 .get_or_create(&at)
@@ -368,7 +368,7 @@ mod tests {
             uptime_seconds: 12.5,
             vips: vec![VipStatus {
                 name: "apiserver".into(),
-                address: "10.0.0.100".into(),
+                address: std::net::IpAddr::from([10, 0, 0, 100]),
                 port: 6443,
                 traffic: Traffic {
                     packets: 10,
@@ -377,7 +377,7 @@ mod tests {
                 },
                 backends: vec![
                     BackendStatus {
-                        address: "10.0.0.11".into(),
+                        address: std::net::IpAddr::from([10, 0, 0, 11]),
                         port: 6443,
                         state: crate::status::BackendState::Up,
                         checks: 7,
@@ -389,7 +389,7 @@ mod tests {
                         ..Default::default()
                     },
                     BackendStatus {
-                        address: "10.0.0.12".into(),
+                        address: std::net::IpAddr::from([10, 0, 0, 12]),
                         port: 6443,
                         state: crate::status::BackendState::Down,
                         ..Default::default()

@@ -170,19 +170,21 @@ fn pinned_tables_are_adopted_together_or_not_at_all() {
         let mut dataplane = DataPlane::load(&options(1024, false)).unwrap();
         let vip = DesiredVip {
             name: "api".into(),
-            address: Ipv4Addr::new(10, 99, 0, 100),
+            address: Ipv4Addr::new(10, 99, 0, 100).into(),
             port: 6443,
             protocol: PROTO_TCP,
             enabled: true,
             backends: vec![DesiredBackend {
-                address: backend.0,
+                address: backend.0.into(),
                 port: backend.1,
                 weight: 1,
                 local: false,
                 down: false,
             }],
         };
-        let settings = DataPlaneConfig::default().settings(Ipv4Addr::new(10, 99, 0, 2));
+        let settings = DataPlaneConfig::default()
+            .settings(Ipv4Addr::new(10, 99, 0, 2).into())
+            .unwrap();
         dataplane.apply(&settings, &[vip]).unwrap();
         let id = dataplane.backend_id_of(backend.0, backend.1).unwrap();
         flow = Flow {

@@ -4,7 +4,7 @@
 
 use std::{
     collections::{BTreeMap, HashSet},
-    net::Ipv4Addr,
+    net::IpAddr,
 };
 
 use anyhow::{Context, Result};
@@ -38,10 +38,10 @@ impl Agent {
     pub(super) fn write_data_plane(
         &mut self,
         config: &Config,
-        lb_addr: Ipv4Addr,
-        local: &HashSet<Ipv4Addr>,
+        lb_addr: IpAddr,
+        local: &HashSet<IpAddr>,
     ) -> Result<()> {
-        let settings = config.data_plane.settings(lb_addr);
+        let settings = config.data_plane.settings(lb_addr)?;
         // A backend's health as the running checks have it, else as the
         // last agent recorded it (until its probe starts), else up.
         let mut health: BTreeMap<BackendKey, Health> = self

@@ -73,16 +73,16 @@ pub async fn detach(iface: &str, pin: &PinLocation) -> Result<String> {
     let mut removed = Vec::new();
     if let Ok(ifindex) = netlink.interface_index(iface).await {
         for address in &record.addresses {
-            if netlink.has_address(ifindex, *address).await? {
+            if netlink.has_address(ifindex, (*address).into()).await? {
                 netlink
-                    .remove_vip(ifindex, *address)
+                    .remove_vip(ifindex, (*address).into())
                     .await
                     .with_context(|| format!("removing VIP address {address} from {iface}"))?;
                 removed.push(address.to_string());
             }
         }
         for address in &record.neighbours {
-            let _ = netlink.remove_neighbour(ifindex, *address).await;
+            let _ = netlink.remove_neighbour(ifindex, (*address).into()).await;
         }
         if record.forwarding_was == Some(false) {
             let path = format!("/proc/sys/net/ipv4/conf/{iface}/forwarding");

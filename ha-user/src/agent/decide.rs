@@ -4,7 +4,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashSet},
-    net::Ipv4Addr,
+    net::{IpAddr, SocketAddr},
 };
 
 use crate::{
@@ -17,13 +17,19 @@ use crate::{
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct BackendKey {
     pub vip: String,
-    pub address: Ipv4Addr,
+    pub address: IpAddr,
     pub port: u16,
 }
 
 impl std::fmt::Display for BackendKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}/{}:{}", self.vip, self.address, self.port)
+        // `vip/10.0.0.11:6443`; an IPv6 address would be bracketed.
+        write!(
+            f,
+            "{}/{}",
+            self.vip,
+            SocketAddr::new(self.address, self.port)
+        )
     }
 }
 
@@ -53,13 +59,13 @@ pub fn desired_state(
     config: &Config,
     health: &BTreeMap<BackendKey, Health>,
     maintenance: &BTreeSet<BackendKey>,
-    local: &HashSet<Ipv4Addr>,
+    local: &HashSet<IpAddr>,
     holding: bool,
 ) -> Desired {
     let mut vips = Vec::new();
     let mut failing_open = BTreeSet::new();
     for vip in &config.vips {
-        let state = |address: Ipv4Addr, port: u16| {
+        let state = |address: IpAddr, port: u16| {
             let key = BackendKey {
                 vip: vip.name.clone(),
                 address,
@@ -352,7 +358,7 @@ mod tests {
     fn key(last: u8) -> BackendKey {
         BackendKey {
             vip: "api".into(),
-            address: Ipv4Addr::new(10, 0, 0, last),
+            address: IpAddr::from([10, 0, 0, last]),
             port: 6443,
         }
     }
@@ -404,7 +410,7 @@ mod tests {
 
     #[test]
     fn local_backends_are_marked_and_the_vips_follow_holding() {
-        let local = HashSet::from([Ipv4Addr::new(10, 0, 0, 12)]);
+        let local = HashSet::from([IpAddr::from([10, 0, 0, 12])]);
         let desired = desired_state(&config(), &BTreeMap::new(), &BTreeSet::new(), &local, false);
         let locals: Vec<bool> = desired.vips[0].backends.iter().map(|b| b.local).collect();
         assert_eq!(locals, [false, true, false]);
@@ -546,7 +552,7 @@ mod tests {
                 key(14),
                 BackendKey {
                     vip: "etcd".into(),
-                    address: Ipv4Addr::new(10, 0, 0, 11),
+                    address: IpAddr::from([10, 0, 0, 11]),
                     port: 2379
                 }
             ]

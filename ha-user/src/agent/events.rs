@@ -2,7 +2,7 @@
 //! one method of the reconciler.
 
 use std::{
-    net::Ipv4Addr,
+    net::IpAddr,
     time::{Duration, Instant},
 };
 
@@ -157,7 +157,7 @@ impl Agent {
             ),
             None => (backend, None),
         };
-        let address: Ipv4Addr = address
+        let address: IpAddr = address
             .parse()
             .map_err(|e| format!("address in {backend:?}: {e}"))?;
         config

@@ -3,7 +3,7 @@
 
 use std::{
     collections::{BTreeSet, HashSet},
-    net::Ipv4Addr,
+    net::IpAddr,
 };
 
 use anyhow::Result;
@@ -21,7 +21,7 @@ pub(super) async fn nat_source(
     iface: &str,
     ifindex: u32,
     config: &Config,
-) -> Result<Ipv4Addr> {
+) -> Result<IpAddr> {
     match config.data_plane.nat.source_address {
         Some(address) => {
             if !netlink.local_addresses().await?.contains(&address) {
@@ -54,7 +54,7 @@ impl Agent {
     /// one: taking a VIP without telling the LAN would leave the clients on
     /// the old holder) `garp.interval` apart, for each address, in the
     /// background.
-    pub(super) fn announce(&self, addresses: BTreeSet<Ipv4Addr>) {
+    pub(super) fn announce(&self, addresses: BTreeSet<IpAddr>) {
         if addresses.is_empty() {
             return;
         }
@@ -76,7 +76,7 @@ impl Agent {
     /// lookup, which needs the MAC), until the sweep frees it.
     pub(super) async fn prune_neighbours(&mut self) {
         let needed = self.dataplane.backend_addresses();
-        let unneeded: Vec<Ipv4Addr> = self
+        let unneeded: Vec<IpAddr> = self
             .added_neighbours
             .iter()
             .filter(|address| !needed.contains(address))
@@ -96,10 +96,7 @@ impl Agent {
 
     /// This host's own addresses, but for `vips` (VIP addresses are not
     /// backends): a backend at one of them is local.
-    pub(super) async fn local_addresses(
-        &self,
-        vips: &BTreeSet<Ipv4Addr>,
-    ) -> Result<HashSet<Ipv4Addr>> {
+    pub(super) async fn local_addresses(&self, vips: &BTreeSet<IpAddr>) -> Result<HashSet<IpAddr>> {
         Ok(self
             .netlink
             .local_addresses()
@@ -121,7 +118,7 @@ impl Agent {
     /// (a reload's, before it is the running config).
     pub(super) async fn sync_vip_addresses_to(
         &mut self,
-        configured: &BTreeSet<Ipv4Addr>,
+        configured: &BTreeSet<IpAddr>,
     ) -> Result<()> {
         if !self.dataplane.is_attached() {
             // Start-up: the addresses come after the program (see `run`).
@@ -159,8 +156,8 @@ impl Agent {
         }
     }
 
-    async fn sync_vip_addresses_now(&mut self, configured: &BTreeSet<Ipv4Addr>) -> Result<()> {
-        let wanted: BTreeSet<Ipv4Addr> = if self.holding {
+    async fn sync_vip_addresses_now(&mut self, configured: &BTreeSet<IpAddr>) -> Result<()> {
+        let wanted: BTreeSet<IpAddr> = if self.holding {
             configured.clone()
         } else {
             BTreeSet::new()
@@ -195,7 +192,7 @@ impl Agent {
             }
         }
         self.announce(added.into_iter().collect());
-        let mut unwanted: BTreeSet<Ipv4Addr> =
+        let mut unwanted: BTreeSet<IpAddr> =
             self.added_addresses.difference(&wanted).copied().collect();
         if self.vrrp.is_some() {
             unwanted.extend(configured.difference(&wanted));
@@ -212,6 +209,6 @@ impl Agent {
 }
 
 /// The VIP addresses of `config`, each once.
-pub(super) fn vip_addresses(config: &Config) -> BTreeSet<Ipv4Addr> {
+pub(super) fn vip_addresses(config: &Config) -> BTreeSet<IpAddr> {
     config.vips.iter().map(|v| v.address).collect()
 }

@@ -4,7 +4,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, HashSet},
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr},
     time::{Duration, Instant},
 };
 
@@ -22,6 +22,7 @@ use crate::{
     dataplane::{AttachMode, DataPlane, LoadOptions, monotonic_coarse_ns},
     handover::{self, BackendRecord, BackendRef, Record, StopIntent, VrrpRecord, VrrpStart},
     health::Health,
+    ip::{NotIpv4, ipv4},
     netlink::{LinkHealth, Netlink},
     system, telemetry,
     vrrp::{announcer, machine::MachineConfig},
@@ -114,7 +115,7 @@ pub async fn run(options: AttachOptions) -> Result<()> {
     // Settings before the program sees a packet: a restart's adopted flows
     // get their replies translated from the first one.
     dataplane
-        .write_settings(&dp.settings(lb_addr))
+        .write_settings(&dp.settings(lb_addr)?)
         .context("writing the data plane settings")?;
     dataplane.set_tx_ports(&netlink.interface_indexes().await?)?;
     let veth = kind.as_deref() == Some("veth");
@@ -244,10 +245,23 @@ pub(super) async fn start_vrrp(
         .clone()
         .unwrap_or_else(|| attach_iface.to_string());
     let ifindex = netlink.interface_index(&iface).await?;
-    let local_address = netlink.primary_address(&iface, ifindex).await?;
-    let mut vips: Vec<Ipv4Addr> = config.vips.iter().map(|v| v.address).collect();
+    // VRRP is IPv4 inside (its socket, adverts and state machine): the
+    // addresses become IPv4 here, at its setup.
+    let local_address = ipv4(netlink.primary_address(&iface, ifindex).await?)?;
+    let mut vips: Vec<Ipv4Addr> = config
+        .vips
+        .iter()
+        .map(|v| ipv4(v.address))
+        .collect::<Result<_, NotIpv4>>()
+        .context("vips[].address (VRRP announces IPv4 VIPs)")?;
     vips.sort();
     vips.dedup();
+    let unicast_peers: Vec<Ipv4Addr> = vrrp
+        .unicast_peers
+        .iter()
+        .map(|peer| ipv4(*peer))
+        .collect::<Result<_, NotIpv4>>()
+        .context("vrrp.unicast_peers")?;
     let (status_tx, status) = watch::channel(announcer::VrrpStatus::default());
     let commands = announcer::spawn(
         announcer::AnnouncerSetup {
@@ -258,10 +272,8 @@ pub(super) async fn start_vrrp(
             checksum: vrrp.checksum,
             // One file can serve every LB host (a DaemonSet's ConfigMap):
             // the host's own address among the peers is skipped.
-            unicast_peers: vrrp
-                .unicast_peers
-                .iter()
-                .copied()
+            unicast_peers: unicast_peers
+                .into_iter()
                 .filter(|peer| *peer != local_address)
                 .collect(),
             vips,
@@ -391,7 +403,7 @@ impl Agent {
             announced = Some(told);
             if self.holding {
                 let lifetime = handover::kept_address_lifetime(told);
-                let addresses: BTreeSet<Ipv4Addr> = self
+                let addresses: BTreeSet<IpAddr> = self
                     .config
                     .vips
                     .iter()
@@ -426,28 +438,15 @@ impl Agent {
 
     /// Health and drains the last agent recorded, for the configured backends.
     pub(super) fn seed(&mut self, record: &Record) {
-        for vip in &self.config.vips {
-            for backend in &vip.backends {
-                let reference = BackendRef {
-                    vip: vip.address,
-                    vip_port: vip.port,
-                    protocol: vip.protocol.number(),
-                    address: backend.address,
-                    port: backend.port(),
-                };
-                let Some(recorded) = record.backends.get(&reference) else {
-                    continue;
-                };
-                let key = BackendKey {
-                    vip: vip.name.clone(),
-                    address: backend.address,
-                    port: backend.port(),
-                };
-                if recorded.drained {
-                    self.maintenance.insert(key.clone());
-                }
-                self.seeded.insert(key, recorded.health);
+        let configured: Vec<(BackendKey, BackendRef)> = recorded_backends(&self.config).collect();
+        for (key, reference) in configured {
+            let Some(recorded) = record.backends.get(&reference) else {
+                continue;
+            };
+            if recorded.drained {
+                self.maintenance.insert(key.clone());
             }
+            self.seeded.insert(key, recorded.health);
         }
         if !self.seeded.is_empty() {
             info!(
@@ -457,9 +456,9 @@ impl Agent {
             );
         }
         self.added_addresses
-            .extend(record.addresses.iter().copied());
+            .extend(record.addresses.iter().copied().map(IpAddr::V4));
         self.added_neighbours
-            .extend(record.neighbours.iter().copied());
+            .extend(record.neighbours.iter().copied().map(IpAddr::V4));
     }
 
     /// Writes what a restart must not forget to the pinned record.
@@ -489,45 +488,55 @@ impl Agent {
     }
 }
 
+/// Every configured backend, by its key and by its reference in the record.
+/// The record's layout is IPv4 (pinned, `handover::LAYOUT_VERSION`): an IPv6
+/// backend, which validation refuses first, has no reference and is left out.
+fn recorded_backends(config: &Config) -> impl Iterator<Item = (BackendKey, BackendRef)> + '_ {
+    config.vips.iter().flat_map(|vip| {
+        vip.backends.iter().filter_map(move |backend| {
+            let reference = BackendRef::of(
+                vip.address,
+                vip.port,
+                vip.protocol.number(),
+                backend.address,
+                backend.port(),
+            )
+            .ok()?;
+            let key = BackendKey {
+                vip: vip.name.clone(),
+                address: backend.address,
+                port: backend.port(),
+            };
+            Some((key, reference))
+        })
+    })
+}
+
 /// The record of the agent's state: every configured backend's health (up
 /// when unchecked) and drain, the VIP addresses it added, VRRP, forwarding.
 pub(super) fn record_of(
     config: &Config,
     health: &BTreeMap<BackendKey, BackendHealth>,
     maintenance: &BTreeSet<BackendKey>,
-    added_addresses: &BTreeSet<Ipv4Addr>,
-    added_neighbours: &BTreeSet<Ipv4Addr>,
+    added_addresses: &BTreeSet<IpAddr>,
+    added_neighbours: &BTreeSet<IpAddr>,
     vrrp: Option<VrrpRecord>,
     forwarding_was_on: bool,
 ) -> Record {
-    let mut backends = BTreeMap::new();
-    for vip in &config.vips {
-        for backend in &vip.backends {
-            let key = BackendKey {
-                vip: vip.name.clone(),
-                address: backend.address,
-                port: backend.port(),
+    let backends = recorded_backends(config)
+        .map(|(key, reference)| {
+            let recorded = BackendRecord {
+                health: health.get(&key).map_or(Health::Up, |h| h.health),
+                drained: maintenance.contains(&key),
             };
-            backends.insert(
-                BackendRef {
-                    vip: vip.address,
-                    vip_port: vip.port,
-                    protocol: vip.protocol.number(),
-                    address: backend.address,
-                    port: backend.port(),
-                },
-                BackendRecord {
-                    health: health.get(&key).map_or(Health::Up, |h| h.health),
-                    drained: maintenance.contains(&key),
-                },
-            );
-        }
-    }
+            (reference, recorded)
+        })
+        .collect();
     Record {
         layout: Some(handover::LAYOUT_VERSION),
         vrrp,
-        addresses: added_addresses.clone(),
-        neighbours: added_neighbours.clone(),
+        addresses: handover::ipv4_set(added_addresses),
+        neighbours: handover::ipv4_set(added_neighbours),
         forwarding_was: Some(forwarding_was_on),
         backends,
         // The data plane keeps the program's and the NAT source's entries.

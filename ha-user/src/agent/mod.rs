@@ -38,7 +38,7 @@ mod report;
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, HashSet},
-    net::Ipv4Addr,
+    net::IpAddr,
     path::PathBuf,
     time::{Duration, Instant},
 };
@@ -115,7 +115,7 @@ struct Agent {
     netlink: Netlink,
     ifindex: u32,
     mac: [u8; 6],
-    lb_addr: Ipv4Addr,
+    lb_addr: IpAddr,
     /// `None` until the program is attached.
     xdp_mode: Option<AttachedMode>,
     started: Instant,
@@ -130,11 +130,11 @@ struct Agent {
     /// VIPs currently failing open.
     failing_open: BTreeSet<String>,
     /// VIP addresses this agent added (not ones that were already there).
-    added_addresses: BTreeSet<Ipv4Addr>,
+    added_addresses: BTreeSet<IpAddr>,
     /// Managed neighbour entries this agent added.
-    added_neighbours: BTreeSet<Ipv4Addr>,
+    added_neighbours: BTreeSet<IpAddr>,
     /// Backend addresses that are this host's own (found at each config apply).
-    local_backends: HashSet<Ipv4Addr>,
+    local_backends: HashSet<IpAddr>,
     /// Whether this host answers for the VIPs now: always without VRRP,
     /// as VRRP master otherwise.
     holding: bool,
@@ -143,7 +143,7 @@ struct Agent {
     /// Whether the data path's packets are answered (docs/operations.md).
     blackhole: blackhole::Detector,
     /// What the detector counts as new flows, from the backends' totals.
-    new_flow_totals: blackhole::Accumulator<(Ipv4Addr, u16)>,
+    new_flow_totals: blackhole::Accumulator<(IpAddr, u16)>,
     /// The attach interface is a veth (the remedies differ).
     veth: bool,
     /// Health the last agent recorded, for the probes that start now.

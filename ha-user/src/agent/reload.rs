@@ -16,7 +16,7 @@
 
 use std::{
     collections::{BTreeSet, HashMap, HashSet},
-    net::Ipv4Addr,
+    net::IpAddr,
     sync::Arc,
 };
 
@@ -91,10 +91,10 @@ impl ReloadError {
 pub(super) struct Plan {
     pub(super) next: Config,
     /// The NAT source address it resolves to.
-    pub(super) lb_addr: Ipv4Addr,
+    pub(super) lb_addr: IpAddr,
     pub(super) probers: HashMap<String, Arc<Prober>>,
     /// This host's own addresses (its backends there are local).
-    pub(super) local: HashSet<Ipv4Addr>,
+    pub(super) local: HashSet<IpAddr>,
     pub(super) diff: decide::ConfigDiff,
 }
 
@@ -102,7 +102,7 @@ pub(super) struct Plan {
 #[derive(Default)]
 struct Journal {
     /// Neighbour entries added for the new config's backends.
-    neighbours: BTreeSet<Ipv4Addr>,
+    neighbours: BTreeSet<IpAddr>,
     /// The data plane's tables were (perhaps partly) written.
     data_plane: bool,
     /// The VIP addresses were (perhaps partly) changed.
@@ -170,7 +170,12 @@ impl Agent {
             .await
             .map_err(|e| format!("{e:#}"))?;
         self.dataplane
-            .plan_settings(&next.data_plane.settings(lb_addr))
+            .plan_settings(
+                &next
+                    .data_plane
+                    .settings(lb_addr)
+                    .map_err(|e| format!("data_plane.nat.source_address: {e}"))?,
+            )
             .map_err(|e| e.to_string())?;
         let probers = build_probers(&next).map_err(|e| format!("{e:#}"))?;
         self.plan(next, lb_addr, probers)
@@ -182,7 +187,7 @@ impl Agent {
     pub(super) async fn plan(
         &self,
         next: Config,
-        lb_addr: Ipv4Addr,
+        lb_addr: IpAddr,
         probers: HashMap<String, Arc<Prober>>,
     ) -> Result<Plan> {
         // Neither config's VIP addresses count as the host's own.
@@ -224,7 +229,7 @@ impl Agent {
         // Neighbours first, so the first packets to a new backend find its
         // MAC. One that cannot be added is not fatal: the data path drops
         // that backend's packets until the kernel resolves it.
-        let wanted: BTreeSet<Ipv4Addr> = plan
+        let wanted: BTreeSet<IpAddr> = plan
             .next
             .vips
             .iter()

@@ -3,7 +3,7 @@
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
-    net::Ipv4Addr,
+    net::IpAddr,
     time::Instant,
 };
 
@@ -42,7 +42,7 @@ impl Agent {
     pub(super) fn status(&self) -> StatusReport {
         let now = Instant::now();
         let traffic = self.dataplane.traffic().unwrap_or_default();
-        let backend_traffic: HashMap<(Ipv4Addr, u16), Traffic> = traffic
+        let backend_traffic: HashMap<(IpAddr, u16), Traffic> = traffic
             .backends
             .iter()
             .map(|(key, c)| {
@@ -76,7 +76,7 @@ impl Agent {
             .iter()
             .map(|vip| VipStatus {
                 name: vip.name.clone(),
-                address: vip.address.to_string(),
+                address: vip.address,
                 port: vip.port,
                 protocol: vip.protocol,
                 mode: vip.mode,
@@ -101,7 +101,7 @@ impl Agent {
                             self.maintenance.contains(&key),
                         );
                         BackendStatus {
-                            address: b.address.to_string(),
+                            address: b.address,
                             port: b.port(),
                             weight: b.weight,
                             state,
@@ -144,7 +144,7 @@ impl Agent {
             vrrp: self.vrrp.as_ref().map(|v| v.status.borrow().clone()),
             interface: self.options.iface.clone(),
             xdp_mode: self.xdp_mode,
-            lb_address: self.lb_addr.to_string(),
+            lb_address: self.lb_addr,
             uptime_seconds: now.duration_since(self.started).as_secs_f64(),
             vips,
             verdicts: self
@@ -231,7 +231,7 @@ impl Agent {
         };
         // New flows count only for backends that are expected to answer:
         // of a TCP VIP, not this host, up by their checks, not drained.
-        let eligible: HashSet<(Ipv4Addr, u16)> = self
+        let eligible: HashSet<(IpAddr, u16)> = self
             .config
             .vips
             .iter()
@@ -253,7 +253,7 @@ impl Agent {
             })
             .map(|key| (key.address, key.port))
             .collect();
-        let totals: Vec<((Ipv4Addr, u16), u64)> = traffic
+        let totals: Vec<((IpAddr, u16), u64)> = traffic
             .backends
             .iter()
             .map(|(key, c)| (*key, c.new_flows))

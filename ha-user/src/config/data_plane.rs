@@ -1,6 +1,6 @@
 //! `data_plane`: the XDP data path's table sizes, connection tracking and NAT.
 
-use std::{fmt, net::Ipv4Addr, time::Duration};
+use std::{fmt, net::IpAddr, time::Duration};
 
 use serde::{Deserialize, Serialize};
 
@@ -21,7 +21,12 @@ impl DataPlaneConfig {
     /// What the data path's SETTINGS should hold for this config, with
     /// `nat_source` (the resolved `nat.source_address`) as the current NAT
     /// source. Earlier NAT ranges and the ring size are the data plane's to fill in.
-    pub fn settings(&self, nat_source: Ipv4Addr) -> ha_common::Settings {
+    ///
+    /// # Errors
+    /// An IPv6 `nat_source`: SETTINGS holds an IPv4 one (validation refuses
+    /// an IPv6 `nat.source_address` first).
+    pub fn settings(&self, nat_source: IpAddr) -> Result<ha_common::Settings, crate::ip::NotIpv4> {
+        let nat_source = crate::ip::ipv4(nat_source)?;
         let ct = &self.conntrack;
         let ns = |d: Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
         use ha_common::*;
@@ -43,7 +48,7 @@ impl DataPlaneConfig {
             port_min: self.nat.port_range.min,
             port_max: self.nat.port_range.max,
         };
-        settings
+        Ok(settings)
     }
 }
 
@@ -106,7 +111,8 @@ impl Default for ConntrackConfig {
 pub struct NatConfig {
     /// Source address of NATed packets; `None`: the interface's primary IPv4 address.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub source_address: Option<Ipv4Addr>,
+    /// IPv4 only for now: validation refuses an IPv6 one.
+    pub source_address: Option<IpAddr>,
     /// Source ports of NATed packets, `MIN-MAX`. Must not overlap the host's
     /// `net.ipv4.ip_local_port_range`, or replies to the host's own
     /// connections could be mistaken for NAT replies.
@@ -176,7 +182,7 @@ impl<'de> Deserialize<'de> for PortRange {
 
 #[cfg(test)]
 mod tests {
-    use super::{super::tests::ISSUE_EXAMPLE, *};
+    use super::super::tests::ISSUE_EXAMPLE;
     use crate::config::Config;
 
     #[test]
@@ -192,8 +198,15 @@ mod tests {
             assert!(err.contains(key), "{key} in {err}");
         }
         let config = Config::from_yaml(ISSUE_EXAMPLE, "t").unwrap();
-        let source = Ipv4Addr::new(10, 0, 0, 2);
-        let settings = config.data_plane.settings(source);
+        let source = std::net::Ipv4Addr::new(10, 0, 0, 2);
+        let settings = config.data_plane.settings(source.into()).unwrap();
+        assert!(
+            config
+                .data_plane
+                .settings("2001:db8::2".parse().unwrap())
+                .is_err(),
+            "SETTINGS is IPv4"
+        );
         let ns = |s: u64| s * 1_000_000_000;
         use ha_common::*;
         assert_eq!(settings.timeouts_ns[TIMEOUT_TCP_EMBRYONIC], ns(60));

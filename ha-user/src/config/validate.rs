@@ -4,7 +4,7 @@
 
 use std::{
     collections::{HashMap, HashSet},
-    net::Ipv4Addr,
+    net::IpAddr,
     time::Duration,
 };
 
@@ -73,11 +73,11 @@ fn data_plane_problems(config: &Config) -> Vec<String> {
             "data_plane.nat.port_range: {range} must be MIN-MAX with 1024 <= MIN <= MAX"
         ));
     }
-    if let Some(source) = dp.nat.source_address
-        && !is_unicast(source)
-    {
-        problems.push(format!(
-            "data_plane.nat.source_address: {source} is not a unicast address"
+    if let Some(source) = dp.nat.source_address {
+        problems.extend(address_problem(
+            "data_plane.nat.source_address",
+            source,
+            "ha-lb's NAT source must be IPv4 for now",
         ));
     }
     if let Some(source) = dp.nat.source_address
@@ -126,12 +126,11 @@ fn vip_problems(config: &Config) -> Vec<String> {
         if !names.insert(vip.name.as_str()) {
             problems.push(format!("{at}.name: {:?} is used by another VIP", vip.name));
         }
-        if !is_unicast(vip.address) {
-            problems.push(format!(
-                "{at}.address: {} is not a unicast address",
-                vip.address
-            ));
-        }
+        problems.extend(address_problem(
+            &format!("{at}.address"),
+            vip.address,
+            "ha-lb serves IPv4 VIPs only for now",
+        ));
         if vip.port == 0 {
             problems.push(format!("{at}.port: must be 1-65535"));
         }
@@ -154,12 +153,11 @@ fn vip_problems(config: &Config) -> Vec<String> {
         let mut seen = HashSet::new();
         for (j, backend) in vip.backends.iter().enumerate() {
             let bat = format!("{at}.backends[{j}]");
-            if !is_unicast(backend.address) {
-                problems.push(format!(
-                    "{bat}.address: {} is not a unicast address",
-                    backend.address
-                ));
-            }
+            problems.extend(address_problem(
+                &format!("{bat}.address"),
+                backend.address,
+                "ha-lb serves IPv4 backends only for now",
+            ));
             if backend.port() == 0 {
                 problems.push(format!("{bat}.port: must be 1-65535"));
             }
@@ -274,11 +272,11 @@ fn vrrp_problems(vrrp: &VrrpConfig) -> Vec<String> {
         }
     }
     for peer in &vrrp.unicast_peers {
-        if !is_unicast(*peer) {
-            problems.push(format!(
-                "vrrp.unicast_peers: {peer} is not a unicast address"
-            ));
-        }
+        problems.extend(address_problem(
+            "vrrp.unicast_peers",
+            *peer,
+            "ha-lb's VRRP speaks IPv4 only for now",
+        ));
     }
     if let TrackAction::Decrease(0) = vrrp.track.no_healthy_backend {
         problems.push("vrrp.track.no_healthy_backend: decrease 0 does nothing".to_string());
@@ -333,8 +331,22 @@ fn check_problems(at: &str, check: &CheckConfig) -> Vec<String> {
     problems
 }
 
-fn is_unicast(addr: Ipv4Addr) -> bool {
-    !(addr.is_unspecified() || addr.is_multicast() || addr.is_broadcast() || addr.is_loopback())
+/// What is wrong with the address at `key`, if anything: IPv6 (refused with
+/// `ipv4_only`, the reason for that field: the data path, netlink, VRRP and
+/// gratuitous ARP are IPv4 for now), or not a unicast address.
+fn address_problem(key: &str, address: IpAddr, ipv4_only: &str) -> Option<String> {
+    match address {
+        IpAddr::V6(_) => Some(format!("{key}: {address} is IPv6; {ipv4_only}")),
+        IpAddr::V4(v4)
+            if v4.is_unspecified()
+                || v4.is_multicast()
+                || v4.is_broadcast()
+                || v4.is_loopback() =>
+        {
+            Some(format!("{key}: {address} is not a unicast address"))
+        }
+        IpAddr::V4(_) => None,
+    }
 }
 
 pub fn is_prime(n: u32) -> bool {
@@ -476,6 +488,65 @@ vips:
             let result = Config::from_yaml(&format!("{base}vrrp: {vrrp}\n"), "t");
             assert_eq!(result.is_err(), bad, "{vrrp}: {result:?}");
         }
+    }
+
+    #[test]
+    fn an_ipv6_vip_address_is_refused_with_its_key() {
+        let problems = value_problems_of(
+            "vips:\n  - {name: api, address: 2001:db8::1, port: 6443, backends: [{address: 10.0.0.2}]}\n",
+        );
+        assert_eq!(
+            problems,
+            ["vips[0] (api).address: 2001:db8::1 is IPv6; ha-lb serves IPv4 VIPs only for now"]
+        );
+    }
+
+    #[test]
+    fn an_ipv6_backend_address_is_refused_with_its_key() {
+        let problems = value_problems_of(
+            "vips:\n  - name: api\n    address: 10.0.0.1\n    port: 6443\n    backends: [{address: 10.0.0.2}, {address: \"2001:db8::2\"}]\n",
+        );
+        assert_eq!(
+            problems,
+            [
+                "vips[0] (api).backends[1].address: 2001:db8::2 is IPv6; ha-lb serves IPv4 backends only for now"
+            ]
+        );
+    }
+
+    #[test]
+    fn an_ipv6_nat_source_is_refused_with_its_key() {
+        let problems = value_problems_of(
+            "vips:\n  - {name: api, address: 10.0.0.1, port: 6443, backends: [{address: 10.0.0.2}]}\ndata_plane: {nat: {source_address: \"2001:db8::3\"}}\n",
+        );
+        assert_eq!(
+            problems,
+            [
+                "data_plane.nat.source_address: 2001:db8::3 is IPv6; ha-lb's NAT source must be IPv4 for now"
+            ]
+        );
+    }
+
+    #[test]
+    fn an_ipv6_vrrp_peer_is_refused_with_its_key() {
+        let problems = value_problems_of(
+            "vips:\n  - {name: api, address: 10.0.0.1, port: 6443, backends: [{address: 10.0.0.2}]}\nvrrp: {vrid: 1, unicast_peers: [10.0.0.3, \"fe80::1\"]}\n",
+        );
+        assert_eq!(
+            problems,
+            ["vrrp.unicast_peers: fe80::1 is IPv6; ha-lb's VRRP speaks IPv4 only for now"]
+        );
+    }
+
+    #[test]
+    fn an_ipv4_mapped_ipv6_address_is_ipv6_too() {
+        let problems = value_problems_of(
+            "vips:\n  - {name: api, address: \"::ffff:10.0.0.1\", port: 6443, backends: [{address: 10.0.0.2}]}\n",
+        );
+        assert_eq!(
+            problems,
+            ["vips[0] (api).address: ::ffff:10.0.0.1 is IPv6; ha-lb serves IPv4 VIPs only for now"]
+        );
     }
 
     #[test]

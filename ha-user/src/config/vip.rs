@@ -2,7 +2,7 @@
 
 use std::{
     fmt,
-    net::Ipv4Addr,
+    net::IpAddr,
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -57,7 +57,8 @@ impl fmt::Display for Mode {
 #[serde(deny_unknown_fields)]
 pub struct VipConfig {
     pub name: String,
-    pub address: Ipv4Addr,
+    /// IPv4 only for now: validation refuses an IPv6 VIP.
+    pub address: IpAddr,
     pub port: u16,
     #[serde(default = "default_protocol")]
     pub protocol: Protocol,
@@ -229,7 +230,8 @@ fn default_protocol() -> Protocol {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BackendConfig {
-    pub address: Ipv4Addr,
+    /// IPv4 only for now: validation refuses an IPv6 backend.
+    pub address: IpAddr,
     /// Defaults to the VIP's port (filled in by validation).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub port: Option<u16>,

@@ -2,7 +2,7 @@
 //! tracks to lower its priority. [`VrrpVersion`] is also the version the
 //! advert codec (`crate::vrrp::packet`) encodes and decodes.
 
-use std::{fmt, net::Ipv4Addr, time::Duration};
+use std::{fmt, net::IpAddr, time::Duration};
 
 use serde::{Deserialize, Serialize};
 
@@ -122,7 +122,8 @@ pub struct VrrpConfig {
     /// Send adverts to these addresses instead of 224.0.0.18; adverts from
     /// other sources are dropped and counted.
     #[serde(default)]
-    pub unicast_peers: Vec<Ipv4Addr>,
+    /// IPv4 only for now (the VRRP socket is IPv4): validation refuses IPv6 peers.
+    pub unicast_peers: Vec<IpAddr>,
     #[serde(default)]
     pub checksum: crate::vrrp::packet::ChecksumMode,
     #[serde(default)]
@@ -195,7 +196,7 @@ vrrp:
             (vrrp.vrid, vrrp.priority, vrrp.version),
             (51, 100, VrrpVersion::V3)
         );
-        assert_eq!(vrrp.unicast_peers, vec![Ipv4Addr::new(192, 168, 205, 253)]);
+        assert_eq!(vrrp.unicast_peers, vec![IpAddr::from([192, 168, 205, 253])]);
         assert_eq!(vrrp.track.no_healthy_backend, TrackAction::Fault);
         let minimal = Config::from_yaml(
             "vips:\n  - {name: a, address: 10.0.0.1, port: 6443, backends: [{address: 10.0.0.2}]}\nvrrp: {vrid: 7, track: {no_healthy_backend: decrease 60}}\n",

@@ -1,7 +1,7 @@
 //! The program's counters, summed over CPUs: packets and bytes per verdict,
 //! slow-path events, and traffic per VIP and per backend.
 
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
 use aya::maps::{MapData, PerCpuArray};
 use ha_common::{
@@ -15,7 +15,8 @@ use super::{DataPlane, Result, map_error, writer::VipSlot};
 #[derive(Clone, Debug, Default)]
 pub struct TrafficSnapshot {
     pub vips: Vec<(String, TrafficCounter)>,
-    pub backends: Vec<((Ipv4Addr, u16), TrafficCounter)>,
+    /// Keyed by backend address and port.
+    pub backends: Vec<((IpAddr, u16), TrafficCounter)>,
 }
 
 impl DataPlane {
@@ -73,10 +74,11 @@ impl DataPlane {
                 .vips
                 .push((vip.name.clone(), sum(&vip_stats, vip.slot, VIP_STATS_MAP)?));
         }
-        for (key, id) in &self.backend_ids {
-            snapshot
-                .backends
-                .push((*key, sum(&backend_stats, *id, BACKEND_STATS_MAP)?));
+        for ((address, port), id) in &self.backend_ids {
+            snapshot.backends.push((
+                (IpAddr::V4(*address), *port),
+                sum(&backend_stats, *id, BACKEND_STATS_MAP)?,
+            ));
         }
         Ok(snapshot)
     }

@@ -15,7 +15,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, SocketAddrV4},
 };
 
 use aya::maps::HashMap as BpfHashMap;
@@ -135,10 +135,10 @@ impl DataPlane {
 
     /// Addresses of every backend that still has a record: configured ones,
     /// and retired ones that flows may still name (freed by the sweep).
-    pub fn backend_addresses(&self) -> BTreeSet<Ipv4Addr> {
+    pub fn backend_addresses(&self) -> BTreeSet<IpAddr> {
         self.backend_ids
             .keys()
-            .map(|(address, _)| *address)
+            .map(|(address, _)| IpAddr::V4(*address))
             .collect()
     }
 

@@ -96,6 +96,13 @@ pub enum DataPlaneError {
         #[source]
         source: ProgramError,
     },
+    /// An IPv6 address reached the maps, which are IPv4 (validation refuses it first).
+    #[error("{what}: {source}")]
+    NotIpv4 {
+        what: String,
+        #[source]
+        source: crate::ip::NotIpv4,
+    },
     #[error("map {map}: {source}")]
     Map {
         map: &'static str,

@@ -4,7 +4,7 @@
 
 use std::{
     collections::{BTreeMap, HashSet},
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr},
 };
 
 use aya::maps::{Array, DevMapHash, HashMap as BpfHashMap};
@@ -16,13 +16,17 @@ use ha_common::{
 use tracing::{debug, info};
 
 use super::{DataPlane, DataPlaneError, Result, describe_range, map_error, next_nat_ranges};
-use crate::maglev::{MaglevBackend, build_table};
+use crate::{
+    ip::ipv4,
+    maglev::{MaglevBackend, build_table},
+};
 
 /// A VIP as the data plane should serve it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DesiredVip {
     pub name: String,
-    pub address: Ipv4Addr,
+    /// IPv4 only for now: [`DataPlane::apply`] refuses an IPv6 one.
+    pub address: IpAddr,
     pub port: u16,
     pub protocol: u8,
     /// Whether this host answers for the VIP now (VRRP master, or static).
@@ -32,7 +36,8 @@ pub struct DesiredVip {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DesiredBackend {
-    pub address: Ipv4Addr,
+    /// IPv4 only for now: [`DataPlane::apply`] refuses an IPv6 one.
+    pub address: IpAddr,
     pub port: u16,
     pub weight: u32,
     /// The backend is an address of this host: deliver locally, no NAT.
@@ -42,13 +47,26 @@ pub struct DesiredBackend {
 }
 
 impl DesiredVip {
-    fn key(&self) -> VipKey {
-        VipKey {
-            addr: addr_to_wire(self.address.octets()),
+    /// The VIP's key in VIPS: the IPv4 edge (the map stores IPv4 addresses).
+    fn key(&self) -> Result<VipKey> {
+        let address = ipv4(self.address).map_err(|source| DataPlaneError::NotIpv4 {
+            what: format!("VIP {}", self.name),
+            source,
+        })?;
+        Ok(VipKey {
+            addr: addr_to_wire(address.octets()),
             port: port_to_wire(self.port),
             protocol: self.protocol,
             _pad: 0,
-        }
+        })
+    }
+
+    /// `backend`'s address as the backend table stores it (IPv4).
+    fn backend_ipv4(&self, backend: &DesiredBackend) -> Result<Ipv4Addr> {
+        ipv4(backend.address).map_err(|source| DataPlaneError::NotIpv4 {
+            what: format!("VIP {}, backend", self.name),
+            source,
+        })
     }
 }
 
@@ -155,13 +173,21 @@ impl DataPlane {
     ///
     /// # Errors
     /// Nothing is written when the settings cannot be planned
-    /// ([`DataPlane::plan_settings`]) or there are too many VIPs.
+    /// ([`DataPlane::plan_settings`]), there are too many VIPs, or an
+    /// address is IPv6 ([`DataPlaneError::NotIpv4`]: the maps are IPv4).
     pub fn apply(&mut self, settings: &Settings, vips: &[DesiredVip]) -> Result<()> {
         if vips.len() > self.max_vips as usize {
             return Err(DataPlaneError::TooManyVips {
                 wanted: vips.len(),
                 max_vips: self.max_vips,
             });
+        }
+        // The IPv4 edge, checked whole before anything is written.
+        for vip in vips {
+            vip.key()?;
+            for backend in &vip.backends {
+                vip.backend_ipv4(backend)?;
+            }
         }
         self.write_settings(settings)?;
 
@@ -171,9 +197,10 @@ impl DataPlane {
         let mut records: BTreeMap<u32, BackendInfo> = BTreeMap::new();
         for vip in vips {
             for backend in &vip.backends {
-                let id = self.backend_id(backend.address, backend.port)?;
+                let address = vip.backend_ipv4(backend)?;
+                let id = self.backend_id(address, backend.port)?;
                 let record = records.entry(id).or_insert(BackendInfo {
-                    addr: addr_to_wire(backend.address.octets()),
+                    addr: addr_to_wire(address.octets()),
                     port: port_to_wire(backend.port),
                     flags: BACKEND_FLAG_DOWN,
                     _pad: 0,
@@ -210,7 +237,7 @@ impl DataPlane {
             }
         }
 
-        let wanted: HashSet<VipKey> = vips.iter().map(DesiredVip::key).collect();
+        let wanted: HashSet<VipKey> = vips.iter().map(DesiredVip::key).collect::<Result<_>>()?;
         let gone: Vec<VipKey> = self
             .vips
             .keys()
@@ -251,17 +278,17 @@ impl DataPlane {
     }
 
     fn apply_vip(&mut self, vip: &DesiredVip) -> Result<()> {
-        let key = vip.key();
-        let members: Vec<MaglevBackend> = vip
-            .backends
-            .iter()
-            .map(|b| MaglevBackend {
+        let key = vip.key()?;
+        let mut members = Vec::with_capacity(vip.backends.len());
+        for b in &vip.backends {
+            let id = self.backend_ids[&(vip.backend_ipv4(b)?, b.port)];
+            members.push(MaglevBackend {
                 address: b.address,
                 port: b.port,
                 weight: b.weight,
-                id: self.backend_ids[&(b.address, b.port)],
-            })
-            .collect();
+                id,
+            });
+        }
         let table = build_table(&members, self.table_size);
         let flags = if vip.enabled { VIP_FLAG_ENABLED } else { 0 };
 

@@ -63,7 +63,11 @@ pub enum ImportError {
         frontend: String,
         bind: String,
     },
-    #[error("{0}: no frontend or listen section sends traffic to servers with IPv4 addresses")]
+    #[error(
+        "{0}: no frontend or listen section with an IPv4 bind sends traffic to servers with IPv4 \
+         addresses (ha-lb serves IPv4 VIPs and backends only for now; IPv6 binds and servers are \
+         not carried over)"
+    )]
     NothingToBalance(String),
 }
 

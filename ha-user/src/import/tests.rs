@@ -289,3 +289,92 @@ fn the_rendered_yaml_reads_back_as_the_same_config() {
     assert_eq!(back.vrrp, imported.config.vrrp);
     assert_eq!(back.garp, imported.config.garp);
 }
+
+#[test]
+fn ipv6_binds_servers_and_keepalived_addresses_are_noted_not_carried_over() {
+    let haproxy = "\
+frontend api
+    bind 10.0.0.100:6443
+    bind [2001:db8::100]:6443
+    bind ipv6@2001:db8::101:6443
+    default_backend api
+backend api
+    server a 10.0.0.11:6443 check
+    server b [2001:db8::12]:6443 check
+    server c ipv6@2001:db8::13:6443 check
+";
+    let keepalived = "\
+vrrp_instance VI_1 {
+    interface eth0
+    virtual_router_id 51
+    unicast_peer {
+        10.0.0.3
+        2001:db8::3
+    }
+    virtual_ipaddress {
+        10.0.0.100
+        2001:db8::100/64
+    }
+}
+";
+    let imported = run(haproxy, Some(keepalived)).unwrap();
+    let vips = &imported.config.vips;
+    assert_eq!(vips.len(), 1, "{vips:?}");
+    assert_eq!(vips[0].address.to_string(), "10.0.0.100");
+    assert_eq!(
+        backends(&vips[0]),
+        [("10.0.0.11".to_string(), Some(6443), 1)]
+    );
+    let peers = &imported.config.vrrp.as_ref().unwrap().unicast_peers;
+    assert_eq!(peers, &[std::net::IpAddr::from([10, 0, 0, 3])]);
+    for (at, directive, why) in [
+        (
+            "haproxy.cfg:3",
+            "[2001:db8::100]:6443",
+            "IPv6 bind: ha-lb serves IPv4 VIPs only for now",
+        ),
+        ("haproxy.cfg:4", "ipv6@2001:db8::101:6443", "IPv6 bind"),
+        (
+            "haproxy.cfg:8",
+            "server b",
+            "IPv6 server: ha-lb serves IPv4 backends only for now",
+        ),
+        ("haproxy.cfg:9", "server c", "IPv6 server"),
+        (
+            "keepalived.conf:6",
+            "2001:db8::3",
+            "IPv6 peer: ha-lb's VRRP speaks IPv4 only for now",
+        ),
+        (
+            "keepalived.conf:10",
+            "2001:db8::100/64",
+            "IPv6 address: ha-lb serves IPv4 VIPs only for now",
+        ),
+    ] {
+        assert!(
+            imported
+                .notes
+                .iter()
+                .any(|n| n.at() == at && n.directive.contains(directive) && n.why.contains(why)),
+            "{at} {directive} not noted with {why:?}: {:#?}",
+            imported.notes
+        );
+    }
+}
+
+#[test]
+fn a_frontend_bound_to_ipv6_only_says_why_it_has_no_vip() {
+    let haproxy = "\
+frontend api
+    bind [2001:db8::100]:6443
+    default_backend api
+backend api
+    server a 10.0.0.11:6443 check
+";
+    let error = run(haproxy, None).err().unwrap().to_string();
+    assert!(
+        error.contains("with an IPv4 bind")
+            && error.contains("IPv6 binds and servers are not carried over"),
+        "{error}"
+    );
+}

@@ -241,7 +241,7 @@ impl ha_model::Fib for LabFib<'_> {
 
 fn backend_of(address: Ipv4Addr, port: u16, state: BackendState, local: bool) -> DesiredBackend {
     DesiredBackend {
-        address,
+        address: address.into(),
         port,
         weight: u32::from(state == BackendState::Up),
         local,
@@ -353,7 +353,7 @@ impl Harness {
             vips: [lab.vip(0), lab.vip(1), lab.vip(2), lab.vip(3)],
             subnet: [o[0], o[1], o[2]],
         };
-        let mut settings = DataPlaneConfig::default().settings(lb);
+        let mut settings = DataPlaneConfig::default().settings(lb.into())?;
         settings.clock_ns = T0;
         let mut harness = Harness {
             _lab: lab,
@@ -388,9 +388,9 @@ impl Harness {
                 .map(|((addr, _), state)| backend_of(*addr, port, state, false))
                 .collect::<Vec<_>>()
         };
-        let vip = |name: &str, address, port, protocol, enabled, backends| DesiredVip {
+        let vip = |name: &str, address: Ipv4Addr, port, protocol, enabled, backends| DesiredVip {
             name: name.into(),
-            address,
+            address: address.into(),
             port,
             protocol,
             enabled,

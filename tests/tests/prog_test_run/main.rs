@@ -67,7 +67,7 @@ const APIS: [&str; 3] = ["api1", "api2", "api3"];
 fn backends(lab: &Lab, port: u16) -> Vec<DesiredBackend> {
     APIS.iter()
         .map(|name| DesiredBackend {
-            address: lab.host(name).addr,
+            address: lab.host(name).addr.into(),
             port,
             weight: 1,
             local: false,
@@ -85,7 +85,7 @@ fn vip(
 ) -> DesiredVip {
     DesiredVip {
         name: name.into(),
-        address,
+        address: address.into(),
         port,
         protocol,
         enabled: true,
@@ -119,7 +119,9 @@ fn world() -> World {
     .expect("loading the XDP program");
     let lb = lab.host("lb").addr;
     // The configuration's default timeouts, this file's NAT range, and a virtual clock.
-    let mut settings = DataPlaneConfig::default().settings(lb);
+    let mut settings = DataPlaneConfig::default()
+        .settings(lb.into())
+        .expect("an IPv4 NAT source");
     settings.nat[0].port_min = NAT_MIN;
     settings.nat[0].port_max = NAT_MAX;
     settings.clock_ns = T0;
@@ -135,7 +137,7 @@ fn world() -> World {
     );
     let one = |address: Ipv4Addr, local: bool| {
         vec![DesiredBackend {
-            address,
+            address: address.into(),
             port: 6443,
             weight: 1,
             local,

@@ -224,7 +224,7 @@ fn traffic_counters_follow_vip_and_backend() {
     let (_, b) = traffic
         .backends
         .iter()
-        .find(|(key, _)| *key == (backend_addr, 6443))
+        .find(|(key, _)| *key == (backend_addr.into(), 6443))
         .unwrap();
     assert_eq!((b.packets, b.new_flows), (2, 1));
 }
@@ -236,7 +236,7 @@ fn one_port_world() -> World {
     settings.nat[0].port_min = 30000;
     settings.nat[0].port_max = 30000;
     let one = vec![DesiredBackend {
-        address: w.lab.host("api1").addr,
+        address: w.lab.host("api1").addr.into(),
         port: 6443,
         weight: 1,
         local: false,
@@ -318,7 +318,7 @@ fn a_draining_backend_keeps_its_flows_and_a_down_backend_loses_them() {
                 let address = w.lab.host(n).addr;
                 let first = address == first_backend;
                 DesiredBackend {
-                    address,
+                    address: address.into(),
                     port: 6443,
                     weight: if first { weight_of_first } else { 1 },
                     local: false,

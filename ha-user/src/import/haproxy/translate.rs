@@ -2,7 +2,7 @@
 
 use std::{
     collections::BTreeMap,
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr},
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -110,9 +110,18 @@ pub(crate) fn translate(
                         };
                         let address = match host {
                             "" | "*" | "0.0.0.0" | "::" | "[::]" | "ipv4@" | "ipv4@*" => None,
-                            host => match host.trim_start_matches("ipv4@").parse() {
-                                Ok(a) => Some(a),
-                                Err(_) => continue,
+                            host => match parse_address(host) {
+                                Some(IpAddr::V4(a)) => Some(a),
+                                Some(IpAddr::V6(_)) => {
+                                    ledger.note(
+                                        file,
+                                        line.number,
+                                        format!("bind {one}"),
+                                        IPV6_BIND,
+                                    );
+                                    continue;
+                                }
+                                None => continue,
                             },
                         };
                         binds.push((line.number, address, port, spec.to_string()));
@@ -190,7 +199,7 @@ pub(crate) fn translate(
                 } else {
                     vip_name(&name)
                 },
-                address,
+                address: address.into(),
                 port,
                 protocol: Protocol::Tcp,
                 mode: Mode::Nat,
@@ -200,6 +209,25 @@ pub(crate) fn translate(
         }
     }
     Ok(vips)
+}
+
+/// What a user reads about an IPv6 bind or server (validation says the same of the config).
+const IPV6_BIND: &str = "IPv6 bind: ha-lb serves IPv4 VIPs only for now; not carried over";
+const IPV6_SERVER: &str = "IPv6 server: ha-lb serves IPv4 backends only for now; not carried over";
+
+/// The address of a bind or server, as haproxy writes it: `10.0.0.1`,
+/// `ipv4@10.0.0.1`, `[2001:db8::1]`, `ipv6@2001:db8::1`, `2001:db8::1` (the
+/// port already split off); `None` for a name.
+fn parse_address(host: &str) -> Option<IpAddr> {
+    let host = host
+        .strip_prefix("ipv4@")
+        .or_else(|| host.strip_prefix("ipv6@"))
+        .unwrap_or(host);
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    host.parse().ok()
 }
 
 /// haproxy names allow `.` and `:`; ha-lb's VIP names are letters, digits, `-`, `_`.
@@ -238,14 +266,21 @@ fn translate_backend(
             Some((host, port)) => (host, port.parse::<u16>().ok()),
             None => (spec, None),
         };
-        let Ok(address) = host.parse::<Ipv4Addr>() else {
-            ledger.note(
-                file,
-                line.number,
-                line.text(),
-                "ha-lb takes IPv4 addresses, not names: write the server's address",
-            );
-            continue;
+        let address = match parse_address(host) {
+            Some(IpAddr::V4(address)) => address,
+            Some(IpAddr::V6(_)) => {
+                ledger.note(file, line.number, line.text(), IPV6_SERVER);
+                continue;
+            }
+            None => {
+                ledger.note(
+                    file,
+                    line.number,
+                    line.text(),
+                    "ha-lb takes IPv4 addresses, not names: write the server's address",
+                );
+                continue;
+            }
         };
         let mut params = directives.server_defaults.clone();
         params.apply(&line.words[3..]);
@@ -388,7 +423,7 @@ fn translate_backend(
     let backends = servers
         .iter()
         .map(|s| BackendConfig {
-            address: s.address,
+            address: s.address.into(),
             port: s.port,
             weight: s.params.weight.unwrap_or(1),
         })

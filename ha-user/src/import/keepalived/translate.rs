@@ -2,7 +2,11 @@
 //! sections: the first vrrp_instance, with keepalived's own defaults
 //! (VRRPv2, 1 s adverts) unless the file says otherwise.
 
-use std::{collections::BTreeMap, net::Ipv4Addr, time::Duration};
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv4Addr},
+    time::Duration,
+};
 
 use super::Statement;
 use crate::{
@@ -166,11 +170,17 @@ fn translate_instance(
             },
             "unicast_peer" => {
                 for peer in setting.children() {
-                    match peer.keyword().parse::<Ipv4Addr>() {
-                        Ok(address) => {
+                    match peer.keyword().parse::<IpAddr>() {
+                        Ok(address @ IpAddr::V4(_)) => {
                             vrrp.unicast_peers.push(address);
                             ledger.consume(file, peer.line);
                         }
+                        Ok(IpAddr::V6(_)) => ledger.note(
+                            file,
+                            peer.line,
+                            peer.text(),
+                            "IPv6 peer: ha-lb's VRRP speaks IPv4 only for now; not carried over",
+                        ),
                         Err(_) => ledger.note(
                             file,
                             peer.line,
@@ -184,8 +194,14 @@ fn translate_instance(
             "virtual_ipaddress" => {
                 for address in setting.children() {
                     let text = address.keyword();
-                    match text.split('/').next().unwrap_or("").parse::<Ipv4Addr>() {
-                        Ok(ip) => {
+                    match text.split('/').next().unwrap_or("").parse::<IpAddr>() {
+                        Ok(IpAddr::V6(_)) => ledger.note(
+                            file,
+                            address.line,
+                            address.text(),
+                            "IPv6 address: ha-lb serves IPv4 VIPs only for now; not carried over",
+                        ),
+                        Ok(IpAddr::V4(ip)) => {
                             part.vip_lines.push((ip, address.line));
                             ledger.consume(file, address.line);
                             let extra = &address.words[1..];
