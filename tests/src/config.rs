@@ -11,12 +11,12 @@
 //! use ha_user::config::CheckConfig;
 //!
 //! let (api1, api2) = (lab.host("api1").addr, lab.host("api2").addr);
-//! let mut agent = config::agent([config::vip("apiserver", lab.vip(0), 6443)
+//! let mut conf = config::agent([config::vip("apiserver", lab.vip(0), 6443)
 //!     .backends(&[api1, api2])
 //!     .weight(api2, 2)
 //!     .check(CheckConfig { timeout: Duration::from_millis(500), ..CheckConfig::default() })]);
-//! agent.vrrp = Some(config::vrrp(51));
-//! let path = config::write(&lab, "config.yaml", &agent);
+//! conf.vrrp = Some(config::vrrp(51));
+//! let path = config::write(&lab, "config.yaml", &conf);
 //! ```
 //!
 //! A check's type and a backend's port are left unset (`None`), as a file
