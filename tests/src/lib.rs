@@ -26,6 +26,7 @@
 //! and removes them. Each slot has its own names and its own /24, so labs in
 //! parallel test threads or processes never meet.
 
+pub mod config;
 pub mod fuzz;
 pub mod nginx;
 pub mod packet;

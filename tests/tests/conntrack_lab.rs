@@ -16,9 +16,10 @@ use common::{
     whoami_within, write_config,
 };
 use ha_lab::{
-    HOST_IFACE, Lab,
+    HOST_IFACE, Lab, config,
     packet::{Frame, SYN, TTL},
 };
+use ha_user::config::PortRange;
 use serde_json::Value;
 
 /// These floods measure per-CPU early drop (design.md, "Room is made per
@@ -163,12 +164,13 @@ fn a_spoofed_syn_flood_does_not_take_the_control_plane_down() {
 
     let lab = Lab::new(&HOSTS).unwrap();
     let _apis = start_apiservers(&lab, &BACKENDS);
-    let yaml = format!(
-        "{}data_plane:\n  nat:\n    port_range: 10000-10127\n  conntrack:\n    tcp_syn_timeout: {}s\n",
-        vip_config(&lab, &BACKENDS),
-        SYN_TIMEOUT.as_secs()
-    );
-    let config = write_config(&lab, "config.yaml", &yaml);
+    let mut conf = vip_config(&lab, &BACKENDS);
+    conf.data_plane.nat.port_range = PortRange {
+        min: 10000,
+        max: 10127,
+    };
+    conf.data_plane.conntrack.tcp_syn_timeout = SYN_TIMEOUT;
+    let config = write_config(&lab, "config.yaml", &conf);
     let _agent = start_agent(&lab, "lb", &config, &[]);
     let vip = lab.vip(0);
     let before = status_json(&lab, "lb");
@@ -326,11 +328,9 @@ fn a_flood_that_fills_the_table_leaves_room_for_real_clients_and_keeps_establish
     nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &one).unwrap();
     let lab = Lab::new(&HOSTS).unwrap();
     let _apis = start_apiservers(&lab, &BACKENDS);
-    let yaml = format!(
-        "{}data_plane:\n  conntrack:\n    max_flows: 1024\n",
-        vip_config(&lab, &BACKENDS)
-    );
-    let config = write_config(&lab, "config.yaml", &yaml);
+    let mut conf = vip_config(&lab, &BACKENDS);
+    conf.data_plane.conntrack.max_flows = 1024;
+    let config = write_config(&lab, "config.yaml", &conf);
     let _agent = start_agent(&lab, "lb", &config, &[]);
     let vip = lab.vip(0);
     let before = status_json(&lab, "lb");
@@ -412,15 +412,12 @@ fn a_flood_that_fills_the_table_leaves_room_for_real_clients_and_keeps_establish
     );
 }
 
+/// The VIP config with the NAT port range `range` ("MIN-MAX") from `source`.
 fn nat_config(lab: &Lab, range: &str, source: Option<Ipv4Addr>) -> String {
-    let mut yaml = format!(
-        "{}data_plane:\n  nat:\n    port_range: {range}\n",
-        vip_config(lab, &BACKENDS)
-    );
-    if let Some(source) = source {
-        yaml.push_str(&format!("    source_address: {source}\n"));
-    }
-    yaml
+    let mut conf = vip_config(lab, &BACKENDS);
+    conf.data_plane.nat.port_range = range.parse().unwrap();
+    conf.data_plane.nat.source_address = source.map(config::ip);
+    conf.to_yaml()
 }
 
 /// What the running config says about the VIPs: names, addresses, backends, weights.

@@ -14,7 +14,8 @@ use std::{
 };
 
 use common::{start_apiservers, telemetry, vip_config, whoami, write_config};
-use ha_lab::{HOST_IFACE, Lab, bin_path};
+use ha_lab::{HOST_IFACE, Lab, bin_path, config};
+use ha_user::config::VrrpConfig;
 use serde::Deserialize;
 use serde_yaml_ng::Value;
 
@@ -440,11 +441,12 @@ fn the_manifests_capabilities_are_needed_and_enough_to_serve_a_vip() {
     let lab = Lab::new(&["client", "lb", "api1", "api2"]).unwrap();
     let _apis = start_apiservers(&lab, &["api1", "api2"]);
     // With VRRP, so that the raw sockets are part of the start.
-    let yaml = format!(
-        "{}vrrp:\n  vrid: 77\n  advert_interval: 100ms\n",
-        vip_config(&lab, &["api1", "api2"])
-    );
-    let config = write_config(&lab, "config.yaml", &yaml);
+    let mut conf = vip_config(&lab, &["api1", "api2"]);
+    conf.vrrp = Some(VrrpConfig {
+        advert_interval: Duration::from_millis(100),
+        ..config::vrrp(77)
+    });
+    let config = write_config(&lab, "config.yaml", &conf);
 
     // Each capability is needed: without any one of them the agent stops
     // at start (BPF: maps; PERFMON: the verifier refuses packet pointer

@@ -9,9 +9,13 @@ use std::{
 };
 
 use common::{
-    Session, reload, start_agent, start_apiservers, telemetry, vip_config, whoami, write_config,
+    Session, apiserver_vip, reload, start_agent, start_apiservers, telemetry, vip_config, whoami,
+    write_config, write_file,
 };
-use ha_lab::{Lab, LabProcess, bin_path};
+use ha_lab::{
+    Lab, LabProcess, bin_path,
+    config::{self, VipExt},
+};
 use nix::sys::signal::Signal;
 use serde_json::Value;
 
@@ -64,15 +68,10 @@ fn served_by(lab: &Lab, count: usize) -> Vec<String> {
     .unwrap()
 }
 
-fn apiserver_setup(
-    backends: &[&str],
-    check: &str,
-) -> (Lab, Vec<LabProcess>, LabProcess, std::path::PathBuf) {
+fn apiserver_setup(backends: &[&str]) -> (Lab, Vec<LabProcess>, LabProcess, std::path::PathBuf) {
     let lab = Lab::new(&HOSTS).unwrap();
     let apis = start_apiservers(&lab, backends);
-    let yaml =
-        vip_config(&lab, backends).replace("    backends:\n", &format!("{check}    backends:\n"));
-    let config = write_config(&lab, "config.yaml", &yaml);
+    let config = write_config(&lab, "config.yaml", &vip_config(&lab, backends));
     let agent = start_agent(&lab, "lb", &config, &[]);
     // Every backend has been checked at least once.
     lab.wait_until(Duration::from_secs(10), "first checks", || {
@@ -88,7 +87,7 @@ fn apiserver_setup(
 
 #[test]
 fn a_killed_apiserver_is_out_within_fall_fast_intervals_plus_one_interval() {
-    let (lab, apis, _agent, _) = apiserver_setup(&["api1", "api2", "api3"], "");
+    let (lab, apis, _agent, _) = apiserver_setup(&["api1", "api2", "api3"]);
     let (interval, fast, fall) = (Duration::from_secs(1), Duration::from_millis(200), 3);
     let bound = fast * fall + interval;
     let vip = lab.vip(0);
@@ -155,7 +154,7 @@ fn a_killed_apiserver_is_out_within_fall_fast_intervals_plus_one_interval() {
 
 #[test]
 fn a_not_ready_apiserver_drains_keeps_established_flows_and_returns_after_rise() {
-    let (lab, apis, agent, _) = apiserver_setup(&["api1", "api2", "api3"], "");
+    let (lab, apis, agent, _) = apiserver_setup(&["api1", "api2", "api3"]);
     let vip = lab.vip(0);
     lab.in_host("client", || {
         let mut session = Session::to(vip, "api1");
@@ -206,9 +205,8 @@ fn a_hung_backend_goes_down_by_timeout_without_slowing_other_checks() {
     let lab = Lab::new(&HOSTS).unwrap();
     let _apis = start_apiservers(&lab, &["api1", "api2"]);
     let _hung = lab.start_standin("api3", &["--hang"]).unwrap();
-    let check = "    check:\n      timeout: 500ms\n";
-    let yaml = vip_config(&lab, &["api1", "api2", "api3"])
-        .replace("    backends:\n", &format!("{check}    backends:\n"));
+    let mut yaml = vip_config(&lab, &["api1", "api2", "api3"]);
+    yaml.vips[0].check.timeout = Duration::from_millis(500);
     let config = write_config(&lab, "config.yaml", &yaml);
     let _agent = start_agent(&lab, "lb", &config, &[]);
     let started = Instant::now();
@@ -245,7 +243,7 @@ fn a_hung_backend_goes_down_by_timeout_without_slowing_other_checks() {
 
 #[test]
 fn with_every_backend_failing_traffic_still_flows_and_status_says_fail_open() {
-    let (lab, apis, agent, _) = apiserver_setup(&["api1", "api2", "api3"], "");
+    let (lab, apis, agent, _) = apiserver_setup(&["api1", "api2", "api3"]);
     for api in &apis {
         api.signal(Signal::SIGUSR1).unwrap();
     }
@@ -274,8 +272,12 @@ fn with_every_backend_failing_traffic_still_flows_and_status_says_fail_open() {
 
 #[test]
 fn reload_adds_removes_and_reweights_without_breaking_an_unchanged_backend() {
-    let (lab, _apis, _agent, config) = apiserver_setup(&["api1", "api2", "api3", "api4"], "");
-    std::fs::write(&config, vip_config(&lab, &["api1", "api2", "api3"])).unwrap();
+    let (lab, _apis, _agent, config) = apiserver_setup(&["api1", "api2", "api3", "api4"]);
+    std::fs::write(
+        &config,
+        vip_config(&lab, &["api1", "api2", "api3"]).to_yaml(),
+    )
+    .unwrap();
     let reload = lab
         .exec("lb", &[bin_path("ha-user").to_str().unwrap(), "reload"])
         .unwrap();
@@ -284,14 +286,10 @@ fn reload_adds_removes_and_reweights_without_breaking_an_unchanged_backend() {
     lab.in_host("client", || {
         let mut session = Session::to(vip, "api1");
         session.assert_alive(5);
-        let next = vip_config(&lab, &["api1", "api3", "api4"]).replace(
-            &format!("      - address: {}\n", lab.host("api3").addr),
-            &format!(
-                "      - address: {}\n        weight: 3\n",
-                lab.host("api3").addr
-            ),
-        );
-        std::fs::write(&config, next).unwrap();
+        let next = config::agent([
+            apiserver_vip(&lab, &["api1", "api3", "api4"]).weight(lab.host("api3").addr, 3)
+        ]);
+        std::fs::write(&config, next.to_yaml()).unwrap();
         let out = lab
             .exec("lb", &[bin_path("ha-user").to_str().unwrap(), "reload"])
             .unwrap();
@@ -353,7 +351,7 @@ fn a_reload_that_fails_part_way_is_rolled_back_and_counted() {
     let lab = Lab::new(&HOSTS).unwrap();
     let _apis = start_apiservers(&lab, &["api1", "api2", "api3", "api4"]);
     let config = write_config(&lab, "config.yaml", &vip_config(&lab, &["api1", "api2"]));
-    let faults = write_config(&lab, "faults", "");
+    let faults = write_file(&lab, "faults", "");
     let env = format!("HA_LB_FAULTS={}", faults.display());
     let mut agent = lab.spawn_agent("lb", &config, &[], &[&env]).unwrap();
     agent
@@ -386,12 +384,10 @@ fn a_reload_that_fails_part_way_is_rolled_back_and_counted() {
             .unwrap()
     };
     // api2 out, api3 in, and a second VIP on api4.
-    let next = format!(
-        "{}  - name: second\n    address: {second_vip}\n    port: 6443\n    backends:\n      - address: {}\n",
-        vip_config(&lab, &["api1", "api3"]),
-        lab.host("api4").addr
-    );
-    std::fs::write(&config, &next).unwrap();
+    let mut next = vip_config(&lab, &["api1", "api3"]);
+    next.vips
+        .push(config::vip("second", second_vip, 6443).backends(&[lab.host("api4").addr]));
+    std::fs::write(&config, next.to_yaml()).unwrap();
     std::fs::write(&faults, "vip-address-added\n").unwrap();
     let neighbours_before = managed_neighbours();
     lab.in_host("client", || {
@@ -471,7 +467,7 @@ fn a_reload_that_fails_part_way_is_rolled_back_and_counted() {
 
 #[test]
 fn drain_and_undrain_from_the_command_line() {
-    let (lab, _apis, _agent, _) = apiserver_setup(&["api1", "api2", "api3"], "");
+    let (lab, _apis, _agent, _) = apiserver_setup(&["api1", "api2", "api3"]);
     let ha_user = bin_path("ha-user");
     let api1 = lab.host("api1").addr.to_string();
     let vip = lab.vip(0);
@@ -517,7 +513,7 @@ fn drain_and_undrain_from_the_command_line() {
 
 #[test]
 fn status_json_reports_vip_backends_checks_and_counters() {
-    let (lab, _apis, _agent, _) = apiserver_setup(&["api1", "api2"], "");
+    let (lab, _apis, _agent, _) = apiserver_setup(&["api1", "api2"]);
     served_by(&lab, 20);
     let report = status(&lab);
     assert_eq!(report["interface"], "eth0");
@@ -548,7 +544,7 @@ fn status_json_reports_vip_backends_checks_and_counters() {
 
 #[test]
 fn the_telemetry_endpoint_answers_probes_and_scrapes() {
-    let (lab, apis, _agent, _) = apiserver_setup(&["api1", "api2"], "");
+    let (lab, apis, _agent, _) = apiserver_setup(&["api1", "api2"]);
     assert_eq!(telemetry(&lab, "lb", "/livez"), (200, "ok\n".to_string()));
     assert_eq!(telemetry(&lab, "lb", "/readyz"), (200, "ok\n".to_string()));
     assert_eq!(telemetry(&lab, "lb", "/nope").0, 404);
@@ -585,7 +581,7 @@ fn the_telemetry_endpoint_answers_probes_and_scrapes() {
 
 #[test]
 fn the_admin_socket_refuses_users_other_than_root() {
-    let (lab, _apis, agent, _) = apiserver_setup(&["api1"], "");
+    let (lab, _apis, agent, _) = apiserver_setup(&["api1"]);
     let ha_user = bin_path("ha-user");
     let as_nobody = lab
         .command("lb", "setpriv")

@@ -16,7 +16,11 @@ use std::{
 use common::{
     DOWNLOAD, download, start_agent, start_apiservers, start_file_vip, status_json, write_config,
 };
-use ha_lab::Lab;
+use ha_lab::{
+    Lab,
+    config::{self, VipExt},
+};
+use ha_user::config::{CheckConfig, CheckKind, Protocol};
 use serde_json::Value;
 
 const BACKENDS: [&str; 3] = ["api1", "api2", "api3"];
@@ -103,14 +107,16 @@ fn icmp_errors_reach_the_client_from_the_vip() {
     let lab = Lab::new(&["client", "lb", "api1", "api2", "api3"]).unwrap();
     let _apis = start_apiservers(&lab, &BACKENDS);
     let vip = lab.vip(0);
-    let mut yaml = format!(
-        "vips:\n  - name: dns\n    address: {vip}\n    port: 5353\n    protocol: udp\n    \
-         check:\n      type: tcp\n      port: 6443\n    backends:\n"
-    );
-    for name in BACKENDS {
-        yaml.push_str(&format!("      - address: {}\n", lab.host(name).addr));
-    }
-    let config = write_config(&lab, "config.yaml", &yaml);
+    // UDP, checked by TCP connects to the stand-ins' port.
+    let dns = config::vip("dns", vip, 5353)
+        .protocol(Protocol::Udp)
+        .check(CheckConfig {
+            kind: Some(CheckKind::Tcp),
+            port: Some(6443),
+            ..CheckConfig::default()
+        })
+        .backends(&config::addresses(&lab, &BACKENDS));
+    let config = write_config(&lab, "config.yaml", &config::agent([dns]));
     let _agent = start_agent(&lab, "lb", &config, &[]);
     let before = status_json(&lab, "lb");
 

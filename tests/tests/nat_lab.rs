@@ -12,9 +12,14 @@ use std::{
 };
 
 use common::{
-    Session, host_state, start_agent, start_apiservers, vip_config, whoami, write_config,
+    Session, apiserver_vip, host_state, start_agent, start_apiservers, vip_config, whoami,
+    write_config, write_file,
 };
-use ha_lab::{HOST_IFACE, Lab, bin_path};
+use ha_lab::{
+    HOST_IFACE, Lab, bin_path,
+    config::{self, VipExt},
+};
+use ha_user::config::PortRange;
 use nix::sys::signal::Signal;
 
 const HOSTS: [&str; 6] = ["client", "lb", "api1", "api2", "api3", "api4"];
@@ -23,14 +28,10 @@ const HOSTS: [&str; 6] = ["client", "lb", "api1", "api2", "api3", "api4"];
 fn a_thousand_connections_spread_by_weight_and_backends_see_the_lb_address() {
     let lab = Lab::new(&HOSTS[..5]).unwrap();
     let _apis = start_apiservers(&lab, &["api1", "api2", "api3"]);
-    let yaml = vip_config(&lab, &["api1", "api2", "api3"]).replace(
-        &format!("      - address: {}\n", lab.host("api3").addr),
-        &format!(
-            "      - address: {}\n        weight: 2\n",
-            lab.host("api3").addr
-        ),
-    );
-    let config = write_config(&lab, "config.yaml", &yaml);
+    let conf = config::agent([
+        apiserver_vip(&lab, &["api1", "api2", "api3"]).weight(lab.host("api3").addr, 2)
+    ]);
+    let config = write_config(&lab, "config.yaml", &conf);
     let _agent = start_agent(&lab, "lb", &config, &[]);
     let vip = lab.vip(0);
     let lb = lab.host("lb").addr.to_string();
@@ -140,7 +141,11 @@ fn a_long_lived_connection_keeps_its_backend_while_a_fourth_backend_is_added() {
             for i in 0..20 {
                 assert_eq!(exchange(&format!("before {i}")), format!("before {i}\n"));
             }
-            std::fs::write(&config, vip_config(&lab, &["api1", "api2", "api3", "api4"])).unwrap();
+            std::fs::write(
+                &config,
+                vip_config(&lab, &["api1", "api2", "api3", "api4"]).to_yaml(),
+            )
+            .unwrap();
             agent.signal(Signal::SIGHUP).unwrap();
             agent
                 .wait_for_log("reload applied", Duration::from_secs(10))
@@ -217,7 +222,7 @@ fn stopping_the_agent_leaves_the_host_as_it_was() {
 #[test]
 fn an_invalid_config_is_refused_before_the_host_is_touched() {
     let lab = Lab::new(&["lb", "api1"]).unwrap();
-    let config = write_config(
+    let config = write_file(
         &lab,
         "bad.yaml",
         &format!(
@@ -346,8 +351,8 @@ fn an_established_connection_survives_an_agent_restart_through_the_pinned_tables
 fn an_established_connection_survives_a_restart_that_moves_the_nat_range() {
     let lab = Lab::new(&HOSTS[..5]).unwrap();
     let _apis = start_apiservers(&lab, &["api1", "api2", "api3"]);
-    let yaml = vip_config(&lab, &["api1", "api2", "api3"]);
-    let config = write_config(&lab, "config.yaml", &yaml);
+    let conf = vip_config(&lab, &["api1", "api2", "api3"]);
+    let config = write_config(&lab, "config.yaml", &conf);
     let pins = lab.bpffs().unwrap().join("lb");
     let pin_arg = ["--pin-dir", pins.to_str().unwrap(), "--on-stop", "keep"];
     let mut agent = start_agent(&lab, "lb", &config, &pin_arg);
@@ -359,16 +364,20 @@ fn an_established_connection_survives_a_restart_that_moves_the_nat_range() {
         // "<server> <lb address>:<NAT port>"
         let port: u16 = first.trim().rsplit(':').next().unwrap().parse().unwrap();
         let moved = if port < 20000 {
-            "20000-32767"
+            PortRange {
+                min: 20000,
+                max: 32767,
+            }
         } else {
-            "10000-19999"
+            PortRange {
+                min: 10000,
+                max: 19999,
+            }
         };
         agent.stop(Duration::from_secs(10)).unwrap();
-        let moved_config = write_config(
-            &lab,
-            "moved.yaml",
-            &format!("{yaml}data_plane:\n  nat:\n    port_range: {moved}\n"),
-        );
+        let mut moved_conf = conf.clone();
+        moved_conf.data_plane.nat.port_range = moved;
+        let moved_config = write_config(&lab, "moved.yaml", &moved_conf);
         let mut restarted = start_agent(&lab, "lb", &moved_config, &pin_arg);
         assert!(
             restarted
@@ -388,9 +397,8 @@ fn an_established_connection_survives_a_restart_that_moves_the_nat_range() {
         // New connections take the new range.
         let (_, seen) = whoami(vip, 6443).unwrap();
         let new_port: u16 = seen.rsplit(':').next().unwrap().parse().unwrap();
-        let (lo, hi) = moved.split_once('-').unwrap();
         assert!(
-            (lo.parse().unwrap()..=hi.parse().unwrap()).contains(&new_port),
+            (moved.min..=moved.max).contains(&new_port),
             "{new_port} in {moved}"
         );
         restarted.stop(Duration::from_secs(10)).unwrap();
@@ -449,11 +457,10 @@ fn capture_arp(window: Duration) -> Vec<Vec<u8>> {
 fn taking_the_vip_sends_gratuitous_arp_on_the_wire() {
     let lab = Lab::new(&HOSTS[..3]).unwrap();
     let _apis = start_apiservers(&lab, &["api1"]);
-    let yaml = format!(
-        "{}garp:\n  count: 3\n  interval: 100ms\n",
-        vip_config(&lab, &["api1"])
-    );
-    let config = write_config(&lab, "config.yaml", &yaml);
+    let mut conf = vip_config(&lab, &["api1"]);
+    conf.garp.count = 3;
+    conf.garp.interval = Duration::from_millis(100);
+    let config = write_config(&lab, "config.yaml", &conf);
     let frames = std::thread::scope(|scope| {
         let capture = scope.spawn(|| {
             lab.in_host("client", || capture_arp(Duration::from_secs(3)))
@@ -480,11 +487,9 @@ fn taking_the_vip_sends_gratuitous_arp_on_the_wire() {
 fn the_debug_switch_logs_new_flows_from_the_xdp_program() {
     let lab = Lab::new(&HOSTS[..3]).unwrap();
     let _apis = start_apiservers(&lab, &["api1"]);
-    let yaml = format!(
-        "{}data_plane:\n  debug: true\n",
-        vip_config(&lab, &["api1"])
-    );
-    let config = write_config(&lab, "config.yaml", &yaml);
+    let mut conf = vip_config(&lab, &["api1"]);
+    conf.data_plane.debug = true;
+    let config = write_config(&lab, "config.yaml", &conf);
     let agent = start_agent(&lab, "lb", &config, &[]);
     lab.in_host("client", || whoami(lab.vip(0), 6443))
         .unwrap()

@@ -19,7 +19,8 @@ use std::{
 };
 
 use common::{host_state, start_apiservers, status_json, vip_config, write_config};
-use ha_lab::{HOST_IFACE, Lab, LabProcess};
+use ha_lab::{HOST_IFACE, Lab, LabProcess, config};
+use ha_user::config::{Config, PortRange, VrrpConfig};
 use nix::sys::signal::Signal;
 
 const HOSTS: [&str; 5] = ["client", "lb", "api1", "api2", "api3"];
@@ -166,6 +167,13 @@ struct Setup {
     apis: Vec<LabProcess>,
     config: PathBuf,
     pins: PathBuf,
+}
+
+/// The VIP config with room for 4096 flows instead of the default.
+fn resized_config(lab: &Lab) -> Config {
+    let mut resized = vip_config(lab, &BACKENDS);
+    resized.data_plane.conntrack.max_flows = 4096;
+    resized
 }
 
 fn setup() -> Setup {
@@ -550,11 +558,7 @@ fn a_new_max_flows_migrates_the_flow_tables_under_load() {
     let mut setup = setup();
     let mut agent = start(&setup, &[]);
     let lab = &setup.lab;
-    let yaml = format!(
-        "{}data_plane:\n  conntrack:\n    max_flows: 4096\n",
-        vip_config(lab, &BACKENDS)
-    );
-    let resized = write_config(lab, "resized.yaml", &yaml);
+    let resized = write_config(lab, "resized.yaml", &resized_config(lab));
     let told = check_config_told(&setup, &resized);
     assert!(
         told.contains("resized (CONNTRACK") && told.contains("-> 4096 entries"),
@@ -629,11 +633,13 @@ fn vrrp_pair() -> (Lab, Vec<LabProcess>, [PathBuf; 2]) {
     let apis = start_apiservers(&lab, &BACKENDS);
     let bpffs = lab.bpffs().unwrap();
     let configs = [("lb1", 150), ("lb2", 100)].map(|(lb, priority)| {
-        let yaml = format!(
-            "{}vrrp:\n  vrid: 51\n  priority: {priority}\n  restart_hold: 2s\n",
-            vip_config(&lab, &BACKENDS)
-        );
-        write_config(&lab, &format!("{lb}.yaml"), &yaml);
+        let mut conf = vip_config(&lab, &BACKENDS);
+        conf.vrrp = Some(VrrpConfig {
+            priority,
+            restart_hold: Duration::from_secs(2),
+            ..config::vrrp(51)
+        });
+        write_config(&lab, &format!("{lb}.yaml"), &conf);
         (lb, bpffs.join(lb))
     });
     let pins = configs.map(|(_, pins)| pins);
@@ -816,11 +822,12 @@ fn connections_opened_while_a_restart_moves_the_nat_range_keep_answering() {
     let mut agent = start(&setup, &[]);
     let lab = &setup.lab;
     let vip = lab.vip(0);
-    let yaml = format!(
-        "{}data_plane:\n  nat:\n    port_range: 2000-9000\n",
-        vip_config(lab, &BACKENDS)
-    );
-    setup.config = write_config(lab, "moved.yaml", &yaml);
+    let mut moved = vip_config(lab, &BACKENDS);
+    moved.data_plane.nat.port_range = PortRange {
+        min: 2000,
+        max: 9000,
+    };
+    setup.config = write_config(lab, "moved.yaml", &moved);
     agent.stop(Duration::from_secs(10)).unwrap();
     // Connections from the moment the new agent has scanned the tables
     // (its record's health is adopted just after) until after it serves.
@@ -871,8 +878,8 @@ fn a_removed_backend_keeps_its_open_connections_across_reload_and_restart() {
     let vip = lab.vip(0);
     lab.in_host("client", || {
         let mut on_api1 = common::Session::to(vip, "api1");
-        let yaml = vip_config(lab, &["api2", "api3"]);
-        std::fs::write(&setup.config, &yaml).unwrap();
+        let fewer = vip_config(lab, &["api2", "api3"]);
+        std::fs::write(&setup.config, fewer.to_yaml()).unwrap();
         common::reload(lab, "lb").unwrap();
         on_api1.assert_alive(5);
         let served: Vec<String> = (0..10)
@@ -921,23 +928,14 @@ fn a_failed_start_changes_nothing_under_the_running_data_path() {
         };
         let before = pinned();
         // 1. A config whose VRRP interface does not exist: fails after the load.
-        let bad = write_config(
-            lab,
-            "bad-vrrp.yaml",
-            &format!(
-                "{}vrrp:\n  vrid: 51\n  interface: nosuch0\n",
-                vip_config(lab, &BACKENDS)
-            ),
-        );
+        let mut bad = vip_config(lab, &BACKENDS);
+        bad.vrrp = Some(VrrpConfig {
+            interface: Some("nosuch0".to_string()),
+            ..config::vrrp(51)
+        });
+        let bad = write_config(lab, "bad-vrrp.yaml", &bad);
         // 2. A new max_flows (a migration) with an object that does not load.
-        let resized = write_config(
-            lab,
-            "resized.yaml",
-            &format!(
-                "{}data_plane:\n  conntrack:\n    max_flows: 4096\n",
-                vip_config(lab, &BACKENDS)
-            ),
-        );
+        let resized = write_config(lab, "resized.yaml", &resized_config(lab));
         let garbage = lab.log_dir().join("garbage.o");
         std::fs::write(&garbage, b"not an ELF object").unwrap();
         let pins = setup.pins.display().to_string();

@@ -9,27 +9,29 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{start_agent, start_apiservers, telemetry, whoami, write_config};
-use ha_lab::{HOST_IFACE, Lab, LabProcess, bin_path};
+use common::{start_agent, start_apiservers, telemetry, vip_config, whoami, write_config};
+use ha_lab::{HOST_IFACE, Lab, LabProcess, bin_path, config};
+use ha_user::config::{Config, TrackAction, VrrpConfig, VrrpVersion};
 use nix::sys::signal::Signal;
 
 const HOSTS: [&str; 6] = ["client", "lb1", "lb2", "api1", "api2", "api3"];
 
-struct Vrrp<'a> {
+/// What the tests vary of an agent's `vrrp` section (vrid 51).
+struct Vrrp {
     priority: u8,
     version: u8,
-    interval: &'a str,
+    interval: Duration,
     /// Unicast to the other LB; multicast otherwise.
     unicast: bool,
-    preempt_delay: &'a str,
+    preempt_delay: Duration,
 }
 
-const DEFAULT: Vrrp<'static> = Vrrp {
+const DEFAULT: Vrrp = Vrrp {
     priority: 100,
     version: 3,
-    interval: "100ms",
+    interval: Duration::from_millis(100),
     unicast: false,
-    preempt_delay: "0s",
+    preempt_delay: Duration::ZERO,
 };
 
 fn other(lb: &str) -> &'static str {
@@ -37,27 +39,34 @@ fn other(lb: &str) -> &'static str {
 }
 
 fn config(lab: &Lab, lb: &str, vrrp: &Vrrp) -> std::path::PathBuf {
-    let mut yaml = format!(
-        "vips:\n  - name: apiserver\n    address: {}\n    port: 6443\n    backends:\n",
-        lab.vip(0)
-    );
-    for api in ["api1", "api2", "api3"] {
-        yaml.push_str(&format!("      - address: {}\n", lab.host(api).addr));
-    }
-    yaml.push_str(&format!(
-        "vrrp:\n  vrid: 51\n  priority: {}\n  version: {}\n  advert_interval: {}\n  preempt_delay: {}\n",
-        vrrp.priority, vrrp.version, vrrp.interval, vrrp.preempt_delay
-    ));
-    if vrrp.unicast {
+    write_config(lab, &format!("{lb}.yaml"), &agent_config(lab, vrrp))
+}
+
+/// The apiserver VIP in front of api1..api3, owned by VRRP as `vrrp` says.
+fn agent_config(lab: &Lab, vrrp: &Vrrp) -> Config {
+    let mut conf = vip_config(lab, &["api1", "api2", "api3"]);
+    conf.vrrp = Some(VrrpConfig {
+        priority: vrrp.priority,
+        version: match vrrp.version {
+            2 => VrrpVersion::V2,
+            3 => VrrpVersion::V3,
+            other => panic!("VRRP version {other}"),
+        },
+        advert_interval: vrrp.interval,
+        preempt_delay: vrrp.preempt_delay,
         // Both LBs, as one file shared by every LB host lists them: each
         // agent skips its own address.
-        yaml.push_str(&format!(
-            "  unicast_peers: [{}, {}]\n",
-            lab.host("lb1").addr,
-            lab.host("lb2").addr
-        ));
-    }
-    write_config(lab, &format!("{lb}.yaml"), &yaml)
+        unicast_peers: if vrrp.unicast {
+            vec![
+                config::ip(lab.host("lb1").addr),
+                config::ip(lab.host("lb2").addr),
+            ]
+        } else {
+            Vec::new()
+        },
+        ..config::vrrp(51)
+    });
+    conf
 }
 
 fn holds_vip(lab: &Lab, lb: &str) -> bool {
@@ -252,7 +261,7 @@ fn the_higher_priority_host_takes_the_vip_back_after_preempt_delay() {
             "lb1",
             &Vrrp {
                 priority: 150,
-                preempt_delay: "1s",
+                preempt_delay: Duration::from_secs(1),
                 ..DEFAULT
             },
         ),
@@ -508,7 +517,11 @@ fn assert_keepalived_content(log: &str) {
 fn interop(version: u8) {
     let lab = Lab::new(&HOSTS).unwrap();
     let _apis = start_apiservers(&lab, &["api1", "api2", "api3"]);
-    let interval = if version == 3 { "100ms" } else { "1s" };
+    let interval = if version == 3 {
+        Duration::from_millis(100)
+    } else {
+        Duration::from_secs(1)
+    };
     let settle = if version == 3 {
         Duration::from_secs(3)
     } else {
@@ -519,7 +532,7 @@ fn interop(version: u8) {
         version,
         interval,
         unicast: true,
-        preempt_delay: "0s",
+        preempt_delay: Duration::ZERO,
     };
 
     // The agent outranks keepalived: agent master, keepalived backup.
@@ -582,14 +595,6 @@ fn keepalived_interop_version_2_unicast() {
     interop(2);
 }
 
-fn config_with(lab: &Lab, lb: &str, vrrp: &Vrrp, extra: &str) -> std::path::PathBuf {
-    let path = config(lab, lb, vrrp);
-    let mut yaml = std::fs::read_to_string(&path).unwrap();
-    yaml.push_str(extra);
-    std::fs::write(&path, yaml).unwrap();
-    path
-}
-
 /// Makes `lb`'s own health checks fail (its kernel's packets to port 6443
 /// are dropped) without touching the traffic it load-balances, which XDP
 /// sends before netfilter sees it.
@@ -603,27 +608,27 @@ fn break_checks(lab: &Lab, lb: &str, broken: bool) {
 
 #[test]
 fn an_lb_that_alone_sees_its_backends_down_yields_by_priority_or_fault() {
-    for (track, lowered_state) in [("decrease 100", "backup"), ("fault", "fault")] {
+    for (track, lowered_state) in [
+        (TrackAction::Decrease(100), "backup"),
+        (TrackAction::Fault, "fault"),
+    ] {
         let lab = Lab::new(&HOSTS).unwrap();
         let _apis = start_apiservers(&lab, &["api1", "api2", "api3"]);
-        let check = "  track:\n    no_healthy_backend: ";
         let fast_checks = |lb| {
-            // Quick checks so the test is quick: out after 3 x 50 ms.
-            let path = config_with(
+            let mut conf = agent_config(
                 &lab,
-                lb,
                 &Vrrp {
                     priority: if lb == "lb1" { 150 } else { 100 },
                     ..DEFAULT
                 },
-                &format!("{check}{track}\n"),
             );
-            let yaml = std::fs::read_to_string(&path).unwrap().replace(
-                "    backends:\n",
-                "    check:\n      interval: 100ms\n      fast_interval: 50ms\n      timeout: 100ms\n    backends:\n",
-            );
-            std::fs::write(&path, yaml).unwrap();
-            path
+            conf.vrrp.as_mut().unwrap().track.no_healthy_backend = track;
+            // Quick checks so the test is quick: out after 3 x 50 ms.
+            let check = &mut conf.vips[0].check;
+            check.interval = Duration::from_millis(100);
+            check.fast_interval = Duration::from_millis(50);
+            check.timeout = Duration::from_millis(100);
+            write_config(&lab, &format!("{lb}.yaml"), &conf)
         };
         let lb1 = start_agent(&lab, "lb1", &fast_checks("lb1"), &[]);
         let _lb2 = start_agent(&lab, "lb2", &fast_checks("lb2"), &[]);

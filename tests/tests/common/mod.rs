@@ -9,7 +9,11 @@ use std::{
     time::Duration,
 };
 
-use ha_lab::{HOST_IFACE, Lab, LabProcess};
+use ha_lab::{
+    HOST_IFACE, Lab, LabProcess,
+    config::{self, VipExt},
+};
+use ha_user::config::{Config, VipConfig};
 
 pub fn start_apiservers(lab: &Lab, names: &[&str]) -> Vec<LabProcess> {
     names
@@ -18,21 +22,26 @@ pub fn start_apiservers(lab: &Lab, names: &[&str]) -> Vec<LabProcess> {
         .collect()
 }
 
-/// A config with one TCP VIP on 6443 in front of `backends`.
-pub fn vip_config(lab: &Lab, backends: &[&str]) -> String {
-    let mut yaml = format!(
-        "vips:\n  - name: apiserver\n    address: {}\n    port: 6443\n    backends:\n",
-        lab.vip(0)
-    );
-    for name in backends {
-        yaml.push_str(&format!("      - address: {}\n", lab.host(name).addr));
-    }
-    yaml
+/// The TCP VIP `apiserver` on the lab's first VIP address, port 6443, in
+/// front of the hosts `backends`.
+pub fn apiserver_vip(lab: &Lab, backends: &[&str]) -> VipConfig {
+    config::vip("apiserver", lab.vip(0), 6443).backends(&config::addresses(lab, backends))
 }
 
-pub fn write_config(lab: &Lab, name: &str, yaml: &str) -> PathBuf {
+/// A config with one TCP VIP on 6443 in front of `backends`: [`apiserver_vip`].
+pub fn vip_config(lab: &Lab, backends: &[&str]) -> Config {
+    config::agent([apiserver_vip(lab, backends)])
+}
+
+/// Writes the config as YAML into the lab's log directory: its path.
+pub fn write_config(lab: &Lab, name: &str, config: &Config) -> PathBuf {
+    config::write(lab, name, config)
+}
+
+/// Writes `text` as it is into the lab's log directory: its path.
+pub fn write_file(lab: &Lab, name: &str, text: &str) -> PathBuf {
     let path = lab.log_dir().join(name);
-    std::fs::write(&path, yaml).unwrap();
+    std::fs::write(&path, text).unwrap();
     path
 }
 
@@ -292,13 +301,8 @@ pub fn start_file_server(lab: &Lab, host: &str) -> LabProcess {
 /// with one VIP on port 8080 in front of them.
 pub fn start_file_vip(lab: &Lab, backends: &[&str]) -> (Vec<LabProcess>, LabProcess) {
     let servers = backends.iter().map(|b| start_file_server(lab, b)).collect();
-    let vip = lab.vip(0);
-    let mut yaml =
-        format!("vips:\n  - name: files\n    address: {vip}\n    port: 8080\n    backends:\n");
-    for name in backends {
-        yaml.push_str(&format!("      - address: {}\n", lab.host(name).addr));
-    }
-    let config = write_config(lab, "config.yaml", &yaml);
+    let files = config::vip("files", lab.vip(0), 8080).backends(&config::addresses(lab, backends));
+    let config = write_config(lab, "config.yaml", &config::agent([files]));
     let agent = start_agent(lab, "lb", &config, &[]);
     (servers, agent)
 }
