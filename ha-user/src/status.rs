@@ -90,8 +90,6 @@ impl ReloadOutcome {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ReloadStep {
-    /// The managed neighbour entries of new backends.
-    Neighbours,
     /// The data plane's tables (VIPs, Maglev, backends, settings).
     DataPlane,
     /// The VIP addresses on the interface.
@@ -101,7 +99,6 @@ pub enum ReloadStep {
 impl std::fmt::Display for ReloadStep {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
-            ReloadStep::Neighbours => "neighbour entries",
             ReloadStep::DataPlane => "the data plane's tables",
             ReloadStep::Addresses => "the VIP addresses",
         })

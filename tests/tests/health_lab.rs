@@ -270,6 +270,30 @@ fn with_every_backend_failing_traffic_still_flows_and_status_says_fail_open() {
     assert!(served_by(&lab, 30).iter().all(|n| n == "api1"));
 }
 
+/// A reload that changes a VIP's check starts its probes afresh, as up: the
+/// tables it writes must say so too, or a backend the old check had taken
+/// out would stay out with nothing to bring it back (its new probe reports
+/// up, which is no change).
+#[test]
+fn a_reload_that_changes_the_check_puts_a_backend_the_old_check_took_out_back() {
+    let (lab, apis, _agent, config) = apiserver_setup(&["api1", "api2"]);
+    apis[0].signal(Signal::SIGUSR1).unwrap();
+    wait_for_state(&lab, "api1", "draining", Duration::from_secs(4));
+    assert!(served_by(&lab, 20).iter().all(|n| n == "api2"));
+    // A TCP check does not look at readiness: api1 passes it.
+    let mut next = vip_config(&lab, &["api1", "api2"]);
+    next.vips[0].check.kind = Some(ha_user::config::CheckKind::Tcp);
+    std::fs::write(&config, next.to_yaml()).unwrap();
+    let applied = reload(&lab, "lb").expect("the reload applies");
+    assert!(applied.contains("VIPs ~apiserver"), "{applied}");
+    wait_for_state(&lab, "api1", "up", Duration::from_secs(4));
+    lab.wait_until(Duration::from_secs(5), "api1 takes new flows", || {
+        served_by(&lab, 20).iter().any(|n| n == "api1")
+    })
+    .unwrap_or_else(|e| panic!("{e}: {}", status(&lab)));
+    assert_eq!(status(&lab)["vips"][0]["fail_open"], false);
+}
+
 #[test]
 fn reload_adds_removes_and_reweights_without_breaking_an_unchanged_backend() {
     let (lab, _apis, _agent, config) = apiserver_setup(&["api1", "api2", "api3", "api4"]);

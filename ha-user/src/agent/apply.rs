@@ -3,7 +3,7 @@
 //! writes it and says when a VIP starts or stops failing open.
 
 use std::{
-    collections::{BTreeMap, HashSet},
+    collections::{BTreeMap, BTreeSet, HashSet},
     net::IpAddr,
 };
 
@@ -26,11 +26,35 @@ impl Agent {
             self.lb_addr,
             self.local_backends.clone(),
         );
-        self.write_data_plane(&config, lb_addr, &local)
+        self.write_data_plane(&config, lb_addr, &local, &BTreeSet::new())
+    }
+
+    /// Every backend's health as the desired state and the record see it:
+    /// as its running probe has it, else as the last agent recorded it
+    /// (until its probe starts), else up (absent). A backend in `restarting`
+    /// is one whose probe a reload starts afresh: its running health does
+    /// not count.
+    pub(super) fn health_view(
+        &self,
+        restarting: &BTreeSet<BackendKey>,
+    ) -> BTreeMap<BackendKey, Health> {
+        let mut view: BTreeMap<BackendKey, Health> = self
+            .seeded
+            .iter()
+            .map(|(key, health)| (key.clone(), *health))
+            .collect();
+        view.extend(
+            self.health
+                .iter()
+                .filter(|(key, _)| !restarting.contains(*key))
+                .map(|(key, h)| (key.clone(), h.health)),
+        );
+        view
     }
 
     /// Computes the desired tables for `config` from health and drains, and
-    /// writes them.
+    /// writes them; the backends in `restarting` count with the health their
+    /// new probe starts with ([`Agent::health_view`]).
     ///
     /// # Errors
     /// The data plane's, when a map write fails (the tables may then be
@@ -40,16 +64,10 @@ impl Agent {
         config: &Config,
         lb_addr: IpAddr,
         local: &HashSet<IpAddr>,
+        restarting: &BTreeSet<BackendKey>,
     ) -> Result<()> {
         let settings = config.data_plane.settings(lb_addr)?;
-        // A backend's health as the running checks have it, else as the
-        // last agent recorded it (until its probe starts), else up.
-        let mut health: BTreeMap<BackendKey, Health> = self
-            .seeded
-            .iter()
-            .map(|(key, health)| (key.clone(), *health))
-            .collect();
-        health.extend(self.health.iter().map(|(key, h)| (key.clone(), h.health)));
+        let health = self.health_view(restarting);
         let decide::Desired { vips, failing_open } =
             decide::desired_state(config, &health, &self.maintenance, local, self.holding);
         for name in failing_open.difference(&self.failing_open) {

@@ -1,5 +1,5 @@
 //! The reconciler's decisions, pure: plain values in, plain values out,
-//! unit-tested without root. The agent (`agent/mod.rs`) gathers the inputs
+//! unit-tested without root. The rest of `agent/` gathers the inputs
 //! and carries the outputs out.
 
 use std::{

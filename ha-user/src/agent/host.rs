@@ -9,7 +9,11 @@ use std::{
 use anyhow::Result;
 use tracing::{info, warn};
 
-use crate::{config::Config, fault, garp, handover, netlink::Netlink};
+use crate::{
+    config::{Config, GarpConfig},
+    fault, garp, handover,
+    netlink::Netlink,
+};
 
 use super::Agent;
 
@@ -55,10 +59,17 @@ impl Agent {
     /// the old holder) `garp.interval` apart, for each address, in the
     /// background.
     pub(super) fn announce(&self, addresses: BTreeSet<IpAddr>) {
+        let garp = self.config.garp.clone();
+        self.announce_with(addresses, &garp);
+    }
+
+    /// [`Agent::announce`] with `garp`'s count and interval (a reload's,
+    /// before it is the running config).
+    pub(super) fn announce_with(&self, addresses: BTreeSet<IpAddr>, garp: &GarpConfig) {
         if addresses.is_empty() {
             return;
         }
-        let (ifindex, mac, garp) = (self.ifindex, self.mac, self.config.garp.clone());
+        let (ifindex, mac, garp) = (self.ifindex, self.mac, garp.clone());
         tokio::spawn(async move {
             for vip in addresses {
                 if let Err(e) =
@@ -110,8 +121,8 @@ impl Agent {
     /// added), removes them otherwise. Under VRRP the agent owns every VIP
     /// address, so one left on the interface by a killed agent goes too.
     pub(super) async fn sync_vip_addresses(&mut self) -> Result<()> {
-        let configured = vip_addresses(&self.config);
-        self.sync_vip_addresses_to(&configured).await
+        let (configured, garp) = (vip_addresses(&self.config), self.config.garp.clone());
+        self.sync_vip_addresses_to(&configured, &garp).await
     }
 
     /// [`Agent::sync_vip_addresses`] for the VIP addresses `configured`
@@ -119,12 +130,13 @@ impl Agent {
     pub(super) async fn sync_vip_addresses_to(
         &mut self,
         configured: &BTreeSet<IpAddr>,
+        garp: &GarpConfig,
     ) -> Result<()> {
         if !self.dataplane.is_attached() {
             // Start-up: the addresses come after the program (see `run`).
             return Ok(());
         }
-        let synced = self.sync_vip_addresses_now(configured).await;
+        let synced = self.sync_vip_addresses_now(configured, garp).await;
         self.save_record();
         synced
     }
@@ -156,15 +168,47 @@ impl Agent {
         }
     }
 
-    async fn sync_vip_addresses_now(&mut self, configured: &BTreeSet<IpAddr>) -> Result<()> {
+    async fn sync_vip_addresses_now(
+        &mut self,
+        configured: &BTreeSet<IpAddr>,
+        garp: &GarpConfig,
+    ) -> Result<()> {
         let wanted: BTreeSet<IpAddr> = if self.holding {
             configured.clone()
         } else {
             BTreeSet::new()
         };
-        let mut added = Vec::new();
+        let mut added = BTreeSet::new();
+        let result = self.add_vip_addresses(&wanted, &mut added).await;
+        // Announced even when a later one failed: those are on the interface.
+        self.announce_with(added, garp);
+        result?;
+        let mut unwanted: BTreeSet<IpAddr> =
+            self.added_addresses.difference(&wanted).copied().collect();
+        if self.vrrp.is_some() {
+            unwanted.extend(configured.difference(&wanted));
+        }
+        for address in unwanted {
+            if self.netlink.has_address(self.ifindex, address).await? {
+                self.netlink.remove_vip(self.ifindex, address).await?;
+                info!(vip = %address, "VIP address removed");
+            }
+            self.added_addresses.remove(&address);
+        }
+        Ok(())
+    }
+
+    /// Adds the addresses of `wanted` that are not on the interface, each
+    /// one known as added (so a failure later, or a rollback, removes it)
+    /// from the moment it is there; `added` collects them for the
+    /// announcement.
+    async fn add_vip_addresses(
+        &mut self,
+        wanted: &BTreeSet<IpAddr>,
+        added: &mut BTreeSet<IpAddr>,
+    ) -> Result<()> {
         let lifetime = self.held_address_lifetime();
-        for address in &wanted {
+        for address in wanted {
             if self.netlink.has_address(self.ifindex, *address).await? {
                 if self.added_addresses.contains(address) {
                     // A kept VRRP master gave it a longer lifetime
@@ -177,32 +221,15 @@ impl Agent {
                 continue;
             }
             self.netlink.add_vip(self.ifindex, *address).await?;
+            self.added_addresses.insert(*address);
+            added.insert(*address);
+            info!(vip = %address, iface = %self.options.iface, "VIP address added");
             if lifetime.is_some() {
                 self.netlink
                     .set_vip_lifetime(self.ifindex, *address, lifetime)
                     .await?;
             }
-            self.added_addresses.insert(*address);
-            added.push(*address);
-            info!(vip = %address, iface = %self.options.iface, "VIP address added");
-            if let Err(fault) = fault::point("vip-address-added") {
-                // Announced all the same: the address is on the interface.
-                self.announce(added.into_iter().collect());
-                return Err(fault.into());
-            }
-        }
-        self.announce(added.into_iter().collect());
-        let mut unwanted: BTreeSet<IpAddr> =
-            self.added_addresses.difference(&wanted).copied().collect();
-        if self.vrrp.is_some() {
-            unwanted.extend(configured.difference(&wanted));
-        }
-        for address in unwanted {
-            if self.netlink.has_address(self.ifindex, address).await? {
-                self.netlink.remove_vip(self.ifindex, address).await?;
-                info!(vip = %address, "VIP address removed");
-            }
-            self.added_addresses.remove(&address);
+            fault::point("vip-address-added")?;
         }
         Ok(())
     }

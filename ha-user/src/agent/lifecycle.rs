@@ -33,7 +33,7 @@ use super::{
     commands::resolve_pin_dir,
     decide::{self, BackendKey},
     host::nat_source,
-    probes::{BackendHealth, HealthReport, build_probers},
+    probes::{HealthReport, build_probers},
 };
 
 /// The signals the agent answers, installed first thing: one that arrives
@@ -334,6 +334,18 @@ impl Agent {
                     let _ = tokio::time::timeout(Duration::from_secs(1), wait).await;
                 }
             }
+            // The neighbour entries this start added (the earlier agent's
+            // stay: its record names them).
+            let inherited: BTreeSet<IpAddr> = self
+                .dataplane
+                .found_record()
+                .map(|record| record.neighbours.iter().copied().map(IpAddr::V4).collect())
+                .unwrap_or_default();
+            for address in std::mem::take(&mut self.added_neighbours) {
+                if !inherited.contains(&address) {
+                    let _ = self.netlink.remove_neighbour(self.ifindex, address).await;
+                }
+            }
             warn!(iface = %self.options.iface, "the start failed before the program was attached; nothing on the host was changed");
             return;
         }
@@ -468,10 +480,18 @@ impl Agent {
 
     /// [`Agent::save_record`], with the interval the last VRRP advert told
     /// the backups when it was not the configured one.
+    ///
+    /// Only once this agent's program is attached: until the switch the
+    /// record is the running data path's (a start that fails must leave it
+    /// as the last agent wrote it, VRRP state included), and the first
+    /// write after the switch holds everything.
     pub(super) fn save_record_with(&mut self, announced: Option<Duration>) {
+        if !self.dataplane.is_attached() {
+            return;
+        }
         let record = record_of(
             &self.config,
-            &self.health,
+            &self.health_view(&BTreeSet::new()),
             &self.maintenance,
             &self.added_addresses,
             &self.added_neighbours,
@@ -516,7 +536,7 @@ fn recorded_backends(config: &Config) -> impl Iterator<Item = (BackendKey, Backe
 /// when unchecked) and drain, the VIP addresses it added, VRRP, forwarding.
 pub(super) fn record_of(
     config: &Config,
-    health: &BTreeMap<BackendKey, BackendHealth>,
+    health: &BTreeMap<BackendKey, Health>,
     maintenance: &BTreeSet<BackendKey>,
     added_addresses: &BTreeSet<IpAddr>,
     added_neighbours: &BTreeSet<IpAddr>,
@@ -526,7 +546,7 @@ pub(super) fn record_of(
     let backends = recorded_backends(config)
         .map(|(key, reference)| {
             let recorded = BackendRecord {
-                health: health.get(&key).map_or(Health::Up, |h| h.health),
+                health: health.get(&key).copied().unwrap_or(Health::Up),
                 drained: maintenance.contains(&key),
             };
             (reference, recorded)

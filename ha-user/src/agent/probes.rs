@@ -2,7 +2,7 @@
 //! whose check did not change.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{BTreeSet, HashMap, HashSet},
     net::SocketAddr,
     sync::Arc,
     time::Instant,
@@ -72,6 +72,33 @@ impl Agent {
                     port: b.port(),
                 })
             })
+            .collect()
+    }
+
+    /// The backends of `next` whose probe [`Agent::sync_probes`] will start
+    /// afresh: new ones, and those whose VIP's check changed. Their health
+    /// starts over (as up, or as the last agent recorded it).
+    pub(super) fn restarting_probes(&self, next: &Config) -> BTreeSet<BackendKey> {
+        next.vips
+            .iter()
+            .flat_map(|vip| {
+                vip.backends.iter().map(|b| {
+                    (
+                        BackendKey {
+                            vip: vip.name.clone(),
+                            address: b.address,
+                            port: b.port(),
+                        },
+                        &vip.check,
+                    )
+                })
+            })
+            .filter(|(key, check)| {
+                self.probes
+                    .get(key)
+                    .is_none_or(|task| task.check != **check)
+            })
+            .map(|(key, _)| key)
             .collect()
     }
 

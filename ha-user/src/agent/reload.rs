@@ -96,6 +96,9 @@ pub(super) struct Plan {
     /// This host's own addresses (its backends there are local).
     pub(super) local: HashSet<IpAddr>,
     pub(super) diff: decide::ConfigDiff,
+    /// Backends whose probe starts afresh at the commit: the tables are
+    /// written with the health it starts with, as they will stand after it.
+    pub(super) restarting: BTreeSet<BackendKey>,
 }
 
 /// What an apply changed, for the undo.
@@ -195,12 +198,14 @@ impl Agent {
         vips.extend(vip_addresses(&next));
         let local = self.local_addresses(&vips).await?;
         let diff = decide::config_diff(&self.config, &next);
+        let restarting = self.restarting_probes(&next);
         Ok(Plan {
             next,
             lb_addr,
             probers,
             local,
             diff,
+            restarting,
         })
     }
 
@@ -253,7 +258,9 @@ impl Agent {
             }
         }
         journal.data_plane = true;
-        if let Err(cause) = self.write_data_plane(&plan.next, plan.lb_addr, &plan.local) {
+        if let Err(cause) =
+            self.write_data_plane(&plan.next, plan.lb_addr, &plan.local, &plan.restarting)
+        {
             return Err(Failure {
                 step: ReloadStep::DataPlane,
                 cause,
@@ -261,7 +268,10 @@ impl Agent {
             });
         }
         journal.addresses = true;
-        if let Err(cause) = self.sync_vip_addresses_to(&vip_addresses(&plan.next)).await {
+        if let Err(cause) = self
+            .sync_vip_addresses_to(&vip_addresses(&plan.next), &plan.next.garp)
+            .await
+        {
             return Err(Failure {
                 step: ReloadStep::Addresses,
                 cause,
@@ -280,6 +290,7 @@ impl Agent {
             probers,
             local,
             diff: _,
+            restarting: _,
         } = plan;
         if lb_addr != self.lb_addr {
             info!(from = %self.lb_addr, to = %lb_addr, "NAT source address changed; open flows keep theirs");
@@ -304,8 +315,8 @@ impl Agent {
         } = failure;
         let mut left = Vec::new();
         if journal.addresses {
-            let running = vip_addresses(&self.config);
-            if let Err(e) = self.sync_vip_addresses_to(&running).await {
+            let (running, garp) = (vip_addresses(&self.config), self.config.garp.clone());
+            if let Err(e) = self.sync_vip_addresses_to(&running, &garp).await {
                 left.push(format!(
                     "VIP addresses on {} (now {:?}): {e:#}",
                     self.options.iface, self.added_addresses
@@ -318,7 +329,7 @@ impl Agent {
                 self.lb_addr,
                 self.local_backends.clone(),
             );
-            if let Err(e) = self.write_data_plane(&running, lb_addr, &local) {
+            if let Err(e) = self.write_data_plane(&running, lb_addr, &local, &BTreeSet::new()) {
                 left.push(format!("the data plane's tables: {e:#}"));
             }
         }
