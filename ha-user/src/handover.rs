@@ -357,7 +357,7 @@ pub enum StartKind {
 
 impl std::fmt::Display for StartKind {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.label())
+        f.pad(self.label())
     }
 }
 
@@ -562,7 +562,7 @@ pub enum StopIntent {
 
 impl std::fmt::Display for StopIntent {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.label())
+        f.pad(self.label())
     }
 }
 

@@ -98,7 +98,7 @@ pub enum ReloadStep {
 
 impl std::fmt::Display for ReloadStep {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
+        f.pad(match self {
             ReloadStep::DataPlane => "the data plane's tables",
             ReloadStep::Addresses => "the VIP addresses",
         })
@@ -264,7 +264,7 @@ impl BackendState {
 
 impl std::fmt::Display for BackendState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.label())
+        f.pad(self.label())
     }
 }
 
@@ -575,6 +575,13 @@ mod tests {
         assert!(table.contains("up 1m15s"), "{table}");
         assert!(table.contains("FAIL-OPEN"), "{table}");
         assert!(table.contains("10.0.0.11:6443"), "{table}");
+        // Typed states keep the table's columns (their Display pads).
+        assert!(
+            table.contains(
+                "  10.0.0.11:6443             1  down             3s  fail connection refused"
+            ),
+            "{table}"
+        );
         assert!(table.contains("fail connection refused"), "{table}");
         assert!(table.contains("0.4ms"), "{table}");
         assert!(table.contains("verdicts: forward_tx=10"), "{table}");

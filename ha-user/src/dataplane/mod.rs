@@ -187,7 +187,7 @@ pub enum AttachedMode {
 
 impl std::fmt::Display for AttachedMode {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.label())
+        f.pad(self.label())
     }
 }
 

@@ -72,7 +72,7 @@ pub enum AdvertMode {
 
 impl std::fmt::Display for AdvertMode {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
+        f.pad(match self {
             AdvertMode::Multicast => "multicast",
             AdvertMode::Unicast => "unicast",
         })
