@@ -240,8 +240,7 @@ impl Lab {
             .program_mut(ha_common::XDP_PASS_PROGRAM_NAME)
             .and_then(|p| p.try_into().ok())
             .ok_or_else(|| io_error("the XDP object")(std::io::Error::other("no pass program")))?;
-        program
-            .load()
+        ha_user::dataplane::load_program(program)
             .map_err(|e| io_error("loading the pass program")(std::io::Error::other(e)))?;
         let path = format!("/run/netns/{}", self.switch_ns);
         let netns = File::open(&path).map_err(io_error(format!("opening {path}")))?;

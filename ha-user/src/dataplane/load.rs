@@ -168,7 +168,7 @@ impl DataPlane {
             .ok_or(DataPlaneError::MissingProgram)?
             .try_into()
             .map_err(DataPlaneError::Verify)?;
-        program.load().map_err(DataPlaneError::Verify)?;
+        super::load_program(program).map_err(DataPlaneError::Verify)?;
         let info = program.info().map_err(DataPlaneError::Verify)?;
         let (tag, program_id) = (info.tag(), info.id());
         let record_map = match &options.pin_dir {

@@ -339,6 +339,35 @@ impl DataPlane {
     }
 }
 
+/// How many times [`load_program`] tries, as libbpf's `PROG_LOAD_ATTEMPTS`.
+const PROG_LOAD_ATTEMPTS: u32 = 5;
+
+/// Loads `program` into the kernel (BPF_PROG_LOAD), trying again when the
+/// kernel answers EAGAIN: the verifier gives up with EAGAIN when a signal
+/// arrives while it works (kernel/bpf/verifier.c, `do_check`), and
+/// verifying the data path takes tens of milliseconds, enough for a SIGHUP
+/// to the starting agent, or a SIGCHLD in a test harness, to land in it.
+/// libbpf retries the same way.
+///
+/// # Errors
+/// The last attempt's [`ProgramError`] (the verifier's log with it).
+pub fn load_program(program: &mut aya::programs::Xdp) -> Result<(), ProgramError> {
+    let mut attempt = 1;
+    loop {
+        let result = program.load();
+        match &result {
+            Err(ProgramError::LoadError { io_error, .. })
+                if io_error.raw_os_error() == Some(libc::EAGAIN)
+                    && attempt < PROG_LOAD_ATTEMPTS =>
+            {
+                tracing::debug!(attempt, "BPF_PROG_LOAD interrupted (EAGAIN): trying again");
+                attempt += 1;
+            }
+            _ => return result,
+        }
+    }
+}
+
 /// The clock the data path stamps flows with (`bpf_ktime_get_coarse_ns`).
 pub fn monotonic_coarse_ns() -> u64 {
     let mut ts = libc::timespec {

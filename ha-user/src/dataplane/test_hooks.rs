@@ -60,7 +60,7 @@ impl DataPlane {
             .try_into()
             .map_err(DataPlaneError::Verify)?;
         if program.fd().is_err() {
-            program.load().map_err(DataPlaneError::Verify)?;
+            super::load_program(program).map_err(DataPlaneError::Verify)?;
         }
         Ok(())
     }
