@@ -648,6 +648,71 @@ fn an_lb_that_alone_sees_its_backends_down_yields_by_priority_or_fault() {
     }
 }
 
+/// The stacked layout: each LB host is also a master with its own apiserver
+/// among the backends. With `track.local_backend_down`, the VIP leaves a
+/// master whose own apiserver dies, though the other backends are up, and
+/// comes back by preemption when it is back (docs/vrrp.md, "Tracking").
+/// `fault` hands over at once (a priority-0 advert: the backup's skew
+/// time); `decrease` as RFC 9568 says (the backup lets its
+/// Master_Down_Interval run out).
+#[test]
+fn the_vip_leaves_a_master_whose_own_apiserver_dies_and_comes_back() {
+    for track in [TrackAction::Fault, TrackAction::Decrease(60)] {
+        let lab = Lab::new(&HOSTS).unwrap();
+        let _api1 = start_apiservers(&lab, &["api1"]);
+        let local = |lb: &str| lab.start_standin(lb, &[]).unwrap();
+        let (lb1_api, _lb2_api) = (local("lb1"), local("lb2"));
+        let stacked = |lb: &str| {
+            let mut conf = agent_config(
+                &lab,
+                &Vrrp {
+                    priority: if lb == "lb1" { 150 } else { 100 },
+                    ..DEFAULT
+                },
+            );
+            conf.vips[0] = common::apiserver_vip(&lab, &["lb1", "lb2", "api1"]);
+            let check = &mut conf.vips[0].check;
+            check.interval = Duration::from_millis(100);
+            check.fast_interval = Duration::from_millis(50);
+            check.timeout = Duration::from_millis(100);
+            conf.vrrp.as_mut().unwrap().track.local_backend_down = Some(track);
+            write_config(&lab, &format!("{lb}.yaml"), &conf)
+        };
+        let lb1 = start_agent(&lab, "lb1", &stacked("lb1"), &[]);
+        let _lb2 = start_agent(&lab, "lb2", &stacked("lb2"), &[]);
+        wait_for_single_holder(&lab, "lb1", Duration::from_secs(3));
+        std::thread::sleep(Duration::from_millis(500));
+        assert_eq!(
+            holders(&lab),
+            ["lb1"],
+            "track {track}: lb1 keeps the VIP while its apiserver is up"
+        );
+        lb1_api.signal(Signal::SIGKILL).unwrap();
+        let killed = Instant::now();
+        wait_for_single_holder(&lab, "lb2", Duration::from_secs(5));
+        let moved = killed.elapsed();
+        eprintln!("track {track}: the VIP left lb1 {moved:?} after its apiserver was killed");
+        let status = vrrp_status(&lab, "lb1");
+        match track {
+            TrackAction::Fault => assert_eq!(status["state"], "fault", "{status}"),
+            TrackAction::Decrease(_) => {
+                assert_eq!(status["state"], "backup", "{status}");
+                assert_eq!(status["priority"], 90, "150 - 60: {status}");
+            }
+        }
+        assert!(
+            lb1.log().contains("local_backend_down=true"),
+            "{}",
+            lb1.log()
+        );
+        // lb1's apiserver is back: it outranks lb2 again and preempts.
+        let _lb1_api = local("lb1");
+        wait_for_single_holder(&lab, "lb1", Duration::from_secs(5));
+        assert_eq!(vrrp_status(&lab, "lb1")["priority"], 150);
+        drop(lb1_api);
+    }
+}
+
 #[test]
 fn every_lb_seeing_every_backend_down_still_serves_the_vip_by_default() {
     let (lab, apis, _lb1, _lb2) = pair(

@@ -8,7 +8,7 @@ use std::{
 };
 
 use crate::{
-    config::{Config, TrackAction},
+    config::{Config, TrackAction, TrackConfig},
     dataplane::{DesiredBackend, DesiredVip},
     health::Health,
 };
@@ -115,6 +115,20 @@ pub fn desired_state(
     Desired { vips, failing_open }
 }
 
+/// Whether a backend at one of this host's addresses (`local`) is down by
+/// its check, for `track.local_backend_down`: the stacked layout's local
+/// apiserver failing. A drained backend (the operator's maintenance) and one
+/// merely not ready (draining) do not count; unchecked ones count as up.
+pub fn local_backend_down(
+    health: &BTreeMap<BackendKey, Health>,
+    maintenance: &BTreeSet<BackendKey>,
+    local: &HashSet<IpAddr>,
+) -> bool {
+    health.iter().any(|(key, health)| {
+        *health == Health::Down && local.contains(&key.address) && !maintenance.contains(key)
+    })
+}
+
 /// What VRRP tracking looks at.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TrackedState {
@@ -122,19 +136,28 @@ pub struct TrackedState {
     pub xdp_attached: bool,
     /// Some VIP has no backend up (it fails open).
     pub no_healthy_backend: bool,
+    /// A backend at one of this host's addresses is down by its check.
+    pub local_backend_down: bool,
 }
 
 /// VRRP tracking (docs/vrrp.md, "Tracking"): the priority to advertise and
 /// whether to be in fault. The interface down or the program detached is a
-/// fault; a VIP without a backend up is a fault or lowers the priority by
-/// `n` (never below 1), as `track.no_healthy_backend` says.
-pub fn tracked(configured: u8, action: TrackAction, state: TrackedState) -> Tracking {
+/// fault; a VIP without a backend up, and (when `track.local_backend_down`
+/// is set) this host's own backend down, each is a fault or lowers the
+/// priority by its `n`, as its rule says; decreases add up (as keepalived's
+/// tracked scripts' weights do), never below 1.
+pub fn tracked(configured: u8, track: &TrackConfig, state: TrackedState) -> Tracking {
     let mut fault = !state.link_up || !state.xdp_attached;
     let mut priority = configured;
-    if state.no_healthy_backend {
-        match action {
-            TrackAction::Fault => fault = true,
-            TrackAction::Decrease(n) => priority = priority.saturating_sub(n).max(1),
+    let rules = [
+        (state.no_healthy_backend, Some(track.no_healthy_backend)),
+        (state.local_backend_down, track.local_backend_down),
+    ];
+    for (holds, action) in rules {
+        match (holds, action) {
+            (true, Some(TrackAction::Fault)) => fault = true,
+            (true, Some(TrackAction::Decrease(n))) => priority = priority.saturating_sub(n).max(1),
+            _ => {}
         }
     }
     Tracking { priority, fault }
@@ -344,7 +367,16 @@ mod tests {
         link_up: true,
         xdp_attached: true,
         no_healthy_backend: false,
+        local_backend_down: false,
     };
+
+    /// `no_healthy_backend: action`, no local-backend rule.
+    fn track(action: TrackAction) -> TrackConfig {
+        TrackConfig {
+            no_healthy_backend: action,
+            local_backend_down: None,
+        }
+    }
 
     fn config() -> Config {
         Config::from_yaml(
@@ -474,7 +506,7 @@ mod tests {
     #[test]
     fn tracking_faults_on_a_down_link_or_a_detached_program() {
         assert_eq!(
-            tracked(150, TrackAction::Decrease(50), HEALTHY),
+            tracked(150, &track(TrackAction::Decrease(50)), HEALTHY),
             Tracking {
                 priority: 150,
                 fault: false
@@ -491,7 +523,7 @@ mod tests {
             },
         ] {
             assert_eq!(
-                tracked(150, TrackAction::Decrease(50), state),
+                tracked(150, &track(TrackAction::Decrease(50)), state),
                 Tracking {
                     priority: 150,
                     fault: true
@@ -507,14 +539,14 @@ mod tests {
             ..HEALTHY
         };
         assert_eq!(
-            tracked(150, TrackAction::Decrease(50), none_up),
+            tracked(150, &track(TrackAction::Decrease(50)), none_up),
             Tracking {
                 priority: 100,
                 fault: false
             }
         );
         assert_eq!(
-            tracked(30, TrackAction::Decrease(50), none_up),
+            tracked(30, &track(TrackAction::Decrease(50)), none_up),
             Tracking {
                 priority: 1,
                 fault: false
@@ -522,12 +554,76 @@ mod tests {
             "never below 1 (0 means leaving)"
         );
         assert_eq!(
-            tracked(150, TrackAction::Fault, none_up),
+            tracked(150, &track(TrackAction::Fault), none_up),
             Tracking {
                 priority: 150,
                 fault: true
             }
         );
+    }
+
+    #[test]
+    fn tracking_this_hosts_own_backend_down_acts_only_when_the_rule_is_set() {
+        let local_down = TrackedState {
+            local_backend_down: true,
+            ..HEALTHY
+        };
+        let at = |priority, fault| Tracking { priority, fault };
+        // Off by default: the stacked layout asks for it.
+        assert_eq!(
+            tracked(150, &TrackConfig::default(), local_down),
+            at(150, false)
+        );
+        let decrease = TrackConfig {
+            local_backend_down: Some(TrackAction::Decrease(60)),
+            ..TrackConfig::default()
+        };
+        assert_eq!(tracked(150, &decrease, local_down), at(90, false));
+        assert_eq!(tracked(150, &decrease, HEALTHY), at(150, false));
+        let fault = TrackConfig {
+            local_backend_down: Some(TrackAction::Fault),
+            ..TrackConfig::default()
+        };
+        assert_eq!(tracked(150, &fault, local_down), at(150, true));
+    }
+
+    #[test]
+    fn a_local_backend_is_down_only_by_its_check_and_not_when_drained() {
+        let local: HashSet<IpAddr> = [IpAddr::from([10, 0, 0, 12])].into();
+        let with = |h: Health| BTreeMap::from([(key(11), Health::Down), (key(12), h)]);
+        let none = BTreeSet::new();
+        assert!(local_backend_down(&with(Health::Down), &none, &local));
+        assert!(
+            !local_backend_down(&with(Health::Up), &none, &local),
+            "a remote backend down is not local"
+        );
+        assert!(
+            !local_backend_down(&with(Health::Draining), &none, &local),
+            "not ready is not down"
+        );
+        let drained = BTreeSet::from([key(12)]);
+        assert!(!local_backend_down(&with(Health::Down), &drained, &local));
+    }
+
+    #[test]
+    fn tracking_decreases_of_both_rules_add_up_and_stay_at_least_1() {
+        let both = TrackedState {
+            no_healthy_backend: true,
+            local_backend_down: true,
+            ..HEALTHY
+        };
+        let track = TrackConfig {
+            no_healthy_backend: TrackAction::Decrease(50),
+            local_backend_down: Some(TrackAction::Decrease(60)),
+        };
+        assert_eq!(
+            tracked(150, &track, both),
+            Tracking {
+                priority: 40,
+                fault: false
+            }
+        );
+        assert_eq!(tracked(100, &track, both).priority, 1);
     }
 
     #[test]

@@ -291,6 +291,11 @@ impl Agent {
     /// attached; for a VIP without a backend up, fault or a lower priority.
     pub(super) async fn track(&mut self) {
         let no_healthy_backend = !self.failing_open.is_empty();
+        let local_backend_down = decide::local_backend_down(
+            &self.health_view(&Default::default()),
+            &self.maintenance,
+            &self.local_backends,
+        );
         let Some(vrrp) = self.vrrp.as_mut() else {
             return;
         };
@@ -300,11 +305,12 @@ impl Agent {
         } = vrrp.link;
         let tracking = decide::tracked(
             vrrp.config.priority,
-            vrrp.config.track.no_healthy_backend,
+            &vrrp.config.track,
             decide::TrackedState {
                 link_up,
                 xdp_attached,
                 no_healthy_backend,
+                local_backend_down,
             },
         );
         if tracking == vrrp.tracked {
@@ -314,7 +320,12 @@ impl Agent {
         let decide::Tracking { priority, fault } = tracking;
         info!(
             priority,
-            fault, link_up, xdp_attached, no_healthy_backend, "VRRP tracking changed"
+            fault,
+            link_up,
+            xdp_attached,
+            no_healthy_backend,
+            local_backend_down,
+            "VRRP tracking changed"
         );
         let _ = vrrp
             .commands

@@ -207,6 +207,9 @@ pub async fn run(options: AttachOptions) -> Result<()> {
         );
         agent.sync_vip_addresses().await?;
         agent.save_record();
+        // Tracking from the first moment: health adopted from the last
+        // agent may already call for a lower priority or a fault.
+        agent.track().await;
         info!(
             vips = config.vips.len(),
             on_stop = agent.options.on_stop.label(),

@@ -281,6 +281,9 @@ fn vrrp_problems(vrrp: &VrrpConfig) -> Vec<String> {
     if let TrackAction::Decrease(0) = vrrp.track.no_healthy_backend {
         problems.push("vrrp.track.no_healthy_backend: decrease 0 does nothing".to_string());
     }
+    if let Some(TrackAction::Decrease(0)) = vrrp.track.local_backend_down {
+        problems.push("vrrp.track.local_backend_down: decrease 0 does nothing".to_string());
+    }
     problems
 }
 
@@ -469,6 +472,9 @@ vips:
             ("{vrid: 0}", true),
             ("{vrid: 1, priority: 0}", true),
             ("{vrid: 1, track: {no_healthy_backend: maybe}}", true),
+            ("{vrid: 1, track: {local_backend_down: decrease 0}}", true),
+            ("{vrid: 1, track: {local_backend_down: decrease 60}}", false),
+            ("{vrid: 1, track: {local_backend_down: fault}}", false),
             ("{vrid: 1, restart_hold: 0s}", false),
             ("{vrid: 1, restart_hold: 41s}", true),
             ("{vrid: 1, restart_hold: 50ms}", true),

@@ -78,6 +78,12 @@ impl<'de> Deserialize<'de> for TrackAction {
 pub struct TrackConfig {
     /// When some VIP has no backend up.
     pub no_healthy_backend: TrackAction,
+    /// When a backend at one of this host's own addresses is down by its
+    /// check (not drained, not merely not ready): the stacked layout's "the
+    /// local apiserver fails", what the classic guides' keepalived
+    /// `track_script` watched. Off (`None`) by default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub local_backend_down: Option<TrackAction>,
 }
 
 /// `decrease 50` rather than `fault` by default: when every LB host sees
@@ -88,6 +94,7 @@ impl Default for TrackConfig {
     fn default() -> Self {
         Self {
             no_healthy_backend: TrackAction::Decrease(50),
+            local_backend_down: None,
         }
     }
 }

@@ -83,7 +83,13 @@ fn the_kubeadm_guide_becomes_one_vip_with_its_vrrp_instance() {
     assert_eq!(vrrp.advert_interval, Duration::from_secs(1));
     assert!(vrrp.preempt);
     assert!(vrrp.unicast_peers.is_empty());
-    // The tracked script's weight -2 becomes the tracking decrease.
+    // The tracked script (the local apiserver's check) and its weight -2
+    // become the local-backend rule's decrease, and the same for every
+    // backend down.
+    assert_eq!(
+        vrrp.track.local_backend_down,
+        Some(TrackAction::Decrease(2))
+    );
     assert_eq!(vrrp.track.no_healthy_backend, TrackAction::Decrease(2));
     assert_eq!(imported.interface.as_deref(), Some("eth0"));
 
@@ -181,6 +187,10 @@ fn dedicated_lbs_carry_weights_timings_client_certs_and_unicast_vrrp() {
         ["198.51.100.6".parse::<Ipv4Addr>().unwrap()]
     );
     assert_eq!(vrrp.track.no_healthy_backend, TrackAction::Decrease(20));
+    assert_eq!(
+        vrrp.track.local_backend_down,
+        Some(TrackAction::Decrease(20))
+    );
     assert_eq!(config.garp.count, 3);
     assert_eq!(config.garp.refresh, Duration::from_secs(60));
     assert_eq!(imported.interface.as_deref(), Some("ens33"));

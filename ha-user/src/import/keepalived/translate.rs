@@ -89,7 +89,7 @@ pub(crate) fn translate(file: &str, tree: &[Statement], ledger: &mut Ledger) -> 
                     file,
                     statement.line,
                     statement.text(),
-                    "ha-lb runs no scripts: its own backend checks drive vrrp.track.no_healthy_backend",
+                    "ha-lb runs no scripts: its own backend checks drive vrrp.track.local_backend_down (this host's own backend, the local apiserver) and no_healthy_backend",
                 );
                 for child in statement.children() {
                     ledger.consume(file, child.line);
@@ -242,14 +242,19 @@ fn translate_instance(
         }
     }
     // A tracked script that fails lowers the priority by its weight, or
-    // (weight 0) puts the instance in fault: ha-lb's nearest equivalent is
-    // tracking its own view of the backends.
+    // (weight 0) puts the instance in fault. The classic guides' script
+    // checks this host's own apiserver (the stacked layout): ha-lb's
+    // equivalent is `local_backend_down`, its own check of the backend at
+    // this host's address. On a dedicated LB host (no local backend) that
+    // rule never fires, so the same action also goes to
+    // `no_healthy_backend`, ha-lb's view of every backend.
     if !tracked_weights.is_empty() {
-        vrrp.track.no_healthy_backend = match tracked_weights.iter().map(|w| w.unsigned_abs()).max()
-        {
+        let action = match tracked_weights.iter().map(|w| w.unsigned_abs()).max() {
             Some(0) | None => TrackAction::Fault,
             Some(w) => TrackAction::Decrease(w.min(254) as u8),
         };
+        vrrp.track.no_healthy_backend = action;
+        vrrp.track.local_backend_down = Some(action);
     }
     vrrp.restart_hold = vrrp.restart_hold.max(vrrp.advert_interval);
     vrrp
