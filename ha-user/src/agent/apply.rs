@@ -10,6 +10,8 @@ use std::{
 use anyhow::{Context, Result};
 use tracing::{error, info};
 
+use ha_common::Settings;
+
 use crate::{config::Config, health::Health};
 
 use super::{
@@ -21,12 +23,13 @@ impl Agent {
     /// For health, drain and VRRP changes: the running config, with the
     /// host's own addresses found when it was applied.
     pub(super) fn apply_data_plane(&mut self) -> Result<()> {
-        let (config, lb_addr, local) = (
-            self.config.clone(),
+        let planned = self.desired(
+            &self.config,
             self.lb_addr,
-            self.local_backends.clone(),
-        );
-        self.write_data_plane(&config, lb_addr, &local, &BTreeSet::new())
+            &self.local_backends,
+            &BTreeSet::new(),
+        )?;
+        self.write_desired(planned)
     }
 
     /// Every backend's health as the desired state and the record see it:
@@ -66,10 +69,31 @@ impl Agent {
         local: &HashSet<IpAddr>,
         restarting: &BTreeSet<BackendKey>,
     ) -> Result<()> {
+        let planned = self.desired(config, lb_addr, local, restarting)?;
+        self.write_desired(planned)
+    }
+
+    /// The settings and the desired tables for `config`
+    /// ([`decide::desired_state`] over [`Agent::health_view`]).
+    fn desired(
+        &self,
+        config: &Config,
+        lb_addr: IpAddr,
+        local: &HashSet<IpAddr>,
+        restarting: &BTreeSet<BackendKey>,
+    ) -> Result<(Settings, decide::Desired)> {
         let settings = config.data_plane.settings(lb_addr)?;
         let health = self.health_view(restarting);
-        let decide::Desired { vips, failing_open } =
+        let desired =
             decide::desired_state(config, &health, &self.maintenance, local, self.holding);
+        Ok((settings, desired))
+    }
+
+    /// Writes a desired state, and says which VIPs start or stop failing open.
+    fn write_desired(
+        &mut self,
+        (settings, decide::Desired { vips, failing_open }): (Settings, decide::Desired),
+    ) -> Result<()> {
         for name in failing_open.difference(&self.failing_open) {
             error!(vip = %name, "every backend of the VIP is down or draining: FAILING OPEN, traffic goes to all of them");
         }

@@ -8,7 +8,7 @@ use std::{
 };
 
 use crate::{
-    config::{Config, TrackAction, TrackConfig},
+    config::{BackendConfig, Config, TrackAction, TrackConfig, VipConfig},
     dataplane::{DesiredBackend, DesiredVip},
     health::Health,
 };
@@ -19,6 +19,26 @@ pub struct BackendKey {
     pub vip: String,
     pub address: IpAddr,
     pub port: u16,
+}
+
+impl BackendKey {
+    /// The key of `backend`, one of `vip`'s.
+    pub fn of(vip: &VipConfig, backend: &BackendConfig) -> Self {
+        BackendKey {
+            vip: vip.name.clone(),
+            address: backend.address,
+            port: backend.port(),
+        }
+    }
+}
+
+/// Every configured backend, with its key and its VIP, in the config's order.
+pub fn backends(config: &Config) -> impl Iterator<Item = (BackendKey, &VipConfig, &BackendConfig)> {
+    config.vips.iter().flat_map(|vip| {
+        vip.backends
+            .iter()
+            .map(move |backend| (BackendKey::of(vip, backend), vip, backend))
+    })
 }
 
 impl std::fmt::Display for BackendKey {
@@ -65,29 +85,25 @@ pub fn desired_state(
     let mut vips = Vec::new();
     let mut failing_open = BTreeSet::new();
     for vip in &config.vips {
-        let state = |address: IpAddr, port: u16| {
-            let key = BackendKey {
-                vip: vip.name.clone(),
-                address,
-                port,
-            };
+        let state = |backend: &BackendConfig| {
+            let key = BackendKey::of(vip, backend);
             let health = health.get(&key).copied().unwrap_or(Health::Up);
             (health, maintenance.contains(&key))
         };
         let eligible = vip.backends.iter().filter(|b| {
-            let (health, maintenance) = state(b.address, b.port());
+            let (health, maintenance) = state(b);
             health == Health::Up && !maintenance && b.weight > 0
         });
         let fail_open = eligible.count() == 0;
         if fail_open {
             failing_open.insert(vip.name.clone());
         }
-        let all_in_maintenance = vip.backends.iter().all(|b| state(b.address, b.port()).1);
+        let all_in_maintenance = vip.backends.iter().all(|b| state(b).1);
         let backends = vip
             .backends
             .iter()
             .map(|b| {
-                let (health, maintenance) = state(b.address, b.port());
+                let (health, maintenance) = state(b);
                 let serving = if fail_open {
                     // Fail open: every backend an operator did not take out.
                     !maintenance || all_in_maintenance
@@ -302,19 +318,8 @@ impl std::fmt::Display for ConfigDiff {
 pub fn config_diff(old: &Config, new: &Config) -> ConfigDiff {
     let mut diff = ConfigDiff::default();
     let weights = |config: &Config| -> BTreeMap<BackendKey, u32> {
-        config
-            .vips
-            .iter()
-            .flat_map(|vip| {
-                vip.backends.iter().map(|b| {
-                    let key = BackendKey {
-                        vip: vip.name.clone(),
-                        address: b.address,
-                        port: b.port(),
-                    };
-                    (key, b.weight)
-                })
-            })
+        backends(config)
+            .map(|(key, _, backend)| (key, backend.weight))
             .collect()
     };
     for vip in &new.vips {

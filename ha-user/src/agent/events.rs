@@ -164,11 +164,7 @@ impl Agent {
             .backends
             .iter()
             .find(|b| b.address == address && port.is_none_or(|p| p == b.port()))
-            .map(|b| BackendKey {
-                vip: vip.to_string(),
-                address,
-                port: b.port(),
-            })
+            .map(|b| BackendKey::of(config, b))
             .ok_or_else(|| format!("VIP {vip} has no backend {backend}"))
     }
 

@@ -51,7 +51,7 @@ pub(super) async fn nat_source(
 impl Agent {
     /// Gratuitous ARP for every VIP address (a re-announcement).
     pub(super) fn announce_vips(&self) {
-        self.announce(self.config.vips.iter().map(|v| v.address).collect());
+        self.announce(vip_addresses(&self.config));
     }
 
     /// The one gratuitous-ARP path: `garp.count` announcements (at least
@@ -59,8 +59,7 @@ impl Agent {
     /// the old holder) `garp.interval` apart, for each address, in the
     /// background.
     pub(super) fn announce(&self, addresses: BTreeSet<IpAddr>) {
-        let garp = self.config.garp.clone();
-        self.announce_with(addresses, &garp);
+        self.announce_with(addresses, &self.config.garp);
     }
 
     /// [`Agent::announce`] with `garp`'s count and interval (a reload's,

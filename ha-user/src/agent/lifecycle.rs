@@ -515,23 +515,16 @@ impl Agent {
 /// The record's layout is IPv4 (pinned, `handover::LAYOUT_VERSION`): an IPv6
 /// backend, which validation refuses first, has no reference and is left out.
 fn recorded_backends(config: &Config) -> impl Iterator<Item = (BackendKey, BackendRef)> + '_ {
-    config.vips.iter().flat_map(|vip| {
-        vip.backends.iter().filter_map(move |backend| {
-            let reference = BackendRef::of(
-                vip.address,
-                vip.port,
-                vip.protocol.number(),
-                backend.address,
-                backend.port(),
-            )
-            .ok()?;
-            let key = BackendKey {
-                vip: vip.name.clone(),
-                address: backend.address,
-                port: backend.port(),
-            };
-            Some((key, reference))
-        })
+    decide::backends(config).filter_map(|(key, vip, backend)| {
+        let reference = BackendRef::of(
+            vip.address,
+            vip.port,
+            vip.protocol.number(),
+            backend.address,
+            backend.port(),
+        )
+        .ok()?;
+        Some((key, reference))
     })
 }
 

@@ -17,7 +17,10 @@ use crate::{
     probe::{Outcome, Prober},
 };
 
-use super::{Agent, decide::BackendKey};
+use super::{
+    Agent,
+    decide::{self, BackendKey},
+};
 
 /// A probe task's result, tagged with the task's generation so that a report
 /// from a task replaced by a reload is ignored.
@@ -62,16 +65,8 @@ pub(super) fn build_probers(config: &Config) -> Result<HashMap<String, Arc<Probe
 
 impl Agent {
     pub(super) fn backend_keys(&self) -> Vec<BackendKey> {
-        self.config
-            .vips
-            .iter()
-            .flat_map(|vip| {
-                vip.backends.iter().map(|b| BackendKey {
-                    vip: vip.name.clone(),
-                    address: b.address,
-                    port: b.port(),
-                })
-            })
+        decide::backends(&self.config)
+            .map(|(key, ..)| key)
             .collect()
     }
 
@@ -79,26 +74,13 @@ impl Agent {
     /// afresh: new ones, and those whose VIP's check changed. Their health
     /// starts over (as up, or as the last agent recorded it).
     pub(super) fn restarting_probes(&self, next: &Config) -> BTreeSet<BackendKey> {
-        next.vips
-            .iter()
-            .flat_map(|vip| {
-                vip.backends.iter().map(|b| {
-                    (
-                        BackendKey {
-                            vip: vip.name.clone(),
-                            address: b.address,
-                            port: b.port(),
-                        },
-                        &vip.check,
-                    )
-                })
-            })
-            .filter(|(key, check)| {
+        decide::backends(next)
+            .filter(|(key, vip, _)| {
                 self.probes
                     .get(key)
-                    .is_none_or(|task| task.check != **check)
+                    .is_none_or(|task| task.check != vip.check)
             })
-            .map(|(key, _)| key)
+            .map(|(key, ..)| key)
             .collect()
     }
 

@@ -314,24 +314,18 @@ impl Agent {
             journal,
         } = failure;
         let mut left = Vec::new();
-        if journal.addresses {
-            let (running, garp) = (vip_addresses(&self.config), self.config.garp.clone());
-            if let Err(e) = self.sync_vip_addresses_to(&running, &garp).await {
-                left.push(format!(
-                    "VIP addresses on {} (now {:?}): {e:#}",
-                    self.options.iface, self.added_addresses
-                ));
-            }
+        if journal.addresses
+            && let Err(e) = self.sync_vip_addresses().await
+        {
+            left.push(format!(
+                "VIP addresses on {} (now {:?}): {e:#}",
+                self.options.iface, self.added_addresses
+            ));
         }
-        if journal.data_plane {
-            let (running, lb_addr, local) = (
-                self.config.clone(),
-                self.lb_addr,
-                self.local_backends.clone(),
-            );
-            if let Err(e) = self.write_data_plane(&running, lb_addr, &local, &BTreeSet::new()) {
-                left.push(format!("the data plane's tables: {e:#}"));
-            }
+        if journal.data_plane
+            && let Err(e) = self.apply_data_plane()
+        {
+            left.push(format!("the data plane's tables: {e:#}"));
         }
         // Those no table names any more; one a flow still names (the new
         // tables served a moment) goes with the sweep that frees it.

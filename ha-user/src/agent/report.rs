@@ -90,11 +90,7 @@ impl Agent {
                     .backends
                     .iter()
                     .map(|b| {
-                        let key = BackendKey {
-                            vip: vip.name.clone(),
-                            address: b.address,
-                            port: b.port(),
-                        };
+                        let key = BackendKey::of(vip, b);
                         let health = self.health.get(&key);
                         let state = BackendState::of(
                             health.map_or(Health::Up, |h| h.health),
@@ -231,18 +227,9 @@ impl Agent {
         };
         // New flows count only for backends that are expected to answer:
         // of a TCP VIP, not this host, up by their checks, not drained.
-        let eligible: HashSet<(IpAddr, u16)> = self
-            .config
-            .vips
-            .iter()
-            .filter(|v| v.protocol == crate::config::Protocol::Tcp)
-            .flat_map(|v| {
-                v.backends.iter().map(|b| BackendKey {
-                    vip: v.name.clone(),
-                    address: b.address,
-                    port: b.port(),
-                })
-            })
+        let eligible: HashSet<(IpAddr, u16)> = decide::backends(&self.config)
+            .filter(|(_, vip, _)| vip.protocol == crate::config::Protocol::Tcp)
+            .map(|(key, ..)| key)
             .filter(|key| {
                 !self.local_backends.contains(&key.address)
                     && !self.maintenance.contains(key)
