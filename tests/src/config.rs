@@ -27,11 +27,11 @@
 //! Addresses are taken as [`Ipv4Addr`], the lab's, and converted by [`ip`]
 //! into whatever type the config's address fields have.
 
-use std::{net::Ipv4Addr, path::PathBuf, time::Duration};
+use std::{net::Ipv4Addr, path::PathBuf};
 
 use ha_user::config::{
     BackendConfig, CheckConfig, Config, DataPlaneConfig, GarpConfig, Mode, Protocol,
-    TelemetryConfig, TrackConfig, VipConfig, VrrpConfig, VrrpVersion,
+    TelemetryConfig, VipConfig, VrrpConfig,
 };
 
 use crate::Lab;
@@ -80,19 +80,7 @@ pub fn backend(address: Ipv4Addr) -> BackendConfig {
 /// version 3, 100 ms adverts, preemption without delay, a 10 s restart
 /// hold, multicast, on the attach interface.
 pub fn vrrp(vrid: u8) -> VrrpConfig {
-    VrrpConfig {
-        interface: None,
-        vrid,
-        priority: 100,
-        version: VrrpVersion::V3,
-        advert_interval: Duration::from_millis(100),
-        preempt: true,
-        preempt_delay: Duration::ZERO,
-        restart_hold: Duration::from_secs(10),
-        unicast_peers: Vec::new(),
-        checksum: Default::default(),
-        track: TrackConfig::default(),
-    }
+    VrrpConfig::new(vrid)
 }
 
 /// The addresses of the lab hosts `names`, in order.

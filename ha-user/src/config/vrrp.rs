@@ -137,6 +137,28 @@ pub struct VrrpConfig {
     pub track: TrackConfig,
 }
 
+impl VrrpConfig {
+    /// The section for `vrid` with every other key at the default a file
+    /// that leaves it out gets (priority 100, version 3, 100 ms adverts,
+    /// preemption without delay, a 10 s restart hold, multicast, the attach
+    /// interface, the default tracking).
+    pub fn new(vrid: u8) -> Self {
+        VrrpConfig {
+            interface: None,
+            vrid,
+            priority: default_priority(),
+            version: default_vrrp_version(),
+            advert_interval: default_advert_interval(),
+            preempt: default_true(),
+            preempt_delay: Duration::ZERO,
+            restart_hold: default_restart_hold(),
+            unicast_peers: Vec::new(),
+            checksum: Default::default(),
+            track: TrackConfig::default(),
+        }
+    }
+}
+
 fn default_priority() -> u8 {
     100
 }
@@ -216,6 +238,17 @@ vrrp:
             (100, Duration::from_millis(100), true)
         );
         assert_eq!(vrrp.track.no_healthy_backend, TrackAction::Decrease(60));
+        // `VrrpConfig::new` is what a file that names only the vrid gets.
+        assert_eq!(
+            vrrp,
+            VrrpConfig {
+                track: TrackConfig {
+                    no_healthy_backend: TrackAction::Decrease(60),
+                    ..TrackConfig::default()
+                },
+                ..VrrpConfig::new(7)
+            }
+        );
         assert_eq!(
             TrackConfig::default().no_healthy_backend,
             TrackAction::Decrease(50)

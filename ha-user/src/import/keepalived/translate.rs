@@ -10,7 +10,7 @@ use std::{
 
 use super::Statement;
 use crate::{
-    config::{GarpConfig, TrackAction, TrackConfig, VrrpConfig, VrrpVersion},
+    config::{GarpConfig, TrackAction, VrrpConfig, VrrpVersion},
     import::ledger::Ledger,
 };
 
@@ -125,18 +125,11 @@ fn translate_instance(
     part: &mut KeepalivedPart,
     ledger: &mut Ledger,
 ) -> VrrpConfig {
+    // keepalived's own defaults where they differ from ha-lb's.
     let mut vrrp = VrrpConfig {
-        interface: None,
-        vrid: 0,
-        priority: 100,
         version,
         advert_interval: Duration::from_secs(1),
-        preempt: true,
-        preempt_delay: Duration::ZERO,
-        restart_hold: Duration::from_secs(10),
-        unicast_peers: Vec::new(),
-        checksum: Default::default(),
-        track: TrackConfig::default(),
+        ..VrrpConfig::new(0)
     };
     let mut tracked_weights = Vec::new();
     for setting in instance.children() {
