@@ -6,7 +6,9 @@
 //! without the variable, every point passes.
 //!
 //! Points: `vip-address-added` (after a VIP address was added to the
-//! interface, as if the next netlink request had failed).
+//! interface, as if the next netlink request had failed) and
+//! `data-plane-written` (after a reload wrote the new config's tables, as
+//! if the last map write had failed).
 
 /// A fault point the test listed was reached.
 #[derive(Debug, thiserror::Error)]

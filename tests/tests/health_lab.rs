@@ -366,12 +366,26 @@ fn reload_adds_removes_and_reweights_without_breaking_an_unchanged_backend() {
     assert_eq!(backends, expect);
 }
 
-/// Plan, apply, commit: a host step that fails part-way (here the second
-/// VIP's address, added and then refused, as a netlink error would) puts
-/// back everything the reload had changed, the running config goes on
-/// serving, and the outcome is counted in `/metrics`.
+/// Plan, apply, commit: a step that fails part-way (the second VIP's
+/// address, added and then refused, as a netlink error would) puts back
+/// everything the reload had changed, the running config goes on serving,
+/// and the outcome is counted in `/metrics`.
 #[test]
 fn a_reload_that_fails_part_way_is_rolled_back_and_counted() {
+    reload_failing_at("vip-address-added", "the VIP addresses");
+}
+
+/// The same when the failing step is the data plane's (the new tables
+/// written, then the last map write refused): the running config's tables
+/// are written again.
+#[test]
+fn a_reload_whose_table_write_fails_is_rolled_back_and_counted() {
+    reload_failing_at("data-plane-written", "the data plane's tables");
+}
+
+/// A reload that fails at the fault point `point`, whose error names `step`,
+/// then the same file applied without the fault.
+fn reload_failing_at(point: &str, step: &str) {
     let lab = Lab::new(&HOSTS).unwrap();
     let _apis = start_apiservers(&lab, &["api1", "api2", "api3", "api4"]);
     let config = write_config(&lab, "config.yaml", &vip_config(&lab, &["api1", "api2"]));
@@ -412,14 +426,14 @@ fn a_reload_that_fails_part_way_is_rolled_back_and_counted() {
     next.vips
         .push(config::vip("second", second_vip, 6443).backends(&[lab.host("api4").addr]));
     std::fs::write(&config, next.to_yaml()).unwrap();
-    std::fs::write(&faults, "vip-address-added\n").unwrap();
+    std::fs::write(&faults, format!("{point}\n")).unwrap();
     let neighbours_before = managed_neighbours();
     lab.in_host("client", || {
         let mut session = Session::open(vip);
         session.assert_alive(3);
         let refused = reload(&lab, "lb").expect_err("the reload fails");
         assert!(
-            refused.contains("rolled back") && refused.contains("the VIP addresses"),
+            refused.contains("rolled back") && refused.contains(step),
             "{refused}"
         );
         session.assert_alive(5);

@@ -26,6 +26,7 @@ use tracing::{error, info, warn};
 use crate::{
     config::Config,
     control::ReloadReport,
+    fault,
     probe::Prober,
     status::{ReloadOutcome, ReloadStep},
     system,
@@ -258,9 +259,10 @@ impl Agent {
             }
         }
         journal.data_plane = true;
-        if let Err(cause) =
-            self.write_data_plane(&plan.next, plan.lb_addr, &plan.local, &plan.restarting)
-        {
+        let written = self
+            .write_data_plane(&plan.next, plan.lb_addr, &plan.local, &plan.restarting)
+            .and_then(|()| Ok(fault::point("data-plane-written")?));
+        if let Err(cause) = written {
             return Err(Failure {
                 step: ReloadStep::DataPlane,
                 cause,
