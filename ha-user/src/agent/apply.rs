@@ -89,11 +89,25 @@ impl Agent {
         Ok((settings, desired))
     }
 
-    /// Writes a desired state, and says which VIPs start or stop failing open.
-    fn write_desired(
-        &mut self,
-        (settings, decide::Desired { vips, failing_open }): (Settings, decide::Desired),
-    ) -> Result<()> {
+    /// [`Agent::apply_data_plane`] for a health or drain change, with VRRP
+    /// tracking evaluated between the decision and the writes: the election
+    /// does not wait for the Maglev tables to be built and written.
+    pub(super) async fn apply_data_plane_and_track(&mut self) -> Result<()> {
+        let planned = self.desired(
+            &self.config,
+            self.lb_addr,
+            &self.local_backends,
+            &BTreeSet::new(),
+        );
+        if let Ok((_, desired)) = &planned {
+            self.note_failing_open(desired.failing_open.clone());
+        }
+        self.track().await;
+        self.write_desired(planned?)
+    }
+
+    /// Says which VIPs start or stop failing open, and keeps the set.
+    fn note_failing_open(&mut self, failing_open: BTreeSet<String>) {
         for name in failing_open.difference(&self.failing_open) {
             error!(vip = %name, "every backend of the VIP is down or draining: FAILING OPEN, traffic goes to all of them");
         }
@@ -101,6 +115,14 @@ impl Agent {
             info!(vip = %name, "a backend is up again: no longer failing open");
         }
         self.failing_open = failing_open;
+    }
+
+    /// Writes a desired state, and says which VIPs start or stop failing open.
+    fn write_desired(
+        &mut self,
+        (settings, decide::Desired { vips, failing_open }): (Settings, decide::Desired),
+    ) -> Result<()> {
+        self.note_failing_open(failing_open);
         let applied = self
             .dataplane
             .apply(&settings, &vips)

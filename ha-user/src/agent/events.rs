@@ -189,8 +189,7 @@ impl Agent {
             ));
         }
         info!(backend = %key, maintenance = on, "operator {}", if on { "drained the backend" } else { "undrained the backend" });
-        let applied = self.apply_data_plane();
-        self.track().await;
+        let applied = self.apply_data_plane_and_track().await;
         match applied {
             Ok(()) => Response::ok(format!(
                 "{key} {}",
@@ -240,10 +239,9 @@ impl Agent {
                 latency_ms = outcome.latency.as_micros() as f64 / 1000.0, after = ?in_previous, "{message}"
             ),
         }
-        if let Err(e) = self.apply_data_plane() {
+        if let Err(e) = self.apply_data_plane_and_track().await {
             error!("applying a health change to the data plane: {e:#}");
         }
-        self.track().await;
     }
 
     /// The announcer says whether to hold the VIPs.

@@ -77,6 +77,9 @@ pub(super) struct VipSlot {
     /// 0 or 1: which half of the slot's region is live.
     pub(super) active_half: u32,
     pub(super) table: Vec<u32>,
+    /// What `table` was built from: the same members need no new build (a
+    /// Maglev build of 65,537 entries is the costly part of an apply).
+    pub(super) members: Vec<MaglevBackend>,
     pub(super) flags: u32,
 }
 
@@ -289,8 +292,16 @@ impl DataPlane {
                 id,
             });
         }
-        let table = build_table(&members, self.table_size);
         let flags = if vip.enabled { VIP_FLAG_ENABLED } else { 0 };
+        let table = match self.vips.get(&key) {
+            Some(existing) if existing.members == members => {
+                if existing.flags == flags && existing.name == vip.name {
+                    return Ok(());
+                }
+                existing.table.clone()
+            }
+            _ => build_table(&members, self.table_size),
+        };
 
         let (slot, half, write_table) = match self.vips.get(&key) {
             Some(existing) if existing.table == table => {
@@ -314,10 +325,14 @@ impl DataPlane {
         let offset = (slot * 2 + half) * self.table_size;
         if write_table {
             let started = std::time::Instant::now();
-            let mut map: Array<_, u32> = self.map_mut(MAGLEV_MAP)?;
-            for (i, id) in table.iter().enumerate() {
-                map.set(offset + i as u32, id, 0)
-                    .map_err(map_error(MAGLEV_MAP))?;
+            let batched = crate::batch::update_u32_array(self.map_fd(MAGLEV_MAP)?, offset, &table);
+            if let Err(e) = batched {
+                debug!(error = %e, "no batch update: the Maglev table one entry at a time");
+                let mut map: Array<_, u32> = self.map_mut(MAGLEV_MAP)?;
+                for (i, id) in table.iter().enumerate() {
+                    map.set(offset + i as u32, id, 0)
+                        .map_err(map_error(MAGLEV_MAP))?;
+                }
             }
             debug!(vip = %vip.name, half, elapsed = ?started.elapsed(), "Maglev table written to the idle half");
         }
@@ -345,6 +360,7 @@ impl DataPlane {
                 slot,
                 active_half: half,
                 table,
+                members,
                 flags,
             },
         );

@@ -135,46 +135,88 @@ struct HostWatch {
     next_probe: Instant,
 }
 
-/// Opens the socket and starts the task. Returns where to send commands.
+/// Opens the socket and starts the announcer on a thread of its own, with
+/// its own single-threaded runtime: adverts and timers never wait for the
+/// agent's work (a Maglev table build, a sweep, a reload), which a shared
+/// runtime would let delay an advert or a takeover by as long as it runs.
+/// Returns where to send commands, once the socket is open.
+///
+/// # Errors
+/// Opening the socket (or starting the thread or its runtime).
 pub fn spawn(
     setup: AnnouncerSetup,
     events: mpsc::Sender<Event>,
     status: watch::Sender<VrrpStatus>,
 ) -> std::io::Result<mpsc::Sender<Command>> {
-    let socket = VrrpSocket::open(
-        &setup.iface,
-        setup.local_address,
-        setup.unicast_peers.is_empty(),
-    )?;
-    let now = Instant::now();
-    let machine = Machine::new(setup.machine, now);
-    status.send_modify(|s| {
-        s.vrid = setup.vrid;
-        s.version = setup.version.number();
-        s.configured_priority = setup.machine.priority;
-        s.advert_interval_ms = setup.machine.advert_interval_cs as u64 * 10;
-        s.mode = if setup.unicast_peers.is_empty() {
-            AdvertMode::Multicast
-        } else {
-            AdvertMode::Unicast
-        };
-    });
     let (commands, receiver) = mpsc::channel(16);
-    let announcer = Announcer {
-        setup,
-        socket,
-        machine,
-        events,
-        status,
-        entered_state: now,
-        watch: None,
-        watch_failed: None,
-    };
-    tokio::spawn(announcer.run(receiver));
+    let (opened, opening) = std::sync::mpsc::channel();
+    std::thread::Builder::new()
+        .name("vrrp".to_string())
+        .spawn(move || {
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(runtime) => runtime,
+                Err(e) => {
+                    let _ = opened.send(Err(e));
+                    return;
+                }
+            };
+            runtime.block_on(async move {
+                match Announcer::open(setup, events, status) {
+                    Ok(announcer) => {
+                        let _ = opened.send(Ok(()));
+                        announcer.run(receiver).await;
+                    }
+                    Err(e) => {
+                        let _ = opened.send(Err(e));
+                    }
+                }
+            });
+        })?;
+    opening
+        .recv()
+        .map_err(|_| std::io::Error::other("the VRRP thread ended before opening its socket"))??;
     Ok(commands)
 }
 
 impl Announcer {
+    fn open(
+        setup: AnnouncerSetup,
+        events: mpsc::Sender<Event>,
+        status: watch::Sender<VrrpStatus>,
+    ) -> std::io::Result<Announcer> {
+        let socket = VrrpSocket::open(
+            &setup.iface,
+            setup.local_address,
+            setup.unicast_peers.is_empty(),
+        )?;
+        let now = Instant::now();
+        let machine = Machine::new(setup.machine, now);
+        status.send_modify(|s| {
+            s.vrid = setup.vrid;
+            s.version = setup.version.number();
+            s.configured_priority = setup.machine.priority;
+            s.advert_interval_ms = setup.machine.advert_interval_cs as u64 * 10;
+            s.mode = if setup.unicast_peers.is_empty() {
+                AdvertMode::Multicast
+            } else {
+                AdvertMode::Unicast
+            };
+        });
+        Ok(Announcer {
+            setup,
+            socket,
+            machine,
+            events,
+            status,
+            entered_state: now,
+            watch: None,
+            watch_failed: None,
+        })
+    }
+
     async fn run(mut self, mut commands: mpsc::Receiver<Command>) {
         let fault = self.setup.fault;
         let actions = if self.setup.resume_master && !fault {
@@ -222,8 +264,10 @@ impl Announcer {
                         if priority != self.machine.priority() {
                             info!(from = self.machine.priority(), to = priority, "VRRP priority changed by tracking");
                         }
-                        self.machine.set_priority(priority);
-                        self.machine.set_fault(Instant::now(), fault)
+                        let now = Instant::now();
+                        let mut actions = self.machine.set_priority(now, priority);
+                        actions.extend(self.machine.set_fault(now, fault));
+                        actions
                     }
                     Some(Command::Stop { hold_cs, done }) => {
                         if let (State::Master, Some(hold_cs)) = (self.machine.state(), hold_cs) {

@@ -8,6 +8,16 @@
 //!   one sends a parting advert at its own priority first, so after a
 //!   partition heals exactly one master remains within one interval and
 //!   every ARP cache points at it, whichever side's advert arrived first;
+//! - a backup that may preempt and hears a *lower*-priority master takes
+//!   over after its skew time, not after a Master_Down_Interval (RFC 9568
+//!   section 6.4.2 discards such an advert and lets the timer run out;
+//!   keepalived forces an election at once). The skew time, shorter for a
+//!   higher priority, lets the highest of several backups win before the
+//!   others, which then hear a higher master and stay backup. With a master
+//!   that advertises a lowered priority at once (below), a tracked
+//!   condition moves the VIP within the skew time of its detection;
+//! - a master whose priority tracking lowers advertises it at once, not at
+//!   its next interval;
 //! - `preempt_delay`: for that long after start (or after leaving fault) a
 //!   backup does not preempt a lower-priority master;
 //! - a fault state (interface down, program detached, no healthy backend)
@@ -253,8 +263,12 @@ impl Machine {
                     self.master_adver_interval_cs = advert.interval_cs.max(1);
                     self.master = Some(from);
                     self.timer = Some(now + self.master_down_interval());
+                    return Vec::new();
                 }
-                // A lower-priority master while we may preempt: let the timer run out.
+                // A lower-priority master while we may preempt: take over
+                // after the skew time (or sooner, if the timer ends first).
+                let preempt_at = now + self.skew_time();
+                self.timer = Some(self.timer.map_or(preempt_at, |t| t.min(preempt_at)));
                 Vec::new()
             }
             State::Master => {
@@ -290,11 +304,19 @@ impl Machine {
         }
     }
 
-    /// A new effective priority (tracking lowered or restored it). It goes
-    /// out with the next advert; a backup that now outranks the master
-    /// preempts when its timer runs out.
-    pub fn set_priority(&mut self, priority: u8) {
-        self.priority = priority.clamp(1, 255);
+    /// A new effective priority (tracking lowered or restored it). A master
+    /// whose priority drops advertises it at once, so a backup that now
+    /// outranks it preempts after its skew time; otherwise the priority goes
+    /// out with the next advert (a backup's, once it is master).
+    pub fn set_priority(&mut self, now: Instant, priority: u8) -> Vec<Action> {
+        let priority = priority.clamp(1, 255);
+        let lowered = priority < self.priority;
+        self.priority = priority;
+        if lowered && self.state == State::Master {
+            self.timer = Some(now + self.advert_interval());
+            return vec![Action::Advertise(priority)];
+        }
+        Vec::new()
     }
 
     /// Entering fault gives the VIP up (with a priority-0 advert if we were
@@ -540,6 +562,74 @@ mod tests {
             assert!(no_preempt.on_timer(now).is_empty());
         }
         assert_eq!(no_preempt.state(), State::Backup);
+    }
+
+    #[test]
+    fn a_backup_preempts_a_lower_priority_master_after_its_skew_time() {
+        let t0 = Instant::now();
+        let mut m = Machine::new(config(150), t0);
+        m.start(t0, false);
+        assert!(m.on_advert(t0, PEER_LOW, &advert(100)).is_empty());
+        // Not a Master_Down_Interval: the skew time, (256 - 150) x 100 ms / 256.
+        assert_eq!(m.next_deadline(), Some(t0 + m.skew_time()));
+        assert!(m.on_timer(t0 + Duration::from_millis(41)).is_empty());
+        assert_eq!(
+            m.on_timer(t0 + m.skew_time()),
+            vec![Action::Advertise(150), Action::BecomeMaster]
+        );
+        // A later lower advert never pushes an earlier deadline back.
+        let mut m = Machine::new(config(150), t0);
+        m.start(t0, false);
+        m.on_advert(t0, PEER_LOW, &advert(100));
+        let first = m.next_deadline();
+        m.on_advert(t0 + Duration::from_millis(30), PEER_LOW, &advert(100));
+        assert_eq!(m.next_deadline(), first);
+    }
+
+    #[test]
+    fn of_two_backups_above_a_lowered_master_the_higher_takes_over_and_the_other_stays() {
+        let t0 = Instant::now();
+        let high_address = Ipv4Addr::new(10, 0, 0, 4);
+        let mut high = Machine::new(config(140), t0);
+        let mut low = Machine::new(config(120), t0);
+        high.start(t0, false);
+        low.start(t0, false);
+        high.on_advert(t0, PEER_LOW, &advert(100));
+        low.on_advert(t0, PEER_LOW, &advert(100));
+        assert!(high.next_deadline() < low.next_deadline());
+        let at = high.next_deadline().unwrap();
+        assert_eq!(
+            high.on_timer(at),
+            vec![Action::Advertise(140), Action::BecomeMaster]
+        );
+        // The lower backup hears the new master before its own skew ends.
+        assert!(at < low.next_deadline().unwrap());
+        assert!(low.on_advert(at, high_address, &advert(140)).is_empty());
+        assert!(low.on_timer(at + low.skew_time()).is_empty());
+        assert_eq!(
+            (low.state(), low.master()),
+            (State::Backup, Some(high_address))
+        );
+    }
+
+    #[test]
+    fn a_master_advertises_a_lowered_priority_at_once() {
+        let t0 = Instant::now();
+        let mut m = Machine::new(config(150), t0);
+        m.start(t0, false);
+        m.on_timer(t0 + m.master_down_interval());
+        assert_eq!(m.state(), State::Master);
+        let now = t0 + Duration::from_secs(1);
+        assert_eq!(m.set_priority(now, 130), vec![Action::Advertise(130)]);
+        assert_eq!(m.next_deadline(), Some(now + Duration::from_millis(100)));
+        // Raised, or unchanged: the next advert carries it.
+        assert!(m.set_priority(now, 150).is_empty());
+        assert!(m.set_priority(now, 150).is_empty());
+        // A backup sends nothing.
+        let mut backup = Machine::new(config(150), t0);
+        backup.start(t0, false);
+        assert!(backup.set_priority(now, 100).is_empty());
+        assert_eq!(backup.priority(), 100);
     }
 
     #[test]
