@@ -285,3 +285,104 @@ fn a_restart_keeps_balancing_and_release_removes_the_links() {
         .unwrap();
     assert!(!after, "a connection to the VIP succeeded after release");
 }
+
+/// A UDP echo that answers each datagram with its host's name, until `stop`.
+fn udp_name_server(
+    lab: &Lab,
+    host: &str,
+    ready: std::sync::mpsc::Sender<()>,
+    stop: &std::sync::atomic::AtomicBool,
+) {
+    let address = SocketAddr::from((lab.host(host).addr, 5300));
+    lab.in_host(host, || {
+        let socket = std::net::UdpSocket::bind(address).unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        ready.send(()).unwrap();
+        let mut buf = [0u8; 64];
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            if let Ok((_, from)) = socket.recv_from(&mut buf) {
+                let _ = socket.send_to(host.as_bytes(), from);
+            }
+        }
+    })
+    .unwrap();
+}
+
+/// UDP: an unconnected socket's datagrams to VIP:5353 go to a backend's
+/// :5300 and the answers come from the VIP (sendmsg4, recvmsg4); a
+/// connected socket reports the VIP as its peer.
+#[test]
+fn host_udp_to_the_vip_is_balanced_and_answered_from_the_vip() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let lab = Lab::new(&HOSTS).unwrap();
+    let udp_backends = ["api2", "api3"];
+    let _apis = start_apiservers(&lab, &udp_backends);
+    let vip = lab.vip(0);
+    let mut dns = config::vip("dns", vip, 5353);
+    dns.protocol = ha_user::config::Protocol::Udp;
+    dns.check = ha_user::config::CheckConfig {
+        kind: Some(ha_user::config::CheckKind::Tcp),
+        port: Some(6443),
+        ..ha_user::config::CheckConfig::default()
+    };
+    for address in config::addresses(&lab, &udp_backends) {
+        let mut backend = config::backend(address);
+        backend.port = Some(5300);
+        dns.backends.push(backend);
+    }
+    let path = write_config(&lab, "config.yaml", &config::agent([dns]));
+    let _agent = lab.start_agent("lb", &path, &[]).unwrap();
+    wait_checked(&lab);
+    let stop = AtomicBool::new(false);
+    let (names, connected_peer) = std::thread::scope(|scope| {
+        let (ready_tx, ready) = std::sync::mpsc::channel();
+        for host in udp_backends {
+            let (lab, stop, ready_tx) = (&lab, &stop, ready_tx.clone());
+            scope.spawn(move || udp_name_server(lab, host, ready_tx, stop));
+        }
+        for _ in udp_backends {
+            ready.recv_timeout(Duration::from_secs(5)).unwrap();
+        }
+        let result = lab
+            .in_host("lb", || {
+                let to = SocketAddr::from((vip, 5353));
+                let mut names = Vec::new();
+                for _ in 0..40 {
+                    let socket = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+                    socket
+                        .set_read_timeout(Some(Duration::from_secs(2)))
+                        .unwrap();
+                    socket.send_to(b"name?", to).unwrap();
+                    let mut buf = [0u8; 64];
+                    let (n, from) = socket.recv_from(&mut buf).unwrap();
+                    names.push((String::from_utf8_lossy(&buf[..n]).into_owned(), from));
+                }
+                let connected = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+                connected
+                    .set_read_timeout(Some(Duration::from_secs(2)))
+                    .unwrap();
+                connected.connect(to).unwrap();
+                connected.send(b"name?").unwrap();
+                let mut buf = [0u8; 64];
+                let n = connected.recv(&mut buf).unwrap();
+                assert!(n > 0);
+                (names, connected.peer_addr().unwrap())
+            })
+            .unwrap();
+        stop.store(true, Ordering::Relaxed);
+        result
+    });
+    let to = SocketAddr::from((vip, 5353));
+    assert!(names.iter().all(|(_, from)| *from == to), "{names:?}");
+    for host in udp_backends {
+        let got = names.iter().filter(|(name, _)| name == host).count();
+        assert!(got >= 4, "{host} answered {got} of 40: {names:?}");
+    }
+    assert_eq!(connected_peer, to);
+    let status = socket_lb(&lab);
+    assert!(counter(&status, "sendmsg_balanced") >= 40, "{status}");
+    assert!(counter(&status, "source_restored") >= 40, "{status}");
+    assert!(counter(&status, "connect_balanced") >= 1, "{status}");
+}
