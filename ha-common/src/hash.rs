@@ -26,6 +26,21 @@ pub const fn flow_hash(flow: &FlowKey) -> u32 {
     mix32(h ^ flow.protocol as u32)
 }
 
+/// Hash of a socket connecting to a VIP, for the socket-level balancer:
+/// its cookie (`bpf_get_socket_cookie`, unique per socket for the life of
+/// the kernel) with the VIP's address and port (wire order). The same
+/// socket asking for the same VIP again (a retried connect, each datagram
+/// of an unconnected UDP socket) gets the same slot; other sockets spread
+/// over the table.
+#[inline(always)]
+pub const fn socket_hash(cookie: u64, vip_addr: u32, vip_port: u16) -> u32 {
+    let mut h = 0x85eb_ca77u32;
+    h = mix32(h ^ cookie as u32);
+    h = mix32(h ^ (cookie >> 32) as u32);
+    h = mix32(h ^ vip_addr);
+    mix32(h ^ vip_port as u32)
+}
+
 /// The `attempt`-th NAT port candidate for a flow, in `min..=max` (host order).
 ///
 /// Derived from the flow hash so a retransmitted SYN after a lost entry tends
@@ -68,6 +83,27 @@ mod tests {
         for count in buckets {
             assert!((9_500..=10_500).contains(&count), "{buckets:?}");
         }
+    }
+
+    #[test]
+    fn socket_hash_is_stable_per_socket_and_spreads_sockets() {
+        let (vip, port) = (0xfe00_000a, 0xfb20);
+        assert_eq!(socket_hash(7, vip, port), socket_hash(7, vip, port));
+        assert_ne!(socket_hash(7, vip, port), socket_hash(7, vip, port ^ 1));
+        assert_ne!(socket_hash(7, vip, port), socket_hash(7, vip ^ 1, port));
+        // Cookies are consecutive numbers: they must still spread.
+        let mut buckets = [0u32; 3];
+        for cookie in 4096..34096u64 {
+            buckets[(socket_hash(cookie, vip, port) % 3) as usize] += 1;
+        }
+        for count in buckets {
+            assert!((9_500..=10_500).contains(&count), "{buckets:?}");
+        }
+        // The high half of the cookie counts too.
+        assert_ne!(
+            socket_hash(1, vip, port),
+            socket_hash(1 | 1 << 32, vip, port)
+        );
     }
 
     #[test]

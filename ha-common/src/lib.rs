@@ -37,6 +37,22 @@ pub const BACKEND_STATS_MAP: &str = "BACKEND_STATS";
 pub const BACKEND_INDEX_MAP: &str = "BACKEND_INDEX";
 pub const EMBRYONIC_MAP: &str = "EMBRYONIC";
 pub const EMBRYONIC_HEAD_MAP: &str = "EMBRYONIC_HEAD";
+pub const SOCK_LB_NETNS_MAP: &str = "SOCK_LB_NETNS";
+pub const SOCK_LB_REVERSE_MAP: &str = "SOCK_LB_REVERSE";
+pub const SOCK_LB_EVENTS_MAP: &str = "SOCK_LB_EVENTS";
+
+/// The socket-level balancer's programs (docs/data-path.md, "Socket-level
+/// balancing"): cgroup/connect4, cgroup/sendmsg4, cgroup/getpeername4 and
+/// cgroup/recvmsg4, in the same object as the XDP program so they read its
+/// VIPS, MAGLEV and BACKENDS maps.
+pub const SOCK_CONNECT4_PROGRAM_NAME: &str = "ha_sock_connect4";
+pub const SOCK_SENDMSG4_PROGRAM_NAME: &str = "ha_sock_sendmsg4";
+pub const SOCK_GETPEERNAME4_PROGRAM_NAME: &str = "ha_sock_getpeername4";
+pub const SOCK_RECVMSG4_PROGRAM_NAME: &str = "ha_sock_recvmsg4";
+
+/// Entries of SOCK_LB_REVERSE (LRU): sockets balanced at once whose peer
+/// is reported as the VIP.
+pub const SOCK_LB_REVERSE_ENTRIES: u32 = 65_536;
 
 /// Most VIPs one data plane serves; also the number of VIP stat slots.
 pub const MAX_VIPS: u32 = 64;
@@ -568,6 +584,29 @@ pub const fn tcp_bare_syn(flags: u8) -> bool {
     flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_SYN
 }
 
+/// Key of SOCK_LB_REVERSE: a socket (its cookie, `bpf_get_socket_cookie`)
+/// and the backend the socket-level balancer sent it to (wire order).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SockBackendKey {
+    pub cookie: u64,
+    pub backend_addr: u32,
+    pub backend_port: u16,
+    pub _pad: u16,
+}
+const _: () = assert!(core::mem::size_of::<SockBackendKey>() == 16);
+
+/// Value of SOCK_LB_REVERSE: the VIP the socket asked for (wire order),
+/// reported by getpeername() and as the source of received datagrams.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockVip {
+    pub addr: u32,
+    pub port: u16,
+    pub _pad: u16,
+}
+const _: () = assert!(core::mem::size_of::<SockVip>() == 8);
+
 /// Packets and bytes, per CPU.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -750,6 +789,33 @@ indexed_enum! {
     }
 }
 
+indexed_enum! {
+    /// What the socket-level balancer did, counted per CPU in SOCK_LB_EVENTS
+    /// (one slot per call it acted on or left alone for a reason).
+    pub enum SockLbEvent {
+        /// A connect() to a VIP was sent to a backend.
+        ConnectBalanced = 0 => "connect_balanced",
+        /// A sendmsg() of an unconnected UDP socket to a VIP was sent to a backend.
+        SendmsgBalanced = 1 => "sendmsg_balanced",
+        /// The VIP's Maglev table is empty where the socket's hash falls: the
+        /// call was left as it was (to the VIP itself).
+        NoBackend = 2 => "no_backend",
+        /// The VIP is disabled here (a VRRP backup): left as it was, so the
+        /// connection goes to the VIP's holder.
+        VipDisabled = 3 => "vip_disabled",
+        /// A call to a VIP from a socket of another network namespace than
+        /// the agent's: left as it was.
+        OtherNetns = 4 => "other_netns",
+        /// getpeername() of a balanced socket reported its VIP.
+        PeerRestored = 5 => "peer_restored",
+        /// A datagram from a balanced socket's backend was reported as from the VIP.
+        SourceRestored = 6 => "source_restored",
+        /// The socket's VIP could not be recorded (SOCK_LB_REVERSE refused
+        /// the entry): getpeername() reports the backend.
+        ReverseNotRecorded = 7 => "reverse_not_recorded",
+    }
+}
+
 #[cfg(feature = "user")]
 mod pod {
     use super::*;
@@ -767,6 +833,8 @@ mod pod {
     unsafe impl aya::Pod for Settings {}
     unsafe impl aya::Pod for Counter {}
     unsafe impl aya::Pod for TrafficCounter {}
+    unsafe impl aya::Pod for SockBackendKey {}
+    unsafe impl aya::Pod for SockVip {}
 }
 
 #[cfg(test)]
@@ -779,6 +847,9 @@ mod tests {
             assert_eq!(*verdict as usize, position, "{}", verdict.label());
         }
         for (position, event) in Event::ALL.iter().enumerate() {
+            assert_eq!(*event as usize, position, "{}", event.label());
+        }
+        for (position, event) in SockLbEvent::ALL.iter().enumerate() {
             assert_eq!(*event as usize, position, "{}", event.label());
         }
     }

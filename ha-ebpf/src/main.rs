@@ -22,6 +22,7 @@ mod nat;
 mod parse;
 mod ports;
 mod select;
+mod sock_lb;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use ha_common::{

@@ -5,6 +5,7 @@ pub mod admin;
 pub mod agent;
 pub mod batch;
 pub mod blackhole;
+pub mod cgroup;
 pub mod config;
 pub mod control;
 pub mod dataplane;

@@ -51,6 +51,34 @@ pub struct StatusReport {
     /// Reloads since the agent started, by outcome.
     #[serde(default)]
     pub reloads: BTreeMap<ReloadOutcome, u64>,
+    /// The socket-level balancer of this host's own connections.
+    #[serde(default)]
+    pub socket_lb: SocketLbStatus,
+}
+
+/// The socket-level balancer (docs/data-path.md, "Socket-level balancing").
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SocketLbStatus {
+    /// `socket_lb.enabled` in the config.
+    pub enabled: bool,
+    /// Its programs are attached (enabled, and the attach succeeded).
+    pub attached: bool,
+    /// The cgroup v2 directory they are attached to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cgroup: Option<String>,
+    /// How that directory was found.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cgroup_source: Option<crate::cgroup::CgroupSource>,
+    /// The directory is the cgroup2 hierarchy's root: every process of the
+    /// host is balanced (otherwise only those in and below it).
+    #[serde(default)]
+    pub cgroup_is_root: bool,
+    /// Why it is not attached although enabled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Its counters (only those seen), by `SockLbEvent` label.
+    #[serde(default)]
+    pub events: BTreeMap<String, u64>,
 }
 
 /// How a reload ended (docs/operations.md, "Reloading").
@@ -186,6 +214,7 @@ impl Default for StatusReport {
             data_path_unanswered: false,
             program: ProgramStatus::default(),
             reloads: BTreeMap::new(),
+            socket_lb: SocketLbStatus::default(),
         }
     }
 }
@@ -317,6 +346,39 @@ fn duration(seconds: f64) -> String {
     }
 }
 
+impl SocketLbStatus {
+    /// One line of `ha-user status`.
+    pub fn render(&self) -> String {
+        let counters = self
+            .events
+            .iter()
+            .map(|(name, n)| format!("{name} {n}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        match (self.enabled, self.attached) {
+            (false, _) => "socket LB: disabled (socket_lb.enabled: false)".to_string(),
+            (true, true) => format!(
+                "socket LB: attached to {}{}{}",
+                self.cgroup.as_deref().unwrap_or("?"),
+                if self.cgroup_is_root {
+                    " (cgroup2 root)"
+                } else {
+                    " (NOT the cgroup2 root: only processes below it are balanced)"
+                },
+                if counters.is_empty() {
+                    String::new()
+                } else {
+                    format!("; {counters}")
+                }
+            ),
+            (true, false) => format!(
+                "socket LB: NOT ATTACHED: {}",
+                self.error.as_deref().unwrap_or("unknown reason")
+            ),
+        }
+    }
+}
+
 impl StatusReport {
     /// The table `ha-user status` prints.
     pub fn render(&self) -> String {
@@ -354,6 +416,7 @@ impl StatusReport {
         for reason in &self.not_ready {
             let _ = writeln!(out, "not ready: {reason}");
         }
+        let _ = writeln!(out, "{}", self.socket_lb.render());
         let ct = &self.conntrack;
         if !ct.nat_sources.is_empty() {
             let _ = writeln!(
@@ -549,8 +612,23 @@ mod tests {
                 on_stop: crate::handover::StopIntent::Keep,
             },
             reloads: BTreeMap::from([(ReloadOutcome::Applied, 2), (ReloadOutcome::RolledBack, 1)]),
+            socket_lb: SocketLbStatus {
+                enabled: true,
+                attached: true,
+                cgroup: Some("/sys/fs/cgroup/unified".into()),
+                cgroup_source: Some(crate::cgroup::CgroupSource::Mounted),
+                cgroup_is_root: true,
+                error: None,
+                events: BTreeMap::from([("connect_balanced".to_string(), 12)]),
+            },
         };
         let table = report.render();
+        assert!(
+            table.contains(
+                "socket LB: attached to /sys/fs/cgroup/unified (cgroup2 root); connect_balanced 12"
+            ),
+            "{table}"
+        );
         assert!(
             table.contains("reloads: applied 2, rolled_back 1"),
             "{table}"
@@ -573,6 +651,16 @@ mod tests {
             "{table}"
         );
         assert!(table.contains("up 1m15s"), "{table}");
+        let failed = SocketLbStatus {
+            enabled: true,
+            error: Some("no cgroup2 mount".into()),
+            ..SocketLbStatus::default()
+        };
+        assert_eq!(failed.render(), "socket LB: NOT ATTACHED: no cgroup2 mount");
+        assert_eq!(
+            SocketLbStatus::default().render(),
+            "socket LB: disabled (socket_lb.enabled: false)"
+        );
         assert!(table.contains("FAIL-OPEN"), "{table}");
         assert!(table.contains("10.0.0.11:6443"), "{table}");
         // Typed states keep the table's columns (their Display pads).

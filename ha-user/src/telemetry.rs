@@ -292,6 +292,29 @@ pub fn render_metrics(report: &StatusReport) -> String {
             .get_or_create(&labels(&[("event", event)]))
             .inc_by(*count);
     }
+    let socket_lb_attached = Gauge::<i64>::default();
+    m.registry.register(
+        "socket_lb_attached",
+        "1 when the socket-level balancer of this host's own connections is attached (0: disabled, or its attach failed: see status)",
+        socket_lb_attached.clone(),
+    );
+    socket_lb_attached.set(i64::from(report.socket_lb.attached));
+    let socket_lb_events = m.counters(
+        "socket_lb_events",
+        "What the socket-level balancer did: connect_balanced, sendmsg_balanced, no_backend, vip_disabled, other_netns, peer_restored, source_restored, reverse_not_recorded",
+    );
+    for event in ha_common::SockLbEvent::ALL {
+        socket_lb_events
+            .get_or_create(&labels(&[("event", event.label())]))
+            .inc_by(
+                report
+                    .socket_lb
+                    .events
+                    .get(event.label())
+                    .copied()
+                    .unwrap_or(0),
+            );
+    }
     let ct = &report.conntrack;
     let flows = Gauge::<i64>::default();
     m.registry.register(

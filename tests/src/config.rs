@@ -31,7 +31,7 @@ use std::{net::Ipv4Addr, path::PathBuf};
 
 use ha_user::config::{
     BackendConfig, CheckConfig, Config, DataPlaneConfig, GarpConfig, Mode, Protocol,
-    TelemetryConfig, VipConfig, VrrpConfig,
+    SocketLbConfig, TelemetryConfig, VipConfig, VrrpConfig,
 };
 
 use crate::Lab;
@@ -51,6 +51,7 @@ pub fn agent(vips: impl IntoIterator<Item = VipConfig>) -> Config {
         vrrp: None,
         garp: GarpConfig::default(),
         telemetry: TelemetryConfig::default(),
+        socket_lb: SocketLbConfig::default(),
     }
 }
 

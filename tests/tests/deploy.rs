@@ -180,6 +180,21 @@ fn the_manifests_run_the_agent_as_the_docs_say() {
                 .iter()
                 .any(|v| v["hostPath"]["path"] == "/sys/fs/bpf")
         );
+        // The host's cgroup2 root for the socket-level balancer, read-only.
+        assert!(
+            mounts
+                .iter()
+                .any(|m| m["mountPath"] == "/host/sys/fs/cgroup"
+                    && m["readOnly"] == true
+                    && m["mountPropagation"] == "HostToContainer")
+        );
+        assert!(
+            spec["volumes"]
+                .as_sequence()
+                .unwrap()
+                .iter()
+                .any(|v| v["hostPath"]["path"] == "/sys/fs/cgroup")
+        );
         assert!(spec["terminationGracePeriodSeconds"].as_u64().unwrap() >= 5);
     }
     let tolerations = serde_yaml_ng::to_string(&pod["tolerations"]).unwrap();

@@ -16,14 +16,15 @@ use tokio::{
 use tracing::{error, info, warn};
 
 use crate::{
-    admin, blackhole,
-    config::{Config, Listen, VrrpConfig},
+    admin, blackhole, cgroup,
+    config::{Config, Listen, SocketLbConfig, VrrpConfig},
     control::Command,
     dataplane::{AttachMode, DataPlane, LoadOptions, monotonic_coarse_ns},
     handover::{self, BackendRecord, BackendRef, Record, StopIntent, VrrpRecord, VrrpStart},
     health::Health,
     ip::{NotIpv4, ipv4},
     netlink::{LinkHealth, Netlink},
+    status::SocketLbStatus,
     system, telemetry,
     vrrp::{announcer, machine::MachineConfig},
 };
@@ -183,6 +184,7 @@ pub async fn run(options: AttachOptions) -> Result<()> {
         seeded: HashMap::new(),
         durable_pins,
         reloads: BTreeMap::new(),
+        socket_lb: SocketLbStatus::default(),
     };
     agent.seed(&record);
     let result = async {
@@ -205,6 +207,7 @@ pub async fn run(options: AttachOptions) -> Result<()> {
             replaced = ?replaced.map(handover::tag_hex),
             "XDP program attached"
         );
+        agent.socket_lb = start_socket_lb(&mut agent.dataplane, &agent.config.socket_lb);
         agent.sync_vip_addresses().await?;
         agent.save_record();
         // Tracking from the first moment: health adopted from the last
@@ -232,6 +235,61 @@ pub async fn run(options: AttachOptions) -> Result<()> {
     };
     agent.shut_down(intent).await;
     result.map(|_| ())
+}
+
+/// Attaches the socket-level balancer as `config` says, after the XDP
+/// program (its maps hold the desired state by then). A failure is not
+/// fatal: the XDP path serves every other host whatever happens here, so
+/// the agent says so loudly (log, `status`, `/metrics`) and serves on; an
+/// earlier agent's socket-level links are removed then, since they would
+/// balance with tables nothing updates any more.
+fn start_socket_lb(dataplane: &mut DataPlane, config: &SocketLbConfig) -> SocketLbStatus {
+    let mut status = SocketLbStatus {
+        enabled: config.enabled,
+        ..SocketLbStatus::default()
+    };
+    let attached = if config.enabled {
+        cgroup::resolve(&config.cgroup)
+            .map_err(|e| e.to_string())
+            .and_then(|resolved| {
+                let cookie = cgroup::netns_cookie().map_err(|e| e.to_string())?;
+                dataplane
+                    .attach_socket_lb(&resolved.path, cookie)
+                    .map_err(|e| e.to_string())?;
+                Ok(resolved)
+            })
+    } else {
+        Err(String::new())
+    };
+    match attached {
+        Ok(resolved) => {
+            if !resolved.is_root {
+                warn!(
+                    cgroup = %resolved.path.display(),
+                    "the socket-level balancer is attached to a cgroup that is not the cgroup2 root: \
+                     only processes in and below it are balanced (mount the host's cgroup2 root into the agent)"
+                );
+            }
+            status.attached = true;
+            status.cgroup = Some(resolved.path.display().to_string());
+            status.cgroup_source = Some(resolved.source);
+            status.cgroup_is_root = resolved.is_root;
+        }
+        Err(reason) => {
+            if config.enabled {
+                error!(
+                    error = %reason,
+                    "SOCKET-LEVEL BALANCING IS OFF: processes on this host connecting to a VIP are not \
+                     balanced (the XDP path serves other hosts as before); see docs/operations.md"
+                );
+                status.error = Some(reason);
+            }
+            if let Err(e) = dataplane.detach_socket_lb() {
+                warn!(error = %e, "removing an earlier agent's socket-level balancer pins");
+            }
+        }
+    }
+    status
 }
 
 /// Opens the VRRP socket and starts the announcer (as backup: nothing held yet).

@@ -152,4 +152,6 @@ struct Agent {
     durable_pins: bool,
     /// Reloads since the start, by outcome (`ha_lb_reloads_total`).
     reloads: BTreeMap<ReloadOutcome, u64>,
+    /// The socket-level balancer as started (its counters are read at status time).
+    socket_lb: crate::status::SocketLbStatus,
 }

@@ -125,6 +125,17 @@ impl Agent {
             })
             .collect();
         StatusReport {
+            socket_lb: crate::status::SocketLbStatus {
+                events: self
+                    .dataplane
+                    .socket_lb_events()
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter(|(_, n)| *n > 0)
+                    .map(|(e, n)| (e.label().to_string(), n))
+                    .collect(),
+                ..self.socket_lb.clone()
+            },
             reloads: self.reloads.clone(),
             not_ready: self.not_ready(),
             data_path_unanswered: self.blackhole.finding().is_some(),

@@ -12,6 +12,7 @@
 mod data_plane;
 mod garp;
 pub mod host;
+mod socket_lb;
 mod telemetry;
 pub mod validate;
 mod vip;
@@ -24,6 +25,7 @@ use serde::{Deserialize, Serialize};
 pub use self::{
     data_plane::{ConntrackConfig, DataPlaneConfig, NatConfig, PortRange},
     garp::GarpConfig,
+    socket_lb::{CgroupSetting, SocketLbConfig},
     telemetry::{Listen, TelemetryConfig},
     validate::{MAX_WEIGHT, is_prime},
     vip::{BackendConfig, CheckConfig, CheckKind, Mode, Protocol, Verify, VipConfig},
@@ -61,6 +63,9 @@ pub struct Config {
     /// The agent's own HTTP endpoint: /livez, /readyz, /metrics.
     #[serde(default)]
     pub telemetry: TelemetryConfig,
+    /// Socket-level balancing of this host's own connections to the VIPs.
+    #[serde(default)]
+    pub socket_lb: SocketLbConfig,
 }
 
 impl Config {
@@ -149,6 +154,9 @@ impl Config {
         }
         if self.telemetry != next.telemetry {
             reasons.push("telemetry.listen changed".to_string());
+        }
+        if self.socket_lb != next.socket_lb {
+            reasons.push("the socket_lb section changed".to_string());
         }
         reasons
     }
@@ -258,6 +266,7 @@ vrrp:
   track: {no_healthy_backend: fault}
 garp: {count: 3, interval: 200ms, refresh: 60s}
 telemetry: {listen: off}
+socket_lb: {enabled: false, cgroup: /sys/fs/cgroup/unified}
 "#;
 
     /// The ```yaml blocks of a Markdown page.
@@ -333,6 +342,43 @@ telemetry: {listen: off}
             let read: Config = serde_yaml_ng::from_str(&written).unwrap();
             assert_eq!(read, config, "{name}, written as:\n{written}");
         }
+    }
+
+    #[test]
+    fn socket_lb_is_on_by_default_and_reads_auto_or_a_path() {
+        let config = Config::parse(ISSUE_EXAMPLE, "example").unwrap();
+        assert_eq!(
+            config.socket_lb,
+            SocketLbConfig {
+                enabled: true,
+                cgroup: CgroupSetting::Auto
+            }
+        );
+        let text = format!("{ISSUE_EXAMPLE}socket_lb: {{cgroup: auto}}\n");
+        assert_eq!(
+            Config::parse(&text, "auto").unwrap().socket_lb.cgroup,
+            CgroupSetting::Auto
+        );
+        let text = format!("{ISSUE_EXAMPLE}socket_lb: {{cgroup: /run/ha-lb/cgroupv2}}\n");
+        assert_eq!(
+            Config::parse(&text, "path").unwrap().socket_lb.cgroup,
+            CgroupSetting::Path("/run/ha-lb/cgroupv2".into())
+        );
+        assert!(config.to_yaml().contains("cgroup: auto"));
+    }
+
+    #[test]
+    fn a_socket_lb_change_needs_a_restart() {
+        let config = Config::parse(ISSUE_EXAMPLE, "example").unwrap();
+        let mut next = config.clone();
+        next.socket_lb.enabled = false;
+        assert_eq!(
+            config.restart_needed_for(&next),
+            vec!["the socket_lb section changed".to_string()]
+        );
+        let mut next = config.clone();
+        next.socket_lb.cgroup = CgroupSetting::Path("/sys/fs/cgroup".into());
+        assert_eq!(config.restart_needed_for(&next).len(), 1);
     }
 
     /// Every problem `Config::from_yaml` finds in `yaml`.

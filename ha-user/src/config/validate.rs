@@ -9,7 +9,8 @@ use std::{
 };
 
 use super::{
-    CheckConfig, CheckKind, Config, GarpConfig, TrackAction, Verify, VrrpConfig, VrrpVersion,
+    CgroupSetting, CheckConfig, CheckKind, Config, GarpConfig, SocketLbConfig, TrackAction, Verify,
+    VrrpConfig, VrrpVersion,
 };
 
 /// Weights above this are refused: they would only slow the table build.
@@ -25,6 +26,7 @@ pub fn problems(config: &Config) -> Vec<String> {
         problems.extend(vrrp_problems(vrrp));
     }
     problems.extend(garp_problems(&config.garp));
+    problems.extend(socket_lb_problems(&config.socket_lb));
     problems.extend(backend_count_problems(config));
     problems
 }
@@ -200,6 +202,18 @@ fn garp_problems(garp: &GarpConfig) -> Vec<String> {
         problems.push("garp.refresh: below 1s (0s turns it off)".to_string());
     }
     problems
+}
+
+/// `socket_lb.cgroup` names a directory by an absolute path (the agent's
+/// working directory is no place to look for the cgroup hierarchy).
+fn socket_lb_problems(socket_lb: &SocketLbConfig) -> Vec<String> {
+    match &socket_lb.cgroup {
+        CgroupSetting::Path(path) if !path.is_absolute() => vec![format!(
+            "socket_lb.cgroup: {:?} must be `auto` or an absolute path (a cgroup2 directory, such as /sys/fs/cgroup)",
+            path.display().to_string()
+        )],
+        _ => Vec::new(),
+    }
 }
 
 /// The backend table is shared: a backend in several VIPs counts once.
@@ -410,6 +424,29 @@ data_plane:
         ] {
             assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
         }
+    }
+
+    #[test]
+    fn a_relative_socket_lb_cgroup_is_refused() {
+        let base =
+            "vips: [{name: api, address: 10.0.0.1, port: 6443, backends: [{address: 10.0.0.2}]}]\n";
+        let problems = value_problems_of(&format!("{base}socket_lb: {{cgroup: sys/fs/cgroup}}\n"));
+        assert_eq!(
+            problems,
+            vec![
+                "socket_lb.cgroup: \"sys/fs/cgroup\" must be `auto` or an absolute path (a cgroup2 directory, such as /sys/fs/cgroup)"
+                    .to_string()
+            ]
+        );
+        for fine in ["auto", "/sys/fs/cgroup"] {
+            let text = format!("{base}socket_lb: {{cgroup: {fine}}}\n");
+            assert!(Config::parse(&text, "fine").is_ok(), "{fine}");
+        }
+        let unknown = format!("{base}socket_lb: {{enable: true}}\n");
+        assert!(
+            Config::parse(&unknown, "typo").is_err(),
+            "unknown keys are refused"
+        );
     }
 
     #[test]

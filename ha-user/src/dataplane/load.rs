@@ -201,6 +201,7 @@ impl DataPlane {
             embryonic_slots,
             sweep_totals: SweepTotals::default(),
             settings_slot: 0,
+            socket_lb: None,
         };
         if dataplane.record_map.is_some() {
             dataplane.record = found_record.unwrap_or_default();
@@ -470,6 +471,9 @@ impl DataPlane {
     /// earlier agent goes on serving.
     pub fn detach(&mut self) -> Result<(), std::io::Error> {
         self.pending_link = None;
+        if self.attachment.is_some() {
+            self.detach_socket_lb()?;
+        }
         let Some(attachment) = self.attachment.take() else {
             return Ok(());
         };
@@ -491,6 +495,7 @@ impl DataPlane {
         match self.attachment.as_ref().and_then(|a| a.pin.as_ref()) {
             Some(_) => {
                 self.attachment = None;
+                self.keep_socket_lb();
                 Ok(())
             }
             None => self.detach(),

@@ -21,6 +21,8 @@
 //! - `counters`: verdict, event and traffic counters;
 //! - `flows`: the connection and reverse NAT tables' entries, and the
 //!   address-keyed flows API;
+//! - `socket_lb`: the socket-level balancer's cgroup programs, their
+//!   pinned links and counters;
 //! - `sweep`: the agent's sweep of those tables;
 //! - `test_hooks` (feature `test-hooks`): what only the tests, benchmarks
 //!   and fuzzer use.
@@ -31,6 +33,7 @@ mod load;
 mod migrate;
 mod nat_sources;
 mod pins;
+mod socket_lb;
 mod sweep;
 #[cfg(feature = "test-hooks")]
 mod test_hooks;
@@ -143,6 +146,18 @@ pub enum DataPlaneError {
     #[cfg(feature = "test-hooks")]
     #[error("reading the XDP object {path} (HA_LB_XDP_OBJECT): {source}")]
     Object {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the socket-level balancer's program {program}: {source}")]
+    SocketLbProgram {
+        program: &'static str,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("opening cgroup {path}: {source}")]
+    Cgroup {
         path: String,
         #[source]
         source: std::io::Error,
@@ -277,6 +292,8 @@ pub struct DataPlane {
     sweep_totals: SweepTotals,
     /// The live slot of SETTINGS (0 or 1; the other is written next).
     settings_slot: u32,
+    /// The socket-level balancer's links, once attached.
+    socket_lb: Option<socket_lb::SocketLbAttachment>,
 }
 
 impl DataPlane {
@@ -352,9 +369,16 @@ const PROG_LOAD_ATTEMPTS: u32 = 5;
 /// # Errors
 /// The last attempt's [`ProgramError`] (the verifier's log with it).
 pub fn load_program(program: &mut aya::programs::Xdp) -> Result<(), ProgramError> {
+    load_retrying(|| program.load())
+}
+
+/// `load` (one BPF_PROG_LOAD) tried again on EAGAIN, as [`load_program`].
+pub(crate) fn load_retrying(
+    mut load: impl FnMut() -> Result<(), ProgramError>,
+) -> Result<(), ProgramError> {
     let mut attempt = 1;
     loop {
-        let result = program.load();
+        let result = load();
         match &result {
             Err(ProgramError::LoadError { io_error, .. })
                 if io_error.raw_os_error() == Some(libc::EAGAIN)

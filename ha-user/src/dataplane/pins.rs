@@ -398,14 +398,18 @@ pub(super) fn remove_if_present(path: &Path) -> std::io::Result<()> {
     }
 }
 
-/// Removes everything ha-lb pins in `dir` (link, flow tables, record) and
+/// Removes everything ha-lb pins in `dir` (links, flow tables, record) and
 /// the directory if it is then empty. Removing the link's pin detaches the
 /// program once no process holds the link.
 pub fn remove_pins(dir: &Path) -> std::io::Result<()> {
-    for name in [LINK_PIN, RECORD_PIN].into_iter().chain(PINNED_MAPS) {
+    // The socket-level balancer's links first: they read the tables.
+    for name in super::socket_lb::link_pins()
+        .chain([LINK_PIN, RECORD_PIN])
+        .chain(PINNED_MAPS)
+    {
         remove_if_present(&dir.join(name))?;
     }
-    for name in PINNED_MAPS {
+    for name in PINNED_MAPS.into_iter().chain(super::socket_lb::link_pins()) {
         remove_if_present(&staged(dir, name))?;
     }
     let _ = std::fs::remove_dir(dir);

@@ -144,6 +144,7 @@ pub fn import(
             vrrp,
             garp,
             telemetry: Default::default(),
+            socket_lb: Default::default(),
         },
         interface,
         notes,
