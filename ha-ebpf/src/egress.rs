@@ -36,7 +36,7 @@ use crate::{
 pub fn ha_tc_egress(ctx: TcContext) -> i32 {
     let verdict = egress(&ctx);
     count_egress(verdict, ctx.len());
-    TC_ACT_OK as i32
+    TC_ACT_OK
 }
 
 /// What parse finds in a TCP or UDP packet over IPv4: where its headers

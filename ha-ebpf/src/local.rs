@@ -8,7 +8,7 @@ use aya_ebpf::programs::XdpContext;
 use ha_common::{BackendInfo, Event, Flow, FlowKey, NatEntry, NatKey, Settings};
 
 use crate::{
-    conntrack::{BPF_NOEXIST, ensure_reverse},
+    conntrack::BPF_NOEXIST,
     maps::{REVERSE_NAT, count_event},
     nat::{Rewrite, rewrite},
     parse::Packet,
@@ -29,47 +29,37 @@ pub fn translated(key: &FlowKey, flow: &Flow) -> bool {
 /// absent, else taken from an owner that gives it up as a NAT port's owner
 /// would (5a, third pass). False: a live established flow holds it (the
 /// same client address and port sent to this backend through another VIP).
+///
+/// `nat_key` is where the key is built: in the per-CPU scratch, off the
+/// stack (this frame sits on top of the client path's, and `displace`'s on
+/// top of it).
 #[inline(never)]
-pub fn claim(entry: &NatEntry, backend: &BackendInfo, settings: &Settings) -> bool {
+pub fn claim(
+    entry: &NatEntry,
+    nat_key: &mut NatKey,
+    backend: &BackendInfo,
+    settings: &Settings,
+) -> bool {
     let key = &entry.flow;
-    let nat_key = NatKey::new(backend, key.src_addr, key.src_port, key.protocol);
+    *nat_key = NatKey::new(backend, key.src_addr, key.src_port, key.protocol);
+    let nat_key: &NatKey = nat_key;
     // SAFETY: compared at once.
-    if unsafe { REVERSE_NAT.get(&nat_key) }.is_some_and(|o| o.flow.same(key)) {
+    if unsafe { REVERSE_NAT.get(nat_key) }.is_some_and(|o| o.flow.same(key)) {
         count_event(Event::ForwardRecovered);
         return true;
     }
-    if REVERSE_NAT.insert(&nat_key, entry, BPF_NOEXIST).is_ok() {
+    if REVERSE_NAT.insert(nat_key, entry, BPF_NOEXIST).is_ok() {
         return true;
     }
     count_event(Event::NatPortCollision);
-    displace(&nat_key, entry, settings, entry.created_ns)
-}
-
-/// An existing local flow's packet: its reverse entry checked when the
-/// packet refreshed the flow (as a NATed flow's), then translated.
-#[inline(always)]
-pub fn existing(
-    ctx: &XdpContext,
-    packet: &Packet,
-    key: &FlowKey,
-    flow: &Flow,
-    backend: &BackendInfo,
-    refreshed: bool,
-    now: u64,
-) {
-    if !translated(key, flow) {
-        return;
-    }
-    if refreshed {
-        let nat_key = NatKey::new(backend, flow.nat_addr, flow.nat_port, key.protocol);
-        ensure_reverse(&nat_key, key, flow.backend_id, now);
-    }
-    deliver(ctx, packet, backend);
+    displace(nat_key, entry, settings, entry.created_ns)
 }
 
 /// Destination -> the backend's address and port; source, TTL and all else
-/// kept. The checksums follow (step 5).
-#[inline(always)]
+/// kept. The checksums follow (step 5). A BPF subprogram: its rewrite
+/// stays out of the client path's frame, on top of which the NAT port
+/// claim runs.
+#[inline(never)]
 pub fn deliver(ctx: &XdpContext, packet: &Packet, backend: &BackendInfo) {
     let to = Rewrite {
         src_addr: packet.src_addr,

@@ -98,6 +98,8 @@ pub struct Send {
     flow: Flow,
     /// A new flow's reverse entry, built here while a NAT port is claimed.
     entry: NatEntry,
+    /// A new local flow's reverse key, built here while it is claimed.
+    local_key: NatKey,
 }
 
 /// The action a path returns when `Send` holds what to do.
@@ -256,10 +258,10 @@ fn existing_flow(
     if backend.addr == 0 {
         return drop(Verdict::DropStaleBackend);
     }
-    if flow.flags & FLOW_LOCAL != 0 {
+    let local = flow.flags & FLOW_LOCAL != 0;
+    if local && !local::translated(key, flow) {
         count_traffic(&VIP_STATS, vip.slot, frame_len, false);
         count_traffic(&BACKEND_STATS, flow.backend_id, frame_len, false);
-        local::existing(ctx, packet, key, flow, backend, refreshed, now);
         return pass(Verdict::PassLocalBackend);
     }
     if refreshed {
@@ -270,6 +272,10 @@ fn existing_flow(
     }
     count_traffic(&VIP_STATS, vip.slot, frame_len, false);
     count_traffic(&BACKEND_STATS, flow.backend_id, frame_len, false);
+    if local {
+        local::deliver(ctx, packet, backend);
+        return pass(Verdict::PassLocalBackend);
+    }
     let to = Rewrite {
         src_addr: flow.nat_addr,
         dst_addr: backend.addr,
@@ -317,7 +323,7 @@ fn new_flow(
     };
     if local {
         // Its reverse entry names the client's own address and port.
-        if !local::claim(&send.entry, &backend, settings) {
+        if !local::claim(&send.entry, &mut send.local_key, &backend, settings) {
             return drop(Verdict::DropNatExhausted);
         }
         send.flow.nat_addr = key.src_addr;

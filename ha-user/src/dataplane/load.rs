@@ -171,6 +171,7 @@ impl DataPlane {
         super::load_program(program).map_err(DataPlaneError::Verify)?;
         let info = program.info().map_err(DataPlaneError::Verify)?;
         let (tag, program_id) = (info.tag(), info.id());
+        let egress = super::egress::Egress::load(&mut ebpf, options.pin_dir.as_deref())?;
         let record_map = match &options.pin_dir {
             Some(dir) => Some(record_map(&dir.join(RECORD_PIN))?),
             None => None,
@@ -201,6 +202,7 @@ impl DataPlane {
             embryonic_slots,
             sweep_totals: SweepTotals::default(),
             settings_slot: 0,
+            egress,
         };
         if dataplane.record_map.is_some() {
             dataplane.record = found_record.unwrap_or_default();
@@ -264,6 +266,17 @@ impl DataPlane {
     /// Whether [`DataPlane::attach`] has attached (or adopted) the program.
     pub fn is_attached(&self) -> bool {
         self.attachment.is_some()
+    }
+
+    /// Whether the tc egress program (local backends' replies) is attached.
+    pub fn egress_attached(&self) -> bool {
+        self.egress.is_attached()
+    }
+
+    /// The egress program at `iface` (after the XDP program, which serves first).
+    fn attach_egress(&mut self, iface: &str) -> Result<()> {
+        self.egress
+            .attach(&mut self.ebpf, iface, self.pin_dir.as_deref())
     }
 
     /// The loaded program's tag (a SHA of its instructions, as bpftool shows it).
@@ -370,6 +383,7 @@ impl DataPlane {
                     // second copy pass from the old ones (still held open).
                     self.commit_staged_pins()?;
                     self.migrate(true)?;
+                    self.attach_egress(iface)?;
                     return Ok(AttachedMode::Native);
                 }
                 Err(ProgramError::SyscallError(e))
@@ -414,6 +428,7 @@ impl DataPlane {
         self.record_program()?;
         self.commit_staged_pins()?;
         self.migrate(true)?;
+        self.attach_egress(iface)?;
         Ok(AttachedMode::Native)
     }
 
@@ -471,8 +486,10 @@ impl DataPlane {
     pub fn detach(&mut self) -> Result<(), std::io::Error> {
         self.pending_link = None;
         let Some(attachment) = self.attachment.take() else {
+            self.egress.keep();
             return Ok(());
         };
+        self.egress.detach()?;
         if let Some(pin) = &attachment.pin {
             remove_if_present(pin)?;
         }
@@ -491,6 +508,7 @@ impl DataPlane {
         match self.attachment.as_ref().and_then(|a| a.pin.as_ref()) {
             Some(_) => {
                 self.attachment = None;
+                self.egress.keep();
                 Ok(())
             }
             None => self.detach(),

@@ -26,6 +26,7 @@
 //!   and fuzzer use.
 
 mod counters;
+mod egress;
 mod flows;
 mod load;
 mod migrate;
@@ -79,6 +80,15 @@ pub enum DataPlaneError {
     MissingMap(&'static str),
     #[error("the kernel rejected the XDP program: {0}")]
     Verify(#[source] ProgramError),
+    #[error(
+        "the eBPF object has no program named {}",
+        ha_common::TC_EGRESS_PROGRAM_NAME
+    )]
+    MissingEgressProgram,
+    #[error("the kernel rejected the tc egress program: {0}")]
+    EgressVerify(#[source] ProgramError),
+    #[error("attaching the tc egress program to {iface}: {reason}")]
+    EgressAttach { iface: String, reason: String },
     #[error(
         "generic (skb) XDP is not supported (interface {iface}): in generic mode the program is \
          handed GRO-merged packets of up to 64 KiB and checksums the kernel has not completed, \
@@ -277,6 +287,8 @@ pub struct DataPlane {
     sweep_totals: SweepTotals,
     /// The live slot of SETTINGS (0 or 1; the other is written next).
     settings_slot: u32,
+    /// The tc egress program's attachment (local backends' replies).
+    egress: egress::Egress,
 }
 
 impl DataPlane {

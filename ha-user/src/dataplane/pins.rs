@@ -402,7 +402,10 @@ pub(super) fn remove_if_present(path: &Path) -> std::io::Result<()> {
 /// the directory if it is then empty. Removing the link's pin detaches the
 /// program once no process holds the link.
 pub fn remove_pins(dir: &Path) -> std::io::Result<()> {
-    for name in [LINK_PIN, RECORD_PIN].into_iter().chain(PINNED_MAPS) {
+    for name in [LINK_PIN, super::egress::EGRESS_LINK_PIN, RECORD_PIN]
+        .into_iter()
+        .chain(PINNED_MAPS)
+    {
         remove_if_present(&dir.join(name))?;
     }
     for name in PINNED_MAPS {
