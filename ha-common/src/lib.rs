@@ -20,6 +20,8 @@ pub mod hash;
 pub const XDP_PROGRAM_NAME: &str = "ha_xdp";
 /// A program that passes everything: the benchmarks' floor and the lab's veth peer helper.
 pub const XDP_PASS_PROGRAM_NAME: &str = "ha_xdp_pass";
+/// Name of the tc egress program (the replies of local backends, back to their VIP).
+pub const TC_EGRESS_PROGRAM_NAME: &str = "ha_tc_egress";
 
 // Map names, as declared in the XDP program.
 pub const VIPS_MAP: &str = "VIPS";
@@ -53,6 +55,7 @@ pub const SOCK_RECVMSG4_PROGRAM_NAME: &str = "ha_sock_recvmsg4";
 /// Entries of SOCK_LB_REVERSE (LRU): sockets balanced at once whose peer
 /// is reported as the VIP.
 pub const SOCK_LB_REVERSE_ENTRIES: u32 = 65_536;
+pub const EGRESS_VERDICTS_MAP: &str = "EGRESS_VERDICTS";
 
 /// Most VIPs one data plane serves; also the number of VIP stat slots.
 pub const MAX_VIPS: u32 = 64;
@@ -118,7 +121,8 @@ pub struct VipInfo {
 }
 const _: () = assert!(core::mem::size_of::<VipInfo>() == 16);
 
-/// The backend runs on this LB host: pass its packets up instead of NATing them.
+/// The backend runs on this LB host: its flows are delivered up, translated
+/// to the backend's address and port (docs/data-path.md, "Local backends").
 pub const BACKEND_FLAG_LOCAL: u8 = 1;
 /// The backend does not answer (refused, unreachable): its established flows
 /// are broken anyway, so each moves to a live backend on its next packet.
@@ -176,7 +180,7 @@ impl FlowKey {
 
 // Flow flag bits (docs/data-path.md, "The flow state machine"). Bits are only
 // ever set, atomically; a flow that must start over is removed and created anew.
-/// The backend sent a packet that is not an RST (a local flow: the client's second packet).
+/// The backend sent a packet that is not an RST (a local backend's: seen by the tc egress program).
 pub const FLOW_SEEN_REPLY: u32 = 1;
 /// The client sent a packet that is not a bare SYN after the reply: established.
 pub const FLOW_ASSURED: u32 = 2;
@@ -186,7 +190,7 @@ pub const FLOW_FIN_CLIENT: u32 = 4;
 pub const FLOW_FIN_BACKEND: u32 = 8;
 /// Either side sent RST.
 pub const FLOW_RESET: u32 = 16;
-/// The flow goes to a backend on this host: passed up, not NATed.
+/// The flow goes to a backend on this host: its destination translated, passed up.
 pub const FLOW_LOCAL: u32 = 32;
 
 /// A flow's state, derived from its flag bits (first rule that matches).
@@ -226,9 +230,12 @@ pub struct Flow {
     /// The clock (`bpf_ktime_get_coarse_ns`) at the flow's last packet,
     /// refreshed at most every [`LAST_SEEN_GRANULARITY_NS`] unless the state changed.
     pub last_seen_ns: u64,
-    /// NAT source address towards the backend (wire order); 0 for a local flow.
+    /// NAT source address towards the backend (wire order); a local flow's
+    /// client address (the source its packets keep), or 0 for a local flow
+    /// created by a program that did not translate them.
     pub nat_addr: u32,
-    /// NAT source port towards the backend (wire order); 0 for a local flow.
+    /// NAT source port towards the backend (wire order); a local flow's
+    /// client port (0 as above).
     pub nat_port: u16,
     /// The source MAC of the flow's first packet: in one-arm, the next hop
     /// back to the client (the client, or its router). Replies use it when
@@ -262,13 +269,9 @@ impl Flow {
     }
 
     /// May be evicted to make room: not established (embryonic, or a closed
-    /// flow lingering), or local. A NATed established or closing flow never is.
-    ///
-    /// A local flow's `ASSURED` comes from the client alone (its backend's
-    /// answers never pass XDP), so two blind packets would make it
-    /// unevictable for `tcp_idle_timeout`; it holds no NAT port, and the
-    /// Maglev table sends its next packet back to the same backend while the
-    /// backends are unchanged, so evicting it costs the flow nothing then.
+    /// flow lingering). An established or closing flow never is, local or
+    /// NATed: a local backend's answers are seen by the tc egress program, so
+    /// a local flow is assured by both sides as a NATed one is.
     ///
     /// Computed without a branch (as is [`Flow::timeout_class`]): the BPF
     /// verifier keeps apart every path that tested a different bit of the
@@ -278,8 +281,7 @@ impl Flow {
         let f = self.flags;
         let assured = (f >> 1) & 1;
         let closed = ((f >> 4) & 1) | ((f >> 2) & (f >> 3) & 1);
-        let local = (f >> 5) & 1;
-        (closed | local | (assured ^ 1)) != 0
+        (closed | (assured ^ 1)) != 0
     }
 
     /// Which of `Settings::timeouts_ns` applies to the flow now (a `TIMEOUT_*` index).
@@ -320,13 +322,25 @@ impl Flow {
         now_ns > deadline
     }
 
+    /// Whether the flow has a reverse entry to keep: a NATed flow, or a
+    /// local flow that translates (its NAT source is its client `key`'s own
+    /// address and port; a local flow left by a program that passed them
+    /// untranslated has 0:0 there, and no reverse entry).
+    #[inline(always)]
+    pub const fn has_reverse(&self, key: &FlowKey) -> bool {
+        let local = (self.flags >> 5) & 1;
+        let other = (self.nat_addr ^ key.src_addr) | ((self.nat_port ^ key.src_port) as u32);
+        local == 0 || other == 0
+    }
+
     /// Whether this flow is the one a reverse entry `(nat_addr, nat_port)`
-    /// with `backend_id` belongs to.
+    /// with `backend_id` belongs to. A local flow names its reverse entry
+    /// too (its client's address and port stand for the NAT source); the
+    /// paths that translate only NATed flows check `FLOW_LOCAL` apart.
     #[inline(always)]
     pub const fn names(&self, nat_addr: u32, nat_port: u16, backend_id: u32) -> bool {
-        // One comparison, not four branches (the BPF verifier walks each).
-        ((self.flags & FLOW_LOCAL)
-            | (self.nat_addr ^ nat_addr)
+        // One comparison, not three branches (the BPF verifier walks each).
+        ((self.nat_addr ^ nat_addr)
             | ((self.nat_port ^ nat_port) as u32)
             | (self.backend_id ^ backend_id))
             == 0
@@ -555,12 +569,8 @@ pub const fn client_packet_bits(current: u32, tcp_flags: u8, first: bool) -> u32
     let ack = (f >> 4) & 1;
     let bare_syn = syn & (ack ^ 1) & (rst ^ 1);
     let advances = (bare_syn ^ 1) & (first as u32 ^ 1);
-    let local = (current >> 5) & 1;
-    let seen_reply = current & FLOW_SEEN_REPLY;
-    // A local backend's answers never pass XDP: the client's packet after
-    // the first one stands for them.
-    let answered =
-        local * (FLOW_SEEN_REPLY | FLOW_ASSURED) + (local ^ 1) * seen_reply * FLOW_ASSURED;
+    // A local flow too: its backend's answers are seen by the tc egress program.
+    let answered = (current & FLOW_SEEN_REPLY) * FLOW_ASSURED;
     let otherwise = fin * FLOW_FIN_CLIENT + advances * answered;
     rst * FLOW_RESET + (rst ^ 1) * otherwise
 }
@@ -816,6 +826,30 @@ indexed_enum! {
     }
 }
 
+indexed_enum! {
+    /// What the tc egress program did with a packet leaving the interface:
+    /// every packet counts in exactly one slot of EGRESS_VERDICTS. It never
+    /// drops: each one leaves, translated or untouched.
+    pub enum EgressVerdict {
+        /// Not a local backend's reply (not TCP or UDP over IPv4, or no
+        /// reverse entry for its tuple): untouched.
+        Pass = 0 => "egress_pass",
+        /// Shorter than its headers claim, or a bad IPv4 header: untouched.
+        PassMalformed = 1 => "egress_pass_malformed",
+        /// A fragment (its later fragments have no ports to translate by): untouched.
+        PassFragment = 2 => "egress_pass_fragment",
+        /// A reverse entry matched, but its flow is missing, not local, does
+        /// not name the entry, or has expired (then forgotten): untouched.
+        PassNoFlow = 3 => "egress_pass_no_flow",
+        /// A local backend's reply: its source rewritten to the flow's VIP and port.
+        Translated = 4 => "egress_translated",
+    }
+}
+
+/// The least TCP and UDP header a packet must carry to have ports (and TCP flags).
+pub const TCP_HDR_LEN_MIN: usize = 20;
+pub const UDP_HDR_LEN_MIN: usize = 8;
+
 #[cfg(feature = "user")]
 mod pod {
     use super::*;
@@ -931,9 +965,10 @@ mod tests {
             }
             .is_evictable()
         );
-        // Local: assured by the client alone, so never kept against eviction.
+        // Local: assured by both sides (the tc egress program sees the
+        // backend's), so kept against eviction as a NATed flow is.
         assert!(
-            Flow {
+            !Flow {
                 flags: FLOW_SEEN_REPLY | FLOW_ASSURED | FLOW_LOCAL,
                 ..Flow::default()
             }
@@ -951,11 +986,10 @@ mod tests {
             let state = flow.state();
             assert_eq!(
                 flow.is_evictable(),
-                flags & FLOW_LOCAL != 0
-                    || matches!(
-                        state,
-                        FlowState::Closed | FlowState::New | FlowState::Replied
-                    ),
+                matches!(
+                    state,
+                    FlowState::Closed | FlowState::New | FlowState::Replied
+                ),
                 "{flags:#x}"
             );
             let tcp = match state {
@@ -1074,10 +1108,11 @@ mod tests {
         // A first packet: RST is born closed, FIN sets its bit, nothing is answered.
         assert_eq!(client_packet_bits(0, TCP_RST, true), FLOW_RESET);
         assert_eq!(client_packet_bits(FLOW_LOCAL, ack, true), 0);
-        // Local flows: the client's second packet stands for the answer.
+        // Local flows as NATed ones: the backend's answer (seen at egress) first.
+        assert_eq!(client_packet_bits(FLOW_LOCAL, ack, false), 0);
         assert_eq!(
-            client_packet_bits(FLOW_LOCAL, ack, false),
-            FLOW_SEEN_REPLY | FLOW_ASSURED
+            client_packet_bits(FLOW_LOCAL | FLOW_SEEN_REPLY, ack, false),
+            FLOW_ASSURED
         );
         assert_eq!(client_packet_bits(FLOW_LOCAL, syn, false), 0);
         // UDP has no flags: a reply then a client packet establish it.
@@ -1097,12 +1132,8 @@ mod tests {
             if f & TCP_FIN != 0 {
                 add |= FLOW_FIN_CLIENT;
             }
-            if !first && !tcp_bare_syn(f) {
-                if current & FLOW_LOCAL != 0 {
-                    add |= FLOW_SEEN_REPLY | FLOW_ASSURED;
-                } else if current & FLOW_SEEN_REPLY != 0 {
-                    add |= FLOW_ASSURED;
-                }
+            if !first && !tcp_bare_syn(f) && current & FLOW_SEEN_REPLY != 0 {
+                add |= FLOW_ASSURED;
             }
             add
         };

@@ -6,7 +6,7 @@
 use core::intrinsics::{AtomicOrdering, atomic_or};
 
 use ha_common::{
-    BACKEND_FLAG_DOWN, Event, FLOW_LOCAL, FLOW_RESET, FLOW_RESTART_ON_SYN, Flow, FlowKey,
+    BACKEND_FLAG_DOWN, Event, FLOW_RESET, FLOW_RESTART_ON_SYN, Flow, FlowKey,
     LAST_SEEN_GRANULARITY_NS, NatEntry, NatKey, Settings, backend_packet_bits, client_packet_bits,
     tcp_bare_syn,
 };
@@ -76,13 +76,11 @@ pub fn existing(key: &FlowKey, tcp_flags: u8, settings: &Settings, now: u64) -> 
     }
 }
 
-/// The reverse key of a NATed flow (none for a local flow, or if its
-/// backend record is gone).
+/// The reverse key of a flow (none if its backend record is gone). A local
+/// flow's names its client's address and port where a NATed flow's names
+/// its NAT source: the tuple of the backend's replies either way.
 #[inline(always)]
 pub fn nat_key_of(key: &FlowKey, flow: &Flow) -> Option<NatKey> {
-    if flow.flags & FLOW_LOCAL != 0 {
-        return None;
-    }
     let backend = BACKENDS.get(flow.backend_id)?;
     Some(NatKey::new(
         backend,
@@ -110,7 +108,7 @@ pub fn release(nat_key: &NatKey, key: &FlowKey) {
     }
 }
 
-/// Puts back a NATed flow's reverse entry if it is missing (it was lost:
+/// Puts back a flow's reverse entry if it is missing (it was lost:
 /// without it the backend's replies would be dropped).
 #[inline(always)]
 pub fn ensure_reverse(nat_key: &NatKey, key: &FlowKey, backend_id: u32, now: u64) {

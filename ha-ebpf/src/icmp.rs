@@ -124,7 +124,8 @@ pub fn classify(packet: &Packet, settings: &Settings, send: &mut Send) -> Option
     let backend_id = entry.backend_id;
     // SAFETY: map value, read at once.
     let flow = unsafe { CONNTRACK.get(&client) }?;
-    if !flow.names(nat_key.lb_addr, nat_key.nat_port, backend_id) {
+    // A local flow names its reverse entry too; errors about it are not translated here.
+    if flow.flags & FLOW_LOCAL != 0 || !flow.names(nat_key.lb_addr, nat_key.nat_port, backend_id) {
         return None;
     }
     let mac = flow.client_mac;

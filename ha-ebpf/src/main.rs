@@ -15,8 +15,10 @@
 
 mod classify;
 mod conntrack;
+mod egress;
 mod forward;
 mod icmp;
+mod local;
 mod maps;
 mod nat;
 mod parse;
@@ -97,6 +99,8 @@ pub struct Send {
     flow: Flow,
     /// A new flow's reverse entry, built here while a NAT port is claimed.
     entry: NatEntry,
+    /// A new local flow's reverse key, built here while it is claimed.
+    local_key: NatKey,
 }
 
 /// The action a path returns when `Send` holds what to do.
@@ -252,13 +256,14 @@ fn existing_flow(
     let Some(backend) = BACKENDS.get(flow.backend_id) else {
         return drop(Verdict::DropStaleBackend);
     };
-    if flow.flags & FLOW_LOCAL != 0 {
+    if backend.addr == 0 {
+        return drop(Verdict::DropStaleBackend);
+    }
+    let local = flow.flags & FLOW_LOCAL != 0;
+    if local && !local::translated(key, flow) {
         count_traffic(&VIP_STATS, vip.slot, frame_len, false);
         count_traffic(&BACKEND_STATS, flow.backend_id, frame_len, false);
         return pass(Verdict::PassLocalBackend);
-    }
-    if backend.addr == 0 {
-        return drop(Verdict::DropStaleBackend);
     }
     if refreshed {
         // At most once a second per flow: a lost reverse entry comes back
@@ -268,6 +273,10 @@ fn existing_flow(
     }
     count_traffic(&VIP_STATS, vip.slot, frame_len, false);
     count_traffic(&BACKEND_STATS, flow.backend_id, frame_len, false);
+    if local {
+        local::deliver(ctx, packet, backend);
+        return pass(Verdict::PassLocalBackend);
+    }
     let to = Rewrite {
         src_addr: flow.nat_addr,
         dst_addr: backend.addr,
@@ -307,17 +316,24 @@ fn new_flow(
         client_mac: [0; 6],
         _pad: 0,
     };
-    if !local {
+    send.entry = NatEntry {
+        flow: *key,
+        backend_id,
+        _pad: 0,
+        created_ns: now,
+    };
+    if local {
+        // Its reverse entry names the client's own address and port.
+        if !local::claim(&send.entry, &mut send.local_key, &backend, settings) {
+            return drop(Verdict::DropNatExhausted);
+        }
+        send.flow.nat_addr = key.src_addr;
+        send.flow.nat_port = key.src_port;
+    } else {
         let range = &settings.nat[0];
         // A first packet that is not a bare SYN continues a connection: it
         // looks for its own NAT port first.
         let pickup = packet.protocol == PROTO_TCP && !tcp_bare_syn(packet.tcp_flags(ctx));
-        send.entry = NatEntry {
-            flow: *key,
-            backend_id,
-            _pad: 0,
-            created_ns: now,
-        };
         let Some(port) = ports::claim(&send.entry, &selected, settings, pickup) else {
             return drop(Verdict::DropNatExhausted);
         };
@@ -328,10 +344,8 @@ fn new_flow(
     }
     let flow = &send.flow;
     if !ports::insert_flow(key, flow, 0, settings, now) {
-        if !local {
-            let nat_key = NatKey::new(&backend, flow.nat_addr, flow.nat_port, key.protocol);
-            conntrack::release(&nat_key, key);
-        }
+        let nat_key = NatKey::new(&backend, flow.nat_addr, flow.nat_port, key.protocol);
+        conntrack::release(&nat_key, key);
         return drop(Verdict::DropTableFull);
     }
     let (nat_addr, nat_port) = (flow.nat_addr, flow.nat_port);
@@ -357,6 +371,7 @@ fn new_flow(
         );
     }
     if local {
+        local::deliver(ctx, packet, &backend);
         return pass(Verdict::PassLocalBackend);
     }
     let to = Rewrite {
@@ -424,7 +439,10 @@ fn reply_path(
         Some(flow_ptr) => {
             // SAFETY: map value pointer, valid for this run.
             let flow = unsafe { &*flow_ptr };
-            if !flow.names(nat_key.lb_addr, nat_key.nat_port, entry.backend_id) {
+            // A local flow's replies leave through tc egress, never here.
+            if flow.flags & FLOW_LOCAL != 0
+                || !flow.names(nat_key.lb_addr, nat_key.nat_port, entry.backend_id)
+            {
                 // A stale reverse entry: the flow uses another port now.
                 return drop(Verdict::DropReplyNoFlow);
             }

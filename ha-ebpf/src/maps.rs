@@ -10,8 +10,8 @@ use aya_ebpf::{
     maps::{Array, DevMapHash, HashMap, PerCpuArray},
 };
 use ha_common::{
-    BackendAddr, BackendInfo, Counter, Event, Flow, FlowKey, MAX_BACKENDS, MAX_VIPS, NatEntry,
-    NatKey, QueueHead, Settings, TrafficCounter, Verdict, VipInfo, VipKey,
+    BackendAddr, BackendInfo, Counter, EgressVerdict, Event, Flow, FlowKey, MAX_BACKENDS, MAX_VIPS,
+    NatEntry, NatKey, QueueHead, Settings, TrafficCounter, Verdict, VipInfo, VipKey,
 };
 
 #[map(name = "VIPS")]
@@ -75,6 +75,22 @@ pub struct Scratch {
 
 #[map(name = "VERDICTS")]
 pub static VERDICTS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(Verdict::COUNT, 0);
+
+/// The tc egress program's verdicts (every packet it sees counts in one).
+#[map(name = "EGRESS_VERDICTS")]
+pub static EGRESS_VERDICTS: PerCpuArray<Counter> =
+    PerCpuArray::with_max_entries(EgressVerdict::COUNT, 0);
+
+#[inline(always)]
+pub fn count_egress(verdict: EgressVerdict, len: u32) {
+    if let Some(slot) = EGRESS_VERDICTS.get_ptr_mut(verdict as u32) {
+        // SAFETY: per-CPU slot; nothing else writes it while this program runs on this CPU.
+        unsafe {
+            (*slot).packets += 1;
+            (*slot).bytes += u64::from(len);
+        }
+    }
+}
 
 #[map(name = "EVENTS")]
 pub static EVENTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Event::COUNT, 0);

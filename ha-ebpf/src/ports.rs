@@ -100,7 +100,7 @@ fn claim_port(entry: &NatEntry, backend: &Selected, settings: &Settings, pickup:
 /// established (evicted); false if the owner keeps it. A BPF subprogram:
 /// all its ways of saying no return the same state to the loop.
 #[inline(never)]
-fn displace(nat_key: &NatKey, entry: &NatEntry, settings: &Settings, now: u64) -> bool {
+pub fn displace(nat_key: &NatKey, entry: &NatEntry, settings: &Settings, now: u64) -> bool {
     displace_owner(nat_key, entry, settings, now).is_some()
 }
 
@@ -240,7 +240,12 @@ pub fn recover_forward(
     let backend = crate::maps::BACKENDS
         .get(entry.backend_id)
         .ok_or(Verdict::DropReplyNoFlow)?;
-    if backend.addr != nat_key.backend_addr || backend.port != nat_key.backend_port {
+    // A local backend's flow is never rebuilt from a packet that came in
+    // (its replies leave through tc egress, not XDP).
+    if backend.addr != nat_key.backend_addr
+        || backend.port != nat_key.backend_port
+        || backend.flags & ha_common::BACKEND_FLAG_LOCAL != 0
+    {
         return Err(Verdict::DropReplyNoFlow);
     }
     let flow = Flow {

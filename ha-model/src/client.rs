@@ -14,15 +14,18 @@
 
 use ha_common::hash::flow_hash;
 use ha_common::{
-    BACKEND_FLAG_LOCAL, BackendInfo, Event, FLOW_LOCAL, FLOW_RESET, Flow, FlowKey, PROTO_TCP,
-    Verdict, VipInfo,
+    BACKEND_FLAG_LOCAL, BackendInfo, Event, FLOW_LOCAL, FLOW_RESET, Flow, FlowKey, NatKey,
+    PROTO_TCP, Verdict, VipInfo,
 };
 
 use crate::ctx::Update;
-use crate::flow::{client_bits, first_packet_bits, is_bare_syn, refresh, tcp_flags_valid};
+use crate::flow::{
+    client_bits, first_packet_bits, has_reverse, is_bare_syn, refresh, tcp_flags_valid,
+};
 use crate::forward::Sent;
 use crate::nat::Rewrite;
 use crate::parse::Packet;
+use crate::select::PortOwner;
 use crate::{Ctx, Fib, XDP_DROP, XDP_PASS};
 
 /// The client flow key of `packet` (src, dst = VIP, sport, dport = VIP port, protocol).
@@ -111,12 +114,15 @@ impl Ctx<'_> {
         let Some(backend) = self.backend(flow.backend_id) else {
             return (XDP_DROP, Verdict::DropStaleBackend);
         };
-        if flow.flags & FLOW_LOCAL != 0 {
-            self.count_traffic(vip.slot, flow.backend_id, frame.len(), false);
-            return (XDP_PASS, Verdict::PassLocalBackend);
-        }
         if backend.addr == 0 {
             return (XDP_DROP, Verdict::DropStaleBackend);
+        }
+        if flow.flags & FLOW_LOCAL != 0 {
+            self.count_traffic(vip.slot, flow.backend_id, frame.len(), false);
+            // A local flow left untranslated by an earlier program stays so.
+            if !has_reverse(&key, &flow) {
+                return (XDP_PASS, Verdict::PassLocalBackend);
+            }
         }
         if refreshed
             && let Some(nat_key) = self.nat_key_of(&key, &flow)
@@ -127,8 +133,54 @@ impl Ctx<'_> {
                 self.count_event(Event::ReverseRecovered);
             }
         }
+        if flow.flags & FLOW_LOCAL != 0 {
+            return self.deliver_locally(packet, &backend, frame);
+        }
         self.count_traffic(vip.slot, flow.backend_id, frame.len(), false);
         self.send_to_backend(packet, &flow, &backend, frame, ingress, fib)
+    }
+
+    /// A local flow's packet: destination -> the backend's address and port (its source, TTL
+    /// and all else kept, the checksums updated as by step 5), passed up to the host.
+    fn deliver_locally(
+        &mut self,
+        packet: &Packet,
+        backend: &BackendInfo,
+        frame: &mut [u8],
+    ) -> (u32, Verdict) {
+        let to = Rewrite {
+            src_addr: packet.src_addr,
+            dst_addr: backend.addr,
+            src_port: packet.src_port,
+            dst_port: backend.port,
+        };
+        let _ = crate::nat::rewrite(frame, packet, &to);
+        (XDP_PASS, Verdict::PassLocalBackend)
+    }
+
+    /// A new local flow's reverse entry: (backend, client address, backend port, client port).
+    /// Its one candidate is the client's own address and port: an entry naming `key` is taken
+    /// as it is (`forward_recovered`); else inserted only if absent; else (counting
+    /// `nat_port_collision`) taken from an owner that gives it up as in 5a's third pass.
+    fn claim_local(&mut self, key: FlowKey, backend_id: u32, backend: BackendInfo) -> bool {
+        let nat_key = NatKey {
+            backend_addr: backend.addr,
+            lb_addr: key.src_addr,
+            backend_port: backend.port,
+            nat_port: key.src_port,
+            protocol: key.protocol,
+            _pad: [0; 3],
+        };
+        if self.port_owner(&nat_key, &key) == PortOwner::Own {
+            self.count_event(Event::ForwardRecovered);
+            return true;
+        }
+        let mine = self.nat_entry(key, backend_id);
+        if self.put_reverse(nat_key, mine, Update::NoExist) {
+            return true;
+        }
+        self.count_event(Event::NatPortCollision);
+        self.displace_owner(&nat_key, &key, mine)
     }
 
     /// Rewrite to (`nat_addr`:`nat_port` -> backend addr:port) and forward with no learned MAC.
@@ -169,21 +221,33 @@ impl Ctx<'_> {
         let midstream = key.protocol == PROTO_TCP && !is_bare_syn(flags);
 
         if backend.flags & BACKEND_FLAG_LOCAL != 0 {
+            if !self.claim_local(key, backend_id, backend) {
+                return (XDP_DROP, Verdict::DropNatExhausted);
+            }
             let flow = Flow {
                 backend_id,
                 flags: FLOW_LOCAL | initial,
                 last_seen_ns: self.now,
-                nat_addr: 0,
-                nat_port: 0,
+                nat_addr: key.src_addr,
+                nat_port: key.src_port,
                 client_mac: [0; 6],
                 _pad: 0,
             };
             if !self.insert_new_flow(key, flow, Update::Any) {
+                if let Some(nat_key) = self.nat_key_of(&key, &flow)
+                    && self
+                        .state
+                        .reverse
+                        .get(&nat_key)
+                        .is_some_and(|entry| entry.flow == key)
+                {
+                    self.state.reverse.remove(&nat_key);
+                }
                 return (XDP_DROP, Verdict::DropTableFull);
             }
             self.count_created(midstream, initial);
             self.count_traffic(vip.slot, backend_id, frame.len(), true);
-            return (XDP_PASS, Verdict::PassLocalBackend);
+            return self.deliver_locally(packet, &backend, frame);
         }
 
         let Some(nat_key) = self.claim_nat_port(key, hash, backend_id, backend, midstream) else {

@@ -3,8 +3,8 @@
 //! and step **5b** (the queue of recent flows, and making room in a full table).
 
 use ha_common::{
-    BACKEND_FLAG_DOWN, Event, FLOW_ASSURED, FLOW_FIN_BACKEND, FLOW_FIN_CLIENT, FLOW_LOCAL,
-    FLOW_RESET, Flow, FlowKey, MAKE_ROOM_ATTEMPTS, NatKey, QueueHead,
+    BACKEND_FLAG_DOWN, Event, FLOW_ASSURED, FLOW_FIN_BACKEND, FLOW_FIN_CLIENT, FLOW_RESET, Flow,
+    FlowKey, MAKE_ROOM_ATTEMPTS, NatKey, QueueHead,
 };
 
 use crate::Ctx;
@@ -33,12 +33,11 @@ impl Ctx<'_> {
         })
     }
 
-    /// **Forgetting** a flow: unless `LOCAL`, if `BACKENDS[backend_id]` exists and
+    /// **Forgetting** a flow (local or NATed): if `BACKENDS[backend_id]` exists and
     /// `REVERSE_NAT[nat key of the flow]` exists and names `key` (its `flow` is `key`), remove
     /// it; then remove `CONNTRACK[key]`.
     pub fn forget(&mut self, key: &FlowKey, flow: &Flow) {
-        if flow.flags & FLOW_LOCAL == 0
-            && let Some(nat_key) = self.nat_key_of(key, flow)
+        if let Some(nat_key) = self.nat_key_of(key, flow)
             && self
                 .state
                 .reverse
@@ -221,7 +220,9 @@ mod tests {
         state.reverse.insert(nat_key(1), entry(key(1)));
         state.conntrack.insert(key(2), flow(0, 0, 2));
         state.reverse.insert(nat_key(2), entry(key(3)));
-        state.conntrack.insert(key(4), flow(FLOW_LOCAL, 0, 4));
+        state
+            .conntrack
+            .insert(key(4), flow(ha_common::FLOW_LOCAL, 0, 4));
         state.reverse.insert(nat_key(4), entry(key(4)));
         state.conntrack.insert(
             key(5),
@@ -237,10 +238,11 @@ mod tests {
             ctx.forget(&key(n), &f);
         }
         assert!(state.conntrack.is_empty());
-        // Kept: the one naming another flow, the local flow's, the one of a missing backend.
+        // Kept: the one naming another flow, the one of a missing backend (a local
+        // flow's goes with it as a NATed flow's does).
         assert_eq!(
             state.reverse.keys().copied().collect::<Vec<_>>(),
-            vec![nat_key(2), nat_key(4), nat_key(5)]
+            vec![nat_key(2), nat_key(5)]
         );
     }
 

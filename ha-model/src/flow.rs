@@ -52,9 +52,17 @@ impl Phase {
     }
 }
 
-/// *Evictable*: not `ASSURED`, or closed, or local (its `ASSURED` is the client's word alone).
+/// *Evictable*: not `ASSURED`, or closed (local or not: a local flow is assured by both sides,
+/// its backend's packets being seen by the tc egress program).
 pub fn is_evictable(flags: u32) -> bool {
-    flags & FLOW_ASSURED == 0 || Phase::of(flags) == Phase::Closed || flags & FLOW_LOCAL != 0
+    flags & FLOW_ASSURED == 0 || Phase::of(flags) == Phase::Closed
+}
+
+/// Whether a flow has a reverse entry to keep: not `LOCAL`, or a local flow whose NAT source
+/// is its client's own address and port (a *translated* local flow; one created by a program
+/// that passed local flows untranslated has NAT source 0:0).
+pub fn has_reverse(key: &ha_common::FlowKey, flow: &Flow) -> bool {
+    flow.flags & FLOW_LOCAL == 0 || (flow.nat_addr == key.src_addr && flow.nat_port == key.src_port)
 }
 
 /// **Timeout** of a flow of `protocol` with `flags`, from the table in the spec.
@@ -126,12 +134,8 @@ pub fn client_bits(b: u32, flags: u8) -> u32 {
     if flags & TCP_FIN != 0 {
         add |= FLOW_FIN_CLIENT;
     }
-    if !is_bare_syn(flags) {
-        if b & FLOW_LOCAL != 0 {
-            add |= FLOW_SEEN_REPLY | FLOW_ASSURED;
-        } else if b & FLOW_SEEN_REPLY != 0 {
-            add |= FLOW_ASSURED;
-        }
+    if !is_bare_syn(flags) && b & FLOW_SEEN_REPLY != 0 {
+        add |= FLOW_ASSURED;
     }
     add
 }
@@ -264,18 +268,17 @@ mod tests {
     }
 
     #[test]
-    fn evictable_is_unassured_or_closed_or_local() {
+    fn evictable_is_unassured_or_closed_local_or_not() {
         for flags in 0..64u32 {
-            let expected = flags & FLOW_LOCAL != 0
-                || matches!(
-                    Phase::of(flags),
-                    Phase::New | Phase::Replied | Phase::Closed
-                );
+            let expected = matches!(
+                Phase::of(flags),
+                Phase::New | Phase::Replied | Phase::Closed
+            );
             assert_eq!(is_evictable(flags), expected, "{flags:#x}");
         }
         assert!(!is_evictable(EST | FLOW_FIN_CLIENT));
         assert!(is_evictable(EST | FLOW_RESET));
-        assert!(is_evictable(EST | FLOW_LOCAL));
+        assert!(!is_evictable(EST | FLOW_LOCAL));
     }
 
     #[test]
@@ -334,10 +337,11 @@ mod tests {
         // A bare SYN adds nothing.
         assert_eq!(client_bits(FLOW_SEEN_REPLY, SYN), 0);
         assert_eq!(client_bits(FLOW_LOCAL, SYN | TCP_URG), 0);
-        // ACK: ASSURED after SEEN_REPLY; SEEN_REPLY|ASSURED for local; nothing for new.
+        // ACK: ASSURED after SEEN_REPLY (local or not); nothing for new.
         assert_eq!(client_bits(0, ACK), 0);
         assert_eq!(client_bits(FLOW_SEEN_REPLY, ACK), FLOW_ASSURED);
-        assert_eq!(client_bits(FLOW_LOCAL, ACK), EST);
+        assert_eq!(client_bits(FLOW_LOCAL, ACK), 0);
+        assert_eq!(client_bits(FLOW_LOCAL | FLOW_SEEN_REPLY, ACK), FLOW_ASSURED);
         assert_eq!(client_bits(FLOW_SEEN_REPLY, SYN | ACK), FLOW_ASSURED);
         // FIN.
         assert_eq!(client_bits(0, FA), FLOW_FIN_CLIENT);
@@ -348,7 +352,7 @@ mod tests {
         // UDP (flags 0).
         assert_eq!(client_bits(0, 0), 0);
         assert_eq!(client_bits(FLOW_SEEN_REPLY, 0), FLOW_ASSURED);
-        assert_eq!(client_bits(FLOW_LOCAL, 0), EST);
+        assert_eq!(client_bits(FLOW_LOCAL, 0), 0);
     }
 
     #[test]
@@ -427,11 +431,14 @@ mod tests {
         assert_eq!(Phase::of(udp.flags), Phase::Replied);
         client(&mut udp, 0, 2);
         assert_eq!(Phase::of(udp.flags), Phase::Established);
-        // A local flow: the client's second packet establishes it.
+        // A local flow: as a NATed one, its backend's answer (seen at egress) first.
         let mut local = Flow {
             flags: FLOW_LOCAL | first_packet_bits(TCP_SYN),
             ..Flow::default()
         };
+        client(&mut local, TCP_ACK, 3);
+        assert_eq!(local.flags, FLOW_LOCAL);
+        backend(&mut local, TCP_SYN | TCP_ACK, 3);
         client(&mut local, TCP_ACK, 3);
         assert_eq!(local.flags, FLOW_LOCAL | EST);
         // RST on anything: closed.

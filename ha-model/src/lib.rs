@@ -24,6 +24,7 @@
 //! | ICMP (errors translated and answered) | [`icmp`] |
 //! | 6. Forward | [`forward`] |
 //! | The agent's sweep | [`sweep`] |
+//! | Local backends: the tc egress program | [`egress`] |
 //!
 //! [`frame`] builds and checks test frames (used by the tests here, and available to the fuzzer).
 //!
@@ -82,6 +83,7 @@ use ha_common::{
 pub mod classify;
 pub mod client;
 pub mod conntrack;
+pub mod egress;
 pub mod flow;
 pub mod forward;
 pub mod frame;
@@ -218,6 +220,8 @@ pub struct State {
     pub verdicts: Vec<Counter>,
     /// EVENTS, indexed by `Event as usize`.
     pub events: Vec<u64>,
+    /// EGRESS_VERDICTS (the tc egress program's), indexed by `EgressVerdict as usize`.
+    pub egress_verdicts: Vec<Counter>,
     /// VIP_STATS by VIP slot; only nonzero entries are kept.
     pub vip_stats: BTreeMap<u32, TrafficCounter>,
     /// BACKEND_STATS by backend id; only nonzero entries are kept.
@@ -231,6 +235,7 @@ impl State {
             embryonic: vec![FlowKey::EMPTY; embryonic_slots as usize],
             verdicts: vec![Counter::default(); Verdict::COUNT as usize],
             events: vec![0; Event::COUNT as usize],
+            egress_verdicts: vec![Counter::default(); ha_common::EgressVerdict::COUNT as usize],
             ..State::default()
         }
     }
@@ -256,8 +261,8 @@ pub struct Outcome {
     pub action: u32,
     /// The one `VERDICTS` slot this frame counted in.
     pub verdict: Verdict,
-    /// The frame as the program leaves it (for PASS: the input unchanged; for DROP: whatever,
-    /// not compared).
+    /// The frame as the program leaves it (for PASS: the input unchanged, except a local flow's
+    /// translated frame; for DROP: whatever, not compared).
     pub output: Vec<u8>,
 }
 
@@ -338,9 +343,9 @@ impl Model {
         let mut output = frame.to_vec();
         let (action, verdict) = ctx.run(&mut output, ingress_ifindex, fib);
         ctx.count_verdict(verdict, frame.len());
-        if action == XDP_PASS {
+        if action == XDP_PASS && verdict != Verdict::PassLocalBackend {
             // A passed frame is never touched (the pipeline does not write before deciding to
-            // pass); this only makes it evident.
+            // pass), except a local flow's, translated for delivery; this only makes it evident.
             output.clear();
             output.extend_from_slice(frame);
         }

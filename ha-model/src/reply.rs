@@ -31,8 +31,11 @@ impl Ctx<'_> {
         let client = entry.flow;
         match self.flow(&client) {
             None => {
+                // A local backend's flow is never rebuilt here (its replies leave by tc egress).
                 let source_matches = self.backend(entry.backend_id).is_some_and(|backend| {
-                    backend.addr == packet.src_addr && backend.port == packet.src_port
+                    backend.addr == packet.src_addr
+                        && backend.port == packet.src_port
+                        && backend.flags & ha_common::BACKEND_FLAG_LOCAL == 0
                 });
                 if !source_matches {
                     return (XDP_DROP, Verdict::DropReplyNoFlow);

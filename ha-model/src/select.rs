@@ -119,38 +119,44 @@ impl Ctx<'_> {
             self.count_event(Event::NatPortCollision);
         }
         for nat_key in &candidates {
-            let (owner_key, owner_flow, event) = match self.port_owner(nat_key, &key) {
-                PortOwner::Orphan(owner)
-                    if self.now > owner.created_ns.saturating_add(ORPHAN_GRACE_NS) =>
-                {
-                    if self.put_reverse(*nat_key, mine, Update::Any) {
-                        self.count_event(Event::OrphanFreed);
-                        return Some(*nat_key);
-                    }
-                    continue;
-                }
-                // This flow's own entry is an orphan for pass 3 too (its flow is missing).
-                PortOwner::Own => match self.state.reverse.get(nat_key).copied() {
-                    Some(owner) if self.now > owner.created_ns.saturating_add(ORPHAN_GRACE_NS) => {
-                        if self.put_reverse(*nat_key, mine, Update::Any) {
-                            self.count_event(Event::OrphanFreed);
-                            return Some(*nat_key);
-                        }
-                        continue;
-                    }
-                    _ => continue,
-                },
-                PortOwner::Expired(k, f) => (k, f, Event::ExpiredFlowReplaced),
-                PortOwner::Evictable(k, f) => (k, f, Event::EmbryonicEvicted),
-                _ => continue,
-            };
-            self.forget(&owner_key, &owner_flow);
-            self.count_event(event);
-            if self.put_reverse(*nat_key, mine, Update::NoExist) {
+            if self.displace_owner(nat_key, &key, mine) {
                 return Some(*nat_key);
             }
         }
         None
+    }
+
+    /// 5a's third pass for one candidate `nat_key` of the flow `key` (whose entry would be
+    /// `mine`): true when its owner gives it up and `mine` went in.
+    pub fn displace_owner(&mut self, nat_key: &NatKey, key: &FlowKey, mine: NatEntry) -> bool {
+        let (owner_key, owner_flow, event) = match self.port_owner(nat_key, key) {
+            PortOwner::Orphan(owner)
+                if self.now > owner.created_ns.saturating_add(ORPHAN_GRACE_NS) =>
+            {
+                if self.put_reverse(*nat_key, mine, Update::Any) {
+                    self.count_event(Event::OrphanFreed);
+                    return true;
+                }
+                return false;
+            }
+            // This flow's own entry is an orphan for pass 3 too (its flow is missing).
+            PortOwner::Own => match self.state.reverse.get(nat_key).copied() {
+                Some(owner) if self.now > owner.created_ns.saturating_add(ORPHAN_GRACE_NS) => {
+                    if self.put_reverse(*nat_key, mine, Update::Any) {
+                        self.count_event(Event::OrphanFreed);
+                        return true;
+                    }
+                    return false;
+                }
+                _ => return false,
+            },
+            PortOwner::Expired(k, f) => (k, f, Event::ExpiredFlowReplaced),
+            PortOwner::Evictable(k, f) => (k, f, Event::EmbryonicEvicted),
+            _ => return false,
+        };
+        self.forget(&owner_key, &owner_flow);
+        self.count_event(event);
+        self.put_reverse(*nat_key, mine, Update::NoExist)
     }
 }
 

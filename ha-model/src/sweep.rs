@@ -11,10 +11,10 @@
 
 use std::collections::BTreeMap;
 
-use ha_common::{FLOW_LOCAL, NatKey, ORPHAN_GRACE_NS};
+use ha_common::{NatKey, ORPHAN_GRACE_NS};
 
 use crate::ctx::Update;
-use crate::flow::names;
+use crate::flow::{has_reverse, names};
 use crate::{Ctx, SweepReport};
 
 impl Ctx<'_> {
@@ -28,7 +28,7 @@ impl Ctx<'_> {
         let mut named: BTreeMap<NatKey, usize> = BTreeMap::new();
         for (key, flow) in &flows {
             if !self.expired(key, flow)
-                && flow.flags & FLOW_LOCAL == 0
+                && has_reverse(key, flow)
                 && let Some(nat_key) = self.nat_key_of(key, flow)
             {
                 *named.entry(nat_key).or_default() += 1;
@@ -43,7 +43,7 @@ impl Ctx<'_> {
                 continue;
             }
             report.live += 1;
-            if flow.flags & FLOW_LOCAL != 0 {
+            if !has_reverse(key, flow) {
                 continue;
             }
             if let Some(nat_key) = self.nat_key_of(key, flow)

@@ -261,14 +261,12 @@ fn nat_key_of(m: &Model, key: &FlowKey, flow: &ha_common::Flow) -> NatKey {
 fn check_state(m: &Model, capacity: usize, slots: u32) -> Result<(), TestCaseError> {
     let s = &m.state;
     prop_assert!(s.conntrack.len() <= capacity);
-    prop_assert!(s.reverse.len() <= capacity);
+    prop_assert!(s.reverse.len() <= capacity + 1);
     prop_assert_eq!(s.embryonic.len(), slots as usize);
-    // Every NAT flow has its reverse entry, naming it; no two flows share a nat key.
+    // Every flow (a local one too) has its reverse entry, naming it; no two flows share a nat
+    // key.
     let mut nat_keys = BTreeSet::new();
     for (key, flow) in &s.conntrack {
-        if flow.flags & FLOW_LOCAL != 0 {
-            continue;
-        }
         let nk = nat_key_of(m, key, flow);
         let entry = s.reverse.get(&nk);
         prop_assert!(entry.is_some(), "flow {:?} has no reverse entry", key);
@@ -282,14 +280,18 @@ fn check_state(m: &Model, capacity: usize, slots: u32) -> Result<(), TestCaseErr
         let flow = s.conntrack.get(&entry.flow);
         prop_assert!(flow.is_some(), "orphan reverse entry {:?}", nk);
         let flow = flow.unwrap();
-        prop_assert_eq!(flow.flags & FLOW_LOCAL, 0);
         prop_assert_eq!(nat_key_of(m, &entry.flow, flow), *nk);
         prop_assert_eq!(entry.backend_id, flow.backend_id);
     }
     // The queue of recent flows never holds more records than it has slots.
     prop_assert!(s.embryonic_head.len <= slots, "{:?}", s.embryonic_head);
-    // Every NAT port is in the current range.
-    for nk in s.reverse.keys() {
+    // Every NAT port is in the current range (a local flow's entry names its client's port).
+    for (nk, entry) in &s.reverse {
+        if s.conntrack[&entry.flow].flags & FLOW_LOCAL != 0 {
+            prop_assert_eq!(nk.lb_addr, entry.flow.src_addr);
+            prop_assert_eq!(nk.nat_port, entry.flow.src_port);
+            continue;
+        }
         prop_assert!((NAT_MIN..=NAT_MAX).contains(&port_from_wire(nk.nat_port)));
     }
     Ok(())
@@ -332,14 +334,20 @@ fn own_flows(frame: &[u8], before: &State) -> Vec<FlowKey> {
     own
 }
 
+/// The tables' sizes: the reverse table with a margin, as the agent sizes it (every flow, local
+/// ones too, holds a reverse entry, so with equal sizes the reverse table would always fill
+/// first and the connection table never be found full).
+fn capacity(flows: usize) -> ha_model::Capacity {
+    ha_model::Capacity {
+        conntrack: flows,
+        reverse: flows + 1,
+    }
+}
+
 fn run(world: &World) -> Result<(), TestCaseError> {
     let mut config = config();
     config.settings.embryonic_slots = world.slots;
-    let mut m = Model::new(
-        config,
-        ha_model::Capacity::both(world.capacity),
-        world.slots,
-    );
+    let mut m = Model::new(config, capacity(world.capacity), world.slots);
     let mut now = START;
     check_state(&m, world.capacity, world.slots)?;
     for (delay, step) in &world.steps {
@@ -356,7 +364,7 @@ fn run(world: &World) -> Result<(), TestCaseError> {
                     counter.bytes,
                     before.verdict(out.verdict).bytes + frame.len() as u64
                 );
-                if out.action == XDP_PASS {
+                if out.action == XDP_PASS && out.verdict != ha_common::Verdict::PassLocalBackend {
                     prop_assert_eq!(&out.output, frame);
                 }
                 if out.action == XDP_TX || out.action == XDP_REDIRECT {
@@ -378,11 +386,9 @@ fn run(world: &World) -> Result<(), TestCaseError> {
             }
         };
         check_state(&m, world.capacity, world.slots)?;
-        // An established NATed flow leaves only by its own packets or by
-        // expiring (a local one may be evicted: its client alone makes it established).
+        // An established flow, local or NATed, leaves only by its own packets or by expiring.
         for (key, flow) in &before.conntrack {
             if established(flow.flags)
-                && flow.flags & FLOW_LOCAL == 0
                 && !own.contains(key)
                 && !is_expired(flow, key.protocol, &m.config.settings, now)
             {
@@ -421,15 +427,18 @@ fn the_generator_reaches_the_interesting_paths() {
     let mut events = vec![0u64; Event::COUNT as usize];
     let mut verdicts = vec![0u64; Verdict::COUNT as usize];
     let mut established_seen = false;
-    for _ in 0..300 {
+    for run in 0..300 {
         let world = world().new_tree(&mut runner).unwrap().current();
         let mut config = config();
         config.settings.embryonic_slots = world.slots;
-        let mut m = Model::new(
-            config,
-            ha_model::Capacity::both(world.capacity),
-            world.slots,
-        );
+        // Half the runs with tables of one size: the reverse table then fills first
+        // (drop_nat_exhausted), the other half with the agent's margin (drop_table_full).
+        let sizes = if run % 2 == 0 {
+            capacity(world.capacity)
+        } else {
+            ha_model::Capacity::both(world.capacity)
+        };
+        let mut m = Model::new(config, sizes, world.slots);
         let mut now = START;
         for (delay, step) in &world.steps {
             now += delay;
@@ -537,7 +546,7 @@ proptest! {
         config.settings.nat[0].port_max = port_range.1;
         config.settings.embryonic_slots = ring.0;
         config.settings.clock_ns = clock;
-        let mut m = Model::new(config, ha_model::Capacity::both(capacity), ring.1);
+        let mut m = Model::new(config, self::capacity(capacity), ring.1);
         m.state.embryonic_head = ha_common::QueueHead { next: ring.2, len: ring.3 };
         let mut now = START;
         for (i, (delay, frame)) in frames.iter().enumerate() {
@@ -546,13 +555,13 @@ proptest! {
             let out = m.process(frame, INGRESS, now, &fib);
             prop_assert_eq!(verdict_total(&m.state), before + 1);
             prop_assert!((1..=4).contains(&out.action));
-            if out.action == XDP_PASS {
+            if out.action == XDP_PASS && out.verdict != ha_common::Verdict::PassLocalBackend {
                 prop_assert_eq!(&out.output, frame);
             } else {
                 prop_assert_eq!(out.output.len(), frame.len());
             }
             prop_assert!(m.state.conntrack.len() <= capacity);
-            prop_assert!(m.state.reverse.len() <= capacity);
+            prop_assert!(m.state.reverse.len() <= capacity + 1);
             prop_assert_eq!(m.state.embryonic.len(), ring.1 as usize);
             if i % 7 == 6 {
                 m.sweep(now);

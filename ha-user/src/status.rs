@@ -26,6 +26,13 @@ pub struct StatusReport {
     /// The XDP attachment's mode (`None`: not attached).
     #[serde(default)]
     pub xdp_mode: Option<AttachedMode>,
+    /// Whether the tc egress program (local backends' replies, back to
+    /// their VIP) is attached at the interface's egress.
+    #[serde(default)]
+    pub egress_translation: bool,
+    /// The tc egress program's packets per verdict (only those seen).
+    #[serde(default)]
+    pub egress_verdicts: BTreeMap<String, u64>,
     /// The NAT source.
     pub lb_address: IpAddr,
     pub uptime_seconds: f64,
@@ -203,6 +210,8 @@ impl Default for StatusReport {
         Self {
             interface: String::new(),
             xdp_mode: None,
+            egress_translation: false,
+            egress_verdicts: BTreeMap::new(),
             lb_address: NO_ADDRESS,
             uptime_seconds: 0.0,
             vrrp: None,
@@ -557,6 +566,8 @@ mod tests {
         let report = StatusReport {
             interface: "eth0".into(),
             xdp_mode: Some(AttachedMode::Native),
+            egress_translation: true,
+            egress_verdicts: BTreeMap::new(),
             lb_address: IpAddr::from([10, 0, 0, 2]),
             uptime_seconds: 75.0,
             vrrp: None,

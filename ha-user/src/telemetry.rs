@@ -191,6 +191,12 @@ pub fn render_metrics(report: &StatusReport) -> String {
         unanswered.clone(),
     );
     let xdp_mode = m.gauges("xdp_mode", "1 for the mode the XDP program is attached in");
+    let egress_attached = Gauge::<i64>::default();
+    m.registry.register(
+        "egress_translation",
+        "1 when the tc egress program (local backends' replies back to their VIP) is attached",
+        egress_attached.clone(),
+    );
     let program = m.gauges(
         "program_info",
         "1 for the XDP program the agent runs: its tag, and how the agent started (fresh, adopted, upgraded)",
@@ -220,6 +226,10 @@ pub fn render_metrics(report: &StatusReport) -> String {
     );
     let verdicts = m.counters("packets", "Packets seen by the XDP program, by verdict");
     let events = m.counters("events", "Data-plane slow-path events");
+    let egress = m.counters(
+        "egress_packets",
+        "Packets seen by the tc egress program (local backends' replies translated to their VIP), by verdict",
+    );
     let reloads = m.counters(
         "reloads",
         "Config reloads since the agent started, by outcome: applied, rejected (nothing changed), rolled_back (a step failed and was undone), incomplete (undoing failed too)",
@@ -227,6 +237,7 @@ pub fn render_metrics(report: &StatusReport) -> String {
 
     ready.set(i64::from(report.not_ready.is_empty()));
     unanswered.set(i64::from(report.data_path_unanswered));
+    egress_attached.set(i64::from(report.egress_translation));
     if let Some(mode) = report.xdp_mode {
         xdp_mode
             .get_or_create(&vec![("mode".to_string(), mode.to_string())])
@@ -284,6 +295,11 @@ pub fn render_metrics(report: &StatusReport) -> String {
     }
     for (verdict, packets) in &report.verdicts {
         verdicts
+            .get_or_create(&labels(&[("verdict", verdict)]))
+            .inc_by(*packets);
+    }
+    for (verdict, packets) in &report.egress_verdicts {
+        egress
             .get_or_create(&labels(&[("verdict", verdict)]))
             .inc_by(*packets);
     }

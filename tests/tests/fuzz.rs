@@ -173,19 +173,31 @@ fn a_model_that_disagrees_is_caught() {
     assert!(caught.expect_err("a counter").contains("VERDICTS"));
 }
 
-/// Local flows are made established by the client alone (their backend's
-/// answers never pass XDP): blind handshakes to a local VIP must not lock
-/// the connection table against new flows for `tcp_idle_timeout`.
+/// A local flow is established only once its backend answered (seen by the
+/// tc egress program), as a NATed flow: blind handshakes to a local VIP (a
+/// spoofed SYN and ACK, never answered) leave embryonic flows, which must
+/// not lock the connection table against new flows.
 #[test]
 fn blind_handshakes_to_a_local_backend_do_not_lock_the_table() {
     let mut harness = Harness::new(0).expect("setting up the fuzzer");
+    let blind = |port: u8, tcp_flags: u8| Step::Frame {
+        advance_ns: 0,
+        frame: Frame {
+            kind: Kind::Client {
+                client: 1,
+                port,
+                target: 2,
+                udp: false,
+            },
+            tcp_flags,
+            payload: 0,
+            vlan: false,
+            mutation: Mutation::None,
+        },
+    };
     // Eight (the world's table size) SYN + ACK pairs from spoofed sources to the local VIP.
     let mut steps: Vec<Step> = (0..8)
-        .map(|i| Step::Handshake {
-            client: 1,
-            port: 10 + i,
-            target: 2,
-        })
+        .flat_map(|i| [blind(10 + i, 0x02), blind(10 + i, 0x10)])
         .collect();
     // Then a real client to the NATed VIP.
     steps.push(Step::Handshake {

@@ -151,6 +151,15 @@ impl Agent {
             vrrp: self.vrrp.as_ref().map(|v| v.status.borrow().clone()),
             interface: self.options.iface.clone(),
             xdp_mode: self.xdp_mode,
+            egress_translation: self.dataplane.egress_attached(),
+            egress_verdicts: self
+                .dataplane
+                .egress_verdicts()
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|(_, c)| c.packets > 0)
+                .map(|(v, c)| (v.label().to_string(), c.packets))
+                .collect(),
             lb_address: self.lb_addr,
             uptime_seconds: now.duration_since(self.started).as_secs_f64(),
             vips,

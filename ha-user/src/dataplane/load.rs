@@ -171,6 +171,7 @@ impl DataPlane {
         super::load_program(program).map_err(DataPlaneError::Verify)?;
         let info = program.info().map_err(DataPlaneError::Verify)?;
         let (tag, program_id) = (info.tag(), info.id());
+        let egress = super::egress::Egress::load(&mut ebpf, options.pin_dir.as_deref())?;
         let record_map = match &options.pin_dir {
             Some(dir) => Some(record_map(&dir.join(RECORD_PIN))?),
             None => None,
@@ -202,6 +203,7 @@ impl DataPlane {
             sweep_totals: SweepTotals::default(),
             settings_slot: 0,
             socket_lb: None,
+            egress,
         };
         if dataplane.record_map.is_some() {
             dataplane.record = found_record.unwrap_or_default();
@@ -265,6 +267,17 @@ impl DataPlane {
     /// Whether [`DataPlane::attach`] has attached (or adopted) the program.
     pub fn is_attached(&self) -> bool {
         self.attachment.is_some()
+    }
+
+    /// Whether the tc egress program (local backends' replies) is attached.
+    pub fn egress_attached(&self) -> bool {
+        self.egress.is_attached()
+    }
+
+    /// The egress program at `iface` (after the XDP program, which serves first).
+    fn attach_egress(&mut self, iface: &str) -> Result<()> {
+        self.egress
+            .attach(&mut self.ebpf, iface, self.pin_dir.as_deref())
     }
 
     /// The loaded program's tag (a SHA of its instructions, as bpftool shows it).
@@ -371,6 +384,7 @@ impl DataPlane {
                     // second copy pass from the old ones (still held open).
                     self.commit_staged_pins()?;
                     self.migrate(true)?;
+                    self.attach_egress(iface)?;
                     return Ok(AttachedMode::Native);
                 }
                 Err(ProgramError::SyscallError(e))
@@ -415,6 +429,7 @@ impl DataPlane {
         self.record_program()?;
         self.commit_staged_pins()?;
         self.migrate(true)?;
+        self.attach_egress(iface)?;
         Ok(AttachedMode::Native)
     }
 
@@ -475,8 +490,10 @@ impl DataPlane {
             self.detach_socket_lb()?;
         }
         let Some(attachment) = self.attachment.take() else {
+            self.egress.keep();
             return Ok(());
         };
+        self.egress.detach()?;
         if let Some(pin) = &attachment.pin {
             remove_if_present(pin)?;
         }
@@ -496,6 +513,7 @@ impl DataPlane {
             Some(_) => {
                 self.attachment = None;
                 self.keep_socket_lb();
+                self.egress.keep();
                 Ok(())
             }
             None => self.detach(),

@@ -28,6 +28,7 @@
 //!   and fuzzer use.
 
 mod counters;
+mod egress;
 mod flows;
 mod load;
 mod migrate;
@@ -82,6 +83,15 @@ pub enum DataPlaneError {
     MissingMap(&'static str),
     #[error("the kernel rejected the XDP program: {0}")]
     Verify(#[source] ProgramError),
+    #[error(
+        "the eBPF object has no program named {}",
+        ha_common::TC_EGRESS_PROGRAM_NAME
+    )]
+    MissingEgressProgram,
+    #[error("the kernel rejected the tc egress program: {0}")]
+    EgressVerify(#[source] ProgramError),
+    #[error("attaching the tc egress program to {iface}: {reason}")]
+    EgressAttach { iface: String, reason: String },
     #[error(
         "generic (skb) XDP is not supported (interface {iface}): in generic mode the program is \
          handed GRO-merged packets of up to 64 KiB and checksums the kernel has not completed, \
@@ -294,6 +304,8 @@ pub struct DataPlane {
     settings_slot: u32,
     /// The socket-level balancer's links, once attached.
     socket_lb: Option<socket_lb::SocketLbAttachment>,
+    /// The tc egress program's attachment (local backends' replies).
+    egress: egress::Egress,
 }
 
 impl DataPlane {

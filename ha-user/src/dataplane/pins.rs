@@ -404,7 +404,7 @@ pub(super) fn remove_if_present(path: &Path) -> std::io::Result<()> {
 pub fn remove_pins(dir: &Path) -> std::io::Result<()> {
     // The socket-level balancer's links first: they read the tables.
     for name in super::socket_lb::link_pins()
-        .chain([LINK_PIN, RECORD_PIN])
+        .chain([LINK_PIN, super::egress::EGRESS_LINK_PIN, RECORD_PIN])
         .chain(PINNED_MAPS)
     {
         remove_if_present(&dir.join(name))?;

@@ -90,7 +90,8 @@ pub fn plan_sweep(
 ) -> SweepPlan {
     let reverse: HashMap<&NatKey, &NatEntry> = entries.iter().map(|(k, e)| (k, e)).collect();
     let nat_key_of = |key: &FlowKey, flow: &Flow| {
-        if flow.flags & ha_common::FLOW_LOCAL != 0 {
+        // A local flow's reverse entry names its client (see Flow::has_reverse).
+        if !flow.has_reverse(key) {
             return None;
         }
         let backend = backends.get(&flow.backend_id)?;

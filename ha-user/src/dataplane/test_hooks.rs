@@ -50,6 +50,14 @@ impl DataPlane {
             .expect("load() checked the program exists and is XDP")
     }
 
+    /// The loaded tc egress program, for BPF_PROG_TEST_RUN.
+    pub fn egress_program(&self) -> &aya::programs::SchedClassifier {
+        self.ebpf
+            .program(ha_common::TC_EGRESS_PROGRAM_NAME)
+            .and_then(|p| p.try_into().ok())
+            .expect("load() loaded the egress program")
+    }
+
     /// Loads the pass-everything program from the same object (the
     /// benchmarks' floor); the agent itself never needs it.
     pub fn load_pass_program(&mut self) -> Result<()> {

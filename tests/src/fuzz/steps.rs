@@ -31,6 +31,10 @@ pub enum Step {
     /// agent killed in the middle of a sweep could lose it: the `index`-th
     /// entry (modulo the size) of the reverse table, or of the connection table.
     Lose { reverse: bool, index: u8 },
+    /// The clock moves on, then `frame` leaves the host through the tc
+    /// egress program (a local backend's reply, when it is a `ReplyOfFlow`
+    /// of a local flow's reverse entry).
+    Egress { advance_ns: u64, frame: Frame },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -246,6 +250,12 @@ fn step() -> impl Strategy<Value = Step> {
             .prop_map(|(index, state)| Step::Backend { index, state }),
         1 => any::<u8>().prop_map(|index| Step::NatRange { index }),
         1 => (any::<bool>(), any::<u8>()).prop_map(|(reverse, index)| Step::Lose { reverse, index }),
+        6 => (advance(), frame(), any::<u8>(), prop::bool::weighted(0.7)).prop_map(|(advance_ns, mut frame, index, reply)| {
+            if reply {
+                frame.kind = Kind::ReplyOfFlow { index };
+            }
+            Step::Egress { advance_ns, frame }
+        }),
         6 => (any::<u8>(), any::<u16>(), prop_oneof![4 => Just(0u8), 2 => Just(2u8), 2 => any::<u8>()])
             .prop_map(|(client, port, target)| Step::Handshake { client, port: port as u8 ^ (port >> 8) as u8, target }),
     ]

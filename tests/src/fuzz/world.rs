@@ -580,6 +580,10 @@ impl Harness {
                 self.advance(*advance_ns)?;
                 self.frame(frame)?;
             }
+            Step::Egress { advance_ns, frame } => {
+                self.advance(*advance_ns)?;
+                self.egress(frame)?;
+            }
             Step::Sweep { advance_ns } => {
                 self.now = self.now.saturating_add(*advance_ns);
                 let kernel = self
@@ -643,8 +647,19 @@ impl Harness {
                     .position(|(_, e)| e.flow == key);
                 if let Some(index) = reply {
                     let reply = Kind::ReplyOfFlow { index: index as u8 };
+                    // A local flow's answer leaves through the tc egress program.
+                    let local = self
+                        .model
+                        .state
+                        .conntrack
+                        .get(&key)
+                        .is_some_and(|f| f.flags & ha_common::FLOW_LOCAL != 0);
                     if index < 256 {
-                        self.frame(&syn(reply, 0x12))?;
+                        if local {
+                            self.egress(&syn(reply, 0x12))?;
+                        } else {
+                            self.frame(&syn(reply, 0x12))?;
+                        }
                         self.compare()?;
                     }
                 }
@@ -740,6 +755,68 @@ impl Harness {
                 "frame  {frame_hex}\noutput: XDP   {}\n        model {}",
                 hex(&out),
                 hex(&expected.output)
+            ));
+        }
+        Ok(())
+    }
+
+    /// One frame through the tc egress program and the model's egress
+    /// function: the action (always TC_ACT_OK), the bytes that leave, and
+    /// the verdict counted. A frame the kernel refuses to build an skb of
+    /// (shorter than its Ethernet or IPv4 header) is skipped on both sides.
+    fn egress(&mut self, frame: &Frame) -> Result<(), Divergence> {
+        let bytes = self.resolve(frame);
+        let before = self
+            .dataplane
+            .egress_verdicts()
+            .map_err(|e| format!("EGRESS_VERDICTS: {e}"))?;
+        let mut out = vec![0u8; bytes.len() + 256];
+        let mut options = TestRunOptions::new();
+        options.data_in = Some(&bytes);
+        options.data_out = Some(&mut out);
+        let result = match self.dataplane.egress_program().test_run(options) {
+            Ok(result) => result,
+            Err(aya::programs::ProgramError::SyscallError(e))
+                if e.io_error.raw_os_error() == Some(libc::EINVAL) =>
+            {
+                return Ok(());
+            }
+            Err(e) => return Err(format!("BPF_PROG_TEST_RUN (tc): {e}")),
+        };
+        out.truncate(result.data_size_out as usize);
+        let expected = self.model.egress(&bytes, self.now);
+        let frame_hex = hex(&bytes);
+        if result.return_value != 0 {
+            return Err(format!(
+                "egress frame {frame_hex}
+action: tc {} (not TC_ACT_OK)",
+                result.return_value
+            ));
+        }
+        if out != expected.output {
+            return Err(format!(
+                "egress frame  {frame_hex}
+output: tc    {}
+        model {}",
+                hex(&out),
+                hex(&expected.output)
+            ));
+        }
+        let after = self
+            .dataplane
+            .egress_verdicts()
+            .map_err(|e| format!("EGRESS_VERDICTS: {e}"))?;
+        let counted: Vec<&str> = after
+            .iter()
+            .zip(&before)
+            .filter(|((_, a), (_, b))| a.packets != b.packets)
+            .map(|((v, _), _)| v.label())
+            .collect();
+        if counted != [expected.verdict.label()] {
+            return Err(format!(
+                "egress frame {frame_hex}
+verdict: tc {counted:?}, model {}",
+                expected.verdict.label()
             ));
         }
         Ok(())

@@ -10,7 +10,8 @@
 //!
 //! This file is the harness (the world, the frames' addresses, the case
 //! table runner, a flow's conversation); the cases are split by feature:
-//! `nat`, `parse`, `conntrack`, `sweep` and `icmp`.
+//! `nat`, `parse`, `conntrack`, `sweep`, `icmp` and `local` (local backends: the
+//! XDP translation and the tc egress program).
 
 use std::net::Ipv4Addr;
 
@@ -31,6 +32,7 @@ use ha_user::{
 
 mod conntrack;
 mod icmp;
+mod local;
 mod nat;
 mod parse;
 mod sweep;
@@ -42,6 +44,8 @@ const TABLE_SIZE: u32 = 1009;
 const NAT_MIN: u16 = 20000;
 const NAT_MAX: u16 = 20999;
 const CLIENT_PORT: u16 = 40001;
+/// The port of the local VIP's backend (this host).
+const LOCAL_PORT: u16 = 7443;
 /// The virtual clock every packet sees at the start (`Settings::clock_ns`).
 const T0: u64 = 1_000_000 * SECOND;
 const SECOND: u64 = 1_000_000_000;
@@ -138,7 +142,9 @@ fn world() -> World {
     let one = |address: Ipv4Addr, local: bool| {
         vec![DesiredBackend {
             address: address.into(),
-            port: 6443,
+            // The local backend listens on another port than its VIP's (as an
+            // apiserver on 6443 behind a VIP on 8443): translated too.
+            port: if local { LOCAL_PORT } else { 6443 },
             weight: 1,
             local,
             down: false,
@@ -213,6 +219,25 @@ impl World {
                     .program()
                     .test_run(options)
                     .expect("BPF_PROG_TEST_RUN");
+                out.truncate(result.data_size_out as usize);
+                (result.return_value, out)
+            })
+            .unwrap()
+    }
+
+    /// Runs one packet through the tc egress program: (return value, packet as it leaves).
+    fn run_egress(&self, frame: &[u8]) -> (u32, Vec<u8>) {
+        self.lab
+            .in_host("lb", || {
+                let mut out = vec![0u8; frame.len() + 256];
+                let mut options = TestRunOptions::new();
+                options.data_in = Some(frame);
+                options.data_out = Some(&mut out);
+                let result = self
+                    .dataplane
+                    .egress_program()
+                    .test_run(options)
+                    .expect("BPF_PROG_TEST_RUN (tc)");
                 out.truncate(result.data_size_out as usize);
                 (result.return_value, out)
             })

@@ -101,10 +101,15 @@ fn frames_that_are_not_ours_or_cannot_be_handled_pass_or_drop_untouched() {
             counted_as: Verdict::PassVipDisabled,
         },
         Case {
-            name: "VIP whose backend is this host: passed up for local delivery",
+            name: "VIP whose backend is this host: translated to it, passed up for local delivery",
             input: w.client_frame(w.local_vip, 6443, SYN).build(),
             verdict: XDP_PASS,
-            output: w.client_frame(w.local_vip, 6443, SYN).build(),
+            output: Frame {
+                dst: w.lb,
+                dport: super::LOCAL_PORT,
+                ..w.client_frame(w.local_vip, 6443, SYN)
+            }
+            .build(),
             counted_as: Verdict::PassLocalBackend,
         },
         Case {
