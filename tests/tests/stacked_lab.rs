@@ -490,3 +490,123 @@ fn wait_for_holder_of(
         .unwrap_or_else(|e| panic!("{e}; holders now {:?}", holders_of()));
     (holder.unwrap(), took)
 }
+
+/// A long-lived line-protocol connection to `vip:port`, opened from the
+/// thread's network namespace.
+struct Session {
+    writer: std::net::TcpStream,
+    reader: std::io::BufReader<std::net::TcpStream>,
+    server: String,
+}
+
+impl Session {
+    fn open(vip: Ipv4Addr, port: u16) -> Session {
+        let stream = std::net::TcpStream::connect((vip, port)).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let mut session = Session {
+            writer: stream.try_clone().unwrap(),
+            reader: std::io::BufReader::new(stream),
+            server: String::new(),
+        };
+        let answer = session.exchange("whoami");
+        session.server = answer
+            .split_whitespace()
+            .next()
+            .unwrap_or_default()
+            .to_string();
+        session
+    }
+
+    /// A connection that landed on the backend named `wanted`.
+    fn to(vip: Ipv4Addr, port: u16, wanted: &str) -> Session {
+        (0..200)
+            .map(|_| Session::open(vip, port))
+            .find(|s| s.server == wanted)
+            .unwrap_or_else(|| panic!("no connection to {vip}:{port} landed on {wanted}"))
+    }
+
+    fn exchange(&mut self, text: &str) -> String {
+        use std::io::{BufRead, Write};
+        self.writer
+            .write_all(format!("{text}\n").as_bytes())
+            .unwrap();
+        let mut line = String::new();
+        self.reader.read_line(&mut line).unwrap();
+        line
+    }
+
+    fn assert_alive(&mut self, what: &str) {
+        for i in 0..3 {
+            assert_eq!(
+                self.exchange(&format!("ping {i}")),
+                format!("ping {i}\n"),
+                "{what}: the long-lived connection to {} broke",
+                self.server
+            );
+        }
+    }
+}
+
+/// An agent restart on the holder (the keep intent, pins on the host's
+/// bpffs) loses no connection: a LAN client's connection translated to the
+/// holder's own apiserver (XDP in, the pinned tc egress link out), one
+/// NATed to another master, and the holder's own socket-balanced one, all
+/// answer after the new agent has taken the pinned links over, and the
+/// holder stays master.
+#[test]
+fn a_restart_of_the_holders_agent_keeps_its_local_nated_and_own_connections() {
+    let lab = Lab::new(&HOSTS).unwrap();
+    let _masters: Vec<Master> = MASTERS.into_iter().map(|m| start_master(&lab, m)).collect();
+    let bpffs = lab.bpffs().unwrap();
+    let start = |m: &str| {
+        let pins = bpffs.join(m).display().to_string();
+        lab.start_agent(
+            m,
+            &master_config(&lab, m, None),
+            &["--pin-dir", &pins, "--on-stop", "keep"],
+        )
+        .unwrap()
+    };
+    let mut m1 = start("m1");
+    let _others: Vec<LabProcess> = ["m2", "m3"].into_iter().map(start).collect();
+    wait_for_holder(&lab, &["m1"], Duration::from_secs(5));
+    let vip = lab.vip(0);
+    let (mut local, mut nated) = lab
+        .in_host("client", || {
+            (
+                Session::to(vip, API_VIP_PORT, "m1"),
+                Session::to(vip, API_VIP_PORT, "m2"),
+            )
+        })
+        .unwrap();
+    let mut own = lab
+        .in_host("m1", || Session::to(vip, API_VIP_PORT, "m3"))
+        .unwrap();
+    m1.signal(Signal::SIGTERM).unwrap();
+    assert!(
+        m1.wait_timeout(Duration::from_secs(10)).unwrap().is_some(),
+        "m1's agent stopped"
+    );
+    // While no agent runs, the pinned programs go on serving.
+    local.assert_alive("no agent on m1, local flow");
+    nated.assert_alive("no agent on m1, NATed flow");
+    let _m1 = start("m1");
+    assert_eq!(holders(&lab), ["m1"], "m1 resumed as master");
+    local.assert_alive("after the restart, local flow");
+    nated.assert_alive("after the restart, NATed flow");
+    own.assert_alive("after the restart, m1's own connection");
+    let result = connect_n(&lab, "client", vip, API_VIP_PORT, 30);
+    assert_all_served(
+        "client -> apiserver VIP after the restart",
+        &result,
+        30,
+        &MASTERS,
+    );
+    let result = connect_n(&lab, "m1", vip, API_VIP_PORT, 10);
+    assert!(
+        result.1.is_empty(),
+        "m1 -> VIP after the restart: {result:?}"
+    );
+}
