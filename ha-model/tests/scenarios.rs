@@ -70,7 +70,8 @@ impl Run {
         let out = self.m.process(frame, INGRESS, self.now, &fib);
         let after: u64 = self.m.state.verdicts.iter().map(|c| c.packets).sum();
         assert_eq!(after, before + 1);
-        if out.action == XDP_PASS {
+        // A pass leaves the frame as it was, but a local flow's (translated to its backend).
+        if out.action == XDP_PASS && out.verdict != Verdict::PassLocalBackend {
             assert_eq!(out.output, frame);
         }
         out
@@ -491,7 +492,7 @@ fn redirects_tags_and_fib_failures() {
 }
 
 #[test]
-fn local_backends_are_passed_up() {
+fn local_backends_are_translated_both_ways() {
     let mut r = Run::new(8);
     let sport = port_to(&r.m, 0, PROTO_TCP, 2);
     let k = key(0, sport, PROTO_TCP);
@@ -501,19 +502,46 @@ fn local_backends_are_passed_up() {
         (out.action, out.verdict),
         (XDP_PASS, Verdict::PassLocalBackend)
     );
+    // Passed up to the backend's own address and port, from the client, checksums right.
+    let (local_addr, local_port) = BACKENDS[2];
+    let expected = FrameSpec::tcp(CLIENTS[0], sport, local_addr, local_port, SYN)
+        .macs(CLIENT_MACS[0], LB_MAC)
+        .build();
+    assert_eq!(out.output, expected);
+    assert_eq!(
+        (ipv4_checksum_ok(&out.output), l4_checksum_ok(&out.output)),
+        (Some(true), Some(true))
+    );
+    // One flow table owns the translation: the flow's NAT source is the client, and its
+    // reverse entry is keyed by the tuple of the listener's replies.
     let flow = r.flow(&k).unwrap();
     assert_eq!(flow.flags, FLOW_LOCAL);
-    assert_eq!(
-        (flow.nat_addr, flow.nat_port, flow.client_mac),
-        (0, 0, [0; 6])
-    );
-    assert!(r.m.state.reverse.is_empty());
+    assert_eq!((flow.nat_addr, flow.nat_port), (k.src_addr, k.src_port));
+    assert_eq!(r.m.state.reverse.len(), 1);
     assert_eq!(r.m.state.embryonic[0], k);
     assert_eq!(r.m.state.backend_stats[&2].new_flows, 1);
-    // The handshake's ACK stands for the answer.
+    // The listener's SYN-ACK leaves through the egress program from the VIP.
+    let synack = FrameSpec::tcp(local_addr, local_port, CLIENTS[0], sport, SYN_ACK)
+        .macs(LB_MAC, CLIENT_MACS[0])
+        .build();
+    let egress = r.m.egress(&synack, r.now);
+    assert_eq!(egress.verdict, ha_common::EgressVerdict::Translated);
+    let translated = FrameSpec::tcp(VIP, VIP_TCP_PORT, CLIENTS[0], sport, SYN_ACK)
+        .macs(LB_MAC, CLIENT_MACS[0])
+        .build();
+    assert_eq!(egress.output, translated);
+    assert_eq!(r.flow(&k).unwrap().flags, FLOW_LOCAL | FLOW_SEEN_REPLY);
+    // The client's ACK after the answer: established, as a NATed flow is.
     r.send(&client_tcp(0, sport, ACK).build());
     assert_eq!(r.flow(&k).unwrap().flags, FLOW_LOCAL | EST);
     assert_eq!(r.m.state.backend_stats[&2].packets, 2);
+    // Something else leaving the host is untouched.
+    let other = FrameSpec::tcp(local_addr, local_port, CLIENTS[1], sport, ACK)
+        .macs(LB_MAC, CLIENT_MACS[1])
+        .build();
+    let egress = r.m.egress(&other, r.now);
+    assert_eq!(egress.verdict, ha_common::EgressVerdict::Pass);
+    assert_eq!(egress.output, other);
     // A local flow whose backend record went missing: forgotten, and (with the Maglev
     // slot pointing at that missing record too) no backend for a new flow.
     r.m.config.backends.truncate(2);
@@ -634,14 +662,16 @@ fn table_full_and_nat_exhaustion() {
     // The reverse table is full too: no port.
     assert_eq!(out.verdict, Verdict::DropNatExhausted);
     assert_eq!(r.event(Event::NatPortCollision), 8);
-    // Local flows need no port, but the table is full.
+    // A local flow needs no NAT port, but its reverse entry (its replies' tuple) finds
+    // no room either.
     let s2 = port_to(&r.m, 0, PROTO_TCP, 2);
     let out = r.send(&client_tcp(0, s2, SYN).build());
-    assert_eq!(out.verdict, Verdict::DropTableFull);
+    assert_eq!(out.verdict, Verdict::DropNatExhausted);
 
-    // Capacity 2 with a local flow in: the port is claimed, the flow insert fails, the claim
-    // is undone.
+    // Capacity 2 with a local flow in (the reverse table with room for three, as the agent
+    // gives it a margin): the port is claimed, the flow insert fails, the claim is undone.
     let mut r = Run::new(2);
+    r.m.capacity.reverse = 3;
     r.m.config.settings.embryonic_slots = 0;
     let s2 = port_to(&r.m, 0, PROTO_TCP, 2);
     r.send(&client_tcp(0, s2, SYN).build());
@@ -653,7 +683,7 @@ fn table_full_and_nat_exhaustion() {
     assert_eq!(r.m.state.conntrack.len(), 2);
     let out = r.send(&client_tcp(2, s1, SYN).build());
     assert_eq!(out.verdict, Verdict::DropTableFull);
-    assert_eq!(r.m.state.reverse.len(), 1);
+    assert_eq!(r.m.state.reverse.len(), 2);
     assert_eq!(r.m.state.conntrack.len(), 2);
 
     // Four NAT ports held by established flows to backend 0: exhausted for backend 0 only.
@@ -722,7 +752,7 @@ fn the_sweep_expires_recovers_and_frees() {
             report.reverse_recovered,
             report.orphans_freed
         ),
-        (2, 0, 1, 0)
+        (2, 0, 2, 0)
     );
     let port = r.nat_port(&k0);
     assert_eq!(
@@ -731,7 +761,8 @@ fn the_sweep_expires_recovers_and_frees() {
     );
     let report = r.m.sweep(r.now + G + 1);
     assert_eq!(report.orphans_freed, 1);
-    assert_eq!(r.m.state.reverse.len(), 1);
+    // The NATed flow's entry and the local flow's (keyed by its client).
+    assert_eq!(r.m.state.reverse.len(), 2);
     // Expired: both (syn timeout 5 s).
     let report = r.m.sweep(r.now + 6 * G + 1);
     assert_eq!((report.live, report.expired), (0, 2));
