@@ -39,6 +39,29 @@ pub const BACKEND_STATS_MAP: &str = "BACKEND_STATS";
 pub const BACKEND_INDEX_MAP: &str = "BACKEND_INDEX";
 pub const EMBRYONIC_MAP: &str = "EMBRYONIC";
 pub const EMBRYONIC_HEAD_MAP: &str = "EMBRYONIC_HEAD";
+/// Passive health (docs/data-path.md, "Passive health"): `Array<u64>`,
+/// [`MAX_BACKENDS`] entries indexed by backend id. The clock
+/// (`bpf_ktime_get_coarse_ns`, as `Flow::last_seen_ns`) at which the data
+/// path saw the backend refuse a flow's SYN (RST, or ICMP unreachable); 0
+/// when not suspect. The data path sets it; the agent clears it (writes 0)
+/// once its confirming check passes. Selection skips a backend suspected
+/// less than [`SUSPECT_TTL_NS`] ago.
+pub const SUSPECT_MAP: &str = "SUSPECT";
+/// Passive health events to the agent: a `BPF_MAP_TYPE_RINGBUF` of
+/// [`PassiveEvent`] records, one when a backend becomes suspect.
+pub const PASSIVE_EVENTS_MAP: &str = "PASSIVE_EVENTS";
+/// Bytes of the PASSIVE_EVENTS ring (a power of two, a multiple of the page size).
+pub const PASSIVE_EVENTS_BYTES: u32 = 64 * 1024;
+/// How long a suspect flag keeps a backend out of selection without the
+/// agent's word: the agent confirms within a check's timeout, so this only
+/// bounds what a missing or stuck agent costs (the backend is then tried
+/// again, and suspected again if it still refuses).
+pub const SUSPECT_TTL_NS: u64 = 5_000_000_000;
+
+/// Why the data path suspected a backend ([`PassiveEvent::reason`]).
+pub const PASSIVE_REASON_RST_TO_SYN: u32 = 1;
+/// An ICMP destination unreachable about a packet the LB sent the backend.
+pub const PASSIVE_REASON_ICMP_UNREACHABLE: u32 = 2;
 pub const SOCK_LB_NETNS_MAP: &str = "SOCK_LB_NETNS";
 pub const SOCK_LB_REVERSE_MAP: &str = "SOCK_LB_REVERSE";
 pub const SOCK_LB_EVENTS_MAP: &str = "SOCK_LB_EVENTS";
@@ -127,6 +150,18 @@ pub const BACKEND_FLAG_LOCAL: u8 = 1;
 /// The backend does not answer (refused, unreachable): its established flows
 /// are broken anyway, so each moves to a live backend on its next packet.
 pub const BACKEND_FLAG_DOWN: u8 = 2;
+
+/// A record of the PASSIVE_EVENTS ring buffer: the data path suspected a backend.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PassiveEvent {
+    pub backend_id: u32,
+    /// `PASSIVE_REASON_*`.
+    pub reason: u32,
+    /// The clock at which it was suspected (as the SUSPECT entry).
+    pub at_ns: u64,
+}
+const _: () = assert!(core::mem::size_of::<PassiveEvent>() == 16);
 
 /// Value of the backend table (indexed by backend id).
 #[repr(C)]
@@ -869,6 +904,7 @@ mod pod {
     unsafe impl aya::Pod for TrafficCounter {}
     unsafe impl aya::Pod for SockBackendKey {}
     unsafe impl aya::Pod for SockVip {}
+    unsafe impl aya::Pod for PassiveEvent {}
 }
 
 #[cfg(test)]

@@ -270,6 +270,51 @@ fn with_every_backend_failing_traffic_still_flows_and_status_says_fail_open() {
     assert!(served_by(&lab, 30).iter().all(|n| n == "api1"));
 }
 
+/// Fail open leaves out the dead: every apiserver answers /readyz with 500
+/// (fail open engages), then one process dies outright. Once its check has
+/// it down (3 s after its death, as the issue that asked for it measured),
+/// 0 of 60 new connections are refused and none goes to it; the others keep
+/// serving though not ready. Before, the dead one kept its full share
+/// (18 of 60 refused).
+#[test]
+fn failing_open_leaves_out_a_backend_that_died() {
+    let (lab, apis, agent, _) = apiserver_setup(&["api1", "api2", "api3"]);
+    for api in &apis {
+        api.signal(Signal::SIGUSR1).unwrap();
+    }
+    for host in ["api1", "api2", "api3"] {
+        wait_for_state(&lab, host, "draining", Duration::from_secs(4));
+    }
+    assert_eq!(status(&lab)["vips"][0]["fail_open"], true);
+    apis[1].signal(Signal::SIGKILL).unwrap();
+    let killed = Instant::now();
+    wait_for_state(&lab, "api2", "down", Duration::from_secs(4));
+    std::thread::sleep(Duration::from_secs(3).saturating_sub(killed.elapsed()));
+    assert_eq!(
+        status(&lab)["vips"][0]["fail_open"],
+        true,
+        "still failing open"
+    );
+    let attempts: Vec<Result<String, String>> = lab
+        .in_host("client", || {
+            (0..60)
+                .map(|_| {
+                    whoami(lab.vip(0), 6443)
+                        .map(|(name, _)| name)
+                        .map_err(|e| e.to_string())
+                })
+                .collect()
+        })
+        .unwrap();
+    let refused = attempts.iter().filter(|a| a.is_err()).count();
+    assert_eq!(refused, 0, "{attempts:?}\n{}", agent.log());
+    let served: Vec<&String> = attempts.iter().flatten().collect();
+    assert!(served.iter().all(|n| *n != "api2"), "{served:?}");
+    for name in ["api1", "api3"] {
+        assert!(served.iter().any(|n| *n == name), "{served:?}");
+    }
+}
+
 /// A reload that changes a VIP's check starts its probes afresh, as up: the
 /// tables it writes must say so too, or a backend the old check had taken
 /// out would stay out with nothing to bring it back (its new probe reports

@@ -69,7 +69,10 @@ pub struct Desired {
 ///   its VIP fails open;
 /// - a VIP none of whose backends can take new flows fails open: every
 ///   backend an operator did not drain takes them (all of them, when every
-///   one is drained);
+///   one is drained), except the dead: while some backend still answers its
+///   check (draining: not ready), one whose check fails at the transport
+///   level (down: refused, reset, timeout) takes none and its flows move,
+///   since a connection to it is refused anyway;
 /// - a backend whose address is this host's is local; the VIPs are enabled
 ///   while this host holds them.
 ///
@@ -99,12 +102,20 @@ pub fn desired_state(
             failing_open.insert(vip.name.clone());
         }
         let all_in_maintenance = vip.backends.iter().all(|b| state(b).1);
+        // Failing open while some backend answers (not ready): the dead are left out.
+        let some_answer = vip.backends.iter().any(|b| {
+            let (health, maintenance) = state(b);
+            health == Health::Draining && !maintenance && b.weight > 0
+        });
+        let dead_left_out = fail_open && some_answer;
         let backends = vip
             .backends
             .iter()
             .map(|b| {
                 let (health, maintenance) = state(b);
-                let serving = if fail_open {
+                let serving = if dead_left_out {
+                    !maintenance && health != Health::Down
+                } else if fail_open {
                     // Fail open: every backend an operator did not take out.
                     !maintenance || all_in_maintenance
                 } else {
@@ -115,7 +126,7 @@ pub fn desired_state(
                     port: b.port(),
                     weight: if serving { b.weight } else { 0 },
                     local: local.contains(&b.address),
-                    down: !fail_open && health == Health::Down,
+                    down: (!fail_open || dead_left_out) && health == Health::Down,
                 }
             })
             .collect();
@@ -431,6 +442,38 @@ mod tests {
         let desired = decide(&[(11, Health::Draining), (12, Health::Down)], &[]);
         assert_eq!(shape(&desired), [(0, false), (0, true), (2, false)]);
         assert!(desired.failing_open.is_empty());
+    }
+
+    #[test]
+    fn failing_open_leaves_out_the_dead_while_some_backend_answers() {
+        // All not ready (an etcd hiccup), then one process dies: the dead one
+        // takes no new flows and its flows move; the not-ready ones serve.
+        let desired = decide(
+            &[
+                (11, Health::Draining),
+                (12, Health::Down),
+                (13, Health::Draining),
+            ],
+            &[],
+        );
+        assert_eq!(desired.failing_open, BTreeSet::from(["api".to_string()]));
+        assert_eq!(shape(&desired), [(1, false), (0, true), (2, false)]);
+        // A drained one that answers does not count as answering for the VIP.
+        let desired = decide(
+            &[
+                (11, Health::Draining),
+                (12, Health::Down),
+                (13, Health::Down),
+            ],
+            &[11],
+        );
+        assert_eq!(shape(&desired), [(0, false), (1, false), (2, false)]);
+        // Nothing answers at all (the checks may be what is broken): every one serves.
+        let all_down = [(11, Health::Down), (12, Health::Down), (13, Health::Down)];
+        assert_eq!(
+            shape(&decide(&all_down, &[])),
+            [(1, false), (1, false), (2, false)]
+        );
     }
 
     #[test]
