@@ -15,6 +15,7 @@ pub mod garp;
 pub mod handover;
 pub mod health;
 pub mod import;
+pub mod inet;
 pub mod ip;
 pub mod maglev;
 pub mod netlink;

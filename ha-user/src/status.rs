@@ -171,6 +171,10 @@ pub struct ConntrackStatus {
     pub reverse_recovered: u64,
     /// Reverse entries removed because their flow was gone.
     pub orphans_freed: u64,
+    /// Flows of backends marked down as dead whose clients were told to
+    /// reset (reset on mark-down: the challenges sent).
+    #[serde(default)]
+    pub sessions_reset: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -614,6 +618,7 @@ mod tests {
                 expired: 2,
                 reverse_recovered: 1,
                 orphans_freed: 3,
+                sessions_reset: 2,
             },
             data_path_unanswered: false,
             program: ProgramStatus {

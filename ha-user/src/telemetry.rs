@@ -359,6 +359,13 @@ pub fn render_metrics(report: &StatusReport) -> String {
             .get_or_create(&labels(&[("action", what)]))
             .inc_by(count);
     }
+    let sessions_reset = Counter::<u64>::default();
+    m.registry.register(
+        "sessions_reset",
+        "Flows of backends marked down as dead whose clients were told to reset (on_marked_down: shutdown-sessions)",
+        sessions_reset.clone(),
+    );
+    sessions_reset.inc_by(ct.sessions_reset);
     if let Some(vrrp) = &report.vrrp {
         let state = m.gauges("vrrp_state", "1 for the VRRP instance's current state");
         let priority = m.gauges("vrrp_priority", "Priority advertised now, after tracking");
@@ -445,6 +452,7 @@ mod tests {
                 expired: 2,
                 reverse_recovered: 1,
                 orphans_freed: 3,
+                sessions_reset: 2,
             },
             data_path_unanswered: true,
             xdp_mode: Some(crate::dataplane::AttachedMode::Native),
@@ -477,6 +485,7 @@ mod tests {
             "ha_lb_conntrack_flows 30",
             "ha_lb_nat_sources 2",
             "ha_lb_sweep_total{action=\"orphans_freed\"} 3",
+            "ha_lb_sessions_reset_total 2",
             "ha_lb_sweep_total{action=\"reverse_recovered\"} 1",
             "# EOF",
         ] {

@@ -64,6 +64,7 @@ pub fn vip(name: &str, address: Ipv4Addr, port: u16) -> VipConfig {
         protocol: Protocol::Tcp,
         mode: Mode::Nat,
         check: CheckConfig::default(),
+        on_marked_down: Default::default(),
         backends: Vec::new(),
     }
 }

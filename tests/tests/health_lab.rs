@@ -315,6 +315,89 @@ fn failing_open_leaves_out_a_backend_that_died() {
     }
 }
 
+/// A keep-alive connection idle on api2 (a client-go watch between events),
+/// then api2 is blackholed (its switch port unplugged: nothing in or out).
+/// Once the check marks it down (timeouts), what its client sees:
+/// `shutdown-sessions` (the default): a reset within the detection time + 1 s,
+/// and a new connection through the VIP reaches another backend; `keep`: no
+/// word at all while it idles (it would wait for its own keep-alive).
+#[test]
+fn a_blackholed_backends_idle_connections_are_reset_when_it_is_marked_down() {
+    use ha_user::config::OnMarkedDown;
+    use std::io::{BufRead, BufReader, Write};
+    for on_marked_down in [OnMarkedDown::ShutdownSessions, OnMarkedDown::Keep] {
+        let lab = Lab::new(&HOSTS).unwrap();
+        let backends = ["api1", "api2", "api3"];
+        let _apis = start_apiservers(&lab, &backends);
+        let mut conf = vip_config(&lab, &backends);
+        let check = &mut conf.vips[0].check;
+        check.interval = Duration::from_millis(500);
+        check.fast_interval = Duration::from_millis(200);
+        check.timeout = Duration::from_millis(300);
+        check.fall = 3;
+        let detection = check.interval + (check.timeout + check.fast_interval) * check.fall;
+        conf.vips[0].on_marked_down = on_marked_down;
+        let _agent = start_agent(&lab, "lb", &write_config(&lab, "config.yaml", &conf), &[]);
+        let vip = lab.vip(0);
+        // A connection on api2, idle.
+        let stream = lab
+            .in_host("client", || {
+                (0..200)
+                    .find_map(|_| {
+                        let mut stream = std::net::TcpStream::connect((vip, 6443)).unwrap();
+                        stream.write_all(b"whoami\n").unwrap();
+                        let mut line = String::new();
+                        BufReader::new(stream.try_clone().unwrap())
+                            .read_line(&mut line)
+                            .unwrap();
+                        line.starts_with("api2").then_some(stream)
+                    })
+                    .expect("a connection on api2")
+            })
+            .unwrap();
+        let window = detection + Duration::from_secs(1);
+        stream
+            .set_read_timeout(Some(window + Duration::from_secs(1)))
+            .unwrap();
+        lab.set_switch_port("api2", false).unwrap();
+        let cut = Instant::now();
+        let mut reader = BufReader::new(stream);
+        let mut line = String::new();
+        let read = reader.read_line(&mut line);
+        let after = cut.elapsed();
+        eprintln!(
+            "on_marked_down {on_marked_down}: the idle connection's read ended after {after:?} with {read:?} (detection bound {detection:?})"
+        );
+        match on_marked_down {
+            OnMarkedDown::ShutdownSessions => {
+                let error = read.expect_err("the connection is reset, not left idle");
+                assert_eq!(error.kind(), std::io::ErrorKind::ConnectionReset, "{error}");
+                assert!(after <= window, "reset after {after:?}, bound {window:?}");
+                assert!(
+                    status(&lab)["conntrack"]["sessions_reset"]
+                        .as_u64()
+                        .unwrap()
+                        >= 1
+                );
+                // The client reconnects through the VIP, to a live backend.
+                let served = served_by(&lab, 10);
+                assert!(served.iter().all(|n| n != "api2"), "{served:?}");
+            }
+            OnMarkedDown::Keep => {
+                let error = read.expect_err("nothing comes: the read times out");
+                assert!(
+                    matches!(
+                        error.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ),
+                    "{error}"
+                );
+                assert_eq!(status(&lab)["conntrack"]["sessions_reset"], 0);
+            }
+        }
+    }
+}
+
 /// A reload that changes a VIP's check starts its probes afresh, as up: the
 /// tables it writes must say so too, or a backend the old check had taken
 /// out would stay out with nothing to bring it back (its new probe reports

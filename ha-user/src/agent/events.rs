@@ -242,6 +242,10 @@ impl Agent {
         if let Err(e) = self.apply_data_plane_and_track().await {
             error!("applying a health change to the data plane: {e:#}");
         }
+        if report.health == Health::Down {
+            // Dead, not merely not ready: its flows are broken; tell their clients now.
+            self.reset_sessions_of(&report.key);
+        }
     }
 
     /// The announcer says whether to hold the VIPs.

@@ -172,6 +172,7 @@ pub async fn run(options: AttachOptions) -> Result<()> {
         next_generation: 0,
         health_tx,
         failing_open: BTreeSet::new(),
+        sessions_reset: 0,
         added_addresses: BTreeSet::new(),
         added_neighbours: BTreeSet::new(),
         local_backends: HashSet::new(),

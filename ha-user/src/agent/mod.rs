@@ -35,6 +35,7 @@ mod lifecycle;
 mod probes;
 mod reload;
 mod report;
+mod shutdown;
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, HashSet},
@@ -129,6 +130,8 @@ struct Agent {
     health_tx: mpsc::Sender<HealthReport>,
     /// VIPs currently failing open.
     failing_open: BTreeSet<String>,
+    /// Flows reset towards their clients by reset on mark-down (challenges sent).
+    sessions_reset: u64,
     /// VIP addresses this agent added (not ones that were already there).
     added_addresses: BTreeSet<IpAddr>,
     /// Managed neighbour entries this agent added.

@@ -193,6 +193,7 @@ impl Agent {
                     expired: totals.expired,
                     reverse_recovered: totals.reverse_recovered,
                     orphans_freed: totals.orphans_freed,
+                    sessions_reset: self.sessions_reset,
                 }
             },
         }

@@ -28,7 +28,7 @@ pub use self::{
     socket_lb::{CgroupSetting, SocketLbConfig},
     telemetry::{Listen, TelemetryConfig},
     validate::{MAX_WEIGHT, is_prime},
-    vip::{BackendConfig, CheckConfig, CheckKind, Mode, Protocol, Verify, VipConfig},
+    vip::{BackendConfig, CheckConfig, CheckKind, Mode, OnMarkedDown, Protocol, Verify, VipConfig},
     vrrp::{TrackAction, TrackConfig, VrrpConfig, VrrpVersion},
 };
 

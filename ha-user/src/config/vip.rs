@@ -67,7 +67,42 @@ pub struct VipConfig {
     /// Health check of every backend of this VIP.
     #[serde(default)]
     pub check: CheckConfig,
+    /// What happens to a backend's established TCP flows when its check
+    /// marks it down as dead (haproxy's `on-marked-down`).
+    #[serde(default, skip_serializing_if = "OnMarkedDown::is_default")]
+    pub on_marked_down: OnMarkedDown,
     pub backends: Vec<BackendConfig>,
+}
+
+/// `vips[].on_marked_down` (docs/health-checks.md, "Reset on mark-down").
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnMarkedDown {
+    /// haproxy's `shutdown-sessions`: when the check marks a backend down
+    /// because it is dead (refused, reset, timed out; not merely not ready),
+    /// each of its established TCP flows is reset towards its client at
+    /// once, so a client-go watch reconnects now instead of after its HTTP/2
+    /// ping times out.
+    #[default]
+    ShutdownSessions,
+    /// Leave them: each moves to a live backend on its client's next packet
+    /// (which that backend refuses with a reset).
+    Keep,
+}
+
+impl OnMarkedDown {
+    pub fn is_default(&self) -> bool {
+        *self == OnMarkedDown::default()
+    }
+}
+
+impl fmt::Display for OnMarkedDown {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.pad(match self {
+            OnMarkedDown::ShutdownSessions => "shutdown-sessions",
+            OnMarkedDown::Keep => "keep",
+        })
+    }
 }
 
 impl VipConfig {

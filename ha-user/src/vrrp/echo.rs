@@ -13,18 +13,6 @@ const ECHO_REPLY: u8 = 0;
 const IPPROTO_ICMP: u8 = 1;
 const PAYLOAD: &[u8; 8] = b"ha-lb-hw";
 
-/// RFC 1071 checksum of `bytes`.
-fn checksum(bytes: &[u8]) -> u16 {
-    let mut sum: u32 = bytes
-        .chunks(2)
-        .map(|pair| u32::from(u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)])))
-        .sum();
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
-}
-
 /// An echo request (type 8) with `id` and `seq`: the ICMP message, without
 /// the IP header the kernel adds.
 pub fn echo_request(id: u16, seq: u16) -> Vec<u8> {
@@ -32,7 +20,7 @@ pub fn echo_request(id: u16, seq: u16) -> Vec<u8> {
     message.extend_from_slice(&id.to_be_bytes());
     message.extend_from_slice(&seq.to_be_bytes());
     message.extend_from_slice(PAYLOAD);
-    let sum = checksum(&message);
+    let sum = crate::inet::checksum(&message);
     message[2..4].copy_from_slice(&sum.to_be_bytes());
     message
 }
@@ -45,7 +33,7 @@ pub fn echo_reply_from(packet: &[u8], id: u16) -> Option<Ipv4Addr> {
         return None;
     }
     let icmp = packet.get(header_len..)?;
-    if icmp.len() < 8 || icmp[0] != ECHO_REPLY || icmp[1] != 0 || checksum(icmp) != 0 {
+    if icmp.len() < 8 || icmp[0] != ECHO_REPLY || icmp[1] != 0 || crate::inet::checksum(icmp) != 0 {
         return None;
     }
     if u16::from_be_bytes([icmp[4], icmp[5]]) != id {
@@ -88,7 +76,7 @@ mod tests {
         let mut icmp = request.to_vec();
         icmp[0] = ECHO_REPLY;
         icmp[2..4].copy_from_slice(&[0, 0]);
-        let sum = checksum(&icmp);
+        let sum = crate::inet::checksum(&icmp);
         icmp[2..4].copy_from_slice(&sum.to_be_bytes());
         let mut packet = vec![0x45, 0, 0, 0, 0, 0, 0, 0, 64, IPPROTO_ICMP, 0, 0];
         packet.extend_from_slice(&from.octets());
@@ -102,7 +90,11 @@ mod tests {
         let request = echo_request(0x1234, 7);
         assert_eq!(request.len(), 16);
         assert_eq!((request[0], request[1]), (ECHO_REQUEST, 0));
-        assert_eq!(checksum(&request), 0, "a correct checksum sums to zero");
+        assert_eq!(
+            crate::inet::checksum(&request),
+            0,
+            "a correct checksum sums to zero"
+        );
         let from = Ipv4Addr::new(10, 0, 0, 9);
         let reply = reply_packet(&request, from);
         assert_eq!(echo_reply_from(&reply, 0x1234), Some(from));

@@ -13,7 +13,7 @@
 
 use std::net::Ipv4Addr;
 
-use crate::config::VrrpVersion;
+use crate::{config::VrrpVersion, inet};
 
 pub const IPPROTO_VRRP: u8 = 112;
 pub const MULTICAST_GROUP: Ipv4Addr = Ipv4Addr::new(224, 0, 0, 18);
@@ -59,34 +59,14 @@ pub enum DecodeError {
     Auth(u8),
 }
 
-fn sum16(mut sum: u32, bytes: &[u8]) -> u32 {
-    let mut chunks = bytes.chunks_exact(2);
-    for pair in &mut chunks {
-        sum += u16::from_be_bytes([pair[0], pair[1]]) as u32;
-    }
-    if let [last] = chunks.remainder() {
-        sum += (*last as u32) << 8;
-    }
-    sum
-}
-
-fn finish(mut sum: u32) -> u16 {
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
-}
-
 fn pseudo_header_sum(src: Ipv4Addr, dst: Ipv4Addr, length: usize) -> u32 {
-    let mut sum = sum16(0, &src.octets());
-    sum = sum16(sum, &dst.octets());
-    sum + IPPROTO_VRRP as u32 + length as u32
+    inet::pseudo_header_sum(src, dst, IPPROTO_VRRP, length)
 }
 
 /// The checksum of `message` (with its checksum field as it is) in the given form.
 fn checksum(message: &[u8], pseudo: Option<(Ipv4Addr, Ipv4Addr)>) -> u16 {
     let start = pseudo.map_or(0, |(src, dst)| pseudo_header_sum(src, dst, message.len()));
-    finish(sum16(start, message))
+    inet::finish(inet::sum16(start, message))
 }
 
 impl Advert {

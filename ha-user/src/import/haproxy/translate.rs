@@ -204,6 +204,7 @@ pub(crate) fn translate(
                 protocol: Protocol::Tcp,
                 mode: Mode::Nat,
                 check: check.clone(),
+                on_marked_down: Default::default(),
                 backends: backends_of_vip.clone(),
             });
         }
