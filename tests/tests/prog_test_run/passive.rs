@@ -75,7 +75,7 @@ impl World {
     }
 
     /// A segment from backend `name` to NAT port `nat_port`.
-    fn from_backend(&self, name: &str, nat_port: u16, l4: L4) -> (u32, Vec<u8>) {
+    fn backend_sends(&self, name: &str, nat_port: u16, l4: L4) -> (u32, Vec<u8>) {
         let b = self.lab.host(name);
         let frame = Frame {
             src_mac: b.mac,
@@ -134,7 +134,7 @@ fn a_refused_syn_is_redispatched_once_to_another_backend_and_the_second_refusal_
     // Its RST+ACK to the SYN: dropped, the flow and its NAT port gone, the
     // backend suspect, the agent told once, the key recorded.
     let before = w.dataplane.verdicts().unwrap();
-    assert_eq!(w.from_backend(name, nat_port, RST_ACK).0, XDP_DROP);
+    assert_eq!(w.backend_sends(name, nat_port, RST_ACK).0, XDP_DROP);
     assert_eq!(w.delta(Verdict::DropRedispatched, &before), 1);
     assert!(!w.has_flow(&key), "the flow is forgotten");
     assert!(!w.has_reverse(&key), "its NAT port is free");
@@ -167,7 +167,7 @@ fn a_refused_syn_is_redispatched_once_to_another_backend_and_the_second_refusal_
 
     // It refuses too: this RST reaches the client, translated (one redispatch per key).
     let before = w.dataplane.verdicts().unwrap();
-    let (verdict, out) = w.from_backend(name2, nat_port2, RST_ACK);
+    let (verdict, out) = w.backend_sends(name2, nat_port2, RST_ACK);
     assert_eq!(verdict, XDP_TX);
     assert_eq!(w.delta(Verdict::ReplyTx, &before), 1);
     let to_client = Frame {
@@ -253,7 +253,7 @@ fn suspects_get_no_new_flows_until_their_ttl_ends_and_keep_their_flows_and_all_s
     assert_eq!(sent_to(&w, &out).0, "api1");
     assert_eq!(w.event_count(Event::SuspectFailOpen), 1);
     // Its refusal then reaches the client: nowhere else to go.
-    let (verdict, _) = w.from_backend("api1", nat_port, RST_ACK);
+    let (verdict, _) = w.backend_sends("api1", nat_port, RST_ACK);
     assert_eq!(verdict, XDP_TX, "no other backend eligible: the RST passes");
     assert_eq!(w.event_count(Event::RedispatchNoAlternative), 1);
     assert_eq!(w.event_count(Event::Redispatched), 0);
@@ -272,7 +272,7 @@ fn only_a_refused_syn_suspects_a_backend_not_a_bare_rst_or_an_answered_flow() {
     let port = w.port_to(a, 47000);
     let (_, out) = w.syn_from(port);
     let nat_port = sent_to(&w, &out).1;
-    assert_eq!(w.from_backend("api1", nat_port, RST).0, XDP_TX);
+    assert_eq!(w.backend_sends("api1", nat_port, RST).0, XDP_TX);
     // RST+ACK on an answered flow (SYN+ACK seen): a reset, not a refusal.
     let answered = w.port_to(a, 48000);
     let c = Conversation::new(&w, answered);
