@@ -221,13 +221,11 @@ impl DataPlane {
         suspect.get(&id, 0).map_err(map_error(SUSPECT_MAP))
     }
 
-    /// Every SUSPECT entry, by backend id (the fuzzer compares them all).
-    pub fn suspect_entries(&self) -> Result<Vec<u64>> {
-        let suspect: Array<_, u64> = self.map(SUSPECT_MAP)?;
-        suspect
-            .iter()
-            .collect::<std::result::Result<Vec<_>, _>>()
-            .map_err(map_error(SUSPECT_MAP))
+    /// The SUSPECT entries that are set (nonzero), by backend id, with one
+    /// batch lookup (the fuzzer compares them after every step).
+    pub fn suspect_entries(&self) -> Result<Vec<(u32, u64)>> {
+        let all: Vec<(u32, u64)> = self.dump(SUSPECT_MAP)?;
+        Ok(all.into_iter().filter(|(_, at)| *at != 0).collect())
     }
 
     /// Writes SUSPECT[id] (0 clears it), as the agent does.
@@ -238,9 +236,8 @@ impl DataPlane {
 
     /// Clears every SUSPECT entry (the fuzzer between cases).
     pub fn clear_suspects(&mut self) -> Result<()> {
-        let mut suspect: Array<_, u64> = self.map_mut(SUSPECT_MAP)?;
-        for id in 0..suspect.len() {
-            suspect.set(id, 0, 0).map_err(map_error(SUSPECT_MAP))?;
+        for (id, _) in self.suspect_entries()? {
+            self.set_suspect_since(id, 0)?;
         }
         Ok(())
     }
