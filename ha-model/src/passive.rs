@@ -114,3 +114,80 @@ impl Ctx<'_> {
         true
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use ha_common::{BackendInfo, Event, SUSPECT_TTL_NS, VipInfo};
+
+    use crate::{Capacity, Config, Ctx, State};
+
+    const M: u32 = 7;
+
+    fn config() -> Config {
+        let backend = |last: u8| BackendInfo {
+            addr: u32::from_ne_bytes([10, 0, 0, last]),
+            port: 6443u16.to_be(),
+            flags: 0,
+            _pad: 0,
+        };
+        Config {
+            backends: vec![backend(1), backend(2), backend(3)],
+            maglev: vec![0, 1, 2, 0, 1, 2, 0],
+            ..Config::default()
+        }
+    }
+
+    fn vip() -> VipInfo {
+        VipInfo {
+            slot: 0,
+            table_offset: 0,
+            table_size: M,
+            flags: ha_common::VIP_FLAG_ENABLED,
+        }
+    }
+
+    #[test]
+    fn only_a_suspect_backends_slots_move_and_all_suspect_fails_open() {
+        let config = config();
+        let mut state = State::empty(4);
+        state.suspect.insert(0, 100);
+        let mut ctx = Ctx::new(&config, &mut state, Capacity::both(16), 100);
+        for hash in 0..1000u32 {
+            let primary = config.maglev[(hash % M) as usize];
+            let (id, _) = ctx.select_backend(&vip(), hash, true).unwrap();
+            let others = (1..=ha_common::SUSPECT_REHASHES)
+                .any(|a| config.maglev[(ha_common::hash::rehash(hash, a) % M) as usize] != 0);
+            if primary == 0 && others {
+                assert_ne!(id, 0, "hash {hash}: steered off the suspect");
+            } else if primary == 0 {
+                assert_eq!(id, 0, "hash {hash}: every rehash names it too: fail open");
+            } else {
+                assert_eq!(id, primary, "hash {hash}: a healthy slot keeps its backend");
+            }
+        }
+        assert!(ctx.state.event(Event::SuspectSkipped) > 0);
+        ctx.state.suspect.insert(1, 100);
+        ctx.state.suspect.insert(2, 100);
+        let before = ctx.state.event(Event::SuspectFailOpen);
+        assert_eq!(ctx.select_backend(&vip(), 0, true).unwrap().0, 0);
+        assert_eq!(ctx.state.event(Event::SuspectFailOpen), before + 1);
+        ctx.now = 100 + SUSPECT_TTL_NS;
+        assert!(!ctx.is_suspect(0), "the flag ends after its TTL");
+    }
+
+    #[test]
+    fn a_backend_is_suspected_once_per_episode() {
+        let config = config();
+        let mut state = State::empty(4);
+        let mut ctx = Ctx::new(&config, &mut state, Capacity::both(16), 100);
+        ctx.suspect(1, 1);
+        ctx.now = 200;
+        ctx.suspect(1, 1);
+        assert_eq!(ctx.state.suspect[&1], 200, "the time moves on");
+        assert_eq!(ctx.state.passive_events.len(), 1, "one event");
+        ctx.now = 200 + SUSPECT_TTL_NS;
+        ctx.suspect(1, 2);
+        assert_eq!(ctx.state.passive_events.len(), 2, "a new episode");
+        assert_eq!(ctx.state.event(Event::BackendSuspected), 2);
+    }
+}
