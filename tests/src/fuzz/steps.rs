@@ -35,6 +35,9 @@ pub enum Step {
     /// egress program (a local backend's reply, when it is a `ReplyOfFlow`
     /// of a local flow's reverse entry).
     Egress { advance_ns: u64, frame: Frame },
+    /// The agent's confirming check passed: it clears the `index`-th
+    /// (modulo their number) suspect backend's SUSPECT entry.
+    Confirm { index: u8 },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -249,6 +252,7 @@ fn step() -> impl Strategy<Value = Step> {
         1 => (any::<u8>(), prop_oneof![Just(BackendState::Up), Just(BackendState::Draining), Just(BackendState::Down)])
             .prop_map(|(index, state)| Step::Backend { index, state }),
         1 => any::<u8>().prop_map(|index| Step::NatRange { index }),
+        1 => any::<u8>().prop_map(|index| Step::Confirm { index }),
         1 => (any::<bool>(), any::<u8>()).prop_map(|(reverse, index)| Step::Lose { reverse, index }),
         6 => (advance(), frame(), any::<u8>(), prop::bool::weighted(0.7)).prop_map(|(advance_ns, mut frame, index, reply)| {
             if reply {

@@ -67,6 +67,9 @@ pub struct Harness {
     settings: Settings,
     /// The maps hold something other than the base configuration.
     dirty: bool,
+    /// The PASSIVE_EVENTS records the program put in its ring in this case,
+    /// oldest first (the ring is drained after every step).
+    passive_events: Vec<ha_common::PassiveEvent>,
     /// Verdicts and events counted over every case run so far (what paths
     /// the campaign reached).
     pub coverage: Coverage,
@@ -374,6 +377,7 @@ impl Harness {
             settings,
             dirty: true,
             coverage: Coverage::default(),
+            passive_events: Vec::new(),
         };
         harness.reset()?;
         Ok(harness)
@@ -428,6 +432,10 @@ impl Harness {
     pub fn reset(&mut self) -> anyhow::Result<()> {
         self.dataplane.clear_flows()?;
         self.dataplane.clear_embryonic_ring()?;
+        self.dataplane.clear_suspects()?;
+        self.dataplane.clear_redispatched()?;
+        self.dataplane.take_passive_events()?;
+        self.passive_events.clear();
         self.now = T0;
         if self.dirty || self.backends != [BackendState::Up; 3] || self.nat_current != 0 {
             self.backends = [BackendState::Up; 3];
@@ -636,7 +644,7 @@ impl Harness {
                     udp: false,
                 };
                 self.frame(&syn(kind.clone(), 0x02))?;
-                self.compare()?;
+                self.check()?;
                 // The flow's reverse entry, if it got one: the backend answers it.
                 let key = self.key_of(&kind);
                 let reply = self
@@ -660,7 +668,7 @@ impl Harness {
                         } else {
                             self.frame(&syn(reply, 0x12))?;
                         }
-                        self.compare()?;
+                        self.check()?;
                     }
                 }
                 self.frame(&syn(kind, 0x10))?;
@@ -685,6 +693,16 @@ impl Harness {
                     }
                 }
             }
+            Step::Confirm { index } => {
+                let state = &mut self.model.state;
+                let len = state.suspect.len().max(1);
+                if let Some(id) = state.suspect.keys().nth(*index as usize % len).copied() {
+                    state.suspect.remove(&id);
+                    self.dataplane
+                        .set_suspect_since(id, 0)
+                        .map_err(|e| format!("clearing SUSPECT[{id}]: {e}"))?;
+                }
+            }
             Step::NatRange { index } => {
                 let previous = self.nat_current;
                 self.nat_current = *index as usize % self.pools.ranges.len();
@@ -695,6 +713,16 @@ impl Harness {
                 self.refresh_config()?;
             }
         }
+        self.check()
+    }
+
+    /// Drains the PASSIVE_EVENTS ring, then compares every map.
+    fn check(&mut self) -> Result<(), Divergence> {
+        let drained = self
+            .dataplane
+            .take_passive_events()
+            .map_err(|e| format!("draining PASSIVE_EVENTS: {e}"))?;
+        self.passive_events.extend(drained);
         self.compare()
     }
 
@@ -864,6 +892,25 @@ verdict: tc {counted:?}, model {}",
         let mut diff = String::new();
         diff_maps(&mut diff, "CONNTRACK", &conntrack, &m.conntrack);
         diff_maps(&mut diff, "REVERSE_NAT", &reverse, &m.reverse);
+        let suspect: BTreeMap<u32, u64> = dp
+            .suspect_entries()
+            .map_err(|e| fail("SUSPECT", &e))?
+            .into_iter()
+            .collect();
+        diff_maps(&mut diff, "SUSPECT", &suspect, &m.suspect);
+        let redispatched: BTreeMap<FlowKey, u64> = dp
+            .redispatched_flows()
+            .map_err(|e| fail("REDISPATCHED", &e))?
+            .into_iter()
+            .collect();
+        diff_maps(&mut diff, "REDISPATCHED", &redispatched, &m.redispatched);
+        if self.passive_events != m.passive_events {
+            let _ = writeln!(
+                diff,
+                "PASSIVE_EVENTS: XDP {:?}\n                model {:?}",
+                self.passive_events, m.passive_events
+            );
+        }
         let slots = m.embryonic.len();
         let ring: Vec<FlowKey> = batch::dump(
             dp.map_fd(EMBRYONIC_MAP)
