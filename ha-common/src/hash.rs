@@ -41,6 +41,14 @@ pub const fn socket_hash(cookie: u64, vip_addr: u32, vip_port: u16) -> u32 {
     mix32(h ^ vip_port as u32)
 }
 
+/// The `attempt`-th (from 1) other hash of a flow whose Maglev slot names a
+/// suspect backend (docs/data-path.md, "Passive health"): another seed per
+/// attempt, so each attempt lands on an unrelated slot of the same table.
+#[inline(always)]
+pub const fn rehash(flow_hash: u32, attempt: u32) -> u32 {
+    mix32(flow_hash ^ attempt.wrapping_mul(0x61c8_8647))
+}
+
 /// The `attempt`-th NAT port candidate for a flow, in `min..=max` (host order).
 ///
 /// Derived from the flow hash so a retransmitted SYN after a lost entry tends

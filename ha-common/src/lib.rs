@@ -62,6 +62,29 @@ pub const SUSPECT_TTL_NS: u64 = 5_000_000_000;
 pub const PASSIVE_REASON_RST_TO_SYN: u32 = 1;
 /// An ICMP destination unreachable about a packet the LB sent the backend.
 pub const PASSIVE_REASON_ICMP_UNREACHABLE: u32 = 2;
+/// L4 redispatch (docs/data-path.md, "Passive health"): `LruHashMap<FlowKey,
+/// u64>`, the clock at which a flow's SYN was refused and its RST dropped,
+/// so the client's retransmitted SYN went to another backend. A flow key
+/// found here less than [`REDISPATCH_WINDOW_NS`] ago is not redispatched
+/// again: its next refusal reaches the client.
+pub const REDISPATCHED_MAP: &str = "REDISPATCHED";
+/// Entries of REDISPATCHED (LRU: the oldest are pushed out first).
+pub const REDISPATCHED_ENTRIES: u32 = 16_384;
+/// How long a redispatched flow key stays redispatched: longer than the
+/// client's first SYN retransmission (1 s on Linux, 3 s on older stacks),
+/// short enough that a connection opened later from the same port is
+/// redispatched again.
+pub const REDISPATCH_WINDOW_NS: u64 = 5_000_000_000;
+/// Other Maglev slots a new flow tries, each derived from its hash with
+/// another seed ([`hash::rehash`]), when its own slot's backend is suspect.
+pub const SUSPECT_REHASHES: u32 = 4;
+
+/// Whether a SUSPECT entry `at_ns` (0: none) still holds at `now_ns`: set,
+/// and less than [`SUSPECT_TTL_NS`] ago (an entry from the future holds).
+#[inline(always)]
+pub const fn suspect_holds(at_ns: u64, now_ns: u64) -> bool {
+    at_ns != 0 && now_ns < at_ns.saturating_add(SUSPECT_TTL_NS)
+}
 pub const SOCK_LB_NETNS_MAP: &str = "SOCK_LB_NETNS";
 pub const SOCK_LB_REVERSE_MAP: &str = "SOCK_LB_REVERSE";
 pub const SOCK_LB_EVENTS_MAP: &str = "SOCK_LB_EVENTS";
@@ -795,6 +818,11 @@ indexed_enum! {
         DropRouteProhibit = 35 => "drop_route_prohibit",
         /// IPv4 forwarding is off on the interface the frame came in on: dropped.
         DropForwardingDisabled = 36 => "drop_forwarding_disabled",
+        /// A backend's RST to a flow's SYN (the flow still new), while another
+        /// backend is eligible: dropped, the flow forgotten, so the client's
+        /// retransmitted SYN is balanced again, away from the now suspect
+        /// backend (L4 redispatch, at most once per flow key and window).
+        DropRedispatched = 37 => "drop_redispatched",
     }
 }
 
@@ -831,6 +859,29 @@ indexed_enum! {
         /// A client's bare SYN on an established, closing or closed entry
         /// started a fresh flow (re-hashed, new state).
         SynRestartedFlow = 11 => "syn_restarted_flow",
+        /// A backend became suspect (passive health): it refused a new
+        /// flow's SYN with RST, or an ICMP destination unreachable came back
+        /// about a packet sent to it for a new flow, while not suspect.
+        BackendSuspected = 12 => "backend_suspected",
+        /// The PASSIVE_EVENTS ring was full: a backend became suspect but the
+        /// agent was not told (it learns by its own checks instead).
+        PassiveEventLost = 13 => "passive_event_lost",
+        /// A new flow whose Maglev slot names a suspect backend went to
+        /// another backend (a rehashed slot).
+        SuspectSkipped = 14 => "suspect_skipped",
+        /// A new flow went to a suspect backend: every rehashed slot was
+        /// suspect or empty too (fail open).
+        SuspectFailOpen = 15 => "suspect_fail_open",
+        /// A backend's RST to a flow's SYN was dropped and the flow forgotten,
+        /// for the client's retransmission to go elsewhere (`drop_redispatched`).
+        Redispatched = 16 => "redispatched",
+        /// A backend's RST to a flow's SYN reached the client: the flow key
+        /// was redispatched less than REDISPATCH_WINDOW_NS ago.
+        RedispatchLimit = 17 => "redispatch_limit",
+        /// A backend's RST to a flow's SYN reached the client: no other
+        /// backend was eligible (the rest suspect or none), so the client
+        /// fails fast rather than after its retransmissions.
+        RedispatchNoAlternative = 18 => "redispatch_no_alternative",
     }
 }
 

@@ -8,7 +8,8 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use ha_common::{
-    FLOW_LOCAL, FlowKey, NatKey, PROTO_UDP, Settings, VIP_FLAG_ENABLED, Verdict, VipKey,
+    FLOW_LOCAL, FlowKey, NatKey, PASSIVE_REASON_ICMP_UNREACHABLE, PROTO_UDP, Settings,
+    VIP_FLAG_ENABLED, Verdict, VipKey,
     checksum::{replace_u16, replace_u32, udp_finish},
 };
 
@@ -21,6 +22,7 @@ use crate::{
         ICMP_CHECK, ICMP_HDR_LEN, IP_CHECK, IP_DST, IP_SRC, IPPROTO_ICMP, L4_DPORT, L4_SPORT,
         Packet, TCP_CHECK, UDP_CHECK, ptr_at, read, write,
     },
+    passive,
 };
 
 /// Bytes of a generated error after the frame's L2 header: its IPv4 and
@@ -56,7 +58,12 @@ const TCP_WHOLE_TOT_LEN: u16 = 20 + 8 + 20 + 20;
 /// embedded packet is NAT address:port -> backend, found in `REVERSE_NAT`.
 /// Either way the error must be addressed to the embedded packet's source.
 #[inline(always)]
-pub fn classify(packet: &Packet, settings: &Settings, send: &mut Send) -> Option<Verdict> {
+pub fn classify(
+    ctx: &XdpContext,
+    packet: &Packet,
+    settings: &Settings,
+    send: &mut Send,
+) -> Option<Verdict> {
     if packet.outer_dst != packet.src_addr {
         return None;
     }
@@ -128,6 +135,11 @@ pub fn classify(packet: &Packet, settings: &Settings, send: &mut Send) -> Option
     if flow.flags & FLOW_LOCAL != 0 || !flow.names(nat_key.lb_addr, nat_key.nat_port, backend_id) {
         return None;
     }
+    // Passive health: the backend (or the way to it) refused a new flow.
+    if passive::flow_is_new(flow.flags) && unreachable(ctx, packet) {
+        let now = crate::conntrack::now_ns(settings);
+        passive::suspect(backend_id, PASSIVE_REASON_ICMP_UNREACHABLE, now);
+    }
     let mac = flow.client_mac;
     send.to = Rewrite {
         src_addr: client.dst_addr,
@@ -147,6 +159,14 @@ pub fn classify(packet: &Packet, settings: &Settings, send: &mut Send) -> Option
         learned_mac: (mac != [0; 6]).then_some(mac),
     };
     Some(Verdict::IcmpReplyTx)
+}
+
+/// Whether an ICMP error says its destination is unreachable: type 3, any
+/// code but fragmentation needed (a path MTU, not a refusal).
+#[inline(always)]
+fn unreachable(ctx: &XdpContext, packet: &Packet) -> bool {
+    read::<[u8; 2]>(ctx, packet.l4())
+        .is_some_and(|[t, code]| t == DEST_UNREACH && code != FRAG_NEEDED)
 }
 
 /// Translates an ICMP error: the outer addresses become `outer`'s, the

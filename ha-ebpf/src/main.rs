@@ -1,7 +1,8 @@
 //! The ha-lb XDP program.
 //!
 //! A short pipeline, one module per step:
-//! parse -> classify (VIP? reply?) -> conntrack -> select (Maglev) -> rewrite (NAT) -> forward.
+//! parse -> classify (VIP? reply?) -> conntrack -> select (Maglev) -> rewrite (NAT) -> forward;
+//! passive health watches replies and ICMP errors for refusals (`passive`).
 //! The entry point only runs it, counts the verdict and returns the action.
 #![no_std]
 #![no_main]
@@ -22,15 +23,16 @@ mod local;
 mod maps;
 mod nat;
 mod parse;
+mod passive;
 mod ports;
 mod select;
 mod sock_lb;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use ha_common::{
-    BACKEND_FLAG_LOCAL, Event, FLOW_LOCAL, Flow, FlowKey, NatEntry, NatKey, PROTO_TCP, PROTO_UDP,
-    SETTINGS_FLAG_DEBUG, Settings, VIP_FLAG_ENABLED, Verdict, VipInfo, client_packet_bits,
-    tcp_bare_syn, tcp_flags_valid,
+    BACKEND_FLAG_LOCAL, Event, FLOW_LOCAL, Flow, FlowKey, NatEntry, NatKey,
+    PASSIVE_REASON_RST_TO_SYN, PROTO_TCP, PROTO_UDP, SETTINGS_FLAG_DEBUG, Settings,
+    VIP_FLAG_ENABLED, Verdict, VipInfo, client_packet_bits, tcp_bare_syn, tcp_flags_valid,
 };
 
 use crate::{
@@ -155,7 +157,7 @@ fn process(ctx: &XdpContext) -> (u32, Verdict) {
         });
     };
     let result = if icmp_error {
-        icmp_path(packet, settings, send)
+        icmp_path(ctx, packet, settings, send)
     } else {
         match classify::classify(packet, settings) {
             Class::ToVip(vip) => to_vip(ctx, packet, &vip, settings, send),
@@ -174,8 +176,8 @@ fn process(ctx: &XdpContext) -> (u32, Verdict) {
 /// An ICMP error: translated if it is about one of our flows, else passed.
 /// Sent by the same forward step as every other packet (one call to verify).
 #[inline(never)]
-fn icmp_path(packet: &Packet, settings: &Settings, send: &mut Send) -> u64 {
-    match icmp::classify(packet, settings, send) {
+fn icmp_path(ctx: &XdpContext, packet: &Packet, settings: &Settings, send: &mut Send) -> u64 {
+    match icmp::classify(ctx, packet, settings, send) {
         Some(verdict) => encode((SEND, verdict)),
         None => encode(pass(Verdict::PassIcmp)),
     }
@@ -300,7 +302,7 @@ fn new_flow(
     now: u64,
     send: &mut Send,
 ) -> (u32, Verdict) {
-    let Some(selected) = select::select(vip, key) else {
+    let Some(selected) = select::select(vip, key, now, true) else {
         return drop(Verdict::DropNoBackend);
     };
     let (backend_id, backend) = (selected.id, selected.info);
@@ -450,6 +452,14 @@ fn reply_path(
                 conntrack::forget(&client, flow);
                 count_event(Event::ExpiredFlowReplaced);
                 return drop(Verdict::DropReplyNoFlow);
+            }
+            if passive::refuses_syn(packet.tcp_flags(ctx), flow.flags) {
+                let backend_id = entry.backend_id;
+                passive::suspect(backend_id, PASSIVE_REASON_RST_TO_SYN, now);
+                if passive::redispatch(&client, backend_id, now) {
+                    conntrack::forget(&client, flow);
+                    return drop(Verdict::DropRedispatched);
+                }
             }
             flow_ptr
         }

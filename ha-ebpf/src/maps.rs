@@ -7,11 +7,12 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, DevMapHash, HashMap, PerCpuArray},
+    maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use ha_common::{
     BackendAddr, BackendInfo, Counter, EgressVerdict, Event, Flow, FlowKey, MAX_BACKENDS, MAX_VIPS,
-    NatEntry, NatKey, QueueHead, Settings, TrafficCounter, Verdict, VipInfo, VipKey,
+    NatEntry, NatKey, PASSIVE_EVENTS_BYTES, QueueHead, REDISPATCHED_ENTRIES, Settings,
+    TrafficCounter, Verdict, VipInfo, VipKey,
 };
 
 #[map(name = "VIPS")]
@@ -47,6 +48,23 @@ pub static EMBRYONIC: PerCpuArray<FlowKey> = PerCpuArray::with_max_entries(1, 0)
 
 #[map(name = "EMBRYONIC_HEAD")]
 pub static EMBRYONIC_HEAD: PerCpuArray<QueueHead> = PerCpuArray::with_max_entries(1, 0);
+
+/// Passive health (docs/data-path.md, "Passive health"): per backend id,
+/// the clock at which the data path saw it refuse a new flow (0: not
+/// suspect). Set here, cleared by the agent once its confirming check passes.
+#[map(name = "SUSPECT")]
+pub static SUSPECT: Array<u64> = Array::with_max_entries(MAX_BACKENDS, 0);
+
+/// One `PassiveEvent` each time a backend becomes suspect, for the agent to
+/// confirm by an active check at once.
+#[map(name = "PASSIVE_EVENTS")]
+pub static PASSIVE_EVENTS: RingBuf = RingBuf::with_byte_size(PASSIVE_EVENTS_BYTES, 0);
+
+/// Flow keys whose refused SYN was redispatched, and when: each is
+/// redispatched at most once per `REDISPATCH_WINDOW_NS`.
+#[map(name = "REDISPATCHED")]
+pub static REDISPATCHED: LruHashMap<FlowKey, u64> =
+    LruHashMap::with_max_entries(REDISPATCHED_ENTRIES, 0);
 
 /// Two slots: the agent writes the idle one, then flips [`SETTINGS_ACTIVE`]
 /// to it, so a packet never reads a value half written.

@@ -171,7 +171,10 @@ impl Packet {
         if self.protocol != PROTO_TCP {
             return 0;
         }
-        read::<u8>(ctx, self.l4() + TCP_FLAGS).unwrap_or(0)
+        // Two bytes (the data offset's, then the flags): a one-byte check
+        // `p + 1 > end` may be compiled as `p >= end`, which the verifier
+        // does not take as a bound on `p`'s byte.
+        read::<[u8; 2]>(ctx, self.l4() + TCP_FLAGS - 1).map_or(0, |b| b[1])
     }
 }
 

@@ -213,7 +213,7 @@ impl Ctx<'_> {
         fib: &dyn Fib,
     ) -> (u32, Verdict) {
         let hash = flow_hash(&key);
-        let Some((backend_id, backend)) = self.maglev_pick(&vip, hash) else {
+        let Some((backend_id, backend)) = self.select_backend(&vip, hash, true) else {
             return (XDP_DROP, Verdict::DropNoBackend);
         };
         let flags = packet.flags();

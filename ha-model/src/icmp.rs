@@ -57,6 +57,10 @@ pub struct IcmpError {
     pub src_port: u16,
     /// Embedded destination port.
     pub dst_port: u16,
+    /// The ICMP type (3, 11 or 12).
+    pub icmp_type: u8,
+    /// The ICMP code.
+    pub icmp_code: u8,
 }
 
 /// Parse step 5 for ICMP: given a frame that parse stopped with `pass_icmp`, the error, if it is
@@ -99,6 +103,8 @@ pub fn parse_error(f: &[u8]) -> Option<IcmpError> {
         dst_addr: wire32(f, e + 16)?,
         src_port: wire16(f, e + 20)?,
         dst_port: wire16(f, e + 22)?,
+        icmp_type: *f.get(l4)?,
+        icmp_code: *f.get(l4 + 1)?,
     })
 }
 
@@ -286,6 +292,13 @@ impl Ctx<'_> {
             || !names(&flow, nat_key.lb_addr, nat_key.nat_port, entry.backend_id)
         {
             return pass;
+        }
+        // Passive health: destination unreachable (not fragmentation needed) for a new flow.
+        if crate::passive::is_new(flow.flags)
+            && e.icmp_type == DEST_UNREACH
+            && e.icmp_code != FRAG_NEEDED
+        {
+            self.suspect(entry.backend_id, ha_common::PASSIVE_REASON_ICMP_UNREACHABLE);
         }
         let translate = Translate::IcmpError {
             error: *e,

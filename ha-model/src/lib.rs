@@ -23,6 +23,7 @@
 //! | 5. Rewrite | [`nat`] |
 //! | ICMP (errors translated and answered) | [`icmp`] |
 //! | 6. Forward | [`forward`] |
+//! | Passive health (suspects, selection's detour, L4 redispatch) | [`passive`] |
 //! | The agent's sweep | [`sweep`] |
 //! | Local backends: the tc egress program | [`egress`] |
 //!
@@ -77,7 +78,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use ha_common::{
     BackendAddr, BackendInfo, Counter, Event, Flow, FlowKey, MAX_BACKENDS, MAX_VIPS, NatEntry,
-    NatKey, QueueHead, Settings, TrafficCounter, Verdict, VipInfo, VipKey,
+    NatKey, PassiveEvent, QueueHead, Settings, TrafficCounter, Verdict, VipInfo, VipKey,
 };
 
 pub mod classify;
@@ -90,6 +91,7 @@ pub mod frame;
 pub mod icmp;
 pub mod nat;
 pub mod parse;
+pub mod passive;
 pub mod reply;
 pub mod select;
 pub mod sweep;
@@ -226,6 +228,12 @@ pub struct State {
     pub vip_stats: BTreeMap<u32, TrafficCounter>,
     /// BACKEND_STATS by backend id; only nonzero entries are kept.
     pub backend_stats: BTreeMap<u32, TrafficCounter>,
+    /// `SUSPECT` by backend id; only nonzero entries are kept (writing 0 removes one).
+    pub suspect: BTreeMap<u32, u64>,
+    /// The records put into the `PASSIVE_EVENTS` ring, oldest first.
+    pub passive_events: Vec<PassiveEvent>,
+    /// `REDISPATCHED`: flow keys redispatched, and when.
+    pub redispatched: BTreeMap<FlowKey, u64>,
 }
 
 impl State {

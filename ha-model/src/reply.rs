@@ -1,7 +1,9 @@
 //! Section 4, **A backend reply** (docs/data-path.md, "4. A backend reply"): a packet found in
 //! `REVERSE_NAT` as `e` under `nk`.
 
-use ha_common::{Event, FLOW_LOCAL, FLOW_RESET, Flow, NatEntry, NatKey, Verdict};
+use ha_common::{
+    Event, FLOW_LOCAL, FLOW_RESET, Flow, NatEntry, NatKey, PASSIVE_REASON_RST_TO_SYN, Verdict,
+};
 
 use crate::client::screen;
 use crate::ctx::Update;
@@ -9,6 +11,7 @@ use crate::flow::{backend_bits, names, refresh};
 use crate::forward::Sent;
 use crate::nat::Rewrite;
 use crate::parse::Packet;
+use crate::passive::refuses_syn;
 use crate::{Ctx, Fib, XDP_DROP};
 
 impl Ctx<'_> {
@@ -64,6 +67,14 @@ impl Ctx<'_> {
                 self.forget(&client, &flow);
                 self.count_event(Event::ExpiredFlowReplaced);
                 return (XDP_DROP, Verdict::DropReplyNoFlow);
+            }
+            // Passive health: the backend refused the flow's SYN.
+            Some(flow) if refuses_syn(packet.flags(), flow.flags) => {
+                self.suspect(entry.backend_id, PASSIVE_REASON_RST_TO_SYN);
+                if self.redispatch(&client, entry.backend_id) {
+                    self.forget(&client, &flow);
+                    return (XDP_DROP, Verdict::DropRedispatched);
+                }
             }
             Some(_) => {}
         }

@@ -8,12 +8,13 @@
 use std::{net::Ipv4Addr, path::PathBuf};
 
 use aya::{
-    maps::{HashMap as BpfHashMap, MapError, PerCpuArray, PerCpuValues},
+    maps::{Array, HashMap as BpfHashMap, MapError, PerCpuArray, PerCpuValues, RingBuf},
     programs::Xdp,
 };
 use ha_common::{
     CONNTRACK_MAP, Counter, EMBRYONIC_HEAD_MAP, EMBRYONIC_MAP, Flow, FlowKey, NatEntry, NatKey,
-    REVERSE_NAT_MAP, Verdict, VipKey, XDP_PROGRAM_NAME, addr_to_wire, port_to_wire,
+    PASSIVE_EVENTS_MAP, PassiveEvent, REDISPATCHED_MAP, REVERSE_NAT_MAP, SUSPECT_MAP, Verdict,
+    VipKey, XDP_PROGRAM_NAME, addr_to_wire, port_to_wire,
 };
 use tracing::warn;
 
@@ -212,6 +213,69 @@ impl DataPlane {
     /// Packets and bytes of one verdict, summed over CPUs.
     pub fn verdict(&self, verdict: Verdict) -> Result<Counter> {
         Ok(self.verdicts()?[verdict as usize].1)
+    }
+
+    /// SUSPECT[id]: when the data path suspected backend `id` (0: not suspect).
+    pub fn suspect_since(&self, id: u32) -> Result<u64> {
+        let suspect: Array<_, u64> = self.map(SUSPECT_MAP)?;
+        suspect.get(&id, 0).map_err(map_error(SUSPECT_MAP))
+    }
+
+    /// Every SUSPECT entry, by backend id (the fuzzer compares them all).
+    pub fn suspect_entries(&self) -> Result<Vec<u64>> {
+        let suspect: Array<_, u64> = self.map(SUSPECT_MAP)?;
+        suspect
+            .iter()
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(map_error(SUSPECT_MAP))
+    }
+
+    /// Writes SUSPECT[id] (0 clears it), as the agent does.
+    pub fn set_suspect_since(&mut self, id: u32, at_ns: u64) -> Result<()> {
+        let mut suspect: Array<_, u64> = self.map_mut(SUSPECT_MAP)?;
+        suspect.set(id, at_ns, 0).map_err(map_error(SUSPECT_MAP))
+    }
+
+    /// Clears every SUSPECT entry (the fuzzer between cases).
+    pub fn clear_suspects(&mut self) -> Result<()> {
+        let mut suspect: Array<_, u64> = self.map_mut(SUSPECT_MAP)?;
+        for id in 0..suspect.len() {
+            suspect.set(id, 0, 0).map_err(map_error(SUSPECT_MAP))?;
+        }
+        Ok(())
+    }
+
+    /// The REDISPATCHED entries: flow keys redispatched, and when.
+    pub fn redispatched_flows(&self) -> Result<Vec<(FlowKey, u64)>> {
+        self.dump(REDISPATCHED_MAP)
+    }
+
+    /// Empties REDISPATCHED (the fuzzer between cases).
+    pub fn clear_redispatched(&mut self) -> Result<()> {
+        let keys: Vec<FlowKey> = self
+            .redispatched_flows()?
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
+        let mut table: BpfHashMap<_, FlowKey, u64> = self.map_mut(REDISPATCHED_MAP)?;
+        for key in &keys {
+            let _ = table.remove(key);
+        }
+        Ok(())
+    }
+
+    /// Takes every record waiting in the PASSIVE_EVENTS ring, oldest first.
+    pub fn take_passive_events(&mut self) -> Result<Vec<PassiveEvent>> {
+        let mut ring: RingBuf<_> = self.map_mut(PASSIVE_EVENTS_MAP)?;
+        let mut events = Vec::new();
+        while let Some(item) = ring.next() {
+            if item.len() >= std::mem::size_of::<PassiveEvent>() {
+                // SAFETY: the data path writes whole PassiveEvent records
+                // (repr(C), plain integers); read unaligned from the ring's bytes.
+                events.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) });
+            }
+        }
+        Ok(events)
     }
 
     /// Slots of each CPU's queue of recent flows.

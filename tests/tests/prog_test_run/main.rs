@@ -10,8 +10,9 @@
 //!
 //! This file is the harness (the world, the frames' addresses, the case
 //! table runner, a flow's conversation); the cases are split by feature:
-//! `nat`, `parse`, `conntrack`, `sweep`, `icmp` and `local` (local backends: the
-//! XDP translation and the tc egress program).
+//! `nat`, `parse`, `conntrack`, `sweep`, `icmp`, `local` (local backends: the
+//! XDP translation and the tc egress program) and `passive` (passive health,
+//! L4 redispatch).
 
 use std::net::Ipv4Addr;
 
@@ -35,6 +36,7 @@ mod icmp;
 mod local;
 mod nat;
 mod parse;
+mod passive;
 mod sweep;
 
 const XDP_DROP: u32 = 1;
