@@ -107,7 +107,7 @@ impl Agent {
     /// Takes the ring and starts its reader; without the maps (a program
     /// built before passive health) says so once and leaves it off.
     pub(super) fn start_passive_health(&mut self, events: mpsc::Sender<PassiveEvent>) {
-        let ring = match self.dataplane.take_passive_events() {
+        let ring = match self.dataplane.take_passive_ring() {
             Ok(Some(ring)) if self.dataplane.has_passive_health() => ring,
             Ok(_) => {
                 warn!(

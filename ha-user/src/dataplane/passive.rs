@@ -24,7 +24,7 @@ impl DataPlane {
     ///
     /// # Errors
     /// The map exists but is not a ring buffer, or mapping it failed.
-    pub fn take_passive_events(&mut self) -> Result<Option<PassiveEvents>> {
+    pub fn take_passive_ring(&mut self) -> Result<Option<PassiveEvents>> {
         let Some(map) = self.ebpf.take_map(PASSIVE_EVENTS_MAP) else {
             return Ok(None);
         };
