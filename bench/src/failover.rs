@@ -11,6 +11,12 @@
 //!   ha-lb's VRRP at its defaults (100 ms adverts) against keepalived +
 //!   haproxy with keepalived at its defaults (version 2, `advert_int 1`)
 //!   and at its fastest (version 3, `advert_int 0.01`).
+//!
+//! Beside the timing client, a patient one opens a connection every 10 ms
+//! (each in its own thread) and waits up to 3 s for it, as a real client's
+//! connect timeout would: its failures are the client connections the event
+//! cost (a SYN that ha-lb's data path redispatches is answered on the
+//! client's first retransmission, 1 s later, and is not a failure).
 
 use std::{
     io::{BufRead, BufReader, Write},
@@ -79,6 +85,8 @@ pub struct FailoverResult {
     pub scenario: Scenario,
     pub trials: Vec<Duration>,
     pub failed_attempts: Vec<usize>,
+    /// The patient client's failed connections, per trial.
+    pub failed_connections: Vec<usize>,
 }
 
 impl FailoverResult {
@@ -89,10 +97,39 @@ impl FailoverResult {
     }
 
     pub fn median_failed(&self) -> usize {
-        let mut sorted = self.failed_attempts.clone();
-        sorted.sort();
-        sorted.get(sorted.len() / 2).copied().unwrap_or_default()
+        median_count(&self.failed_attempts)
     }
+
+    /// The patient client's failed connections, median over the trials.
+    pub fn median_failed_connections(&self) -> usize {
+        median_count(&self.failed_connections)
+    }
+}
+
+fn median_count(counts: &[usize]) -> usize {
+    let mut sorted = counts.to_vec();
+    sorted.sort();
+    sorted.get(sorted.len() / 2).copied().unwrap_or_default()
+}
+
+/// How long the patient client waits for a connection and an answer.
+const PATIENT: Duration = Duration::from_secs(3);
+
+/// One connection of the patient client: connected and answered within [`PATIENT`].
+fn whoami_patient(vip: Ipv4Addr) -> bool {
+    (|| -> std::io::Result<()> {
+        let stream = TcpStream::connect_timeout(&SocketAddr::from((vip, 6443)), PATIENT)?;
+        stream.set_read_timeout(Some(PATIENT))?;
+        (&stream).write_all(b"whoami\n")?;
+        let mut line = String::new();
+        BufReader::new(&stream).read_line(&mut line)?;
+        if line.is_empty() {
+            Err(std::io::Error::other("closed"))
+        } else {
+            Ok(())
+        }
+    })()
+    .is_ok()
 }
 
 fn whoami(vip: Ipv4Addr) -> bool {
@@ -171,7 +208,7 @@ fn holds_vip(lab: &Lab, host: &str) -> bool {
 }
 
 /// One trial: set up, wait until steady, trigger, measure.
-fn trial(scenario: Scenario) -> Result<(Duration, usize)> {
+fn trial(scenario: Scenario) -> Result<(Duration, usize, usize)> {
     let lab = Lab::new(&["client", "lb1", "lb2", "api1", "api2", "api3"])?;
     let mut apis: Vec<LabProcess> = APIS
         .iter()
@@ -219,7 +256,24 @@ fn trial(scenario: Scenario) -> Result<(Duration, usize)> {
     std::thread::sleep(Duration::from_millis(1500));
 
     let attempts = Mutex::new(Vec::new());
+    let patient = Mutex::new(Vec::new());
     let event_at = std::thread::scope(|scope| -> Result<Instant> {
+        let patient_client = scope.spawn(|| {
+            lab.in_host("client", || {
+                // Threads spawned here inherit the client's network namespace.
+                std::thread::scope(|inner| {
+                    let start = Instant::now();
+                    while start.elapsed() < scenario.window() + Duration::from_millis(500) {
+                        inner.spawn(|| {
+                            let at = Instant::now();
+                            let ok = whoami_patient(vip);
+                            patient.lock().expect("lock").push((at, ok));
+                        });
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                })
+            })
+        });
         let client = scope.spawn(|| {
             lab.in_host("client", || {
                 let start = Instant::now();
@@ -240,6 +294,7 @@ fn trial(scenario: Scenario) -> Result<(Duration, usize)> {
             _ => lab.set_switch_port("lb1", false)?,
         }
         client.join().expect("client thread")?;
+        patient_client.join().expect("patient client thread")?;
         Ok(at)
     })?;
     apis.clear();
@@ -255,7 +310,13 @@ fn trial(scenario: Scenario) -> Result<(Duration, usize)> {
             .get(i + 1)
             .map_or(scenario.window(), |(at, _)| at.duration_since(event_at)),
     };
-    Ok((recovered, failed))
+    let failed_connections = patient
+        .into_inner()
+        .expect("lock")
+        .iter()
+        .filter(|(at, ok)| *at >= event_at && !ok)
+        .count();
+    Ok((recovered, failed, failed_connections))
 }
 
 pub fn run(trials: u32, mut progress: impl FnMut(&str)) -> Result<Vec<FailoverResult>> {
@@ -266,11 +327,13 @@ pub fn run(trials: u32, mut progress: impl FnMut(&str)) -> Result<Vec<FailoverRe
             scenario,
             trials: Vec::new(),
             failed_attempts: Vec::new(),
+            failed_connections: Vec::new(),
         };
         for _ in 0..trials {
-            let (took, failed) = trial(scenario)?;
+            let (took, failed, failed_connections) = trial(scenario)?;
             result.trials.push(took);
             result.failed_attempts.push(failed);
+            result.failed_connections.push(failed_connections);
         }
         results.push(result);
     }

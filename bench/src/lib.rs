@@ -683,12 +683,15 @@ fn render_failover(out: &mut String, report: &Report, effort: Effort) {
          after the last failed one; attempts time out after 200 ms), \
          median of {} trials. A backend is killed with SIGKILL; an LB master dies by having its link \
          cut (the same for every stack). The keepalived pairs run haproxy on both LB hosts, as in the \
-         classic guides.\n",
+         classic guides. Beside it a patient client opens a connection every 10 ms (each in its own \
+         thread) and waits up to 3 s, as a real client's connect timeout would: its failures are the \
+         client connections the event cost (a SYN that ha-lb redispatches is answered on the client's \
+         first retransmission and does not fail).\n",
         effort.failover_trials
     );
     let _ = writeln!(
         out,
-        "| scenario | median | trials | failed attempts (median) |\n|---|---|---|---|"
+        "| scenario | median | trials | failed attempts (median) | failed connections, 3 s client (median) |\n|---|---|---|---|---|"
     );
     for result in &report.failover {
         let trials: Vec<String> = result
@@ -698,11 +701,12 @@ fn render_failover(out: &mut String, report: &Report, effort: Effort) {
             .collect();
         let _ = writeln!(
             out,
-            "| {} | {:.2} s | {} | {} |",
+            "| {} | {:.2} s | {} | {} | {} |",
             result.scenario.label(),
             result.median().as_secs_f64(),
             trials.join(", "),
-            result.median_failed()
+            result.median_failed(),
+            result.median_failed_connections()
         );
     }
     let find = |scenario| {
@@ -729,6 +733,19 @@ fn render_failover(out: &mut String, report: &Report, effort: Effort) {
             out,
             "Backend failover: ha-lb at its defaults is {:.1}x faster than haproxy at its defaults.",
             theirs / ours
+        );
+    }
+    let failed = |scenario| {
+        report
+            .failover
+            .iter()
+            .find(|r| r.scenario == scenario)
+            .map(|r| r.median_failed_connections())
+    };
+    if let (Some(ours), Some(theirs)) = (failed(BackendKilledHaLb), failed(BackendKilledHaproxy)) {
+        let _ = writeln!(
+            out,
+            "Backend killed, failed client connections (3 s client, median): ha-lb {ours}, haproxy {theirs}."
         );
     }
     let _ = writeln!(out);

@@ -15,6 +15,13 @@
 //! stay. A backend that does not answer at all (refused, unreachable, timed
 //! out) becomes **down**: its established flows are moved on their next
 //! packet, since they are broken anyway.
+//!
+//! Passive health (docs/health-checks.md, "Passive health"): when the data
+//! path sees a backend refuse a client's SYN, the backend's probe task runs a
+//! **confirming check** at once ([`Checker::confirm`]). Two pieces of evidence
+//! that agree (the client's connection refused, and the check failing at the
+//! transport level) take the backend down at once, without waiting for
+//! `fall` failures: haproxy's `observe layer4` with `on-error mark-down`.
 
 use std::time::Duration;
 
@@ -122,6 +129,23 @@ impl Checker {
         (self.health != before).then_some(self.health)
     }
 
+    /// Records the result of a confirming check, run because the data path
+    /// suspected the backend (it refused a client's SYN). A transport-level
+    /// failure (refused, reset, timeout) agrees with the data path: the
+    /// backend is down at once, whatever `fall` says. A pass or a not-ready
+    /// answer counts as any check's (not ready: the normal rules, towards
+    /// draining after `fall`). Returns the new health if it changed.
+    pub fn confirm(&mut self, result: CheckResult) -> Option<Health> {
+        if result != CheckResult::Fail {
+            return self.record(result);
+        }
+        let before = self.health;
+        self.successes = 0;
+        self.failures = self.failures.saturating_add(1).max(self.timing.fall);
+        self.health = Health::Down;
+        (self.health != before).then_some(self.health)
+    }
+
     /// When to check next.
     pub fn next_interval(&self) -> Duration {
         let pending = match self.health {
@@ -135,6 +159,18 @@ impl Checker {
         } else {
             self.timing.interval
         }
+    }
+}
+
+/// How long a confirming check waits: none, unless the previous one
+/// started less than `spacing` (the VIP's `fast_interval`) ago, then until
+/// then. A backend that keeps refusing SYNs while its checks pass (a full
+/// accept queue, a check on another port) costs at most one check per
+/// `spacing`, not one per refused SYN.
+pub fn confirm_delay(since_last_confirm: Option<Duration>, spacing: Duration) -> Duration {
+    match since_last_confirm {
+        Some(elapsed) => spacing.saturating_sub(elapsed),
+        None => Duration::ZERO,
     }
 }
 
@@ -212,6 +248,53 @@ mod tests {
         assert_eq!(checker.record(Pass), None);
         assert_eq!(checker.record(Pass), Some(Health::Up));
         assert_eq!(checker.next_interval(), TIMING.interval);
+    }
+
+    #[test]
+    fn a_confirming_check_that_fails_takes_the_backend_down_at_once() {
+        let mut checker = Checker::new(TIMING);
+        assert_eq!(
+            checker.confirm(Fail),
+            Some(Health::Down),
+            "not after fall = 3"
+        );
+        assert_eq!(checker.next_interval(), TIMING.down_interval);
+        // Coming back takes rise passes, as for any down backend.
+        assert_eq!(checker.confirm(Pass), None);
+        assert_eq!(checker.record(Pass), Some(Health::Up));
+    }
+
+    #[test]
+    fn a_confirming_check_that_passes_or_is_not_ready_counts_as_any_check() {
+        let mut checker = Checker::new(TIMING);
+        assert_eq!(checker.confirm(Pass), None);
+        assert_eq!(checker.health(), Health::Up);
+        // Not ready: the normal rules, draining after fall.
+        assert_eq!(checker.confirm(NotReady), None);
+        assert_eq!(checker.confirm(NotReady), None);
+        assert_eq!(checker.confirm(NotReady), Some(Health::Draining));
+        // A failed confirmation of a draining backend: down (its flows move).
+        assert_eq!(checker.confirm(Fail), Some(Health::Down));
+        // Then the ordinary rules hold: one later failure changes nothing.
+        assert_eq!(checker.record(Fail), None);
+    }
+
+    #[test]
+    fn confirming_checks_are_spaced_by_the_fast_interval() {
+        let spacing = TIMING.fast_interval;
+        assert_eq!(
+            confirm_delay(None, spacing),
+            Duration::ZERO,
+            "the first at once"
+        );
+        assert_eq!(
+            confirm_delay(Some(Duration::from_millis(50)), spacing),
+            Duration::from_millis(150)
+        );
+        assert_eq!(
+            confirm_delay(Some(Duration::from_secs(2)), spacing),
+            Duration::ZERO
+        );
     }
 
     #[test]

@@ -61,6 +61,91 @@ pub struct StatusReport {
     /// The socket-level balancer of this host's own connections.
     #[serde(default)]
     pub socket_lb: SocketLbStatus,
+    /// Passive health: the data path's suspicions and their confirmations.
+    #[serde(default)]
+    pub passive_health: PassiveHealthStatus,
+}
+
+/// Passive health (docs/health-checks.md, "Passive health").
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PassiveHealthStatus {
+    /// The program has the SUSPECT map and the PASSIVE_EVENTS ring.
+    pub enabled: bool,
+    /// Suspicions the data path reported, by reason (`rst_to_syn`,
+    /// `icmp_unreachable`), only those seen.
+    #[serde(default)]
+    pub events: BTreeMap<String, u64>,
+    /// Suspects whose confirming check passed (the flag cleared).
+    #[serde(default)]
+    pub suspects_cleared: u64,
+    /// Suspects whose confirming check failed too (down at once).
+    #[serde(default)]
+    pub suspects_confirmed: u64,
+}
+
+impl PassiveHealthStatus {
+    /// One line of `ha-user status`.
+    pub fn render(&self) -> String {
+        if !self.enabled {
+            return "passive health: off (the XDP program has no SUSPECT map)".to_string();
+        }
+        let events: Vec<String> = self
+            .events
+            .iter()
+            .map(|(reason, n)| format!("{reason} {n}"))
+            .collect();
+        format!(
+            "passive health: on; suspicions {}; suspects cleared {}, confirmed down {}",
+            if events.is_empty() {
+                "none".to_string()
+            } else {
+                events.join(", ")
+            },
+            self.suspects_cleared,
+            self.suspects_confirmed
+        )
+    }
+}
+
+/// A backend the data path suspects: it refused a client's SYN `seconds_ago`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct SuspectStatus {
+    /// `rst_to_syn` or `icmp_unreachable`.
+    pub reason: String,
+    pub seconds_ago: f64,
+}
+
+/// Why a backend takes no new flows, in words (`None`: it takes them).
+/// `confirmed`: the reason of the suspicion a confirming check agreed with,
+/// when that is what took it down.
+pub fn out_reason(
+    state: BackendState,
+    last_check: Option<&LastCheck>,
+    suspect: Option<&SuspectStatus>,
+    confirmed: Option<&str>,
+) -> Option<String> {
+    let detail = last_check.map_or("no check yet", |c| c.detail.as_str());
+    match state {
+        BackendState::Maintenance => Some(
+            "maintenance: drained by an operator (ha-user drain); no new flows, established flows stay"
+                .to_string(),
+        ),
+        BackendState::Down => Some(match confirmed {
+            Some(reason) => format!(
+                "down: the data path saw {reason} and the confirming check failed ({detail}): down at once; its flows move"
+            ),
+            None => format!("down: its check fails ({detail}); its flows move"),
+        }),
+        BackendState::Draining => Some(format!(
+            "draining: it answers but is not ready ({detail}); no new flows, established flows stay"
+        )),
+        BackendState::Up => suspect.map(|s| {
+            format!(
+                "suspect: {} {:.1}s ago; no new flows until its confirming check passes",
+                s.reason, s.seconds_ago
+            )
+        }),
+    }
 }
 
 /// The socket-level balancer (docs/data-path.md, "Socket-level balancing").
@@ -205,6 +290,13 @@ pub struct BackendStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_check: Option<LastCheck>,
     pub traffic: Traffic,
+    /// The data path suspects it (passive health), until its confirming
+    /// check decides or the suspicion expires.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub suspect: Option<SuspectStatus>,
+    /// Why it takes no new flows ([`out_reason`]); absent while it takes them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub out_reason: Option<String>,
 }
 
 const NO_ADDRESS: IpAddr = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
@@ -228,6 +320,7 @@ impl Default for StatusReport {
             program: ProgramStatus::default(),
             reloads: BTreeMap::new(),
             socket_lb: SocketLbStatus::default(),
+            passive_health: PassiveHealthStatus::default(),
         }
     }
 }
@@ -259,6 +352,8 @@ impl Default for BackendStatus {
             checks: 0,
             last_check: None,
             traffic: Traffic::default(),
+            suspect: None,
+            out_reason: None,
         }
     }
 }
@@ -430,6 +525,7 @@ impl StatusReport {
             let _ = writeln!(out, "not ready: {reason}");
         }
         let _ = writeln!(out, "{}", self.socket_lb.render());
+        let _ = writeln!(out, "{}", self.passive_health.render());
         let ct = &self.conntrack;
         if !ct.nat_sources.is_empty() {
             let _ = writeln!(
@@ -513,6 +609,9 @@ impl StatusReport {
                     backend.traffic.flows,
                     backend.traffic.packets
                 );
+                if let Some(reason) = &backend.out_reason {
+                    let _ = writeln!(out, "    {reason}");
+                }
             }
         }
         if !self.verdicts.is_empty() {
@@ -606,6 +705,10 @@ mod tests {
                         bytes: 600,
                         flows: 2,
                     },
+                    suspect: None,
+                    out_reason: Some(
+                        "down: its check fails (connection refused); its flows move".into(),
+                    ),
                 }],
             }],
             verdicts: BTreeMap::from([("forward_tx".to_string(), 10)]),
@@ -637,6 +740,7 @@ mod tests {
                 error: None,
                 events: BTreeMap::from([("connect_balanced".to_string(), 12)]),
             },
+            passive_health: PassiveHealthStatus::default(),
         };
         let table = report.render();
         assert!(
@@ -687,7 +791,104 @@ mod tests {
             "{table}"
         );
         assert!(table.contains("fail connection refused"), "{table}");
+        assert!(
+            table.contains("\n    down: its check fails (connection refused); its flows move\n"),
+            "{table}"
+        );
         assert!(table.contains("0.4ms"), "{table}");
         assert!(table.contains("verdicts: forward_tx=10"), "{table}");
+    }
+
+    #[test]
+    fn why_a_backend_is_out_reads_clearly() {
+        let refused = LastCheck {
+            result: "fail".into(),
+            detail: "connection refused".into(),
+            ..LastCheck::default()
+        };
+        let suspect = SuspectStatus {
+            reason: "rst_to_syn".into(),
+            seconds_ago: 0.25,
+        };
+        assert_eq!(out_reason(BackendState::Up, None, None, None), None);
+        assert_eq!(
+            out_reason(BackendState::Up, None, Some(&suspect), None).as_deref(),
+            Some("suspect: rst_to_syn 0.2s ago; no new flows until its confirming check passes")
+        );
+        assert_eq!(
+            out_reason(BackendState::Down, Some(&refused), None, Some("rst_to_syn")).as_deref(),
+            Some(
+                "down: the data path saw rst_to_syn and the confirming check failed (connection refused): \
+                 down at once; its flows move"
+            )
+        );
+        assert_eq!(
+            out_reason(BackendState::Down, Some(&refused), None, None).as_deref(),
+            Some("down: its check fails (connection refused); its flows move")
+        );
+        let not_ready = LastCheck {
+            detail: "status 500".into(),
+            ..LastCheck::default()
+        };
+        assert!(
+            out_reason(BackendState::Draining, Some(&not_ready), None, None).is_some_and(
+                |r| r.starts_with("draining: it answers but is not ready (status 500)")
+            )
+        );
+        assert!(
+            out_reason(
+                BackendState::Maintenance,
+                Some(&refused),
+                Some(&suspect),
+                None
+            )
+            .is_some_and(|r| r.starts_with("maintenance: drained by an operator"))
+        );
+    }
+
+    #[test]
+    fn the_table_shows_suspects_and_passive_health() {
+        let report = StatusReport {
+            passive_health: PassiveHealthStatus {
+                enabled: true,
+                events: BTreeMap::from([("rst_to_syn".to_string(), 3)]),
+                suspects_cleared: 1,
+                suspects_confirmed: 2,
+            },
+            vips: vec![VipStatus {
+                name: "apiserver".into(),
+                backends: vec![BackendStatus {
+                    address: IpAddr::from([10, 0, 0, 11]),
+                    port: 6443,
+                    suspect: Some(SuspectStatus {
+                        reason: "rst_to_syn".into(),
+                        seconds_ago: 0.5,
+                    }),
+                    out_reason: Some("suspect: rst_to_syn 0.5s ago; no new flows until its confirming check passes".into()),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let table = report.render();
+        assert!(
+            table.contains(
+                "passive health: on; suspicions rst_to_syn 3; suspects cleared 1, confirmed down 2"
+            ),
+            "{table}"
+        );
+        assert!(
+            table.contains("\n    suspect: rst_to_syn 0.5s ago; no new flows"),
+            "{table}"
+        );
+        let json = serde_json::to_value(&report).unwrap();
+        let backend = &json["vips"][0]["backends"][0];
+        assert_eq!(backend["suspect"]["reason"], "rst_to_syn");
+        assert_eq!(json["passive_health"]["suspects_confirmed"], 2);
+        assert_eq!(
+            PassiveHealthStatus::default().render(),
+            "passive health: off (the XDP program has no SUSPECT map)"
+        );
     }
 }

@@ -331,6 +331,7 @@ pub fn render_metrics(report: &StatusReport) -> String {
                     .unwrap_or(0),
             );
     }
+    render_passive_health(&mut m, report);
     let ct = &report.conntrack;
     let flows = Gauge::<i64>::default();
     m.registry.register(
@@ -401,6 +402,55 @@ pub fn render_metrics(report: &StatusReport) -> String {
     let mut out = String::new();
     encode(&mut out, &m.registry).expect("writing to a String cannot fail");
     out
+}
+
+/// Passive health: whether it is on, the data path's suspicions by reason,
+/// what the confirming checks decided, and which backends are suspect now.
+fn render_passive_health(m: &mut Metrics, report: &StatusReport) {
+    let passive = &report.passive_health;
+    let enabled = Gauge::<i64>::default();
+    m.registry.register(
+        "passive_health_enabled",
+        "1 when the data path reports backends that refuse clients' connections (its SUSPECT map and PASSIVE_EVENTS ring exist)",
+        enabled.clone(),
+    );
+    enabled.set(i64::from(passive.enabled));
+    let events = m.counters(
+        "passive_events",
+        "Backends the data path suspected, by reason: rst_to_syn (a RST answered a client's SYN), icmp_unreachable",
+    );
+    for reason in ["rst_to_syn", "icmp_unreachable"] {
+        events
+            .get_or_create(&labels(&[("reason", reason)]))
+            .inc_by(0);
+    }
+    for (reason, count) in &passive.events {
+        events
+            .get_or_create(&labels(&[("reason", reason)]))
+            .inc_by(*count);
+    }
+    let resolved = m.counters(
+        "passive_suspects",
+        "Suspects by what their confirming check decided: cleared (it passed), confirmed (it failed at the transport level: down at once)",
+    );
+    resolved
+        .get_or_create(&labels(&[("outcome", "cleared")]))
+        .inc_by(passive.suspects_cleared);
+    resolved
+        .get_or_create(&labels(&[("outcome", "confirmed")]))
+        .inc_by(passive.suspects_confirmed);
+    let suspect = m.gauges(
+        "backend_suspect",
+        "1 while the data path suspects the backend and takes no new flows to it (until its confirming check decides)",
+    );
+    for vip in &report.vips {
+        for backend in &vip.backends {
+            let name = std::net::SocketAddr::new(backend.address, backend.port).to_string();
+            suspect
+                .get_or_create(&labels(&[("vip", &vip.name), ("backend", &name)]))
+                .set(i64::from(backend.suspect.is_some()));
+        }
+    }
 }
 
 #[cfg(test)]
@@ -495,6 +545,44 @@ mod tests {
             );
         }
         assert!(!text.contains("vrrp"), "no VRRP family without VRRP");
+    }
+
+    #[test]
+    fn passive_health_metrics() {
+        let mut r = report();
+        r.passive_health = crate::status::PassiveHealthStatus {
+            enabled: true,
+            events: [("rst_to_syn".to_string(), 4u64)].into(),
+            suspects_cleared: 1,
+            suspects_confirmed: 3,
+        };
+        r.vips[0].backends[0].suspect = Some(crate::status::SuspectStatus {
+            reason: "rst_to_syn".into(),
+            seconds_ago: 0.1,
+        });
+        r.events = [("syn_redispatched".to_string(), 5u64)].into();
+        let text = render_metrics(&r);
+        for line in [
+            "ha_lb_passive_health_enabled 1",
+            "ha_lb_passive_events_total{reason=\"rst_to_syn\"} 4",
+            "ha_lb_passive_events_total{reason=\"icmp_unreachable\"} 0",
+            "ha_lb_passive_suspects_total{outcome=\"cleared\"} 1",
+            "ha_lb_passive_suspects_total{outcome=\"confirmed\"} 3",
+            "ha_lb_backend_suspect{vip=\"apiserver\",backend=\"10.0.0.11:6443\"} 1",
+            "ha_lb_backend_suspect{vip=\"apiserver\",backend=\"10.0.0.12:6443\"} 0",
+            // The data path's events, whatever their names, come through the events family.
+            "ha_lb_events_total{event=\"syn_redispatched\"} 5",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "missing {line:?} in:\n{text}"
+            );
+        }
+        assert!(
+            render_metrics(&report())
+                .lines()
+                .any(|l| l == "ha_lb_passive_health_enabled 0")
+        );
     }
 
     #[test]

@@ -10,7 +10,7 @@ use std::{
 use crate::{
     config::{BackendConfig, Config, TrackAction, TrackConfig, VipConfig},
     dataplane::{DesiredBackend, DesiredVip},
-    health::Health,
+    health::{CheckResult, Health},
 };
 
 /// One backend of one VIP: what a probe task checks and the reconciler tracks.
@@ -375,6 +375,66 @@ pub fn config_diff(old: &Config, new: &Config) -> ConfigDiff {
     diff
 }
 
+/// Why the data path suspected a backend (`PassiveEvent::reason`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum PassiveReason {
+    /// The backend answered a client's SYN with a RST.
+    RstToSyn,
+    /// An ICMP destination unreachable about a SYN sent to the backend.
+    IcmpUnreachable,
+    /// A reason this agent does not know (a newer data path).
+    Unknown(u32),
+}
+
+impl PassiveReason {
+    pub fn from_wire(reason: u32) -> Self {
+        match reason {
+            ha_common::PASSIVE_REASON_RST_TO_SYN => PassiveReason::RstToSyn,
+            ha_common::PASSIVE_REASON_ICMP_UNREACHABLE => PassiveReason::IcmpUnreachable,
+            other => PassiveReason::Unknown(other),
+        }
+    }
+
+    /// The label of status, logs and `/metrics`.
+    pub fn label(self) -> &'static str {
+        match self {
+            PassiveReason::RstToSyn => "rst_to_syn",
+            PassiveReason::IcmpUnreachable => "icmp_unreachable",
+            PassiveReason::Unknown(_) => "unknown",
+        }
+    }
+}
+
+/// What a suspected backend's confirming check decides (docs/health-checks.md,
+/// "Passive health").
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SuspectResolution {
+    /// The check passes: the refusal was a moment's (a restart, a full accept
+    /// queue); the suspect flag is cleared and the backend takes new flows.
+    Cleared,
+    /// The check fails at the transport level (refused, reset, timeout): the
+    /// client's refusal and the check agree, the backend is down at once
+    /// ([`crate::health::Checker::confirm`]); its flows move.
+    Confirmed,
+    /// It answers but is not ready: the normal rules (draining after
+    /// `fall`); the suspect flag is left to expire (`SUSPECT_TTL_NS`).
+    Undecided,
+}
+
+pub fn resolve_suspect(result: CheckResult) -> SuspectResolution {
+    match result {
+        CheckResult::Pass => SuspectResolution::Cleared,
+        CheckResult::Fail => SuspectResolution::Confirmed,
+        CheckResult::NotReady => SuspectResolution::Undecided,
+    }
+}
+
+/// Whether a suspicion at `since` still holds `now`: the data path honours
+/// the flag for [`ha_common::SUSPECT_TTL_NS`], the agent shows it as long.
+pub fn suspect_live(since: std::time::Instant, now: std::time::Instant) -> bool {
+    now.saturating_duration_since(since).as_nanos() < u128::from(ha_common::SUSPECT_TTL_NS)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -720,5 +780,43 @@ mod tests {
         assert!(diff.backends_added.is_empty() && diff.backends_removed.is_empty());
         assert!(!diff.other);
         assert_eq!(diff.to_string(), "VIPs ~api");
+    }
+
+    #[test]
+    fn a_suspects_confirming_check_clears_confirms_or_leaves_it() {
+        assert_eq!(
+            resolve_suspect(CheckResult::Pass),
+            SuspectResolution::Cleared
+        );
+        assert_eq!(
+            resolve_suspect(CheckResult::Fail),
+            SuspectResolution::Confirmed
+        );
+        assert_eq!(
+            resolve_suspect(CheckResult::NotReady),
+            SuspectResolution::Undecided
+        );
+    }
+
+    #[test]
+    fn passive_reasons_from_the_wire() {
+        assert_eq!(
+            PassiveReason::from_wire(ha_common::PASSIVE_REASON_RST_TO_SYN).label(),
+            "rst_to_syn"
+        );
+        assert_eq!(
+            PassiveReason::from_wire(ha_common::PASSIVE_REASON_ICMP_UNREACHABLE).label(),
+            "icmp_unreachable"
+        );
+        assert_eq!(PassiveReason::from_wire(99), PassiveReason::Unknown(99));
+    }
+
+    #[test]
+    fn a_suspicion_lasts_as_long_as_the_data_path_honours_it() {
+        let since = std::time::Instant::now();
+        let ttl = std::time::Duration::from_nanos(ha_common::SUSPECT_TTL_NS);
+        assert!(suspect_live(since, since));
+        assert!(suspect_live(since, since + ttl / 2));
+        assert!(!suspect_live(since, since + ttl));
     }
 }

@@ -7,6 +7,7 @@ use std::{
 };
 
 use anyhow::Result;
+use ha_common::PassiveEvent;
 use tokio::sync::mpsc;
 use tracing::{error, info, warn};
 
@@ -32,6 +33,7 @@ impl Agent {
         &mut self,
         signals: &mut Signals,
         health_rx: &mut mpsc::Receiver<HealthReport>,
+        passive_rx: &mut mpsc::Receiver<PassiveEvent>,
         admin_rx: &mut mpsc::Receiver<Command>,
         vrrp_rx: &mut mpsc::Receiver<announcer::Event>,
         logger: &mut Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
@@ -67,6 +69,7 @@ impl Agent {
                     let _ = self.reload().await;
                 }
                 Some(report) = health_rx.recv() => self.on_health(report).await,
+                Some(event) = passive_rx.recv() => self.on_passive(event),
                 Some(event) = vrrp_rx.recv() => self.on_vrrp(event).await,
                 _ = link_check.tick(), if self.vrrp.is_some() => {
                     self.check_link().await;
@@ -217,16 +220,26 @@ impl Agent {
                 since: now,
                 last: None,
                 checks: 0,
+                confirmed: None,
             });
         entry.checks += 1;
         let previous = entry.health;
         entry.last = Some((report.outcome.clone(), now));
+        if report.confirming {
+            self.resolve_suspect(&report);
+        }
+        let Some(entry) = self.health.get_mut(&report.key) else {
+            return;
+        };
         if report.health == previous {
             return;
         }
         let in_previous = now.duration_since(entry.since);
         entry.health = report.health;
         entry.since = now;
+        if report.health == Health::Up {
+            self.on_backend_up(&report.key);
+        }
         let outcome = &report.outcome;
         let message = format!("backend {} -> {}", previous.label(), report.health.label());
         match report.health {

@@ -127,6 +127,7 @@ pub async fn run(options: AttachOptions) -> Result<()> {
     }
 
     let (health_tx, mut health_rx) = mpsc::channel::<HealthReport>(256);
+    let (passive_tx, mut passive_rx) = mpsc::channel::<ha_common::PassiveEvent>(256);
     let (vrrp_tx, mut vrrp_rx) = mpsc::channel::<announcer::Event>(16);
     let vrrp = match &config.vrrp {
         Some(vrrp_config) => {
@@ -186,8 +187,10 @@ pub async fn run(options: AttachOptions) -> Result<()> {
         durable_pins,
         reloads: BTreeMap::new(),
         socket_lb: SocketLbStatus::default(),
+        passive: Default::default(),
     };
     agent.seed(&record);
+    agent.start_passive_health(passive_tx);
     let result = async {
         // The whole desired state is in the new program's maps before it
         // sees a packet; then one switch (a new attachment, or the pinned
@@ -223,6 +226,7 @@ pub async fn run(options: AttachOptions) -> Result<()> {
             .serve(
                 &mut signals,
                 &mut health_rx,
+                &mut passive_rx,
                 &mut admin_rx,
                 &mut vrrp_rx,
                 &mut logger,

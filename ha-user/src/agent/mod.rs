@@ -4,10 +4,12 @@
 //!
 //! ```text
 //!  probe task (one per VIP backend) ──HealthReport──┐
+//!  passive reader (PASSIVE_EVENTS) ──PassiveEvent───┤
 //!  VRRP announcer (adverts, timers) ──Own/Release───┤
 //!  admin socket (status/drain/undrain/reload/stop) ─┼──> reconciler ──> data plane maps
 //!  signals (SIGHUP reload, SIGTERM/SIGINT stop) ────┘    (this loop)     VIP addresses, neighbours
 //!                                        reconciler ──Track──> announcer (priority, fault)
+//!                                        reconciler ──CheckNow──> probe task (confirming check)
 //! ```
 //!
 //! The reconciler owns the config, every backend's health, the operator's
@@ -19,7 +21,8 @@
 //! `lifecycle` start and stop; `events` the loop and its handlers; `reload`
 //! plan, apply, commit; `apply` the data-plane writes; `host` addresses,
 //! neighbours and gratuitous ARP; `probes` the check tasks; `report` status
-//! and readiness; `commands` the one-shot `detach` and `check-config`.
+//! and readiness; `passive` passive health's events and suspects; `commands`
+//! the one-shot `detach` and `check-config`.
 //!
 //! Start-up validates everything before touching the host, and a start that
 //! fails before the program switch changes nothing. SIGTERM or SIGINT stop
@@ -32,6 +35,7 @@ pub mod decide;
 mod events;
 mod host;
 mod lifecycle;
+mod passive;
 mod probes;
 mod reload;
 mod report;
@@ -157,4 +161,6 @@ struct Agent {
     reloads: BTreeMap<ReloadOutcome, u64>,
     /// The socket-level balancer as started (its counters are read at status time).
     socket_lb: crate::status::SocketLbStatus,
+    /// Passive health: suspects, their resolutions, the ring's reader.
+    passive: passive::PassiveHealth,
 }

@@ -1,11 +1,12 @@
 //! Health-check tasks: one per backend, each reporting to the reconciler; a reload keeps the tasks
-//! whose check did not change.
+//! whose check did not change. The reconciler can ask a task for a check now
+//! ([`ProbeCommand::CheckNow`]): the confirming check of passive health.
 
 use std::{
     collections::{BTreeSet, HashMap, HashSet},
     net::SocketAddr,
     sync::Arc,
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result};
@@ -13,7 +14,7 @@ use tokio::{sync::mpsc, task::JoinHandle};
 
 use crate::{
     config::{CheckConfig, Config},
-    health::{Checker, Health, Timing},
+    health::{Checker, Health, Timing, confirm_delay},
     probe::{Outcome, Prober},
 };
 
@@ -29,12 +30,32 @@ pub(super) struct HealthReport {
     pub(super) generation: u64,
     pub(super) outcome: Outcome,
     pub(super) health: Health,
+    /// The check confirmed a passive suspicion ([`ProbeCommand::CheckNow`]).
+    pub(super) confirming: bool,
+}
+
+/// What the reconciler asks of a probe task.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum ProbeCommand {
+    /// The data path suspects the backend: check it now, and take it down at
+    /// once if the check fails at the transport level ([`Checker::confirm`]).
+    CheckNow,
 }
 
 pub(super) struct ProbeTask {
     pub(super) check: CheckConfig,
     pub(super) generation: u64,
     pub(super) handle: JoinHandle<()>,
+    /// One command waits at most: asking again while one waits changes nothing.
+    pub(super) commands: mpsc::Sender<ProbeCommand>,
+}
+
+impl ProbeTask {
+    /// Asks for a confirming check now; `false` if one is already asked for
+    /// (it answers this too) or the task is gone.
+    pub(super) fn check_now(&self) -> bool {
+        self.commands.try_send(ProbeCommand::CheckNow).is_ok()
+    }
 }
 
 impl Drop for ProbeTask {
@@ -48,6 +69,8 @@ pub(super) struct BackendHealth {
     pub(super) since: Instant,
     pub(super) last: Option<(Outcome, Instant)>,
     pub(super) checks: u64,
+    /// Down because a confirming check agreed with the data path's suspicion (why).
+    pub(super) confirmed: Option<decide::PassiveReason>,
 }
 
 /// Probers for every VIP, built before anything changes (a bad CA file fails here).
@@ -115,6 +138,7 @@ impl Agent {
                 fall: check.fall,
             };
             let initial = self.seeded.remove(key);
+            let (commands, commands_rx) = mpsc::channel(1);
             let handle = tokio::spawn(probe_loop(
                 key.clone(),
                 generation,
@@ -122,6 +146,7 @@ impl Agent {
                 timing,
                 initial.unwrap_or(Health::Up),
                 self.health_tx.clone(),
+                commands_rx,
             ));
             match initial {
                 // What the last agent knew, until this one's checks say otherwise.
@@ -133,6 +158,7 @@ impl Agent {
                             since: Instant::now(),
                             last: None,
                             checks: 0,
+                            confirmed: None,
                         },
                     );
                 }
@@ -146,6 +172,7 @@ impl Agent {
                     check,
                     generation,
                     handle,
+                    commands,
                 },
             );
         }
@@ -153,7 +180,9 @@ impl Agent {
 }
 
 /// Checks one backend forever (until aborted), reporting every result.
-/// Each backend has its own task: a hung backend delays only itself.
+/// Each backend has its own task: a hung backend delays only itself. A
+/// [`ProbeCommand::CheckNow`] cuts the wait short for a confirming check,
+/// spaced by `fast_interval` from the previous one ([`confirm_delay`]).
 pub(super) async fn probe_loop(
     key: BackendKey,
     generation: u64,
@@ -161,21 +190,42 @@ pub(super) async fn probe_loop(
     timing: Timing,
     initial: Health,
     reports: mpsc::Sender<HealthReport>,
+    mut commands: mpsc::Receiver<ProbeCommand>,
 ) {
     let target = SocketAddr::from((key.address, key.port));
     let mut checker = Checker::starting(timing, initial);
+    let mut confirming = false;
+    let mut last_confirm: Option<Instant> = None;
     loop {
+        if confirming {
+            last_confirm = Some(Instant::now());
+        }
         let outcome = prober.check(target).await;
-        checker.record(outcome.result);
+        if confirming {
+            checker.confirm(outcome.result);
+        } else {
+            checker.record(outcome.result);
+        }
         let report = HealthReport {
             key: key.clone(),
             generation,
             outcome,
             health: checker.health(),
+            confirming,
         };
         if reports.send(report).await.is_err() {
             return;
         }
-        tokio::time::sleep(checker.next_interval()).await;
+        tokio::select! {
+            _ = tokio::time::sleep(checker.next_interval()) => confirming = false,
+            Some(ProbeCommand::CheckNow) = commands.recv() => {
+                let since = last_confirm.map(|at| at.elapsed());
+                let delay = confirm_delay(since, timing.fast_interval);
+                if delay > Duration::ZERO {
+                    tokio::time::sleep(delay).await;
+                }
+                confirming = true;
+            }
+        }
     }
 }

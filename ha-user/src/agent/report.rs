@@ -15,7 +15,8 @@ use crate::{
     handover::{self},
     health::Health,
     status::{
-        BackendState, BackendStatus, ConntrackStatus, LastCheck, StatusReport, Traffic, VipStatus,
+        self, BackendState, BackendStatus, ConntrackStatus, LastCheck, PassiveHealthStatus,
+        StatusReport, SuspectStatus, Traffic, VipStatus,
     },
     vrrp::machine::State,
 };
@@ -70,60 +71,74 @@ impl Agent {
                 )
             })
             .collect();
-        let vips = self
-            .config
-            .vips
-            .iter()
-            .map(|vip| VipStatus {
-                name: vip.name.clone(),
-                address: vip.address,
-                port: vip.port,
-                protocol: vip.protocol,
-                mode: vip.mode,
-                owner: self.owner_label(),
-                fail_open: self.failing_open.contains(&vip.name),
-                traffic: vip_traffic
-                    .get(vip.name.as_str())
-                    .copied()
-                    .unwrap_or_default(),
-                backends: vip
-                    .backends
-                    .iter()
-                    .map(|b| {
-                        let key = BackendKey::of(vip, b);
-                        let health = self.health.get(&key);
-                        let state = BackendState::of(
-                            health.map_or(Health::Up, |h| h.health),
-                            self.maintenance.contains(&key),
-                        );
-                        BackendStatus {
-                            address: b.address,
-                            port: b.port(),
-                            weight: b.weight,
-                            state,
-                            in_state_seconds: health
-                                .map_or(now.duration_since(self.started), |h| {
-                                    now.duration_since(h.since)
-                                })
-                                .as_secs_f64(),
-                            checks: health.map_or(0, |h| h.checks),
-                            last_check: health.and_then(|h| h.last.as_ref()).map(
-                                |(outcome, at)| {
+        let vips =
+            self.config
+                .vips
+                .iter()
+                .map(|vip| VipStatus {
+                    name: vip.name.clone(),
+                    address: vip.address,
+                    port: vip.port,
+                    protocol: vip.protocol,
+                    mode: vip.mode,
+                    owner: self.owner_label(),
+                    fail_open: self.failing_open.contains(&vip.name),
+                    traffic: vip_traffic
+                        .get(vip.name.as_str())
+                        .copied()
+                        .unwrap_or_default(),
+                    backends: vip
+                        .backends
+                        .iter()
+                        .map(|b| {
+                            let key = BackendKey::of(vip, b);
+                            let health = self.health.get(&key);
+                            let state = BackendState::of(
+                                health.map_or(Health::Up, |h| h.health),
+                                self.maintenance.contains(&key),
+                            );
+                            let suspect = self.passive.suspect(b.address, b.port(), now).map(|s| {
+                                SuspectStatus {
+                                    reason: s.reason.label().to_string(),
+                                    seconds_ago: now.duration_since(s.since).as_secs_f64(),
+                                }
+                            });
+                            let last_check =
+                                health.and_then(|h| h.last.as_ref()).map(|(outcome, at)| {
                                     LastCheck::from_outcome(
                                         outcome,
                                         now.duration_since(*at).as_secs_f64(),
                                     )
-                                },
-                            ),
-                            traffic: backend_traffic
-                                .get(&(b.address, b.port()))
-                                .copied()
-                                .unwrap_or_default(),
-                        }
-                    })
-                    .collect(),
-            })
-            .collect();
+                                });
+                            let out_reason = status::out_reason(
+                                state,
+                                last_check.as_ref(),
+                                suspect.as_ref(),
+                                health.and_then(|h| h.confirmed).map(|r| r.label()),
+                            );
+                            BackendStatus {
+                                address: b.address,
+                                port: b.port(),
+                                weight: b.weight,
+                                state,
+                                suspect,
+                                out_reason,
+                                in_state_seconds: health
+                                    .map_or(now.duration_since(self.started), |h| {
+                                        now.duration_since(h.since)
+                                    })
+                                    .as_secs_f64(),
+                                checks: health.map_or(0, |h| h.checks),
+                                last_check,
+                                traffic: backend_traffic
+                                    .get(&(b.address, b.port()))
+                                    .copied()
+                                    .unwrap_or_default(),
+                            }
+                        })
+                        .collect(),
+                })
+                .collect();
         StatusReport {
             socket_lb: crate::status::SocketLbStatus {
                 events: self
@@ -137,6 +152,18 @@ impl Agent {
                 ..self.socket_lb.clone()
             },
             reloads: self.reloads.clone(),
+            passive_health: PassiveHealthStatus {
+                enabled: self.passive.enabled,
+                events: self.passive.events.iter().fold(
+                    std::collections::BTreeMap::new(),
+                    |mut by_label, (reason, n)| {
+                        *by_label.entry(reason.label().to_string()).or_default() += *n;
+                        by_label
+                    },
+                ),
+                suspects_cleared: self.passive.cleared,
+                suspects_confirmed: self.passive.confirmed,
+            },
             not_ready: self.not_ready(),
             data_path_unanswered: self.blackhole.finding().is_some(),
             program: {

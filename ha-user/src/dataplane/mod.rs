@@ -18,6 +18,7 @@
 //! - `migrate`: copying resized flow tables into the new ones;
 //! - `writer`: the desired state: settings, VIPs, Maglev tables, backends;
 //! - `nat_sources`: the current and earlier NAT source ranges;
+//! - `passive`: passive health's SUSPECT flags and PASSIVE_EVENTS ring;
 //! - `counters`: verdict, event and traffic counters;
 //! - `flows`: the connection and reverse NAT tables' entries, and the
 //!   address-keyed flows API;
@@ -33,6 +34,7 @@ mod flows;
 mod load;
 mod migrate;
 mod nat_sources;
+mod passive;
 mod pins;
 mod socket_lb;
 mod sweep;
@@ -53,6 +55,7 @@ pub use self::{
     counters::TrafficSnapshot,
     flows::{FlowCount, FlowView},
     nat_sources::{describe_range, nat_sources_of, next_nat_ranges, ranges_in_use},
+    passive::{PassiveEvents, parse_passive_event},
     pins::{LinkFound, PinnedState, inspect_pins, remove_pins},
     sweep::{
         PlannedSweep, SweepPlan, SweepReport, SweepTotals, flow_still_expired, plan_sweep,

@@ -364,6 +364,7 @@ impl DataPlane {
             for (address, port) in &keys {
                 let _ = index.remove(&backend_addr(*address, *port));
             }
+            self.clear_suspect_id(id)?;
             self.retired.remove(&id);
             self.backend_ids.retain(|_, v| *v != id);
             debug!(id, "retired backend freed");

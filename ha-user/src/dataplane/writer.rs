@@ -276,6 +276,8 @@ impl DataPlane {
         let id = (0..ha_common::MAX_BACKENDS)
             .find(|id| !used.contains(id))
             .ok_or(DataPlaneError::TooManyBackends)?;
+        // A new backend starts unsuspected, whatever the id's last holder did.
+        self.clear_suspect_id(id)?;
         self.backend_ids.insert((address, port), id);
         Ok(id)
     }
