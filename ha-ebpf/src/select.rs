@@ -22,7 +22,13 @@ use crate::{
 /// asks where a flow would go.
 #[inline(always)]
 pub fn select(vip: &VipInfo, key: &FlowKey, now: u64, count: bool) -> Option<Selected> {
-    let hash = flow_hash(key);
+    select_hash(vip, flow_hash(key), now, count)
+}
+
+/// [`select`] for a hash computed elsewhere: the socket-level balancer's
+/// per-socket hash, so a host's own connections skip suspects too.
+#[inline(always)]
+pub fn select_hash(vip: &VipInfo, hash: u32, now: u64, count: bool) -> Option<Selected> {
     let primary = slot_backend(vip, hash)?;
     let backend = *BACKENDS.get(primary)?;
     if backend.addr == 0 {

@@ -6,8 +6,10 @@
 //!
 //! - `cgroup/connect4` (TCP, connected UDP) and `cgroup/sendmsg4`
 //!   (unconnected UDP) replace the VIP's address and port by a backend's,
-//!   picked from the VIP's active Maglev table, the one the XDP path uses:
-//!   a drained or down backend is not in it, so it gets no new socket. No
+//!   picked from the VIP's active Maglev table by the XDP path's own
+//!   selection (`select.rs`): a drained or down backend is not in it, and a
+//!   suspect one (passive health) is stepped around, so neither gets a new
+//!   socket. No
 //!   NAT, no connection table: the socket itself is the backend's.
 //! - `cgroup/getpeername4` and `cgroup/recvmsg4` report the VIP instead of
 //!   the backend to the socket's owner (SOCK_LB_REVERSE, written by the two
@@ -27,11 +29,14 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use ha_common::{
-    BackendInfo, NO_BACKEND, SOCK_LB_REVERSE_ENTRIES, SockBackendKey, SockLbEvent, SockVip,
-    VIP_FLAG_ENABLED, VipKey, hash::socket_hash,
+    SOCK_LB_REVERSE_ENTRIES, SockBackendKey, SockLbEvent, SockVip, VIP_FLAG_ENABLED, VipKey,
+    hash::socket_hash,
 };
 
-use crate::maps::{BACKENDS, MAGLEV, VIPS};
+use crate::{
+    maps::{SETTINGS, SETTINGS_ACTIVE, VIPS},
+    select::select_hash,
+};
 
 /// The network namespace whose sockets are balanced: its cookie
 /// (`SO_NETNS_COOKIE`), written by the agent before it attaches. 0 (never
@@ -102,11 +107,9 @@ fn balance(ctx: &SockAddrContext, balanced: SockLbEvent) -> i32 {
     }
     // SAFETY: a helper the cgroup/sock_addr programs may call.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let Some(backend) = pick(
-        vip.table_offset,
-        vip.table_size,
-        socket_hash(cookie, addr, key.port),
-    ) else {
+    let Some(backend) = select_hash(&vip, socket_hash(cookie, addr, key.port), now(), false)
+        .map(|selected| selected.info)
+    else {
         count(SockLbEvent::NoBackend);
         return ALLOW;
     };
@@ -133,18 +136,16 @@ fn balance(ctx: &SockAddrContext, balanced: SockLbEvent) -> i32 {
     ALLOW
 }
 
-/// The backend in the Maglev table slot `hash` falls in, as the XDP path's
-/// selection (`select.rs`) reads it; `None` for an empty slot.
+/// The data path's clock, as the XDP program reads it (passive health's
+/// suspect times are on it).
 #[inline(always)]
-fn pick(table_offset: u32, table_size: u32, hash: u32) -> Option<BackendInfo> {
-    // checked_rem: an empty table is None, with no panic path for the verifier.
-    let slot = table_offset + hash.checked_rem(table_size)?;
-    let id = *MAGLEV.get(slot)?;
-    if id == NO_BACKEND {
-        return None;
+fn now() -> u64 {
+    let slot = SETTINGS_ACTIVE.get(0).map_or(0, |s| *s & 1);
+    match SETTINGS.get(slot) {
+        Some(settings) => crate::conntrack::now_ns(settings),
+        // SAFETY: a helper without arguments.
+        None => unsafe { aya_ebpf::helpers::bpf_ktime_get_coarse_ns() },
     }
-    let backend = *BACKENDS.get(id)?;
-    (backend.addr != 0).then_some(backend)
 }
 
 /// getpeername() and recvmsg(): a balanced socket's backend is reported as
