@@ -686,7 +686,12 @@ fn render_failover(out: &mut String, report: &Report, effort: Effort) {
          classic guides. Beside it a patient client opens a connection every 10 ms (each in its own \
          thread) and waits up to 3 s, as a real client's connect timeout would: its failures are the \
          client connections the event cost (a SYN that ha-lb redispatches is answered on the client's \
-         first retransmission and does not fail).\n",
+         first retransmission and does not fail). The first client's failures are bounded by its own \
+         timeouts (one attempt of up to 0.7 s at a time); the patient client's count every connection: \
+         haproxy at its defaults (`retries 3`, no `option redispatch`) tries a dead server again three \
+         times, a second apart, and then closes the client's connection, so each connection it gave \
+         the dead server fails (the kubeadm guide's `option redispatch` with `retries 1` would move it \
+         after 1 s).\n",
         effort.failover_trials
     );
     let _ = writeln!(

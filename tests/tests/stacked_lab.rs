@@ -16,7 +16,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{status_json, whoami, write_config, write_file};
+use common::{Session, status_json, whoami, write_config, write_file};
 use ha_lab::{Lab, LabProcess, bin_path, config};
 use ha_user::config::{CheckKind, Config, TrackAction, VipConfig, VrrpConfig, VrrpVersion};
 use nix::sys::signal::Signal;
@@ -121,27 +121,44 @@ fn holds(lab: &Lab, host: &str, vip: Ipv4Addr) -> bool {
     String::from_utf8_lossy(&out.stdout).contains(&format!("{vip}/32"))
 }
 
-fn holders(lab: &Lab) -> Vec<&'static str> {
+/// The masters holding every one of `vips`.
+fn holders_of(lab: &Lab, vips: &[Ipv4Addr]) -> Vec<&'static str> {
     MASTERS
         .into_iter()
-        .filter(|m| holds(lab, m, lab.vip(0)) && holds(lab, m, lab.vip(1)))
+        .filter(|m| vips.iter().all(|vip| holds(lab, m, *vip)))
         .collect()
 }
 
-fn wait_for_holder(lab: &Lab, wanted: &[&str], timeout: Duration) -> (&'static str, Duration) {
+/// The masters holding both VIPs.
+fn holders(lab: &Lab) -> Vec<&'static str> {
+    holders_of(lab, &[lab.vip(0), lab.vip(1)])
+}
+
+/// Waits until one of `wanted` alone holds `vips`: which, and how long it took.
+fn wait_for_holder_of(
+    lab: &Lab,
+    vips: &[Ipv4Addr],
+    wanted: &[&str],
+    timeout: Duration,
+) -> (&'static str, Duration) {
     let mut holder = None;
     let took = lab
         .wait_until(
             timeout,
-            &format!("one of {wanted:?} alone holds both VIPs"),
+            &format!("one of {wanted:?} alone holds {vips:?}"),
             || {
-                let now = holders(lab);
+                let now = holders_of(lab, vips);
                 holder = (now.len() == 1 && wanted.contains(&now[0])).then(|| now[0]);
                 holder.is_some()
             },
         )
-        .unwrap_or_else(|e| panic!("{e}; holders now {:?}", holders(lab)));
+        .unwrap_or_else(|e| panic!("{e}; holders now {:?}", holders_of(lab, vips)));
     (holder.unwrap(), took)
+}
+
+/// [`wait_for_holder_of`] both VIPs.
+fn wait_for_holder(lab: &Lab, wanted: &[&str], timeout: Duration) -> (&'static str, Duration) {
+    wait_for_holder_of(lab, &[lab.vip(0), lab.vip(1)], wanted, timeout)
 }
 
 /// `n` fresh connections to `vip:port` from `host`: how many each server
@@ -429,7 +446,7 @@ fn the_imported_kubeadm_guide_pair_passes_the_stacked_tests() {
     let vip = lab.vip(0);
     // keepalived's defaults: adverts every second, so m1 (101) wins after
     // its Master_Down_Interval.
-    wait_for_holder_of(&lab, vip, &["m1"], Duration::from_secs(8));
+    wait_for_holder_of(&lab, &[vip], &["m1"], Duration::from_secs(8));
     let result = connect_n(&lab, "client", vip, API_VIP_PORT, 60);
     assert_all_served("client -> imported VIP", &result, 60, &MASTERS);
     let result = connect_n(&lab, "m1", vip, API_VIP_PORT, 10);
@@ -443,7 +460,7 @@ fn the_imported_kubeadm_guide_pair_passes_the_stacked_tests() {
         .unwrap();
     let killed = Instant::now();
     // m2 and m3 tie at 100; the higher address wins.
-    let (holder, _) = wait_for_holder_of(&lab, vip, &["m2", "m3"], Duration::from_secs(12));
+    let (holder, _) = wait_for_holder_of(&lab, &[vip], &["m2", "m3"], Duration::from_secs(12));
     let moved = killed.elapsed();
     // haproxy's defaults the import carried over: inter 2s, fall 3 (the
     // next check within 2 s, then two more 2 s apart), adverts every 1 s.
@@ -464,89 +481,8 @@ fn the_imported_kubeadm_guide_pair_passes_the_stacked_tests() {
     assert_all_served("the new holder -> imported VIP", &result, 10, &["m2", "m3"]);
     // m1's apiserver comes back: it preempts.
     masters.get_mut("m1").unwrap().apiserver = lab.start_standin("m1", &[]).unwrap();
-    wait_for_holder_of(&lab, vip, &["m1"], Duration::from_secs(12));
+    wait_for_holder_of(&lab, &[vip], &["m1"], Duration::from_secs(12));
     drop(agents);
-}
-
-fn wait_for_holder_of(
-    lab: &Lab,
-    vip: Ipv4Addr,
-    wanted: &[&str],
-    timeout: Duration,
-) -> (&'static str, Duration) {
-    let holders_of =
-        || -> Vec<&'static str> { MASTERS.into_iter().filter(|m| holds(lab, m, vip)).collect() };
-    let mut holder = None;
-    let took = lab
-        .wait_until(
-            timeout,
-            &format!("one of {wanted:?} alone holds {vip}"),
-            || {
-                let now = holders_of();
-                holder = (now.len() == 1 && wanted.contains(&now[0])).then(|| now[0]);
-                holder.is_some()
-            },
-        )
-        .unwrap_or_else(|e| panic!("{e}; holders now {:?}", holders_of()));
-    (holder.unwrap(), took)
-}
-
-/// A long-lived line-protocol connection to `vip:port`, opened from the
-/// thread's network namespace.
-struct Session {
-    writer: std::net::TcpStream,
-    reader: std::io::BufReader<std::net::TcpStream>,
-    server: String,
-}
-
-impl Session {
-    fn open(vip: Ipv4Addr, port: u16) -> Session {
-        let stream = std::net::TcpStream::connect((vip, port)).unwrap();
-        stream
-            .set_read_timeout(Some(Duration::from_secs(5)))
-            .unwrap();
-        let mut session = Session {
-            writer: stream.try_clone().unwrap(),
-            reader: std::io::BufReader::new(stream),
-            server: String::new(),
-        };
-        let answer = session.exchange("whoami");
-        session.server = answer
-            .split_whitespace()
-            .next()
-            .unwrap_or_default()
-            .to_string();
-        session
-    }
-
-    /// A connection that landed on the backend named `wanted`.
-    fn to(vip: Ipv4Addr, port: u16, wanted: &str) -> Session {
-        (0..200)
-            .map(|_| Session::open(vip, port))
-            .find(|s| s.server == wanted)
-            .unwrap_or_else(|| panic!("no connection to {vip}:{port} landed on {wanted}"))
-    }
-
-    fn exchange(&mut self, text: &str) -> String {
-        use std::io::{BufRead, Write};
-        self.writer
-            .write_all(format!("{text}\n").as_bytes())
-            .unwrap();
-        let mut line = String::new();
-        self.reader.read_line(&mut line).unwrap();
-        line
-    }
-
-    fn assert_alive(&mut self, what: &str) {
-        for i in 0..3 {
-            assert_eq!(
-                self.exchange(&format!("ping {i}")),
-                format!("ping {i}\n"),
-                "{what}: the long-lived connection to {} broke",
-                self.server
-            );
-        }
-    }
 }
 
 /// An agent restart on the holder (the keep intent, pins on the host's
@@ -576,13 +512,13 @@ fn a_restart_of_the_holders_agent_keeps_its_local_nated_and_own_connections() {
     let (mut local, mut nated) = lab
         .in_host("client", || {
             (
-                Session::to(vip, API_VIP_PORT, "m1"),
-                Session::to(vip, API_VIP_PORT, "m2"),
+                Session::to_port(vip, API_VIP_PORT, "m1"),
+                Session::to_port(vip, API_VIP_PORT, "m2"),
             )
         })
         .unwrap();
     let mut own = lab
-        .in_host("m1", || Session::to(vip, API_VIP_PORT, "m3"))
+        .in_host("m1", || Session::to_port(vip, API_VIP_PORT, "m3"))
         .unwrap();
     m1.signal(Signal::SIGTERM).unwrap();
     assert!(
@@ -590,13 +526,13 @@ fn a_restart_of_the_holders_agent_keeps_its_local_nated_and_own_connections() {
         "m1's agent stopped"
     );
     // While no agent runs, the pinned programs go on serving.
-    local.assert_alive("no agent on m1, local flow");
-    nated.assert_alive("no agent on m1, NATed flow");
+    local.assert_alive(3);
+    nated.assert_alive(3);
     let _m1 = start("m1");
     assert_eq!(holders(&lab), ["m1"], "m1 resumed as master");
-    local.assert_alive("after the restart, local flow");
-    nated.assert_alive("after the restart, NATed flow");
-    own.assert_alive("after the restart, m1's own connection");
+    local.assert_alive(3);
+    nated.assert_alive(3);
+    own.assert_alive(3);
     let result = connect_n(&lab, "client", vip, API_VIP_PORT, 30);
     assert_all_served(
         "client -> apiserver VIP after the restart",

@@ -113,7 +113,12 @@ pub struct Session {
 
 impl Session {
     pub fn open(vip: Ipv4Addr) -> Session {
-        let stream = TcpStream::connect((vip, 6443)).unwrap();
+        Session::open_port(vip, 6443)
+    }
+
+    /// [`Session::open`] to `vip:port`.
+    pub fn open_port(vip: Ipv4Addr, port: u16) -> Session {
+        let stream = TcpStream::connect((vip, port)).unwrap();
         stream
             .set_read_timeout(Some(Duration::from_secs(5)))
             .unwrap();
@@ -125,8 +130,13 @@ impl Session {
 
     /// A connection that landed on the backend named `wanted`.
     pub fn to(vip: Ipv4Addr, wanted: &str) -> Session {
+        Session::to_port(vip, 6443, wanted)
+    }
+
+    /// [`Session::to`] through `vip:port`.
+    pub fn to_port(vip: Ipv4Addr, port: u16, wanted: &str) -> Session {
         for _ in 0..200 {
-            let mut session = Session::open(vip);
+            let mut session = Session::open_port(vip, port);
             if session.exchange("whoami").starts_with(wanted) {
                 return session;
             }
