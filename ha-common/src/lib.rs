@@ -934,6 +934,11 @@ indexed_enum! {
         PassNoFlow = 3 => "egress_pass_no_flow",
         /// A local backend's reply: its source rewritten to the flow's VIP and port.
         Translated = 4 => "egress_translated",
+        /// A local backend refused a new flow's SYN (RST+ACK) and the client's
+        /// retransmission would go to another backend: passive health's L4
+        /// redispatch, as on the reply path. The RST is dropped (`TC_ACT_SHOT`,
+        /// the one packet the egress program drops) and the flow forgotten.
+        Redispatched = 5 => "egress_redispatched",
     }
 }
 

@@ -6,27 +6,30 @@
 //! translate them.
 //!
 //! A short pipeline of its own: parse -> classify (a local flow's reply?)
-//! -> conntrack (the backend's side of the state machine) -> rewrite. It
-//! never drops: every packet leaves (`TC_ACT_OK`), translated or untouched,
+//! -> conntrack (the backend's side of the state machine, and passive
+//! health: a local backend refusing a SYN) -> rewrite. It drops one packet
+//! only, a refusal that passive health redispatches (`TC_ACT_SHOT`); every
+//! other packet leaves (`TC_ACT_OK`), translated or untouched. Each is
 //! counted in one slot of EGRESS_VERDICTS. Packets are read and written
 //! through the skb helpers (bounds-checked by the kernel, fine with
 //! non-linear skbs), and the checksums follow with bpf_l3_csum_replace and
 //! bpf_l4_csum_replace, which keep an offloaded (CHECKSUM_PARTIAL) skb right.
 
 use aya_ebpf::{
-    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_OK},
+    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_OK, TC_ACT_SHOT},
     macros::classifier,
     programs::TcContext,
 };
 use ha_common::{
-    EgressVerdict, Event, FLOW_LOCAL, NatKey, PROTO_TCP, PROTO_UDP, TCP_HDR_LEN_MIN,
-    UDP_HDR_LEN_MIN,
+    EgressVerdict, Event, FLOW_LOCAL, NatKey, PASSIVE_REASON_RST_TO_SYN, PROTO_TCP, PROTO_UDP,
+    TCP_HDR_LEN_MIN, UDP_HDR_LEN_MIN,
 };
 
 use crate::{
     conntrack::{forget, now_ns, track_backend},
     maps::{CONNTRACK, REVERSE_NAT, SETTINGS, SETTINGS_ACTIVE, count_egress, count_event},
     parse::{ETH_HDR_LEN, IP_CHECK, IP_SRC, L4_SPORT, TCP_CHECK, UDP_CHECK},
+    passive,
 };
 
 /// The egress program: attached at the XDP interface's egress (TCX, or
@@ -36,6 +39,9 @@ use crate::{
 pub fn ha_tc_egress(ctx: TcContext) -> i32 {
     let verdict = egress(&ctx);
     count_egress(verdict, ctx.len());
+    if verdict == EgressVerdict::Redispatched {
+        return TC_ACT_SHOT;
+    }
     TC_ACT_OK
 }
 
@@ -86,6 +92,14 @@ fn egress(ctx: &TcContext) -> EgressVerdict {
         forget(&client, flow);
         count_event(Event::ExpiredFlowReplaced);
         return EgressVerdict::PassNoFlow;
+    }
+    // Passive health, as on the reply path: a local backend refusing a SYN.
+    if passive::refuses_syn(reply.tcp_flags, flow.flags) {
+        passive::suspect(backend_id, PASSIVE_REASON_RST_TO_SYN, now);
+        if passive::redispatch(&client, backend_id, now) {
+            forget(&client, flow);
+            return EgressVerdict::Redispatched;
+        }
     }
     track_backend(flow_ptr, reply.tcp_flags, now);
     match rewrite_source(ctx, &reply, client.dst_addr, client.dst_port) {

@@ -25,7 +25,15 @@ pub struct EgressOutcome {
     pub verdict: EgressVerdict,
     /// The packet as it leaves (untouched unless `Translated`).
     pub output: Vec<u8>,
+    /// The program's return value: `TC_ACT_OK` (0), or `TC_ACT_SHOT` (2)
+    /// for a redispatched RST.
+    pub action: i32,
 }
+
+/// `TC_ACT_OK` (include/uapi/linux/pkt_cls.h): the packet goes on.
+pub const TC_ACT_OK: i32 = 0;
+/// `TC_ACT_SHOT` (include/uapi/linux/pkt_cls.h): the packet is dropped.
+pub const TC_ACT_SHOT: i32 = 2;
 
 /// A parsed reply: header offsets, its reverse key (source = backend, destination = client),
 /// its TCP flags (0 for UDP).
@@ -148,7 +156,16 @@ impl Model {
             slot.packets = slot.packets.wrapping_add(1);
             slot.bytes = slot.bytes.wrapping_add(frame.len() as u64);
         }
-        EgressOutcome { verdict, output }
+        let action = if verdict == EgressVerdict::Redispatched {
+            TC_ACT_SHOT
+        } else {
+            TC_ACT_OK
+        };
+        EgressOutcome {
+            verdict,
+            output,
+            action,
+        }
     }
 }
 
@@ -179,6 +196,14 @@ impl Ctx<'_> {
             self.forget(&client, &flow);
             self.count_event(Event::ExpiredFlowReplaced);
             return EgressVerdict::PassNoFlow;
+        }
+        // Passive health, as on the reply path: a local backend refusing a SYN.
+        if crate::passive::refuses_syn(reply.tcp_flags, flow.flags) {
+            self.suspect(entry.backend_id, ha_common::PASSIVE_REASON_RST_TO_SYN);
+            if self.redispatch(&client, entry.backend_id) {
+                self.forget(&client, &flow);
+                return EgressVerdict::Redispatched;
+            }
         }
         // 8. The backend packet rule, then the source rewritten.
         let now = self.now;

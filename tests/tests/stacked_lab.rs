@@ -546,3 +546,55 @@ fn a_restart_of_the_holders_agent_keeps_its_local_nated_and_own_connections() {
         "m1 -> VIP after the restart: {result:?}"
     );
 }
+
+/// The holder's own apiserver dies under load from the LAN: the first SYN
+/// it refuses (the host's stack answers RST, leaving through the tc egress
+/// program) makes it suspect and is redispatched, so no LAN client's
+/// connection fails (each waits up to 3 s, as a real client's connect
+/// timeout would), and none goes to the dead one after it.
+#[test]
+fn the_holders_apiserver_dying_under_load_costs_lan_clients_nothing() {
+    let mut s = stacked(None);
+    let lab = &s.lab;
+    let vip = lab.vip(0);
+    let results: std::sync::Mutex<Vec<Result<String, String>>> = std::sync::Mutex::new(Vec::new());
+    std::thread::scope(|scope| {
+        let results = &results;
+        let client = scope.spawn(move || {
+            lab.in_host("client", || {
+                std::thread::scope(|inner| {
+                    let start = Instant::now();
+                    while start.elapsed() < Duration::from_secs(2) {
+                        inner.spawn(move || {
+                            let result =
+                                common::whoami_within(vip, API_VIP_PORT, Duration::from_secs(3))
+                                    .map(|(name, _)| name)
+                                    .map_err(|e| e.to_string());
+                            results.lock().unwrap().push(result);
+                        });
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                });
+            })
+            .unwrap()
+        });
+        std::thread::sleep(Duration::from_millis(500));
+        s.masters
+            .get_mut("m1")
+            .unwrap()
+            .apiserver
+            .signal(Signal::SIGKILL)
+            .unwrap();
+        client.join().unwrap();
+    });
+    let results = results.into_inner().unwrap();
+    let failed: Vec<&String> = results.iter().filter_map(|r| r.as_ref().err()).collect();
+    eprintln!(
+        "{} connections while m1's apiserver died, {} failed; m1 events: {}",
+        results.len(),
+        failed.len(),
+        status_json(lab, "m1")["events"]
+    );
+    assert!(failed.is_empty(), "{failed:?}");
+    assert!(results.len() > 150, "{}", results.len());
+}

@@ -814,11 +814,11 @@ impl Harness {
         out.truncate(result.data_size_out as usize);
         let expected = self.model.egress(&bytes, self.now);
         let frame_hex = hex(&bytes);
-        if result.return_value != 0 {
+        if result.return_value as i32 != expected.action {
             return Err(format!(
                 "egress frame {frame_hex}
-action: tc {} (not TC_ACT_OK)",
-                result.return_value
+action: tc {}, model {}",
+                result.return_value, expected.action
             ));
         }
         if out != expected.output {

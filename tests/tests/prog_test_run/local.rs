@@ -5,13 +5,14 @@
 //! state machine. Expected frames are etherparse's (own checksums).
 
 use ha_common::{
-    EgressVerdict, FLOW_ASSURED, FLOW_FIN_BACKEND, FLOW_FIN_CLIENT, FLOW_LOCAL, FLOW_RESET,
+    EgressVerdict, Event, FLOW_ASSURED, FLOW_FIN_BACKEND, FLOW_FIN_CLIENT, FLOW_LOCAL, FLOW_RESET,
     FLOW_SEEN_REPLY,
 };
 
 use super::*;
 
 const TC_ACT_OK: u32 = 0;
+const TC_ACT_SHOT: u32 = 2;
 
 impl World {
     /// The client's frame to the local VIP, from `sport`.
@@ -242,5 +243,84 @@ fn a_backend_rst_seen_at_egress_closes_a_local_flow_and_the_sweep_takes_both_hal
         "a reply after the flow ended",
         &w.local_reply(port, ACK).build(),
         EgressVerdict::Pass,
+    );
+}
+
+/// Passive health for a local backend (docs/data-path.md, "Passive
+/// health"): the host's stack refuses a new flow's SYN (RST+ACK from the
+/// backend's port: the local apiserver is gone) and the egress program sees
+/// it, as the reply path sees a remote backend's. The backend is suspect,
+/// the agent told, and with other backends in the VIP the RST is dropped
+/// (`TC_ACT_SHOT`, `egress_redispatched`) and the flow forgotten, so the
+/// client's SYN retransmission goes to another backend.
+#[test]
+fn a_local_backend_refusing_a_syn_is_suspected_and_the_syn_redispatched() {
+    let w = world();
+    let vip = w.stacked_vip;
+    // A client port whose flow Maglev gives to this host's backend.
+    let (port, syn) = (42_000..43_000)
+        .find_map(|port| {
+            let syn = Frame {
+                sport: port,
+                ..w.client_frame(vip, 6443, SYN)
+            };
+            let (verdict, _) = w.run(&syn.build());
+            (verdict == XDP_PASS).then_some((port, syn))
+        })
+        .expect("a flow to the local backend");
+    let mut key = w.flow(vip, 6443, PROTO_TCP);
+    key.src_port = port_to_wire(port);
+    let local_id = w
+        .dataplane
+        .flows()
+        .unwrap()
+        .into_iter()
+        .find(|(k, _)| *k == key)
+        .map(|(_, f)| f.backend_id)
+        .expect("the local flow");
+    assert_eq!(w.dataplane.suspect_since(local_id).unwrap(), 0);
+    let before = w.dataplane.event(Event::Redispatched).unwrap();
+    // The stack's RST+ACK to the SYN, leaving through egress.
+    let refusal = Frame {
+        src_mac: w.lb_mac,
+        dst_mac: w.client_mac,
+        vlan: None,
+        src: w.lb,
+        dst: w.client,
+        sport: LOCAL_PORT,
+        dport: port,
+        l4: L4::Tcp {
+            syn: false,
+            ack: true,
+            fin: false,
+            rst: true,
+        },
+        payload: b"",
+    }
+    .build();
+    let counted = w.egress_count(EgressVerdict::Redispatched);
+    let (action, out) = w.run_egress(&refusal);
+    assert_eq!(action, TC_ACT_SHOT, "the refusal is dropped");
+    assert_eq!(out, refusal, "and not rewritten");
+    assert_eq!(w.egress_count(EgressVerdict::Redispatched), counted + 1);
+    assert_eq!(w.dataplane.event(Event::Redispatched).unwrap(), before + 1);
+    assert_ne!(w.dataplane.suspect_since(local_id).unwrap(), 0, "suspect");
+    assert!(
+        w.dataplane.flows().unwrap().iter().all(|(k, _)| *k != key),
+        "the flow is forgotten"
+    );
+    assert!(
+        w.dataplane
+            .redispatched_flows()
+            .unwrap()
+            .iter()
+            .any(|(k, _)| *k == key),
+        "recorded: one redispatch per flow"
+    );
+    // The client's retransmission goes to another backend, NATed.
+    let (verdict, _) = w.run(&syn.build());
+    assert_eq!(
+        verdict, XDP_TX,
+        "the retransmitted SYN leaves for a remote backend"
     );
 }

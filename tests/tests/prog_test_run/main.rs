@@ -66,6 +66,9 @@ struct World {
     unrouted_vip: Ipv4Addr,
     local_vip: Ipv4Addr,
     disabled_vip: Ipv4Addr,
+    /// The stacked layout's VIP: this host's backend (on `LOCAL_PORT`) and
+    /// the three others.
+    stacked_vip: Ipv4Addr,
 }
 
 const APIS: [&str; 3] = ["api1", "api2", "api3"];
@@ -141,6 +144,7 @@ fn world() -> World {
         lab.vip(4),
         lab.vip(5),
     );
+    let stacked_vip = lab.vip(6);
     let one = |address: Ipv4Addr, local: bool| {
         vec![DesiredBackend {
             address: address.into(),
@@ -180,6 +184,16 @@ fn world() -> World {
         ),
         vip("local", local_vip, 6443, PROTO_TCP, one(lb, true)),
         disabled,
+        vip(
+            "stacked",
+            stacked_vip,
+            6443,
+            PROTO_TCP,
+            one(lb, true)
+                .into_iter()
+                .chain(backends(&lab, 6443))
+                .collect(),
+        ),
     ];
     dataplane.apply(&settings, &vips).expect("writing the maps");
     let ifindex = lab
@@ -199,6 +213,7 @@ fn world() -> World {
         unrouted_vip,
         local_vip,
         disabled_vip,
+        stacked_vip,
     }
 }
 
