@@ -217,6 +217,16 @@ struct Stacked {
     _agents: Vec<LabProcess>,
 }
 
+impl Stacked {
+    /// `kill -9` of `master`'s apiserver (its etcd-like listeners stay).
+    fn kill_apiserver(&self, master: &str) {
+        self.masters[master]
+            .apiserver
+            .signal(Signal::SIGKILL)
+            .unwrap();
+    }
+}
+
 fn stacked(track: Option<TrackAction>) -> Stacked {
     let lab = Lab::new(&HOSTS).unwrap();
     let masters = MASTERS
@@ -275,7 +285,7 @@ fn every_client_connection_to_each_vip_succeeds_spread_over_the_three_masters() 
 /// see only the live apiservers.
 #[test]
 fn the_holders_own_connections_reach_both_vips_and_survive_its_apiservers_death() {
-    let mut s = stacked(None);
+    let s = stacked(None);
     let lab = &s.lab;
     for (vip, port) in [(lab.vip(0), API_VIP_PORT), (lab.vip(1), ETCD_PORT)] {
         let result = connect_n(lab, "m1", vip, port, 10);
@@ -287,8 +297,7 @@ fn the_holders_own_connections_reach_both_vips_and_survive_its_apiservers_death(
     let spread = connect_n(lab, "m1", lab.vip(0), API_VIP_PORT, 30);
     assert_all_served("m1 -> apiserver VIP", &spread, 30, &MASTERS);
 
-    let apiserver = s.masters.get_mut("m1").unwrap();
-    apiserver.apiserver.signal(Signal::SIGKILL).unwrap();
+    s.kill_apiserver("m1");
     wait_for_down(lab, "m1", "apiserver", lab.host("m1").addr);
     assert_eq!(holders(lab), ["m1"], "no tracking: m1 keeps the VIPs");
     let result = connect_n(lab, "m1", lab.vip(0), API_VIP_PORT, 10);
@@ -324,12 +333,7 @@ fn the_vips_follow_the_local_apiserver_within_the_fall_time_and_one_advert() {
         ["m1"],
         "m1 keeps the VIPs while its apiserver is up"
     );
-    s.masters
-        .get_mut("m1")
-        .unwrap()
-        .apiserver
-        .signal(Signal::SIGKILL)
-        .unwrap();
+    s.kill_apiserver("m1");
     let killed = Instant::now();
     let (holder, _) = wait_for_holder(lab, &["m2"], Duration::from_secs(5));
     let moved = killed.elapsed();
@@ -554,7 +558,7 @@ fn a_restart_of_the_holders_agent_keeps_its_local_nated_and_own_connections() {
 /// timeout would), and none goes to the dead one after it.
 #[test]
 fn the_holders_apiserver_dying_under_load_costs_lan_clients_nothing() {
-    let mut s = stacked(None);
+    let s = stacked(None);
     let lab = &s.lab;
     let vip = lab.vip(0);
     let results: std::sync::Mutex<Vec<Result<String, String>>> = std::sync::Mutex::new(Vec::new());
@@ -579,12 +583,7 @@ fn the_holders_apiserver_dying_under_load_costs_lan_clients_nothing() {
             .unwrap()
         });
         std::thread::sleep(Duration::from_millis(500));
-        s.masters
-            .get_mut("m1")
-            .unwrap()
-            .apiserver
-            .signal(Signal::SIGKILL)
-            .unwrap();
+        s.kill_apiserver("m1");
         client.join().unwrap();
     });
     let results = results.into_inner().unwrap();

@@ -148,17 +148,7 @@ impl Egress {
                 .map_err(|e| error(e.to_string()))?;
             let link = FdLink::try_from(program.take_link(id).map_err(|e| error(e.to_string()))?)
                 .map_err(|e| error(e.to_string()))?;
-            let (link, pin) = match pin_dir {
-                Some(dir) => {
-                    let path = dir.join(EGRESS_LINK_PIN);
-                    let pinned = link.pin(&path).map_err(|e| DataPlaneError::Pin {
-                        path: path.display().to_string(),
-                        reason: e.to_string(),
-                    })?;
-                    (FdLink::from(pinned), Some(path))
-                }
-                None => (link, None),
-            };
+            let (link, pin) = super::pins::pin_link(link, pin_dir, EGRESS_LINK_PIN)?;
             debug!(%iface, pinned = pin.is_some(), "tc egress attached (TCX)");
             self.attached = Some(Attached::Tcx { link, pin });
             return Ok(());

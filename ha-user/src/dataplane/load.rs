@@ -409,17 +409,7 @@ impl DataPlane {
             other => other.map_err(attach_error)?,
         };
         let link = self.take_fd_link(id, iface)?;
-        let (link, pin) = match &self.pin_dir {
-            Some(dir) => {
-                let path = dir.join(LINK_PIN);
-                let pinned = link.pin(&path).map_err(|e| DataPlaneError::Pin {
-                    path: path.display().to_string(),
-                    reason: e.to_string(),
-                })?;
-                (FdLink::from(pinned), Some(path))
-            }
-            None => (link, None),
-        };
+        let (link, pin) = super::pins::pin_link(link, self.pin_dir.as_deref(), LINK_PIN)?;
         debug!(%iface, pinned = pin.is_some(), "XDP attached");
         self.attachment = Some(Attachment {
             link,

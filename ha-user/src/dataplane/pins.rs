@@ -398,6 +398,27 @@ pub(super) fn remove_if_present(path: &Path) -> std::io::Result<()> {
     }
 }
 
+/// Pins a new link as `name` in the pin directory, so it outlives the
+/// agent; without a pin directory the link stays the agent's own.
+///
+/// # Errors
+/// [`DataPlaneError::Pin`] naming the path.
+pub(super) fn pin_link(
+    link: FdLink,
+    pin_dir: Option<&Path>,
+    name: &str,
+) -> Result<(FdLink, Option<PathBuf>)> {
+    let Some(dir) = pin_dir else {
+        return Ok((link, None));
+    };
+    let path = dir.join(name);
+    let pinned = link.pin(&path).map_err(|e| DataPlaneError::Pin {
+        path: path.display().to_string(),
+        reason: e.to_string(),
+    })?;
+    Ok((FdLink::from(pinned), Some(path)))
+}
+
 /// Removes everything ha-lb pins in `dir` (links, flow tables, record) and
 /// the directory if it is then empty. Removing the link's pin detaches the
 /// program once no process holds the link.
